@@ -34,13 +34,11 @@ def _naive(adapter, layer, n_pairs):
     return naive_maps(adapter, layer, n_pairs).double().numpy()
 
 
-@pytest.mark.parametrize("layer", ["main.8", "main.5"])
-def test_dcgan_fast_path_equals_naive(dcgan, layer):
-    res = influence_maps(dcgan, layer, n_pairs=4, progress=False)
-    assert res.settings["linear_shortcut"] == {layer: {"main.8": "main.10",
-                                                       "main.5": "main.7"}[layer]}
-    ref = _naive(dcgan, layer, 4)
-    assert res.maps.shape == ref.shape == (dcgan._layer_channels(layer), 64, 64)
+def test_dcgan_fast_path_equals_naive_at_main_8(dcgan):
+    res = influence_maps(dcgan, "main.8", n_pairs=4, progress=False)
+    assert res.settings["linear_shortcut"] == {"main.8": "main.10"}
+    ref = _naive(dcgan, "main.8", 4)
+    assert res.maps.shape == ref.shape == (128, 64, 64)
     rel = np.abs(res.maps - ref).max() / np.abs(ref).max()
     assert rel < 1e-4, rel
     assert (res.influence > 0).all()
