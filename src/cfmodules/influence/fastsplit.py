@@ -22,6 +22,7 @@ from torch import fx, nn
 
 from cfmodules import latents as L
 from cfmodules.hooks import resolve_layer
+from cfmodules.influence.workspace import Workspace
 from cfmodules.split import SplitState, fx_split
 
 __all__ = ["FastSplit", "GemmConvTranspose2d", "accelerate"]
@@ -30,13 +31,15 @@ __all__ = ["FastSplit", "GemmConvTranspose2d", "accelerate"]
 class GemmConvTranspose2d(nn.Module):
     """A ``ConvTranspose2d`` (groups 1, zero padding) computed as GEMM + col2im.
 
-    Shares the wrapped module's parameters; used only inside influence computations.
+    Shares the wrapped module's parameters; for inference inside influence computations
+    (no gradient flows to the weight).
     """
 
     def __init__(self, conv: nn.ConvTranspose2d):
         super().__init__()
         self.conv = conv
         self._cache: tuple[tuple[int, int, torch.device], torch.Tensor] | None = None
+        self.workspace = Workspace()
 
     def _matrix(self) -> torch.Tensor:
         """The weight as ``(C_out*kh*kw, C_in)``, recomputed only when the weight changes."""
@@ -53,7 +56,11 @@ class GemmConvTranspose2d(nn.Module):
         (kh, kw), (sh, sw), (ph, pw) = c.kernel_size, c.stride, c.padding
         (dh, dw), (oh, ow) = c.dilation, c.output_padding
         wm = self._matrix()  # (C_out*kh*kw, C_in)
-        cols = torch.matmul(wm, x.reshape(n, c_in, h * w))  # (N, C_out*kh*kw, H*W)
+        if x.requires_grad:  # out= cannot record gradients (and wm is detached anyway)
+            cols = torch.matmul(wm, x.reshape(n, c_in, h * w))
+        else:  # (N, C_out*kh*kw, H*W) in a reused buffer
+            cols = self.workspace.get("cols", (n, wm.shape[0], h * w), x)
+            torch.matmul(wm, x.reshape(n, c_in, h * w), out=cols)
         size = ((h - 1) * sh - 2 * ph + dh * (kh - 1) + oh + 1,
                 (w - 1) * sw - 2 * pw + dw * (kw - 1) + ow + 1)
         if oh < sh and ow < sw:  # fold's padding crops both sides, output_padding fits

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from cfmodules.hooks import resolve_layer
+from cfmodules.influence.workspace import Workspace
 
 __all__ = ["LinearPlan", "find_linear_plan", "single_channel_contributions",
            "group_contribution"]
@@ -203,8 +204,8 @@ def prepare_weight(plan: LinearPlan, weight: torch.Tensor) -> torch.Tensor:
 
 
 def single_channel_contributions(plan: LinearPlan, weight: torch.Tensor, delta: torch.Tensor,
-                                 channels: torch.Tensor, base: torch.Tensor | None = None
-                                 ) -> torch.Tensor:
+                                 channels: torch.Tensor, base: torch.Tensor | None = None,
+                                 workspace: Workspace | None = None) -> torch.Tensor:
     """Contributions of single channels, for many channels and pairs at once.
 
     Parameters
@@ -217,6 +218,8 @@ def single_channel_contributions(plan: LinearPlan, weight: torch.Tensor, delta: 
     channels : LongTensor (U,)
     base : Tensor (P, C_out, ...), optional
         Added to every unit's contribution (the original pre-activation).
+    workspace : Workspace, optional
+        Scratch buffers to reuse; the result may then live in one of them.
 
     Returns
     -------
@@ -230,7 +233,7 @@ def single_channel_contributions(plan: LinearPlan, weight: torch.Tensor, delta: 
         w = weight.index_select(1, channels.to(weight.device)).t()  # (U, C_out)
         out = d.unsqueeze(-1) * w.unsqueeze(1)
     elif _fast_2d(op):
-        out = _unfold_gemm(op, weight, d, channels)
+        out = _unfold_gemm(op, weight, d, channels, workspace)
     else:
         out = torch.stack([group_contribution(plan, weight, delta, channels[u:u + 1])
                            for u in range(d.shape[0])])  # weight is unprepared here
@@ -249,7 +252,7 @@ def _out_hw(op: nn.Module, d: torch.Tensor) -> tuple[int, int]:
 
 
 def _unfold_gemm(op: nn.Module, weight: torch.Tensor, d: torch.Tensor,
-                 channels: torch.Tensor) -> torch.Tensor:
+                 channels: torch.Tensor, workspace: Workspace | None = None) -> torch.Tensor:
     """Single-input-channel (transposed) 2-d convolution as im2col + batched GEMM.
 
     ``d`` is ``(U, P, H, W)``; returns ``(U, P, C_out, H_out, W_out)``. A transposed
@@ -269,19 +272,24 @@ def _unfold_gemm(op: nn.Module, weight: torch.Tensor, d: torch.Tensor,
             x = up
         lo = [dil[i] * (k[i] - 1) - p[i] for i in range(2)]
         x = F.pad(x, (lo[1], lo[1] + opad[1], lo[0], lo[0] + opad[0]))
-        cols = _im2col(x, k, (1, 1), dil)
+        cols = _im2col(x, k, (1, 1), dil, workspace)
     else:
         x = F.pad(x, (p[1], p[1], p[0], p[0]))
-        cols = _im2col(x, k, s, dil)
+        cols = _im2col(x, k, s, dil, workspace)
     wk = weight.index_select(0, ch)  # prepared: (U, C_out, kh*kw)
     ho, wo = _out_hw(op, d)
     c_out = wk.shape[1]
     cols = cols.view(n_units, n_pairs, cols.shape[1], cols.shape[2])
-    return torch.matmul(wk.unsqueeze(1), cols).view(n_units, n_pairs, c_out, ho, wo)
+    if workspace is None:
+        out = torch.matmul(wk.unsqueeze(1), cols)
+    else:
+        out = workspace.get("contribution", (n_units, n_pairs, c_out, ho * wo), cols)
+        torch.matmul(wk.unsqueeze(1), cols, out=out)
+    return out.view(n_units, n_pairs, c_out, ho, wo)
 
 
-def _im2col(x: torch.Tensor, k: tuple[int, int], s: tuple[int, int], d: tuple[int, int]
-            ) -> torch.Tensor:
+def _im2col(x: torch.Tensor, k: tuple[int, int], s: tuple[int, int], d: tuple[int, int],
+            workspace: Workspace | None = None) -> torch.Tensor:
     """``(R, H, W)`` -> ``(R, kh * kw, H_out * W_out)`` columns of a strided, dilated window.
 
     Same as ``F.unfold`` on one channel, built from strided views (``F.unfold`` is orders
@@ -290,4 +298,8 @@ def _im2col(x: torch.Tensor, k: tuple[int, int], s: tuple[int, int], d: tuple[in
     v = x.unfold(1, d[0] * (k[0] - 1) + 1, s[0]).unfold(2, d[1] * (k[1] - 1) + 1, s[1])
     v = v[..., ::d[0], ::d[1]]  # (R, H_out, W_out, kh, kw)
     r, ho, wo = v.shape[:3]
-    return v.permute(0, 3, 4, 1, 2).reshape(r, k[0] * k[1], ho * wo)
+    cols = v.permute(0, 3, 4, 1, 2)
+    if workspace is None:
+        return cols.reshape(r, k[0] * k[1], ho * wo)
+    out = workspace.get("im2col", (r, k[0], k[1], ho, wo), x)
+    return out.copy_(cols).view(r, k[0] * k[1], ho * wo)

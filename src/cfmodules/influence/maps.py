@@ -46,16 +46,19 @@ from cfmodules.influence.linear import (
     single_channel_contributions,
 )
 from cfmodules.influence.stats import BlockSums, RunningStats
+from cfmodules.influence.workspace import Workspace
 from cfmodules.results import InfluenceResult
 from cfmodules.split import SplitState
 
 __all__ = ["InfluenceSettings", "InfluenceProgress", "influence_maps", "module_influence",
            "pair_latents", "DEFAULT_MAX_BATCH_BYTES"]
 
-DEFAULT_MAX_BATCH_BYTES = {"cpu": 64 * 2**20, "cuda": 1024 * 2**20}
+DEFAULT_MAX_BATCH_BYTES = {"cpu": 256 * 2**20, "cuda": 1024 * 2**20}
 """Default memory budget of one batch of hybrids per device type (other devices: CPU's).
 
-On CPU a batch whose tensors stay in the caches is faster than a large one."""
+Large batches mean few operations per hybrid (each operation on a shared, loaded machine
+may wait for a thread); the large intermediates live in reused buffers, so large batches
+cost no page faults."""
 
 _METHODS = ("auto", "split", "hook")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -261,6 +264,7 @@ class _LinearRunner(_Runner):
         if self.single:
             self.channels = torch.cat(self.idx) if self.idx else torch.zeros(0, dtype=torch.long)
             self.prepared = prepare_weight(plan, self.weight)
+        self.workspace = Workspace()
 
     def begin_block(self, z1: L.Latent, z2: L.Latent, first_pair: int) -> None:
         n = L.batch_size(z1)
@@ -280,7 +284,8 @@ class _LinearRunner(_Runner):
         pre = self.state.activation[pairs]
         if self.single:
             hyb = single_channel_contributions(self.plan, self.prepared, delta,
-                                               self.channels[units], base=pre)
+                                               self.channels[units], base=pre,
+                                               workspace=self.workspace)
         else:
             hyb = torch.stack([group_contribution(self.plan, self.weight, delta, self.idx[u])
                                for u in ids]).add_(pre.unsqueeze(0))
@@ -618,9 +623,8 @@ def influence_maps(
         float32 (default); bfloat16 / float16 run the generator under CUDA autocast
         (CUDA only, statistics stay float64).
     max_batch_bytes : int, optional
-        Memory budget of one batch of hybrids (default 64 MiB on CPU, where batches that
-        stay in cache are fastest, 1 GiB on CUDA), estimated as four copies of the
-        generator's largest layer output per hybrid.
+        Memory budget of one batch of hybrids (default 256 MiB on CPU, 1 GiB on CUDA),
+        estimated as four copies of the generator's largest layer output per hybrid.
     progress : bool, default True
         Show a tqdm progress bar (counted in hybrids).
     checkpoint : path, optional
