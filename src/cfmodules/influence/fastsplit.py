@@ -119,12 +119,15 @@ class FastSplit:
         self.adapter = adapter
         self.base = adapter.split(layer)
         self.suffix_module: fx.GraphModule | None = None
+        self.suffix_layers: list[str] = []
         gm = adapter.graph()
         if getattr(self.base, "exact_graph", False) and gm is not None:
-            self.suffix_module = accelerate(
-                fx_split(gm, resolve_layer(adapter.generator, layer)).suffix_module,
-                adapter.device,
-            )
+            plain = fx_split(gm, resolve_layer(adapter.generator, layer)).suffix_module
+            self.suffix_layers = [
+                str(n.target) for n in plain.graph.nodes if n.op == "call_module"
+                and not getattr(plain.get_submodule(n.target), "inplace", False)
+            ]
+            self.suffix_module = accelerate(plain, adapter.device)
 
     @property
     def needs_latent(self) -> bool:

@@ -57,9 +57,10 @@ DEFAULT_MAX_BATCH_BYTES = {"cpu": 256 * 2**20, "cuda": 1024 * 2**20}
 """Default memory budget of one batch of hybrids per device type (other devices: CPU's).
 
 Large batches mean few operations per hybrid (each operation on a shared, loaded machine
-may wait for a thread); the large intermediates live in reused buffers, so large batches
-cost no page faults."""
+may wait for a thread); the large intermediates of the linear shortcut live in reused
+buffers, and the generator's own layers after the cut are kept under 16 MiB a batch."""
 
+_FRESH_TENSOR_BYTES = 16 * 2**20
 _METHODS = ("auto", "split", "hook")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -412,16 +413,32 @@ def _runners(adapter: GeneratorAdapter, units: list[_Unit], method: str
     return out
 
 
-def _row_bytes(adapter: GeneratorAdapter, itemsize: int) -> int:
-    """Rough memory of one hybrid in the suffix: a few copies of the largest layer output."""
-    largest = 1
-    for info in adapter.layers_cached():
-        if info.shape:
-            n = 1
-            for d in info.shape:
-                n *= d
-            largest = max(largest, n)
-    return 4 * largest * itemsize
+def _numel(shape: tuple[int, ...] | None) -> int:
+    n = 1
+    for d in shape or ():
+        n *= d
+    return n
+
+
+def _max_rows(adapter: GeneratorAdapter, runners: list[tuple[_Runner, list[int]]],
+              budget: int, itemsize: int) -> int:
+    """Hybrids per batch: the memory budget over four copies of the largest layer output.
+
+    On CPU also at most :data:`_FRESH_TENSOR_BYTES` for any new tensor the suffix's
+    modules allocate (larger ones come fresh from the operating system each time, and
+    page faults then dominate).
+    """
+    shapes = {i.name: i.shape for i in adapter.layers_cached()}
+    largest = max([_numel(s) for s in shapes.values()] + [1])
+    rows = max(1, budget // (4 * largest * itemsize))
+    if adapter.device.type == "cpu":
+        for runner, _ in runners:
+            split = getattr(runner, "cut_split", None) or getattr(runner, "split", None)
+            layers = list(shapes) if split is None else split.suffix_layers
+            for layer in layers:
+                per_row = _numel(shapes.get(layer)) * itemsize
+                rows = min(rows, max(1, _FRESH_TENSOR_BYTES // max(per_row, 1)))
+    return rows
 
 
 # ---------------------------------------------------------------------- main loop
@@ -441,10 +458,8 @@ def _run(adapter: GeneratorAdapter, units: list[_Unit], settings: InfluenceSetti
         raise ConfigError(f"max_batch_bytes must be a positive integer, got {max_batch_bytes!r}.")
     if not (isinstance(checkpoint_every, (int, float)) and checkpoint_every >= 0):
         raise ConfigError(f"checkpoint_every must be seconds >= 0, got {checkpoint_every!r}.")
-    row_bytes = _row_bytes(adapter, torch.finfo(dtype).bits // 8)
-    max_rows = max(1, budget // row_bytes)
-
     runners = _runners(adapter, units, settings.method)
+    max_rows = _max_rows(adapter, runners, budget, torch.finfo(dtype).bits // 8)
     autocast = (torch.autocast("cuda", dtype=dtype) if dtype != torch.float32
                 else nullcontext())
     n_units = len(units)
@@ -624,7 +639,9 @@ def influence_maps(
         (CUDA only, statistics stay float64).
     max_batch_bytes : int, optional
         Memory budget of one batch of hybrids (default 256 MiB on CPU, 1 GiB on CUDA),
-        estimated as four copies of the generator's largest layer output per hybrid.
+        estimated as four copies of the generator's largest layer output per hybrid. On
+        CPU a batch is also kept small enough that no layer after the cut allocates more
+        than 16 MiB at once (fresh large blocks cost page faults).
     progress : bool, default True
         Show a tqdm progress bar (counted in hybrids).
     checkpoint : path, optional
