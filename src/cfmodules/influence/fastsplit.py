@@ -63,7 +63,10 @@ class GemmConvTranspose2d(nn.Module):
             torch.matmul(wm, x.reshape(n, c_in, h * w), out=cols)
         size = ((h - 1) * sh - 2 * ph + dh * (kh - 1) + oh + 1,
                 (w - 1) * sw - 2 * pw + dw * (kw - 1) + ow + 1)
-        if oh < sh and ow < sw:  # fold's padding crops both sides, output_padding fits
+        if (dh, dw) == (1, 1):
+            out = _col2im_phases(cols, c.out_channels, (h, w), (kh, kw), (sh, sw),
+                                 (ph, pw), size)
+        elif oh < sh and ow < sw:  # fold's padding crops both sides, output_padding fits
             out = F.fold(cols, size, (kh, kw), dilation=(dh, dw), padding=(ph, pw),
                          stride=(sh, sw))
         else:  # the uncropped output, then crop p above and p - output_padding below
@@ -74,6 +77,30 @@ class GemmConvTranspose2d(nn.Module):
         if c.bias is not None:
             out = out.add_(c.bias.view(1, -1, 1, 1))
         return out
+
+
+def _col2im_phases(cols: torch.Tensor, c_out: int, hw: tuple[int, int],
+                   k: tuple[int, int], s: tuple[int, int], p: tuple[int, int],
+                   size: tuple[int, int]) -> torch.Tensor:
+    """col2im of a transposed convolution (dilation 1), batched over samples.
+
+    ``cols`` is ``(N, C_out*kh*kw, H*W)``. Output row ``y = s*m + r`` (before cropping
+    ``p``) collects tap ``ky = r + s*t`` of input row ``m - t``: each of the ``s*s``
+    phases is a sum of shifted slices, added for the whole batch at once (``F.fold``
+    loops over the samples one by one), then the phases are interleaved.
+    """
+    n = cols.shape[0]
+    (h, w), (kh, kw), (sh, sw) = hw, k, s
+    th, tw = -(-kh // sh), -(-kw // sw)  # taps per phase
+    mh, mw = h + th, w + tw  # rows per phase, one spare for output_padding
+    c = cols.view(n, c_out, kh, kw, h, w)
+    planes = cols.new_zeros(n, c_out, sh, sw, mh, mw)
+    for ky in range(kh):
+        for kx in range(kw):
+            ty, tx = ky // sh, kx // sw
+            planes[:, :, ky % sh, kx % sw, ty:ty + h, tx:tx + w] += c[:, :, ky, kx]
+    full = planes.permute(0, 1, 4, 2, 5, 3).reshape(n, c_out, mh * sh, mw * sw)
+    return full[:, :, p[0]:p[0] + size[0], p[1]:p[1] + size[1]]
 
 
 def _gemm_is_faster(m: nn.Module, device: torch.device) -> bool:
