@@ -4,8 +4,8 @@ The naive method is how dissection tools (netdissect, baukit) compute counterfac
 effects: for every channel, one full generator forward on the 64 Original-1 latents with a
 forward hook that replaces that channel by its value for Original 2 (batched over the
 pairs). Ours is :func:`cfmodules.influence.influence_maps` with its defaults. Both run in
-this process on the same pairs; each is timed as the best of ``--repeats`` runs (the
-machine may be shared, so the best is the least disturbed). ``gflops`` is the achieved
+this process on the same pairs, alternately ``--repeats`` times; each is reported as its
+best run (the machine may be shared, so the best is the least disturbed). ``gflops`` is the achieved
 rate of our downstream work (floating-point operations of convolutions and matrix
 products counted with ``torch.utils.flop_counter`` over one run, divided by its time);
 ``peak_gflops`` is this machine's own throughput on a large matrix product and a large
@@ -38,15 +38,21 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def timed(fn, device: torch.device):
+    """(seconds, result) of one call."""
+    _sync(device)
+    t = time.perf_counter()
+    out = fn()
+    _sync(device)
+    return time.perf_counter() - t, out
+
+
 def best_time(fn, repeats: int, device: torch.device):
     """(best seconds, last result) over ``repeats`` calls."""
     best, out = float("inf"), None
     for _ in range(repeats):
-        _sync(device)
-        t = time.perf_counter()
-        out = fn()
-        _sync(device)
-        best = min(best, time.perf_counter() - t)
+        t, out = timed(fn, device)
+        best = min(best, t)
     return best, out
 
 
@@ -125,10 +131,16 @@ def main(argv: list[str] | None = None) -> int:
         def ours(layer: str = layer):
             return influence_maps(adapter, layer, n_pairs=args.pairs, progress=False)
 
+        def naive(layer: str = layer):
+            return naive_maps(adapter, layer, args.pairs)
+
         ours()  # warm up: graph tracing, layer shapes, allocator
-        ours_s, res = best_time(ours, args.repeats, device)
-        naive_s, ref = best_time(lambda layer=layer: naive_maps(adapter, layer, args.pairs),
-                                 args.repeats, device)
+        ours_s = naive_s = float("inf")
+        for r in range(args.repeats):  # interleaved, so both see the same machine load
+            t_ours, res = timed(ours, device)
+            t_naive, ref = timed(naive, device)
+            ours_s, naive_s = min(ours_s, t_ours), min(naive_s, t_naive)
+            print(f"  {layer} repeat {r}: ours {t_ours:.3f}s naive {t_naive:.3f}s", flush=True)
         ref = ref.double().cpu()
         mine = torch.from_numpy(res.maps).double()
         rel = float((mine - ref).abs().max() / ref.abs().max())
