@@ -21,6 +21,7 @@ from cfmodules.errors import (
     LatentError,
     LayerCallError,
     ModelNotAvailableError,
+    ShapeError,
 )
 
 pytestmark = pytest.mark.skipif(
@@ -259,3 +260,16 @@ def test_biggan_config_checks() -> None:
     with pytest.raises(ConfigError, match="channel_width"):
         biggan.biggan_config(channel_width=2)
     assert len(biggan.biggan_config(256).layers) == 12  # the paper's BigGAN-deep-256
+
+
+def test_biggan_two_layer_modules_from_joint_labels(ad) -> None:
+    g = ad.generator
+    conv_1, conv_2 = biggan.gblock_layers(g, 4)  # 16 channels each
+    labels = [0] * 8 + [1] * 8 + [1] * 4 + [0] * 12
+    mods = biggan.two_layer_modules(g, 4, labels)
+    assert mods == [
+        {conv_1: list(range(8)), conv_2: list(range(4, 16))},
+        {conv_1: list(range(8, 16)), conv_2: list(range(4))},
+    ]
+    with pytest.raises(ShapeError, match="16 \\+ 16"):
+        biggan.two_layer_modules(g, 4, labels[:-1])

@@ -62,6 +62,7 @@ from cfmodules.errors import (
     ConfigError,
     LatentError,
     ModelNotAvailableError,
+    ShapeError,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -82,6 +83,7 @@ __all__ = [
     "gblock_path",
     "gblock_layers",
     "two_layer_module",
+    "two_layer_modules",
 ]
 
 INSTALL_COMMAND = "pip install --no-deps pytorch-pretrained-biggan==0.1.1"
@@ -480,3 +482,48 @@ def two_layer_module(
     a = [int(c) for c in channels_a]
     b = a if channels_b is None else [int(c) for c in channels_b]
     return {layer_a: a, layer_b: list(b)}
+
+
+def two_layer_modules(model: nn.Module, block: int, labels: Sequence[int]) -> list[dict[str, list[int]]]:
+    """Split a joint clustering of both layers of Gblock ``block`` into two-layer modules.
+
+    Cluster the influence maps of ``conv_1`` and ``conv_2`` together (stack the two
+    ``(C, H, W)`` map arrays, ``conv_1`` first); module ``k`` is then the channels of
+    either layer labelled ``k``: "channels from the same cluster in two successive layers".
+
+    Parameters
+    ----------
+    model : nn.Module
+        The BigGAN (``adapter.generator``).
+    block : int
+        Gblock number, from 1.
+    labels : sequence of int, length ``C1 + C2``
+        Module of each channel, ``conv_1``'s channels first (e.g. ``clustering.labels_``).
+
+    Returns
+    -------
+    list of dict
+        One ``{conv_1 name: channels, conv_2 name: channels}`` per module (a layer's list
+        may be empty), ready for :func:`cfmodules.hybrid.hybridize`.
+
+    Raises
+    ------
+    ShapeError
+        If ``labels`` does not have one entry per channel of the two layers.
+    """
+    layer_a, layer_b = gblock_layers(model, block)
+    modules = dict(model.named_modules())
+    n_a, n_b = modules[layer_a].out_channels, modules[layer_b].out_channels
+    lab = [int(x) for x in labels]
+    if len(lab) != n_a + n_b:
+        raise ShapeError(
+            f"labels has {len(lab)} entries; Gblock {block} has {n_a} + {n_b} channels in "
+            f"{layer_a} and {layer_b} (stack the maps of {layer_a} first)."
+        )
+    return [
+        {
+            layer_a: [c for c in range(n_a) if lab[c] == k],
+            layer_b: [c for c in range(n_b) if lab[n_a + c] == k],
+        }
+        for k in range(max(lab) + 1)
+    ]
