@@ -23,6 +23,7 @@ from cfmodules.errors import (
     ModelNotAvailableError,
     ShapeError,
 )
+from families_helpers import run_doc_blocks
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("pytorch_pretrained_biggan") is None,
@@ -276,12 +277,5 @@ def test_biggan_two_layer_modules_from_joint_labels(ad) -> None:
 
 
 def test_biggan_docs_example_runs() -> None:
-    import re
-    from pathlib import Path
-
-    text = (Path(__file__).resolve().parents[1] / "docs" / "families.md").read_text("utf-8")
-    (block,) = [b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S)
-                if "biggan.load_random()" in b]
-    namespace: dict = {}
-    exec(block, namespace)  # noqa: S102 - our own docs
+    namespace = run_doc_blocks("families.md", containing="biggan.load_random()")
     assert namespace["hybrids"].shape == (4, 3, 128, 128)

@@ -3,31 +3,18 @@ forward and a dict output in [0, 255] behaves as the guide says."""
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
-
 import pytest
 import torch
 
 from cfmodules import GeneratorAdapter, hybridize
 from cfmodules.errors import GeneratorOutputError, LatentError
-
-GUIDE = Path(__file__).resolve().parents[1] / "docs" / "own_generator.md"
-
-
-def run_guide() -> dict:
-    """Execute every ```python block of the guide, in order, in one namespace."""
-    blocks = re.findall(r"```python\n(.*?)```", GUIDE.read_text("utf-8"), flags=re.S)
-    assert len(blocks) >= 4, "the guide lost its code blocks"
-    namespace: dict = {"__name__": "own_generator_guide"}
-    for block in blocks:
-        exec(compile(block, str(GUIDE), "exec"), namespace)  # noqa: S102 - our own docs
-    return namespace
+from families_helpers import run_doc_blocks
 
 
 @pytest.fixture(scope="module")
 def guide() -> dict:
-    return run_guide()
+    """The namespace of docs/own_generator.md after running all its code blocks."""
+    return run_doc_blocks("own_generator.md")
 
 
 def test_own_generator_guide_runs(guide) -> None:

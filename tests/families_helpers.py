@@ -1,0 +1,24 @@
+"""Helpers for the family tests: run the Python examples of the docs."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+def doc_blocks(page: str) -> list[str]:
+    """The ```python blocks of ``docs/<page>``, in order."""
+    return re.findall(r"```python\n(.*?)```", (DOCS / page).read_text("utf-8"), flags=re.S)
+
+
+def run_doc_blocks(page: str, containing: str | None = None) -> dict:
+    """Execute the blocks of ``page`` (only those containing ``containing``, if given) in one
+    namespace, and return it."""
+    blocks = [b for b in doc_blocks(page) if containing is None or containing in b]
+    assert blocks, f"docs/{page} has no python block" + (f" with {containing!r}" if containing else "")
+    namespace: dict = {"__name__": f"docs_{page}"}
+    for block in blocks:
+        exec(compile(block, str(DOCS / page), "exec"), namespace)  # noqa: S102 - our own docs
+    return namespace
