@@ -7,7 +7,7 @@ import torch
 
 from cfmodules.hybrid import hybridize
 
-__all__ = ["naive_influence_maps"]
+__all__ = ["naive_influence_maps", "block_maps"]
 
 
 def naive_influence_maps(adapter, layer: str, n_pairs: int = 32, seed: int = 0) -> np.ndarray:
@@ -24,3 +24,22 @@ def naive_influence_maps(adapter, layer: str, n_pairs: int = 32, seed: int = 0) 
         hyb = hybridize(adapter, z1, z2, {layer: [c]})
         maps.append((hyb - original).abs().mean(dim=(0, 1)))
     return torch.stack(maps).double().numpy()
+
+
+def block_maps(sizes=(4, 6, 10), shape=(12, 12), seed=0, noise=0.05):
+    """Synthetic influence maps: module k's channels light random parts of band k.
+
+    Returns maps (C, H, W) and the true labels (C,), channels shuffled.
+    """
+    rng = np.random.default_rng(seed)
+    h, w = shape
+    edges = np.linspace(0, w, len(sizes) + 1).round().astype(int)
+    maps, labels = [], []
+    for k, n in enumerate(sizes):
+        for _ in range(n):
+            m = noise * rng.random(shape)
+            m[:, edges[k]:edges[k + 1]] += rng.random((h, edges[k + 1] - edges[k]))
+            maps.append(m)
+            labels.append(k)
+    order = rng.permutation(len(labels))
+    return np.array(maps)[order], np.array(labels)[order]

@@ -24,6 +24,7 @@ from cfmodules.modules.preprocess import (
     DEFAULT_PERCENTILE,
     DEFAULT_WINDOW,
     as_maps,
+    check_count,
     check_percentile,
     check_window,
     preprocess,
@@ -212,18 +213,14 @@ class ModuleClustering:
 
     # ------------------------------------------------------------------ helpers
     def _check_params(self) -> None:
-        k = self.n_modules
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise ConfigError(f"n_modules must be an integer >= 1, got {k!r}.")
+        check_count("n_modules", self.n_modules)
         if self.method not in METHODS:
             raise ConfigError(f"method must be 'nmf' or 'kmeans', got {self.method!r}.")
         check_window(self.window)
         if self.percentile is not None:
             check_percentile(self.percentile)
-        for name in ("n_init", "max_iter"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-                raise ConfigError(f"{name} must be an integer >= 1, got {v!r}.")
+        check_count("n_init", self.n_init)
+        check_count("max_iter", self.max_iter)
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "labels_"):

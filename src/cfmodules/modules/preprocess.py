@@ -19,7 +19,15 @@ from scipy import ndimage
 
 from cfmodules.errors import ConfigError, ShapeError
 
-__all__ = ["as_maps", "smooth", "threshold", "preprocess", "check_window", "check_percentile"]
+__all__ = [
+    "as_maps",
+    "smooth",
+    "threshold",
+    "preprocess",
+    "check_window",
+    "check_percentile",
+    "check_count",
+]
 
 DEFAULT_WINDOW = 3
 DEFAULT_PERCENTILE = 75.0
@@ -113,6 +121,13 @@ def check_window(window: int | tuple[int, int]) -> tuple[int, int]:
             f"the window is centred on its pixel; got {window!r}. Use 1 for no smoothing."
         )
     return int(pair[0]), int(pair[1])
+
+
+def check_count(name: str, value: object, low: int = 1) -> int:
+    """Validate an integer parameter (``n_init``, ``n_repeats``, ...) that must be >= low."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}.")
+    return int(value)
 
 
 def check_percentile(percentile: float) -> float:

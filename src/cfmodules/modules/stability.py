@@ -25,6 +25,7 @@ from cfmodules.modules.preprocess import (
     DEFAULT_PERCENTILE,
     DEFAULT_WINDOW,
     as_maps,
+    check_count,
     check_percentile,
     check_window,
     preprocess,
@@ -314,8 +315,7 @@ def stability(
         raise ConfigError(f"methods must be distinct names among {METHODS}, got {methods!r}.")
     k_arr = _check_ks(ks)
     for name, v in (("n_repeats", n_repeats), ("n_init", n_init), ("max_iter", max_iter)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-            raise ConfigError(f"{name} must be an integer >= 1, got {v!r}.")
+        check_count(name, v)
     check_window(window)
     if percentile is not None:
         check_percentile(percentile)

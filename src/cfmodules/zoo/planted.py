@@ -17,10 +17,13 @@ planted layer. ``load_planted_model1`` / ``load_planted_conv`` wrap them in a
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 from torch import nn
 
+from cfmodules.adapter import GeneratorAdapter
 from cfmodules.errors import ConfigError
 
 __all__ = [
@@ -32,7 +35,9 @@ __all__ = [
 ]
 
 
-def _check_int(name: str, value: object, low: int) -> int:
+
+
+def _count(name: str, value: object, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
         raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}.")
     return int(value)
@@ -41,11 +46,11 @@ def _check_int(name: str, value: object, low: int) -> int:
 def _sizes(name: str, value: object, k: int, low: int) -> list[int]:
     """An int (same for every module) or a sequence of K ints, each >= low."""
     if isinstance(value, (list, tuple, np.ndarray)):
-        sizes = [_check_int(name, v, low) for v in value]
+        sizes = [_count(name, v, low) for v in value]
         if len(sizes) != k:
             raise ConfigError(f"{name} has {len(sizes)} entries; give one per module ({k}).")
         return sizes
-    return [_check_int(name, value, low)] * k
+    return [_count(name, value, low)] * k
 
 
 def _block_mask(rows: list[int], cols: list[int]) -> torch.Tensor:
@@ -62,7 +67,7 @@ def _pair(name: str, value: object, low: int) -> tuple[int, int]:
     pair = (value, value) if not isinstance(value, (tuple, list)) else tuple(value)
     if len(pair) != 2:
         raise ConfigError(f"{name} must be an int or a (height, width) pair, got {value!r}.")
-    return _check_int(name, pair[0], low), _check_int(name, pair[1], low)
+    return _count(name, pair[0], low), _count(name, pair[1], low)
 
 
 class PlantedModel1(nn.Module):
@@ -106,6 +111,7 @@ class PlantedModel1(nn.Module):
 
     layer = "hidden"
     prior = "uniform"
+    output_range = (-2.0, 2.0)  # for display; Y is linear in V and not bounded
 
     def __init__(
         self,
@@ -117,10 +123,10 @@ class PlantedModel1(nn.Module):
         seed: int = 0,
     ):
         super().__init__()
-        k = _check_int("n_modules", n_modules, 1)
+        k = _count("n_modules", n_modules, 1)
         sizes = _sizes("units_per_module", units_per_module, k, 2)
         h, w = _pair("image_size", image_size, 1)
-        ov = _check_int("overlap", overlap, 0)
+        ov = _count("overlap", overlap, 0)
         if w < k:
             raise ConfigError(f"image width {w} is smaller than n_modules={k}: each module "
                               "needs a band of at least one private column.")
@@ -235,6 +241,7 @@ class PlantedConvGenerator(nn.Module):
     """
 
     prior = "normal"
+    output_range = (-1.0, 1.0)
 
     def __init__(
         self,
@@ -246,11 +253,11 @@ class PlantedConvGenerator(nn.Module):
         seed: int = 0,
     ):
         super().__init__()
-        k = _check_int("n_modules", n_modules, 1)
-        d = _check_int("latent_per_module", latent_per_module, 1)
+        k = _count("n_modules", n_modules, 1)
+        d = _count("latent_per_module", latent_per_module, 1)
         cs = _sizes("channels_per_module", channels_per_module, k, 1)
-        colours = _check_int("colours", colours, 1)
-        size = _check_int("image_size", image_size, 8)
+        colours = _count("colours", colours, 1)
+        size = _count("image_size", image_size, 8)
         m = int(round(np.log2(size / 4)))
         if 4 * 2**m != size:
             raise ConfigError(f"image_size must be 4 * 2**m (8, 16, 32, ...), got {size}.")
@@ -307,23 +314,22 @@ def _voronoi(k: int, size: int, g: torch.Generator) -> np.ndarray:
     return np.stack([owner == j for j in range(k)])
 
 
-def load_planted_model1(device: str | torch.device | None = None, **kwargs: object):
+def _wrap(gen: PlantedModel1 | PlantedConvGenerator, name: str,
+          device: str | torch.device | None) -> GeneratorAdapter:
+    gen.eval()
+    if device is not None:
+        gen.to(device)
+    return GeneratorAdapter(gen, gen.latent_shape, prior=gen.prior,
+                            output_range=gen.output_range, device=device, name=name)
+
+
+def load_planted_model1(device: str | torch.device | None = None,
+                        **kwargs: Any) -> GeneratorAdapter:
     """:class:`PlantedModel1` (keyword arguments passed on) in a GeneratorAdapter."""
-    from cfmodules.adapter import GeneratorAdapter
-
-    gen = PlantedModel1(**kwargs).eval()  # type: ignore[arg-type]
-    if device is not None:
-        gen.to(device)
-    return GeneratorAdapter(gen, gen.latent_shape, prior=gen.prior, output_range=(-2.0, 2.0),
-                            device=device, name="planted-model1")
+    return _wrap(PlantedModel1(**kwargs), "planted-model1", device)
 
 
-def load_planted_conv(device: str | torch.device | None = None, **kwargs: object):
+def load_planted_conv(device: str | torch.device | None = None,
+                      **kwargs: Any) -> GeneratorAdapter:
     """:class:`PlantedConvGenerator` (keyword arguments passed on) in a GeneratorAdapter."""
-    from cfmodules.adapter import GeneratorAdapter
-
-    gen = PlantedConvGenerator(**kwargs).eval()  # type: ignore[arg-type]
-    if device is not None:
-        gen.to(device)
-    return GeneratorAdapter(gen, gen.latent_shape, prior=gen.prior, output_range=(-1.0, 1.0),
-                            device=device, name="planted-conv")
+    return _wrap(PlantedConvGenerator(**kwargs), "planted-conv", device)
