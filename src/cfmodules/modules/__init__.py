@@ -6,7 +6,7 @@ cluster maps that came from anywhere.
 
 >>> clust = ModuleClustering(n_modules=3, method="nmf", random_state=0).fit(maps)
 >>> clust.labels_, clust.templates_, clust.modules_
->>> result = stability(maps, ks=range(2, 7))   # data of Fig. 9, NMF and k-means
+>>> result = cluster_stability(maps, ks=range(2, 7))   # data of Fig. 9, NMF and k-means
 >>> result.suggest_k()
 """
 
@@ -20,8 +20,8 @@ from cfmodules.modules.preprocess import as_maps, preprocess, smooth, threshold
 from cfmodules.modules.stability import (
     DEFAULT_KS,
     StabilityResult,
+    cluster_stability,
     match_labels,
-    stability,
     suggest_k,
     template_similarity,
 )
@@ -35,7 +35,7 @@ __all__ = [
     "smooth",
     "threshold",
     "preprocess",
-    "stability",
+    "cluster_stability",
     "StabilityResult",
     "suggest_k",
     "match_labels",

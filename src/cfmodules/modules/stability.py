@@ -33,7 +33,7 @@ from cfmodules.modules.preprocess import (
 
 __all__ = [
     "StabilityResult",
-    "stability",
+    "cluster_stability",
     "suggest_k",
     "match_labels",
     "template_similarity",
@@ -267,7 +267,7 @@ def _check_ks(ks: Iterable[int]) -> np.ndarray:
     return np.sort(arr).astype(np.int64)
 
 
-def stability(
+def cluster_stability(
     maps: Any,
     ks: Iterable[int] = DEFAULT_KS,
     methods: Sequence[str] = METHODS,
