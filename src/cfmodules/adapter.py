@@ -25,7 +25,7 @@ from cfmodules.errors import (
     LayerNotFoundError,
     ShapeError,
 )
-from cfmodules.hooks import hooked, resolve_layer, resolve_layers
+from cfmodules.hooks import HookSession, hooked, resolve_layer, resolve_layers
 from cfmodules.split import FxSplit, HookSplit, Split, fx_split
 
 __all__ = ["GeneratorAdapter", "LayerInfo", "ChannelSpec", "channel_index"]
@@ -173,6 +173,7 @@ class GeneratorAdapter:
         self._graph_error: str | None = None
         self._traced = False
         self._splits: dict[str, Split] = {}
+        self._sessions: list[HookSession] = []  # open trace/intervene blocks
 
     # ------------------------------------------------------------------ latents
     @property
@@ -200,7 +201,7 @@ class GeneratorAdapter:
     def _eval_mode(self) -> Iterator[None]:
         modes = [(m, m.training) for m in self.generator.modules()]
         if any(t for _, t in modes):
-            if not self._warned_train:
+            if not self._warned_train and any(t and isinstance(m, _MODE_DEPENDENT) for m, t in modes):
                 warnings.warn(
                     f"{self.name} is in train mode; cfmodules runs it in eval mode (BatchNorm "
                     "and Dropout in train mode would make a counterfactual depend on the rest "
@@ -218,9 +219,28 @@ class GeneratorAdapter:
                 m.training = t
 
     def _raw(self, z: L.Latent) -> Any:
-        if self.forward_fn is not None:
-            return self.forward_fn(self.generator, z)
-        return self.generator(*z) if isinstance(z, tuple) else self.generator(z)
+        """One forward of the generator, with the call counts of open hook blocks reset."""
+        with self._one_forward():
+            if self.forward_fn is not None:
+                return self.forward_fn(self.generator, z)
+            return self.generator(*z) if isinstance(z, tuple) else self.generator(z)
+
+    @contextmanager
+    def _one_forward(self) -> Iterator[None]:
+        for s in self._sessions:
+            s.reset()
+        yield
+        for s in self._sessions:
+            s.check_complete()
+
+    @contextmanager
+    def _session(self, edits: Mapping[str, Any]) -> Iterator[HookSession]:
+        with hooked(self.generator, edits) as session:
+            self._sessions.append(session)
+            try:
+                yield session
+            finally:
+                self._sessions.remove(session)
 
     def images(self, raw: Any, n: int | None = None) -> torch.Tensor:
         """Apply ``output_transform`` to a raw output and check it is an image batch."""
@@ -364,7 +384,7 @@ class GeneratorAdapter:
                 record[name] = torch.cat([record[name], v]) if name in record else v
             return edit
 
-        with hooked(self.generator, {r.name: make(r.name) for r in refs}):
+        with self._session({r.name: make(r.name) for r in refs}):
             yield record
 
     @contextmanager
@@ -393,7 +413,7 @@ class GeneratorAdapter:
             channels, values = rep
             idx = channel_index(channels, self._layer_channels(r.name), r.name)
             edits[r.name] = _replace_channels(r.name, idx, values)
-        with hooked(self.generator, edits):
+        with self._session(edits):
             yield
 
     # ------------------------------------------------------------------ prefix / suffix
@@ -439,6 +459,9 @@ class GeneratorAdapter:
                 f"{self.prior if isinstance(self.prior, str) else 'callable'}, device={self.device})")
 
 
+_MODE_DEPENDENT = (nn.modules.batchnorm._NormBase, nn.modules.dropout._DropoutNd)
+
+
 class _AdapterSplit(Split):
     """A split run the adapter's way: device, eval mode, no_grad, output transform."""
 
@@ -450,7 +473,7 @@ class _AdapterSplit(Split):
     def prefix(self, z: L.Latent):  # type: ignore[override]
         self.adapter.check_latent(z)
         z = L.to_device(z, self.adapter.device)
-        with self.adapter._eval_mode():
+        with self.adapter._eval_mode(), self.adapter._one_forward():
             return self.inner.prefix(z)
 
     def suffix(self, state, activation: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
@@ -460,7 +483,7 @@ class _AdapterSplit(Split):
                 f"The new activation of layer '{self.layer}' has shape {tuple(activation.shape)};"
                 f" expected {tuple(state.activation.shape)} (one row per sample of the state)."
             )
-        with self.adapter._eval_mode():
+        with self.adapter._eval_mode(), self.adapter._one_forward():
             return self.adapter.images(self.inner.suffix(state, activation), n)
 
 
