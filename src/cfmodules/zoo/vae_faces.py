@@ -37,6 +37,7 @@ import importlib.metadata
 import io
 import pickletools
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -44,7 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cfmodules.errors import ModelNotAvailableError, ShapeError
+from cfmodules.errors import ConfigError, ModelNotAvailableError, ShapeError
 from cfmodules.zoo._files import package_file
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -59,6 +60,7 @@ __all__ = [
     "VAEDecoder",
     "load_model",
     "load",
+    "olivetti_prior",
     "olivetti_faces",
 ]
 
@@ -270,12 +272,35 @@ def _encoder_fn(encoder: VAEEncoder):
     return encode
 
 
-def load(device: torch.device | str | None = None) -> GeneratorAdapter:
+def olivetti_prior(model: FaceVAE) -> Callable[[int, torch.Generator], torch.Tensor]:
+    """A prior over real faces: each sample is the posterior mean of a random Olivetti face.
+
+    The 400 faces are encoded once; sample ``i`` picks a face uniformly (with replacement)
+    with the generator it is given, so it depends only on ``(seed, index)`` like any prior.
+    Influence maps computed with it are measured on pairs of real faces.
+
+    Returns
+    -------
+    callable ``(n, generator) -> Tensor (n, 64)``
+    """
+    enc = model.vae_encoder
+    param = next(enc.parameters())
+    with torch.no_grad():
+        mu, _ = enc(olivetti_faces().to(device=param.device, dtype=param.dtype))
+    mu = mu.cpu()
+
+    def prior(n: int, generator: torch.Generator) -> torch.Tensor:
+        return mu[torch.randint(len(mu), (n,), generator=generator)]
+
+    return prior
+
+
+def load(device: torch.device | str | None = None, prior: str = "normal") -> GeneratorAdapter:
     """The ``vae-faces`` zoo entry: an adapter around the pretrained VAE decoder.
 
-    The latent is a (64,) standard normal vector; images are (N, 1, 64, 64) in [0, 1]
-    (sigmoid of the decoder's logits). ``adapter.encode(images)`` maps real faces to
-    their posterior mean, so hybrids can be made of real images::
+    Images are (N, 1, 64, 64) in [0, 1] (sigmoid of the decoder's logits).
+    ``adapter.encode(images)`` maps real faces to their posterior mean, so hybrids can be
+    made of real images::
 
         ad = vae_faces.load()
         faces = vae_faces.olivetti_faces()
@@ -286,12 +311,18 @@ def load(device: torch.device | str | None = None) -> GeneratorAdapter:
     ----------
     device : torch.device or str, optional
         Where to run (default: CPU).
+    prior : {"normal", "olivetti"}, default "normal"
+        What ``sample_latents`` draws: the VAE's N(0, I) prior, or the encodings of real
+        Olivetti faces (:func:`olivetti_prior`), so that influence maps and modules are
+        computed on pairs of real faces.
 
     Returns
     -------
     GeneratorAdapter
-        Layers ``decoder.0`` ... ``decoder.9``; see :data:`DEFAULT_LAYER`.
+        Latent (64,); layers ``decoder.0`` ... ``decoder.9``; see :data:`DEFAULT_LAYER`.
     """
+    if prior not in ("normal", "olivetti"):
+        raise ConfigError(f"prior must be 'normal' or 'olivetti', got {prior!r}.")
     model = load_model(device)  # first: a missing package says how to install it
 
     from cfmodules.adapter import GeneratorAdapter  # the adapter imports nothing from zoo
@@ -299,12 +330,12 @@ def load(device: torch.device | str | None = None) -> GeneratorAdapter:
     return GeneratorAdapter(
         model.vae_decoder,
         latent_shape=(LATENT_DIM,),
-        prior="normal",
+        prior="normal" if prior == "normal" else olivetti_prior(model),
         output_transform=torch.sigmoid,
         output_range=(0.0, 1.0),
         encoder=_encoder_fn(model.vae_encoder),
         device=device,
-        name="vae-faces",
+        name="vae-faces" if prior == "normal" else "vae-faces-olivetti",
     )
 
 
