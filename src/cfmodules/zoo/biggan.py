@@ -64,6 +64,7 @@ from cfmodules.errors import (
     ModelNotAvailableError,
     ShapeError,
 )
+from cfmodules.zoo._files import package_file
 
 if TYPE_CHECKING:  # pragma: no cover
     from cfmodules.adapter import GeneratorAdapter
@@ -116,13 +117,7 @@ def _package_modules() -> tuple[types.ModuleType, types.ModuleType]:
     """``(config, model)`` modules of pytorch-pretrained-biggan, executed by file path."""
     if f"{_PRIVATE}.model" in sys.modules:
         return sys.modules[f"{_PRIVATE}.config"], sys.modules[f"{_PRIVATE}.model"]
-    spec = importlib.util.find_spec(_PACKAGE)  # a top-level package: found, not executed
-    folder = Path(next(iter(spec.submodule_search_locations or []), "")) if spec else None
-    if folder is None or not (folder / "model.py").is_file():
-        raise ModelNotAvailableError(
-            "The BigGAN architecture comes from the PyPI package pytorch-pretrained-biggan. "
-            f"Install it with: {INSTALL_COMMAND}"
-        )
+    folder = package_file(_PACKAGE, "model.py", INSTALL_COMMAND).parent  # not executed
     version = importlib.metadata.version(_DIST)
     if version != _VERSION:
         raise ModelNotAvailableError(
