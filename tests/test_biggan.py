@@ -256,11 +256,18 @@ def test_biggan_missing_package_names_the_install_command(monkeypatch) -> None:
 
 
 def test_biggan_config_checks() -> None:
-    with pytest.raises(ConfigError, match="128, 256, 512"):
-        biggan.biggan_config(resolution=64)
+    with pytest.raises(ConfigError, match="32, 64, 128, 256, 512"):
+        biggan.biggan_config(resolution=96)
     with pytest.raises(ConfigError, match="channel_width"):
         biggan.biggan_config(channel_width=2)
     assert len(biggan.biggan_config(256).layers) == 12  # the paper's BigGAN-deep-256
+
+
+@pytest.mark.parametrize("resolution", [32, 64])
+def test_biggan_small_test_layouts_run(resolution) -> None:
+    ad = biggan.load_random(resolution=resolution)
+    x = ad.generate(ad.sample_latents(2))
+    assert x.shape == (2, 3, resolution, resolution) and torch.isfinite(x).all()
 
 
 def test_biggan_two_layer_modules_from_joint_labels(ad) -> None:

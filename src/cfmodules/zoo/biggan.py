@@ -99,16 +99,24 @@ _VERSION = "0.1.1"
 _PRIVATE = "cfmodules.zoo._biggan_pkg"
 
 # (up-sample?, in, out) channel multipliers of the official BigGAN-deep configs, from
-# pytorch_pretrained_biggan/convert_tf_to_pytorch.py; attention sits before layer 8.
+# pytorch_pretrained_biggan/convert_tf_to_pytorch.py, and the index of the attention layer
+# (at 64x64 in all three). 32 and 64 follow the same pattern with fewer blocks (attention at
+# half the output size); no pretrained weights exist for them: they make fast test models.
+# Channels may only halve from one block to the next (the skip keeps the first half) and
+# the last block must end at 1 x channel_width.
 _DEEP_LAYERS = {
-    128: [(False, 16, 16), (True, 16, 16), (False, 16, 16), (True, 16, 8), (False, 8, 8),
-          (True, 8, 4), (False, 4, 4), (True, 4, 2), (False, 2, 2), (True, 2, 1)],
-    256: [(False, 16, 16), (True, 16, 16), (False, 16, 16), (True, 16, 8), (False, 8, 8),
-          (True, 8, 8), (False, 8, 8), (True, 8, 4), (False, 4, 4), (True, 4, 2),
-          (False, 2, 2), (True, 2, 1)],
-    512: [(False, 16, 16), (True, 16, 16), (False, 16, 16), (True, 16, 8), (False, 8, 8),
-          (True, 8, 8), (False, 8, 8), (True, 8, 4), (False, 4, 4), (True, 4, 2),
-          (False, 2, 2), (True, 2, 1), (False, 1, 1), (True, 1, 1)],
+    32: ([(False, 16, 16), (True, 16, 8), (False, 8, 4), (True, 4, 2), (False, 2, 2),
+          (True, 2, 1)], 4),
+    64: ([(False, 16, 16), (True, 16, 8), (False, 8, 8), (True, 8, 4), (False, 4, 4),
+          (True, 4, 2), (False, 2, 2), (True, 2, 1)], 6),
+    128: ([(False, 16, 16), (True, 16, 16), (False, 16, 16), (True, 16, 8), (False, 8, 8),
+           (True, 8, 4), (False, 4, 4), (True, 4, 2), (False, 2, 2), (True, 2, 1)], 8),
+    256: ([(False, 16, 16), (True, 16, 16), (False, 16, 16), (True, 16, 8), (False, 8, 8),
+           (True, 8, 8), (False, 8, 8), (True, 8, 4), (False, 4, 4), (True, 4, 2),
+           (False, 2, 2), (True, 2, 1)], 8),
+    512: ([(False, 16, 16), (True, 16, 16), (False, 16, 16), (True, 16, 8), (False, 8, 8),
+           (True, 8, 8), (False, 8, 8), (True, 8, 4), (False, 4, 4), (True, 4, 2),
+           (False, 2, 2), (True, 2, 1), (False, 1, 1), (True, 1, 1)], 8),
 }
 
 
@@ -162,8 +170,10 @@ def biggan_config(
 
     Parameters
     ----------
-    resolution : {128, 256, 512}
-        Output size; 256 is the paper's BigGAN-deep-256 (12 Gblocks).
+    resolution : {32, 64, 128, 256, 512}
+        Output size; 256 is the paper's BigGAN-deep-256 (12 Gblocks). 128, 256 and 512 are
+        the pretrained layouts; 32 (6 Gblocks) and 64 (8 Gblocks) follow their pattern
+        with fewer blocks, for fast tests.
     channel_width : int
         128 in the pretrained models; a small value (4) gives a fast model for tests.
         At least 4 (the last block has ``channel_width`` channels, RGB takes 3 of them).
@@ -172,7 +182,7 @@ def biggan_config(
     """
     if resolution not in _DEEP_LAYERS:
         raise ConfigError(
-            f"BigGAN-deep exists at resolutions {sorted(_DEEP_LAYERS)}, got {resolution}."
+            f"BigGAN-deep layouts exist for resolutions {sorted(_DEEP_LAYERS)}, got {resolution}."
         )
     if not isinstance(channel_width, int) or channel_width < 4:
         raise ConfigError(f"channel_width must be an integer >= 4, got {channel_width!r}.")
@@ -180,7 +190,8 @@ def biggan_config(
     return config_mod.BigGANConfig(
         output_dim=resolution, z_dim=z_dim, class_embed_dim=z_dim,
         channel_width=channel_width, num_classes=num_classes,
-        layers=[tuple(x) for x in _DEEP_LAYERS[resolution]], attention_layer_position=8,
+        layers=[tuple(x) for x in _DEEP_LAYERS[resolution][0]],
+        attention_layer_position=_DEEP_LAYERS[resolution][1],
         eps=1e-4, n_stats=51,
     )
 
