@@ -16,6 +16,7 @@ import torch
 
 from cfmodules import hybridize
 from cfmodules.errors import (
+    ChannelError,
     CheckpointError,
     ConfigError,
     LatentError,
@@ -158,6 +159,17 @@ def test_biggan_relu_call_index_intervenes_on_that_call_only(ad, z) -> None:
     assert (ours - ad.generate(z)).abs().max() > 1e-4  # the edit did something
 
 
+@pytest.mark.xfail(reason="adapter: a 'path:k' layer gets the channel count of call 0 "
+                          "(reported to the lead; remove this mark with the fix)")
+def test_biggan_relu_call_index_has_that_calls_channels(ad, z) -> None:
+    # call 0 is relu(bn_0(x)) with the block's 64 input channels, call 1 has 16
+    assert ad._layer_channels(f"{BLOCK}.relu:0") == 64
+    assert ad._layer_channels(f"{BLOCK}.relu:1") == 16
+    with pytest.raises(ChannelError, match="16 channels"):
+        with ad.intervene({f"{BLOCK}.relu:1": ([20], torch.zeros(4, 1, 8, 8))}):
+            ad.generate(z)
+
+
 # ------------------------------------------------------------ two successive layers
 def test_biggan_gblock_numbering_follows_the_paper(ad) -> None:
     g = ad.generator
@@ -279,6 +291,8 @@ def test_biggan_two_layer_modules_from_joint_labels(ad) -> None:
         {conv_1: list(range(8)), conv_2: list(range(4, 16))},
         {conv_1: list(range(8, 16)), conv_2: list(range(4))},
     ]
+    one_layer = biggan.two_layer_modules(g, 4, [0] * 16 + [1] * 16)
+    assert one_layer == [{conv_1: list(range(16))}, {conv_2: list(range(16))}]
     with pytest.raises(ShapeError, match="16 \\+ 16"):
         biggan.two_layer_modules(g, 4, labels[:-1])
 

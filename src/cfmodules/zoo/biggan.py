@@ -509,8 +509,9 @@ def two_layer_modules(model: nn.Module, block: int, labels: Sequence[int]) -> li
     Returns
     -------
     list of dict
-        One ``{conv_1 name: channels, conv_2 name: channels}`` per module (a layer's list
-        may be empty), ready for :func:`cfmodules.hybrid.hybridize`.
+        One ``{conv_1 name: channels, conv_2 name: channels}`` per label, in label order
+        (a layer where the module has no channel is left out), ready for
+        :func:`cfmodules.hybrid.hybridize` and ``cfmodules.influence.module_influence``.
 
     Raises
     ------
@@ -526,10 +527,11 @@ def two_layer_modules(model: nn.Module, block: int, labels: Sequence[int]) -> li
             f"labels has {len(lab)} entries; Gblock {block} has {n_a} + {n_b} channels in "
             f"{layer_a} and {layer_b} (stack the maps of {layer_a} first)."
         )
-    return [
-        {
+    modules = []
+    for k in sorted(set(lab)):
+        module = {
             layer_a: [c for c in range(n_a) if lab[c] == k],
             layer_b: [c for c in range(n_b) if lab[n_a + c] == k],
         }
-        for k in range(max(lab) + 1)
-    ]
+        modules.append({layer: chs for layer, chs in module.items() if chs})
+    return modules
