@@ -64,6 +64,7 @@ def test_reproducible_and_input_kinds_agree(method):
 
     fits = [ModuleClustering(3, method, random_state=7).fit(x)
             for x in (maps, torch.from_numpy(maps), Result(maps), maps)]
+    assert fits[2].layer_ == "main.8" and fits[0].layer_ is None
     for f in fits[1:]:
         assert np.array_equal(f.labels_, fits[0].labels_)
         np.testing.assert_allclose(f.templates_, fits[0].templates_, atol=1e-6)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score
 
+from cfmodules.hybrid import hybridize
 from cfmodules.modules import ModuleClustering, cluster_stability
 from cfmodules.zoo.planted import load_planted_conv, load_planted_model1
 from modules_helpers import naive_influence_maps
@@ -37,6 +38,19 @@ def test_pipeline_recovers_planted_modules(name):
           f"kmeans {np.round(scores['kmeans'], 3).tolist()}")
     assert min(scores["nmf"]) >= 0.95
     assert min(scores["kmeans"]) >= 0.95
+
+
+def test_found_modules_hybridize_their_own_region():
+    adapter = load_planted_conv(seed=3)
+    gen = adapter.generator
+    clust = ModuleClustering(3, random_state=0).fit(influence(adapter, gen.layer, 3))
+    z = adapter.sample_latents(8, seed=9)
+    original = adapter.generate(z[:4])
+    for channels in clust.modules_:
+        hybrid = hybridize(adapter, z[:4], z[4:], {gen.layer: channels})
+        changed = ((hybrid - original).abs().amax(dim=(0, 1)) > 0).numpy()
+        region = gen.regions[gen.true_labels()[channels[0]]]
+        assert changed.any() and not (changed & ~region).any()
 
 
 def test_wrong_k_does_not_recover():

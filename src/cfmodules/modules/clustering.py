@@ -71,7 +71,10 @@ class ModuleClustering:
     weights_ : ndarray (C, K)
         Contribution of each template to each channel's map (for k-means, one-hot).
     modules_ : list of K ndarrays of int
-        The channels of each module, ready for ``hybridize(adapter, z1, z2, {layer: ...})``.
+        The channels of each module, e.g. ``hybridize(adapter, z1, z2,
+        {clust.layer_: clust.modules_[k]})``.
+    layer_ : str or None
+        The layer of the maps, when they came from an influence result (its ``.layer``).
     features_ : ndarray (C, H, W)
         The pre-processed maps that were clustered.
     reconstruction_err_ : float
@@ -128,8 +131,23 @@ class ModuleClustering:
         Returns
         -------
         self
+
+        Raises
+        ------
+        ConfigError
+            Bad parameters (K < 1 or more than the channels, even window, percentile outside
+            (0, 100)), NaN maps, or every map zero (nothing to cluster).
+        ShapeError
+            Maps that are not (C, H, W), or of different shapes.
+
+        Warns
+        -----
+        UserWarning
+            Some channels have an all-zero map (dead channels: they join a module
+            arbitrarily, which changes no hybrid), or a module received no channel.
         """
         self._check_params()
+        layer = getattr(maps, "layer", None)
         arr = as_maps(maps)
         k = self.n_modules
         if k > len(arr):
@@ -177,6 +195,7 @@ class ModuleClustering:
         self.reconstruction_err_ = err
         self.n_channels_ = len(arr)
         self.map_shape_ = tuple(feats.shape[1:])
+        self.layer_ = layer if isinstance(layer, str) else None
         return self
 
     def fit_predict(self, maps: Any, y: None = None) -> np.ndarray:
