@@ -30,7 +30,7 @@ from cfmodules.modules.preprocess import (
     preprocess,
 )
 
-__all__ = ["ModuleClustering", "module_sizes", "module_influence", "METHODS"]
+__all__ = ["ModuleClustering", "module_sizes", "METHODS"]
 
 METHODS = ("nmf", "kmeans")
 
@@ -71,8 +71,7 @@ class ModuleClustering:
     weights_ : ndarray (C, K)
         Contribution of each template to each channel's map (for k-means, one-hot).
     modules_ : list of K ndarrays of int
-        The channels of each module, e.g. ``hybridize(adapter, z1, z2,
-        {clust.layer_: clust.modules_[k]})``.
+        The channels of each module (see :meth:`to_modules` for ``{layer: channels}``).
     layer_ : str or None
         The layer of the maps, when they came from an influence result (its ``.layer``).
     features_ : ndarray (C, H, W)
@@ -230,6 +229,26 @@ class ModuleClustering:
         w = np.stack([nnls(tmpl.T, row)[0] for row in flat])
         return w.argmax(axis=1)
 
+    def to_modules(self, layer: str | None = None) -> list[dict[str, list[int]]]:
+        """The modules as ``{layer: channels}`` dicts, one per module.
+
+        That is the form ``cfmodules.hybridize`` and ``cfmodules.influence.module_influence``
+        take; the latter's ``.influence`` is each module's individual influence, which
+        against :func:`module_sizes` gives Fig. 8 (right) of the paper.
+
+        Parameters
+        ----------
+        layer : str, optional
+            Default: ``layer_``, the layer of the influence result that was fitted.
+        """
+        self._check_fitted()
+        name = layer if layer is not None else self.layer_
+        if not isinstance(name, str):
+            raise ConfigError(
+                "These maps carried no layer name; give it: clust.to_modules('main.8')."
+            )
+        return [{name: [int(c) for c in channels]} for channels in self.modules_]
+
     # ------------------------------------------------------------------ helpers
     def _check_params(self) -> None:
         check_count("n_modules", self.n_modules)
@@ -334,23 +353,3 @@ def module_sizes(labels: Any, n_modules: int | None = None) -> np.ndarray:
     if k <= lab.max():
         raise ConfigError(f"labels go up to {int(lab.max())} but n_modules={k}.")
     return np.bincount(lab, minlength=k)
-
-
-def module_influence(module_maps: Any) -> np.ndarray:
-    """Individual influence of each module: its influence map averaged over pixels (sec. 3.3).
-
-    The influence map of a module is measured by hybridizing all its channels at once
-    (``cfmodules.influence`` with channel groups ``ModuleClustering.modules_``); it is not the
-    sum of its channels' maps, since the generator is not linear. Plotted against
-    :func:`module_sizes` this is Fig. 8 (right) of the paper.
-
-    Parameters
-    ----------
-    module_maps : array (K, H, W), tensor, or an influence result with ``.maps``
-
-    Returns
-    -------
-    ndarray (K,)
-    """
-    arr = as_maps(module_maps, what="module influence maps")
-    return arr.reshape(len(arr), -1).mean(axis=1)
