@@ -63,10 +63,12 @@ class AnalysisSettings:
         Smoothing window (pixels) applied to each map before thresholding.
     percentile : float, default 75
         Each smoothed map is thresholded at this percentile of its own values.
+    n_init : int, default 10
+        Restarts of the clustering (the best fit is kept).
     stability_ks : tuple of int, default (2, 3, 4, 5, 6)
         Numbers of modules of the stability sweep (Fig. 9); empty: no sweep.
     stability_methods : tuple of str, default ("nmf", "kmeans")
-    stability_repeats : int, default 5
+    stability_repeats : int, default 10
         Random three-way splits per K (the paper used 20; each costs two clusterings per
         K and method).
     n_samples : int, default 16
@@ -83,14 +85,16 @@ class AnalysisSettings:
     seed: int = 0
     window: int = 3
     percentile: float = 75.0
+    n_init: int = 10
     stability_ks: tuple[int, ...] = (2, 3, 4, 5, 6)
     stability_methods: tuple[str, ...] = ("nmf", "kmeans")
-    stability_repeats: int = 5
+    stability_repeats: int = 10
     n_samples: int = 16
     n_hybrids: int = 8
 
     def __post_init__(self) -> None:
-        for name in ("n_pairs", "n_modules", "stability_repeats", "n_samples", "n_hybrids"):
+        for name in ("n_pairs", "n_modules", "n_init", "stability_repeats", "n_samples",
+                     "n_hybrids"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {v!r}.")
@@ -283,8 +287,8 @@ class AnalysisResult:
             "unit_layer": np.asarray(self.unit_layer, dtype=str),
             "unit_channel": np.asarray(self.unit_channel, dtype=np.int64),
             "labels": np.asarray(self.labels, dtype=np.int64),
-            "templates": np.asarray(self.templates, dtype=np.float32),
-            "weights": np.asarray(self.weights, dtype=np.float32),
+            "templates": np.asarray(self.templates, dtype=np.float64),
+            "weights": np.asarray(self.weights, dtype=np.float64),
             "module_maps": self.module_maps.astype(np.float32),
             "module_influence": self.module_influence.astype(np.float32),
             "module_sizes": self.module_sizes.astype(np.int64),
@@ -367,8 +371,13 @@ def template_location(template: Any) -> str:
     """Where a template lies in the image, in words: "centre", "border", "left", "top", ...
 
     A purely geometric description (the semantics -- face, hair, background -- is for the
-    reader of the figures to judge). The template's mass is compared over the central
-    half of the image (by width and height) and the ring around it.
+    reader of the figures to judge). With the template normalised to a total mass of 1:
+    "border" when under 10% of it lies in the central box (the middle half of the height
+    and of the width, a quarter of the area) and at least three of the four outer bands
+    (top, bottom, left, right quarter) hold 15% or more; else "top", "bottom", "left side", "right
+    side" or a combination such as "top-left" when its centre of mass is more than a tenth
+    of the image away from the middle; else "centre" when over a third of it lies in the
+    central box, "spread" otherwise.
 
     Parameters
     ----------
@@ -392,17 +401,17 @@ def template_location(template: Any) -> str:
     mass_centre = float(t[centre].sum())  # 25% of the area
     cy = float((t.sum(axis=1) * ys).sum()) - 0.5
     cx = float((t.sum(axis=0) * xs).sum()) - 0.5
-    if mass_centre > 0.45:
-        return "centre"
+    bands = [t[ys < 0.25].sum(), t[ys > 0.75].sum(), t[:, xs < 0.25].sum(), t[:, xs > 0.75].sum()]
+    if mass_centre < 0.1 and sum(b >= 0.15 for b in bands) >= 3:
+        return "border"
     parts = []
-    if abs(cy) > 0.08:
+    if abs(cy) > 0.1:
         parts.append("top" if cy < 0 else "bottom")
-    if abs(cx) > 0.08:
+    if abs(cx) > 0.1:
         parts.append("left" if cx < 0 else "right")
     if parts:
-        return "-".join(parts) + (" side" if len(parts) == 1 and parts[0] in ("left", "right")
-                                  else "")
-    return "border" if mass_centre < 0.2 else "spread"
+        return "-".join(parts) + (" side" if parts in (["left"], ["right"]) else "")
+    return "centre" if mass_centre > 0.33 else "spread"
 
 
 def default_layer(adapter: GeneratorAdapter) -> str:
@@ -600,7 +609,8 @@ def analyze(
     clustering = steps.run(
         "clustering", f"{s.method} clustering into K={s.n_modules} modules",
         lambda: ModuleClustering(s.n_modules, s.method, window=s.window,
-                                 percentile=s.percentile, random_state=s.seed).fit(maps))
+                                 percentile=s.percentile, n_init=s.n_init,
+                                 random_state=s.seed).fit(maps))
     labels = clustering.labels_
 
     partial = AnalysisResult(

@@ -255,15 +255,20 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     from cfmodules.report import write_report
 
     ks = () if args.no_stability else _parse_ks(args.stability_ks)
+    methods = tuple(m.strip() for m in args.stability_methods.split(",") if m.strip())
+    if not methods or any(m not in ("nmf", "kmeans") for m in methods):
+        raise ConfigError(f"--stability-methods takes nmf, kmeans or nmf,kmeans; got "
+                          f"{args.stability_methods!r}.")
     settings = AnalysisSettings(
         n_pairs=args.pairs, n_modules=args.k, method=args.method, seed=args.seed,
-        stability_ks=ks, stability_repeats=args.stability_repeats,
-        n_samples=args.samples, n_hybrids=args.hybrids)
-    out = _writable_dir(args.out)
+        n_init=args.n_init, stability_ks=ks, stability_methods=methods,
+        stability_repeats=args.stability_repeats, n_samples=args.samples,
+        n_hybrids=args.hybrids)
     if args.layer and len(args.layer) > 2:
         raise ConfigError(f"--layer is given {len(args.layer)} times; give one layer, or two "
                           "for a two-layer intervention.")
     adapter = load_model(args.model, args.device, args.latent_shape)
+    out = _writable_dir(args.out)
     ckpt = out / "checkpoints"
     if args.fresh and ckpt.exists():
         for f in ckpt.glob("eim_*.npz"):
@@ -366,8 +371,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output folder (default ./cfmodules-report)")
     a.add_argument("--stability-ks", default="2-6", metavar="KS",
                    help="K of the stability sweep: a range 2-6 or a list 2,3,5 (default 2-6)")
-    a.add_argument("--stability-repeats", type=int, default=5,
-                   help="random splits per K in the sweep (default 5; the paper used 20)")
+    a.add_argument("--n-init", type=int, default=10,
+                   help="restarts of the clustering, the best is kept (default 10)")
+    a.add_argument("--stability-repeats", type=int, default=10,
+                   help="random splits per K in the sweep (default 10; the paper used 20)")
+    a.add_argument("--stability-methods", default="nmf,kmeans", metavar="METHODS",
+                   help="methods compared in the sweep: nmf, kmeans or nmf,kmeans (default)")
     a.add_argument("--no-stability", action="store_true", help="skip the stability sweep")
     a.add_argument("--samples", type=int, default=16, help="samples shown (default 16)")
     a.add_argument("--hybrids", type=int, default=8,
@@ -400,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_numbers(args: argparse.Namespace) -> None:
-    for name in ("pairs", "k", "stability_repeats", "samples", "hybrids"):
+    for name in ("pairs", "k", "n_init", "stability_repeats", "samples", "hybrids"):
         v = getattr(args, name, None)
         if v is not None and v < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {v}.")

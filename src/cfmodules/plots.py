@@ -231,7 +231,7 @@ def plot_templates(
     names: Sequence[str] | None = None,
     sizes: Sequence[int] | None = None,
     cmap: str = "viridis",
-    size: float = 1.8,
+    size: float = 2.0,
     title: str | None = None,
 ) -> Figure:
     """The K templates of the modules; optionally laid over an image to locate them.
@@ -248,7 +248,7 @@ def plot_templates(
     sizes : list of int, optional
         Channels per module, added to the titles.
     cmap : str, default "viridis"
-    size : float, default 1.8
+    size : float, default 2.0
         Inches per panel.
     title : str, optional
 
@@ -267,13 +267,13 @@ def plot_templates(
                 f"{tm.shape[1]}x{tm.shape[2]}; give an image of the maps' size."
             )
     nrows = 1 if bg is None else 2
-    fig = _new_figure(k * size, nrows * size + 0.35 + (0.35 if title else 0))
+    fig = _new_figure(k * size + 0.4, nrows * size + 0.5 + (0.35 if title else 0))
     axes = fig.subplots(nrows, k, squeeze=False)
     for j in range(k):
         t = tm[j] / tm[j].max() if tm[j].max() > 0 else tm[j]
         label = names[j] if names is not None else f"module {j}"
         if sizes is not None:
-            label += f" ({int(sizes[j])} ch.)"
+            label += f"\n{int(sizes[j])} channels"
         ax = axes[0, j]
         _blank(ax)
         ax.imshow(t, cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
@@ -282,8 +282,8 @@ def plot_templates(
         if bg is not None:
             ax = axes[1, j]
             _blank(ax)
-            ax.imshow(0.35 + 0.65 * bg.mean(axis=2, keepdims=True).repeat(3, axis=2) * 0.6,
-                      interpolation="bilinear")
+            gray = bg.mean(axis=2, keepdims=True).repeat(3, axis=2)
+            ax.imshow(0.2 + 0.6 * gray, interpolation="bilinear")
             ax.imshow(t, cmap=cmap, vmin=0, vmax=1, alpha=0.25 + 0.6 * t,
                       interpolation="bilinear")
             _frame(ax, module_color(j))
@@ -302,6 +302,7 @@ def plot_hybrid_grid(
     *,
     module_names: Sequence[str] | None = None,
     module_ids: Sequence[int] | None = None,
+    templates: Any | None = None,
     value_range: tuple[float, float] = (0.0, 1.0),
     size: float = 1.1,
     title: str | None = None,
@@ -321,6 +322,8 @@ def plot_hybrid_grid(
         Row labels of the hybrids; default ``"module k"`` (or the dict keys).
     module_ids : list of int, optional
         Module number of each hybrid row (for its colour); default 0..K-1.
+    templates : array (K, h, w), optional
+        The module templates, drawn in a first column next to each module's row.
     value_range : (float, float), default (0, 1)
     size : float, default 1.1
         Inches per image.
@@ -351,17 +354,33 @@ def plot_hybrid_grid(
     k = len(hy)
     ids = list(range(k)) if module_ids is None else [int(i) for i in module_ids]
     names = [f"module {i}" for i in ids] if module_names is None else list(module_names)
-    fig = _new_figure(n * size + 1.2, (k + 2) * size + (0.4 if title else 0.1))
-    axes = fig.subplots(k + 2, n, squeeze=False)
+    tm = None
+    if templates is not None:
+        tm = _maps(templates, "templates")
+        if len(tm) != k:
+            raise ShapeError(f"{len(tm)} templates for {k} rows of hybrids; give one per module.")
+    extra = 0 if tm is None else 1
+    fig = _new_figure((n + extra) * size + 1.2, (k + 2) * size + (0.4 if title else 0.1))
+    axes = fig.subplots(k + 2, n + extra, squeeze=False)
     rows = [("Original 1", o1, "black"), ("Original 2", o2, "black")]
     rows += [(f"hybrid:\n{names[j]}", hy[j], module_color(ids[j])) for j in range(k)]
     for r, (label, imgs, color) in enumerate(rows):
         for i in range(n):
-            ax = axes[r, i]
+            ax = axes[r, i + extra]
             _blank(ax)
             ax.imshow(imgs[i], interpolation="nearest")
             if r >= 2:
                 _frame(ax, color, 2.5)
+        if tm is not None:
+            ax = axes[r, 0]
+            _blank(ax)
+            if r >= 2:
+                t = tm[r - 2]
+                ax.imshow(t / t.max() if t.max() > 0 else t, cmap="viridis", vmin=0, vmax=1,
+                          interpolation="bilinear")
+                _frame(ax, color, 1.0)
+                if r == 2:
+                    ax.set_title("template", fontsize=7)
         axes[r, 0].set_ylabel(label, fontsize=8, color=color, rotation=0, ha="right",
                               va="center")
     if title:

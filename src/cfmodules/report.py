@@ -63,11 +63,13 @@ def make_figures(result: AnalysisResult) -> dict[str, Figure]:
     figs: dict[str, Figure] = {
         "templates": plots.plot_templates(result.templates, background=result.mean_image,
                                           names=names, sizes=sizes),
-        "hybrids": plots.plot_hybrid_grid(o1, o2, hy, module_names=names),
+        "hybrids": plots.plot_hybrid_grid(o1, o2, hy, module_names=names,
+                                          templates=result.templates),
     }
     for k in range(result.n_modules):
         figs[f"hybrids_module_{k}"] = plots.plot_hybrid_grid(
-            o1, o2, hy[k:k + 1], module_names=[names[k]], module_ids=[k])
+            o1, o2, hy[k:k + 1], module_names=[names[k]], module_ids=[k],
+            templates=result.templates[k:k + 1])
     figs["influence_maps"] = plots.plot_influence_maps(
         result.maps, labels, names=result.unit_names, module_names=names, order=weight)
     if result.stability is not None:
