@@ -6,7 +6,6 @@ import warnings
 
 import pytest
 import torch
-from conftest import no_hooks_left, tiny_sequential
 from torch import nn
 
 from cfmodules import GeneratorAdapter
@@ -19,6 +18,7 @@ from cfmodules.errors import (
     ShapeError,
 )
 from cfmodules.split import FxSplit, HookSplit
+from conftest import no_hooks_left, tiny_sequential
 
 
 def test_samples_do_not_depend_on_batch_size_and_are_seeded(tiny):
