@@ -113,3 +113,19 @@ def test_biggan_pipeline_docs_whole_analysis_with_weights_from_a_folder(tmp_path
     )
     assert all(img.shape == (2, 3, 64, 64) for img in namespace["images"])
     assert (tmp_path / "g7_conv1_maps.npz").is_file() and (tmp_path / "g7_conv1.ckpt").exists()
+
+
+@pytest.mark.filterwarnings("ignore:.*all-zero map")
+def test_biggan_pipeline_analyze_two_layers_and_report(tmp_path) -> None:
+    from cfmodules.analysis import analyze
+    from cfmodules.report import write_report
+
+    adapter = biggan.load_random(resolution=64, channel_width=8,
+                                 classes=[biggan.KOALA, biggan.TEDDY])
+    layers = list(biggan.gblock_layers(adapter.generator, BLOCK))
+    result = analyze(adapter, layers, n_pairs=2, n_modules=2, stability_ks=(),
+                     n_samples=2, n_hybrids=2, progress=False)
+    assert result.layers == layers and len(result.maps) == 8  # 4 + 4 channels, jointly
+    assert result.hybrids.shape == (2, 2, 3, 64, 64)
+    html = write_report(result, tmp_path / "report").read_text("utf-8")
+    assert "biggan-deep-64-random" in html and "generator.layers.7.conv_2" in html

@@ -82,19 +82,23 @@ def test_vae_pipeline_module_influence(run) -> None:
     assert result.influence.min() > run["maps"].influence.mean()
 
 
-def test_vae_pipeline_images_for_inspection(run, tmp_path) -> None:
-    from torchvision.utils import save_image
-
-    adapter = run["adapter"]
-    rows = [adapter.generate(run["z1"]), adapter.generate(run["z2"]), *run["hybrids"]]
-    grid = torch.stack(rows, 1).reshape(-1, 1, 64, 64)
-    save_image(grid, tmp_path / "vae_hybrids.png", nrow=len(rows))
-    assert (tmp_path / "vae_hybrids.png").stat().st_size > 1000
-
-
 def test_vae_pipeline_docs_whole_analysis_runs(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     namespace = run_doc_blocks("families.md", containing='prior="olivetti"',
                                replace={"n_pairs = 64": "n_pairs = 2"})
     assert len(namespace["hybrids"]) == 3 and namespace["hybrids"][0].shape == (4, 1, 64, 64)
     assert (tmp_path / "vae_decoder6_maps.npz").is_file()
+
+
+def test_vae_pipeline_analyze_and_report_on_real_faces(tmp_path) -> None:
+    from cfmodules.analysis import analyze
+    from cfmodules.report import write_report
+
+    adapter = vae_faces.load(prior="olivetti")
+    result = analyze(adapter, n_pairs=4, n_modules=3, stability_ks=(), n_samples=4,
+                     n_hybrids=3, progress=False)  # the stability sweep is tested elsewhere
+    assert result.layers == [LAYER]  # the decoder's default layer
+    assert result.hybrids.shape == (3, 3, 1, 64, 64)  # K modules x pairs of real faces
+    report = write_report(result, tmp_path / "report")
+    html = report.read_text("utf-8")
+    assert "vae-faces-olivetti" in html and html.count("data:image/png;base64") >= 4

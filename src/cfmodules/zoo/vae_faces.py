@@ -124,8 +124,11 @@ class VAEDecoder(nn.Module):
     """The VAE's decoder, the generator that cfmodules analyses.
 
     Submodule names match CriminAI's state dict (``decoder.0`` ... ``decoder.9``).
-    ``forward`` returns logits; apply a sigmoid for images in [0, 1].
+    ``forward`` returns logits; apply a sigmoid for images in [0, 1]. ``layer`` is the
+    layer :func:`cfmodules.analysis.analyze` uses by default.
     """
+
+    layer = DEFAULT_LAYER
 
     def __init__(self, latent_dim: int = LATENT_DIM) -> None:
         super().__init__()
