@@ -9,7 +9,6 @@ import importlib.util
 
 import numpy as np
 import pytest
-import torch
 
 from cfmodules import hybridize
 from cfmodules.influence import InfluenceResult, influence_maps, module_influence
