@@ -159,8 +159,6 @@ def test_biggan_relu_call_index_intervenes_on_that_call_only(ad, z) -> None:
     assert (ours - ad.generate(z)).abs().max() > 1e-4  # the edit did something
 
 
-@pytest.mark.xfail(reason="adapter: a 'path:k' layer gets the channel count of call 0 "
-                          "(reported to the lead; remove this mark with the fix)")
 def test_biggan_relu_call_index_has_that_calls_channels(ad, z) -> None:
     # call 0 is relu(bn_0(x)) with the block's 64 input channels, call 1 has 16
     assert ad._layer_channels(f"{BLOCK}.relu:0") == 64

@@ -87,8 +87,6 @@ def test_biggan_pipeline_refuses_the_shared_relu_without_a_call(run) -> None:
         influence_maps(adapter, f"{block}.relu", n_pairs=1, progress=False)
 
 
-@pytest.mark.xfail(reason="adapter: a 'path:k' layer gets the channel count of call 0 "
-                          "(reported to the lead; remove this mark with the fix)")
 def test_biggan_pipeline_maps_of_one_call_of_the_shared_relu(run) -> None:
     adapter = run["adapter"]
     block = biggan.gblock_path(adapter.generator, BLOCK)
