@@ -1,0 +1,152 @@
+"""Latent batches: a tensor, or a tuple of per-sample tensors that travel together.
+
+A conditional generator takes several per-sample inputs (noise, class vector,
+truncation). cfmodules keeps them as a tuple whose members all have the batch on axis 0,
+so that selecting, concatenating or moving a batch moves every input of each sample.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Union
+
+import numpy as np
+import torch
+
+from cfmodules.errors import ConfigError, LatentError
+
+__all__ = [
+    "Latent",
+    "Prior",
+    "batch_size",
+    "select",
+    "concat",
+    "to_device",
+    "check_latent",
+    "sample",
+    "sample_seed",
+]
+
+Latent = Union[torch.Tensor, tuple[torch.Tensor, ...]]
+"""A latent batch: ``Tensor (N, *shape)`` or ``tuple`` of such tensors sharing ``N``."""
+
+Prior = Union[str, Callable[[int, torch.Generator], Latent]]
+"""``"normal"``, ``"uniform"`` (on [-1, 1]) or ``callable(n, generator) -> Latent``."""
+
+
+def _parts(z: Latent) -> tuple[torch.Tensor, ...]:
+    return z if isinstance(z, tuple) else (z,)
+
+
+def _rebuild(like: Latent, parts: Sequence[torch.Tensor]) -> Latent:
+    return tuple(parts) if isinstance(like, tuple) else parts[0]
+
+
+def _pack(parts: Sequence[torch.Tensor]) -> Latent:
+    return tuple(parts) if len(parts) > 1 else parts[0]
+
+
+def batch_size(z: Latent) -> int:
+    """Number of samples in a latent batch."""
+    return int(_parts(z)[0].shape[0])
+
+
+def select(z: Latent, index: torch.Tensor | slice) -> Latent:
+    """Samples ``index`` (a slice or a LongTensor of batch positions) of every input."""
+    if isinstance(index, slice):
+        return _rebuild(z, [p[index] for p in _parts(z)])
+    return _rebuild(z, [p.index_select(0, index.to(p.device)) for p in _parts(z)])
+
+
+def concat(zs: Sequence[Latent]) -> Latent:
+    """Concatenate latent batches along the batch axis."""
+    first = zs[0]
+    n_parts = len(_parts(first))
+    return _rebuild(first, [torch.cat([_parts(z)[i] for z in zs]) for i in range(n_parts)])
+
+
+def to_device(z: Latent, device: torch.device) -> Latent:
+    """Move every input of the batch to ``device``."""
+    return _rebuild(z, [p.to(device) for p in _parts(z)])
+
+
+def check_latent(z: object, shapes: Sequence[tuple[int, ...]], what: str = "latent") -> int:
+    """Validate a latent batch against the per-sample ``shapes``; return its batch size.
+
+    Raises
+    ------
+    LatentError
+        When ``z`` is not a tensor / tuple of tensors, has the wrong number of inputs,
+        a wrong per-sample shape, or inputs with different batch sizes.
+    """
+    multi = len(shapes) > 1
+    if multi:
+        if not isinstance(z, tuple) or not all(isinstance(p, torch.Tensor) for p in z):
+            raise LatentError(
+                f"This generator takes {len(shapes)} inputs per sample; pass the {what} as a "
+                f"tuple of {len(shapes)} tensors, got {type(z).__name__}."
+            )
+        if len(z) != len(shapes):
+            raise LatentError(
+                f"The {what} has {len(z)} inputs but the generator takes {len(shapes)} "
+                f"(shapes {list(shapes)})."
+            )
+    elif not isinstance(z, torch.Tensor):
+        raise LatentError(
+            f"The {what} must be a tensor of shape (N, {', '.join(map(str, shapes[0]))}), "
+            f"got {type(z).__name__}."
+        )
+    parts = _parts(z)  # type: ignore[arg-type]
+    sizes = set()
+    for i, (p, shape) in enumerate(zip(parts, shapes)):
+        if p.dim() != len(shape) + 1 or tuple(p.shape[1:]) != tuple(shape):
+            which = f" input {i}" if multi else ""
+            raise LatentError(
+                f"The {what}{which} has shape {tuple(p.shape)}; expected (N, "
+                f"{', '.join(map(str, shape))}) with the batch first."
+                + (" Add a batch axis with z.unsqueeze(0)." if tuple(p.shape) == tuple(shape) else "")
+            )
+        sizes.add(int(p.shape[0]))
+    if len(sizes) != 1:
+        raise LatentError(
+            f"The inputs of the {what} have different batch sizes {sorted(sizes)}; every "
+            f"per-sample input must have one row per sample."
+        )
+    n = sizes.pop()
+    if n < 1:
+        raise LatentError(f"The {what} is empty (batch size 0).")
+    return n
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """A 63-bit seed for sample ``index`` of the stream ``seed`` (independent streams)."""
+    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(index)]).generate_state(2)
+    return int((int(state[0]) << 31) ^ int(state[1])) & 0x7FFFFFFFFFFFFFFF
+
+
+def sample(
+    prior: Prior, shapes: Sequence[tuple[int, ...]], n: int, seed: int, start: int = 0
+) -> Latent:
+    """Draw samples ``start .. start+n-1`` of the stream ``seed`` from ``prior``.
+
+    Each sample has its own generator seeded from ``(seed, index)``, so sample ``i`` is the
+    same whatever ``n``, ``start`` or batch size it is drawn with.
+    """
+    if not isinstance(n, int) or n < 1:
+        raise ConfigError(f"The number of samples must be a positive integer, got {n!r}.")
+    if isinstance(prior, str) and prior not in ("normal", "uniform"):
+        raise ConfigError(
+            f"Unknown prior {prior!r}: use 'normal', 'uniform' or a callable(n, generator)."
+        )
+    draws = []
+    for i in range(start, start + n):
+        g = torch.Generator().manual_seed(sample_seed(seed, i))
+        if prior == "normal":
+            one: Latent = _pack([torch.randn((1, *s), generator=g) for s in shapes])
+        elif prior == "uniform":
+            one = _pack([torch.rand((1, *s), generator=g) * 2 - 1 for s in shapes])
+        else:
+            one = prior(1, g)  # type: ignore[operator]
+            check_latent(one, shapes, what="latent returned by the prior")
+        draws.append(one)
+    return concat(draws)
