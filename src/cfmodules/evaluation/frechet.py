@@ -30,9 +30,9 @@ from typing import Any
 import numpy as np
 import torch
 from scipy import linalg
-from torch import nn
 
 from cfmodules.errors import ConfigError, ShapeError
+from cfmodules.evaluation._run import EvalNoGrad, call_on, module_as_lists, named_modules
 
 __all__ = [
     "FeatureFn",
@@ -157,44 +157,6 @@ def _batches(images: Images, batch_size: int) -> Iterable[torch.Tensor]:
         yield x
 
 
-class _EvalNoGrad:
-    """Run a callable under no_grad, with an nn.Module temporarily in eval mode."""
-
-    def __init__(self, fn: Callable[..., Any]):
-        self.fn = fn
-        self.modes: list[tuple[nn.Module, bool]] = []
-
-    def __enter__(self) -> _EvalNoGrad:
-        owner = self.fn if isinstance(self.fn, nn.Module) else getattr(self.fn, "__self__", None)
-        if isinstance(owner, nn.Module):
-            self.modes = [(m, m.training) for m in owner.modules()]
-            owner.eval()
-        self._grad = torch.no_grad()
-        self._grad.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._grad.__exit__(*exc)
-        for m, t in self.modes:
-            m.training = t
-
-
-def _features_of(features: FeatureFn, batch: torch.Tensor) -> torch.Tensor | np.ndarray:
-    device = _device_of(features)
-    if device is not None:
-        batch = batch.to(device)
-    return features(batch.float())
-
-
-def _device_of(fn: Callable[..., Any]) -> torch.device | None:
-    owner = fn if isinstance(fn, nn.Module) else getattr(fn, "__self__", None)
-    if isinstance(owner, nn.Module):
-        p = next(iter(owner.parameters()), None)
-        if p is not None:
-            return p.device
-    return None
-
-
 def feature_statistics(
     images: Images,
     features: FeatureFn | None = None,
@@ -223,9 +185,9 @@ def feature_statistics(
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}.")
     features = default_features() if features is None else features
     stats = FeatureStatistics() if stats is None else stats
-    with _EvalNoGrad(features):
+    with EvalNoGrad(features):
         for batch in _batches(images, batch_size):
-            stats.update(_features_of(features, batch))
+            stats.update(call_on(features, batch))
     return stats
 
 
@@ -431,21 +393,6 @@ class DistanceTable:
         return self.to_text()
 
 
-def _named_modules(modules: Mapping[str, Mapping[str, Any]] | Sequence[Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
-    if isinstance(modules, Mapping):
-        named = dict(modules)
-    elif isinstance(modules, Sequence) and not isinstance(modules, str):
-        named = {f"C{k}": m for k, m in enumerate(modules)}
-    else:
-        named = {}
-    if not named or not all(isinstance(m, Mapping) for m in named.values()):
-        raise ConfigError(
-            "modules must be a dict name -> module or a list of modules, each module a dict "
-            "layer -> channel indices, e.g. {'C0': {'main.8': [0, 3]}, 'C1': {'main.8': [1, 2]}}."
-        )
-    return named
-
-
 def hybrid_distance_table(
     adapter: Any,
     modules: Mapping[str, Mapping[str, Any]] | Sequence[Mapping[str, Any]],
@@ -489,7 +436,7 @@ def hybrid_distance_table(
 
     if n_images < 2:
         raise ConfigError(f"n_images must be >= 2, got {n_images}.")
-    named = _named_modules(modules)
+    named = named_modules(modules)
     features = default_features() if features is None else features
     stats: dict[str, FeatureStatistics] = {}
 
@@ -497,24 +444,24 @@ def hybrid_distance_table(
         stats["R"] = feature_statistics(_take(real, n_images, batch_size), features, batch_size)
 
     g = FeatureStatistics()
-    with _EvalNoGrad(features):
+    with EvalNoGrad(features):
         for s in range(0, n_images, batch_size):
             b = min(batch_size, n_images - s)
             z = adapter.sample_latents(b, seed=seed, start=s)
-            g.update(_features_of(features, adapter.to_unit(adapter.generate(z))))
+            g.update(call_on(features, adapter.to_unit(adapter.generate(z))))
     stats["G"] = g
 
     for k, (name, module) in enumerate(named.items()):
         st = FeatureStatistics()
         base1 = (2 * k + 1) * n_images
         base2 = (2 * k + 2) * n_images
-        with _EvalNoGrad(features):
+        with EvalNoGrad(features):
             for s in range(0, n_images, batch_size):
                 b = min(batch_size, n_images - s)
                 z1 = adapter.sample_latents(b, seed=seed, start=base1 + s)
                 z2 = adapter.sample_latents(b, seed=seed, start=base2 + s)
                 hyb = hybridize(adapter, z1, z2, module)
-                st.update(_features_of(features, adapter.to_unit(hyb)))
+                st.update(call_on(features, adapter.to_unit(hyb)))
         stats[name] = st
 
     labels = list(stats)
@@ -528,16 +475,10 @@ def hybrid_distance_table(
                           "in this feature space, so the table cannot be normalized by it.")
     info = {
         "seed": seed,
-        "modules": {n: {layer: _as_list(ch) for layer, ch in m.items()} for n, m in named.items()},
+        "modules": {n: module_as_lists(m) for n, m in named.items()},
         "features": getattr(features, "__qualname__", type(features).__name__),
     }
     return DistanceTable(labels, dist, n_images, normalizer, info)
-
-
-def _as_list(ch: Any) -> list[int]:
-    if isinstance(ch, torch.Tensor):
-        ch = ch.tolist()
-    return [int(c) for c in np.atleast_1d(np.asarray(ch))]
 
 
 def _take(images: Images, n: int, batch_size: int) -> Iterable[torch.Tensor]:
