@@ -19,6 +19,10 @@ DEFAULT_MODEL = "dcgan-faces"
 _REGISTRY: dict[str, tuple[str, str]] = {
     "dcgan-faces": ("cfmodules.zoo.dcgan:load_dcgan_faces",
                     "64x64 DCGAN trained on DigiFace1M faces (gan-face-generate)"),
+    "planted-model1": ("cfmodules.zoo.planted:load_planted_model1",
+                       "the paper's Model 1 with K planted modules (known ground truth)"),
+    "planted-conv": ("cfmodules.zoo.planted:load_planted_conv",
+                     "small conv generator whose channel groups paint disjoint regions"),
 }
 
 
