@@ -38,6 +38,8 @@ from torch import nn
 
 from cfmodules.adapter import GeneratorAdapter
 from cfmodules.evaluation.robustness import RobustnessResult, classifier_robustness
+from cfmodules.influence import influence_maps
+from cfmodules.modules import ModuleClustering
 
 SIZE = 16
 N_CLASSES = 3
@@ -231,9 +233,6 @@ FAST = Settings(gen_steps=500, train_images=1500, epochs=3, influence_pairs=32, 
 
 def run(settings: Settings, seed: int = 0, verbose: bool = True) -> dict:
     """Train the models, run the pipeline, return the numbers (see module docstring)."""
-    from cfmodules.influence import influence_maps
-    from cfmodules.modules import ModuleClustering
-
     say = print if verbose else (lambda *a, **k: None)
     gen = train_generator(settings.gen_steps, seed)
     test_x, test_y = dataset(600, correlated=False, seed=seed + 100)
@@ -259,7 +258,9 @@ def run(settings: Settings, seed: int = 0, verbose: bool = True) -> dict:
     background = list(modules)[int(np.argmax(share))]
     say("modules: " + "; ".join(
         f"{n}: {len(m[layer])} channels, border share {s:.2f}" for (n, m), s in zip(modules.items(), share)))
-    say(f"background module: {background}")
+    planted = set(range(gen.width, 2 * gen.width))  # the background stream's channels
+    recovered = set(modules[background][layer]) == planted
+    say(f"background module: {background} (= the background stream's channels: {recovered})")
 
     res: RobustnessResult = classifier_robustness(
         ad, {"shortcut": shortcut, "robust": robust}, modules,
@@ -276,6 +277,7 @@ def run(settings: Settings, seed: int = 0, verbose: bool = True) -> dict:
         "generator_error": gen_err,
         "modules": modules,
         "background": background,
+        "background_is_planted": recovered,
         "border_share": share.tolist(),
         "result": res,
     }
