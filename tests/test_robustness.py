@@ -9,6 +9,7 @@ import torch
 from cfmodules.adapter import GeneratorAdapter
 from cfmodules.errors import ConfigError, ShapeError
 from cfmodules.evaluation.robustness import (
+    OUTCOME_EXCLUDED,
     OUTCOME_NEITHER,
     OUTCOME_ORIGINAL1,
     OUTCOME_ORIGINAL2,
@@ -163,3 +164,36 @@ def test_bad_classifier_inputs(adapter):
         classifier_robustness(adapter, Brightness(), [[0, 1]], 4)
     with pytest.raises(ConfigError, match="callable"):
         classifier_robustness(adapter, {"x": 3}, mods, 4)
+
+
+def test_excluded_originals_leave_the_rates_and_disagreement():
+    l1, l2 = np.array([0, -1, 1, 0]), np.array([1, 1, 0, 2])
+    a = one_hot([1, 1, 1, 0])
+    res = robustness_from_probabilities(
+        {"x": a[None], "y": a[None]}, {"x": l1, "y": np.array([0, 0, 1, 0])},
+        {"x": l2, "y": l2}, ["M"])
+    assert res.outcomes("x")[0, 1] == OUTCOME_EXCLUDED
+    r = res.rates("x")
+    assert r["n_informative"][0] == 3
+    np.testing.assert_allclose([r["original1"][0], r["original2"][0]], [2 / 3, 1 / 3])
+    np.testing.assert_allclose(res.disagreement(), [0.0])  # pair 1 left out for both
+    assert res.disagreements("M") == []
+
+
+def test_min_confidence_excludes_unsure_originals(adapter):
+    class Unsure(torch.nn.Module):
+        def forward(self, x):
+            d = (x[:, 0, 0, 0] - x[:, 0, 1, 1]) * 2  # soft: often below 0.7
+            return torch.stack([-d, d], 1)
+
+    mods = [{"act": [0, 1, 2, 3]}]
+    all_ = classifier_robustness(adapter, Unsure(), mods, 40, seed=2)
+    sure = classifier_robustness(adapter, Unsure(), mods, 40, seed=2, min_confidence=0.7)
+    z1 = adapter.sample_latents(40, seed=2)
+    with torch.no_grad():
+        p = Unsure()(adapter.to_unit(adapter.generate(z1))).softmax(1)
+    expected = np.where(p.max(1).values.numpy() >= 0.7, p.argmax(1).numpy(), -1)
+    np.testing.assert_array_equal(sure.labels1["classifier"], expected)
+    assert 0 < sure.rates()["n_informative"][0] < all_.rates()["n_informative"][0]
+    with pytest.raises(ConfigError, match="min_confidence"):
+        classifier_robustness(adapter, Unsure(), mods, 4, min_confidence=1.0)

@@ -33,6 +33,7 @@ from cfmodules.evaluation._run import EvalNoGrad, call_on, module_as_lists, name
 
 __all__ = [
     "Classifier",
+    "OUTCOME_EXCLUDED",
     "OUTCOME_NEITHER",
     "OUTCOME_ORIGINAL1",
     "OUTCOME_ORIGINAL2",
@@ -54,6 +55,8 @@ OUTCOME_ORIGINAL2 = 2
 """The hybrid got Original 2's class (the originals' classes differ)."""
 OUTCOME_SAME_CLASS = 3
 """Both originals have the same class and the hybrid got it too (uninformative pair)."""
+OUTCOME_EXCLUDED = -1
+"""An original has no class (label -1, e.g. the classifier was not confident on it)."""
 
 
 def renormalized_entropy(probabilities: np.ndarray, classes: np.ndarray) -> np.ndarray:
@@ -79,11 +82,13 @@ def renormalized_entropy(probabilities: np.ndarray, classes: np.ndarray) -> np.n
 
 
 def _outcomes(pred: np.ndarray, l1: np.ndarray, l2: np.ndarray) -> np.ndarray:
-    out = np.full(pred.shape, OUTCOME_NEITHER, dtype=np.int8)
-    differ = l1 != l2
+    out = np.full(np.broadcast(pred, l1, l2).shape, OUTCOME_NEITHER, dtype=np.int8)
+    valid = (l1 >= 0) & (l2 >= 0)
+    differ = (l1 != l2) & valid
     out[(pred == l1) & differ] = OUTCOME_ORIGINAL1
     out[(pred == l2) & differ] = OUTCOME_ORIGINAL2
-    out[(pred == l1) & ~differ] = OUTCOME_SAME_CLASS
+    out[(pred == l1) & (l1 == l2) & valid] = OUTCOME_SAME_CLASS
+    out[np.broadcast_to(~valid, out.shape)] = OUTCOME_EXCLUDED
     return out
 
 
@@ -100,7 +105,8 @@ class RobustnessResult:
     predictions : dict classifier -> ndarray (M, N) of int
         Predicted class of hybrid ``n`` of module ``m``.
     labels1, labels2 : dict classifier -> ndarray (N,) of int
-        Class of Original 1 / Original 2 of pair ``n``.
+        Class of Original 1 / Original 2 of pair ``n``; -1 for an original left out (the
+        classifier was less confident than ``min_confidence``), which excludes the pair.
     entropy : dict classifier -> ndarray (M, N)
         Entropy (nats) of the probabilities renormalized over ``top_classes``.
     top_classes : dict classifier -> ndarray (k,)
@@ -169,7 +175,9 @@ class RobustnessResult:
         """
         c = self._clf(classifier)
         out = self.outcomes(c)
-        n = np.full(len(self.modules), float((self.labels1[c] != self.labels2[c]).sum()))
+        l1, l2 = self.labels1[c], self.labels2[c]
+        informative = (l1 != l2) & (l1 >= 0) & (l2 >= 0)
+        n = np.full(len(self.modules), float(informative.sum()))
         with np.errstate(divide="ignore", invalid="ignore"):
             r1 = (out == OUTCOME_ORIGINAL1).sum(1) / n
             r2 = (out == OUTCOME_ORIGINAL2).sum(1) / n
@@ -207,13 +215,16 @@ class RobustnessResult:
         """Share of hybrids of each module on which the classifiers' outcomes differ, ``(M,)``.
 
         Outcomes (Original 1's class, Original 2's, neither) are compared rather than raw
-        labels, so classifiers with different label sets can be compared. Needs two or more
-        classifiers.
+        labels, so classifiers with different label sets can be compared. Pairs excluded
+        for any classifier are left out. Needs two or more classifiers.
         """
         if len(self.classifiers) < 2:
             raise ConfigError("Disagreement needs at least two classifiers.")
         outs = np.stack([self.outcomes(c) for c in self.classifiers])  # (C, M, N)
-        return (outs != outs[:1]).any(0).mean(1)
+        kept = (outs != OUTCOME_EXCLUDED).all(0)
+        differ = (outs != outs[:1]).any(0) & kept
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return differ.sum(1) / kept.sum(1)
 
     def disagreements(self, module: str, limit: int = 10) -> list[dict[str, Any]]:
         """Hybrids of ``module`` on which the classifiers disagree (Table 3's rows).
@@ -226,7 +237,8 @@ class RobustnessResult:
         """
         m = self._mod(module)
         outs = np.stack([self.outcomes(c)[m] for c in self.classifiers])  # (C, N)
-        where = np.flatnonzero((outs != outs[:1]).any(0))[:limit]
+        kept = (outs != OUTCOME_EXCLUDED).all(0)
+        where = np.flatnonzero((outs != outs[:1]).any(0) & kept)[:limit]
         words = {OUTCOME_NEITHER: "neither", OUTCOME_ORIGINAL1: "original 1",
                  OUTCOME_ORIGINAL2: "original 2", OUTCOME_SAME_CLASS: "both"}
         rows = []
@@ -316,7 +328,7 @@ def robustness_from_probabilities(
     hybrid_probabilities : dict classifier -> ndarray (M, N, K)
         Class probabilities of hybrid ``n`` of module ``m``.
     labels1, labels2 : dict classifier -> ndarray (N,) of int
-        Class of Original 1 and Original 2 of each pair.
+        Class of Original 1 and Original 2 of each pair (-1: no class, pair excluded).
     modules : list of str
         Names of the M modules.
     module_layers : dict module -> layer names, optional
@@ -357,6 +369,11 @@ def robustness_from_probabilities(
                             ent, tops, names)
 
 
+def _class_or_none(p: np.ndarray, min_confidence: float) -> np.ndarray:
+    """Top class of each row of probabilities, -1 where the top probability is too low."""
+    return np.where(p.max(1) >= min_confidence, p.argmax(1), -1)
+
+
 def _pair_latents(adapter: Any, n_pairs: int, seed: int) -> tuple[Any, Any]:
     """Original 1 uses latents ``0..n-1`` of the seed, Original 2 latents ``n..2n-1``."""
     return (adapter.sample_latents(n_pairs, seed=seed, start=0),
@@ -394,6 +411,7 @@ def classifier_robustness(
     top_k: int = 10,
     class_names: Mapping[str, Sequence[str]] | None = None,
     batch_size: int = 64,
+    min_confidence: float = 0.0,
 ) -> RobustnessResult:
     """Feed the hybrids of each module to each classifier and analyse the answers.
 
@@ -425,6 +443,10 @@ def classifier_robustness(
     class_names : dict classifier -> class names, optional
     batch_size : int
         Pairs per batch (the result does not depend on it).
+    min_confidence : float in [0, 1), default 0
+        Without ``labels``: an original on which a classifier's top probability is below
+        this gets no class (-1) for that classifier, and its pair is left out of the
+        rates. Use it when the classifier is unsure on many generated images.
 
     Returns
     -------
@@ -434,6 +456,8 @@ def classifier_robustness(
 
     if outputs not in ("logits", "probabilities"):
         raise ConfigError(f"outputs must be 'logits' or 'probabilities', got {outputs!r}.")
+    if not 0.0 <= min_confidence < 1.0:
+        raise ConfigError(f"min_confidence must be in [0, 1), got {min_confidence}.")
     if n_pairs < 1 or batch_size < 1:
         raise ConfigError(f"n_pairs and batch_size must be >= 1, got {n_pairs} and {batch_size}.")
     clfs = dict(classifiers) if isinstance(classifiers, Mapping) else {"classifier": classifiers}
@@ -462,8 +486,8 @@ def classifier_robustness(
         for c, clf in clfs.items():
             with EvalNoGrad(clf):
                 if labels is None:
-                    lab1[c].append(_probabilities(clf, o1, outputs, c).argmax(1))
-                    lab2[c].append(_probabilities(clf, o2, outputs, c).argmax(1))
+                    lab1[c].append(_class_or_none(_probabilities(clf, o1, outputs, c), min_confidence))
+                    lab2[c].append(_class_or_none(_probabilities(clf, o2, outputs, c), min_confidence))
                 for m, h in enumerate(hyb):
                     probs[c][m].append(_probabilities(clf, h, outputs, c))
 
@@ -482,6 +506,7 @@ def classifier_robustness(
         top_k,
     )
     result.info.update(seed=seed, n_pairs=n_pairs, top_k=top_k, outputs=outputs,
+                       min_confidence=min_confidence,
                        labels="given" if labels is not None else "classifier on originals",
                        module_channels={n: module_as_lists(m) for n, m in named.items()})
     return result
