@@ -62,3 +62,12 @@ def test_distance_table_figure():
     t = DistanceTable(["R", "G", "C0"], np.array([[0, 2.0, 3.0], [2.0, 0, 0.5], [3.0, 0.5, 0]]), 10, 2.0)
     fig = plots.plot_distance_table(t)
     assert "d(R, G)" in fig.axes[0].get_title()
+
+
+def test_lazy_reexports():
+    import cfmodules.evaluation as ev
+
+    assert ev.classifier_robustness is classifier_robustness
+    assert "hybrid_distance_table" in dir(ev)
+    with pytest.raises(AttributeError):
+        ev.nothing_here  # noqa: B018
