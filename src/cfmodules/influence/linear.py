@@ -1,0 +1,250 @@
+"""The linear shortcut: when a layer feeds only a Conv / ConvTranspose / Linear.
+
+If the only user of a layer's output is a linear module ``op`` (optionally followed by an
+eval-mode BatchNorm with running statistics, itself the only user of ``op``), then swapping
+channel ``c`` of the layer between Original 1 and Original 2 changes the pre-activation
+after ``op`` (or after the BatchNorm) by exactly
+
+    op_without_bias(delta_c) * bn_scale,     delta_c = a_c(z2) - a_c(z1),
+
+where ``delta_c`` is zero on every channel but ``c``. That costs ``1 / C_in`` of the
+full ``op``; the hybrid is then finished from the cut after ``op`` (or its BatchNorm)
+with the generator's own suffix. This module finds such layers in the ``torch.fx``
+graph and computes the single-channel contributions for many channels and pairs at once.
+Anything unusual (several users, keyword arguments, train-mode or batch-statistics
+BatchNorm, ...) means no plan, and the general prefix/suffix path is used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from cfmodules.hooks import resolve_layer
+
+__all__ = ["LinearPlan", "find_linear_plan", "single_channel_contributions",
+           "group_contribution"]
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONVT = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+@dataclass(frozen=True)
+class LinearPlan:
+    """How to compute hybrids of ``layer`` through the linear module after it.
+
+    Attributes
+    ----------
+    layer : str
+        The layer whose channels are swapped.
+    op : nn.Module
+        The Conv / ConvTranspose / Linear module that reads the layer (and nothing else does).
+    op_name : str
+        Its dotted name.
+    cut : str
+        Layer name (``op`` or the BatchNorm after it, with ``:k`` when it runs several
+        times) where the generator is cut: hybrids start from its output.
+    scale : Tensor or None
+        ``(C_out,)`` BatchNorm scale ``weight / sqrt(running_var + eps)``, or None.
+    """
+
+    layer: str
+    op: nn.Module
+    op_name: str
+    cut: str
+    scale: torch.Tensor | None
+
+    def weight(self) -> torch.Tensor:
+        """The op's weight with the BatchNorm scale folded into its output channels."""
+        w = self.op.weight.detach()
+        if self.scale is None:
+            return w
+        if isinstance(self.op, _CONVT):  # (C_in, C_out / groups, *k)
+            groups = self.op.groups
+            s = self.scale.view(groups, -1)  # output channels of each group
+            c_in_g = w.shape[0] // groups
+            s = s.repeat_interleave(c_in_g, dim=0)  # (C_in, C_out / groups)
+            return w * s.view(*s.shape, *([1] * (w.dim() - 2)))
+        return w * self.scale.view(-1, *([1] * (w.dim() - 1)))  # Conv (C_out, ...), Linear
+
+
+def _call_name(gm: fx.GraphModule, node: fx.Node) -> str:
+    """Adapter layer name of a call_module node (``path`` or ``path:k``)."""
+    calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == node.target]
+    return node.target if len(calls) == 1 else f"{node.target}:{calls.index(node)}"
+
+
+def _single_input(node: fx.Node, src: fx.Node) -> bool:
+    return node.op == "call_module" and node.args == (src,) and not node.kwargs
+
+
+def _op_supported(op: nn.Module, ndim: int) -> bool:
+    if isinstance(op, nn.Linear):
+        return ndim == 2  # (N, features): channel c is input feature c
+    if isinstance(op, (*_CONV, *_CONVT)):
+        spatial = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3, nn.ConvTranspose1d: 1,
+                   nn.ConvTranspose2d: 2, nn.ConvTranspose3d: 3}[type(op)]
+        return ndim == spatial + 2
+    return False
+
+
+def find_linear_plan(adapter, layer: str) -> LinearPlan | None:  # noqa: ANN001 - adapter
+    """The :class:`LinearPlan` for ``layer``, or None when the shortcut is not exact.
+
+    Parameters
+    ----------
+    adapter : GeneratorAdapter
+    layer : str
+        A layer name as accepted by the adapter (``path`` or ``path:k``).
+    """
+    gm = adapter.graph()
+    if gm is None:
+        return None
+    ref = resolve_layer(adapter.generator, layer)
+    calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == ref.path]
+    if not calls or (ref.call is None and len(calls) > 1) or (ref.call or 0) >= len(calls):
+        return None
+    node = calls[ref.call or 0]
+    if len(node.users) != 1:
+        return None
+    (op_node,) = node.users
+    if not _single_input(op_node, node):
+        return None
+    op = gm.get_submodule(op_node.target)
+    if type(op) not in (nn.Linear, *_CONV, *_CONVT):  # exact types: subclasses may differ
+        return None
+    info = {i.name: i for i in adapter.layers_cached()}
+    shape = info[ref.path].shape if ref.path in info else None
+    if not shape or not _op_supported(op, len(shape) + 1):
+        return None
+    cut_node, scale = op_node, None
+    if len(op_node.users) == 1:
+        (bn_node,) = op_node.users
+        if _single_input(bn_node, op_node):
+            bn = gm.get_submodule(bn_node.target)
+            if (type(bn) in _BN and bn.track_running_stats and bn.running_var is not None
+                    and bn.running_mean is not None):
+                w = bn.weight.detach() if bn.weight is not None else torch.ones_like(bn.running_var)
+                scale = w / torch.sqrt(bn.running_var.detach() + bn.eps)
+                cut_node = bn_node
+    try:
+        adapter.split(_call_name(gm, cut_node))
+    except Exception:  # any failure to cut there: the general path is exact
+        return None
+    return LinearPlan(layer=layer, op=op, op_name=_call_name(gm, op_node),
+                      cut=_call_name(gm, cut_node), scale=scale)
+
+
+# ---------------------------------------------------------------------- contributions
+def group_contribution(plan: LinearPlan, weight: torch.Tensor, delta: torch.Tensor,
+                       idx: torch.Tensor) -> torch.Tensor:
+    """The change of the pre-activation when channels ``idx`` change by ``delta``.
+
+    Parameters
+    ----------
+    plan : LinearPlan
+    weight : Tensor
+        ``plan.weight()`` (BatchNorm scale folded in), on the computation device.
+    delta : Tensor (P, C_in, ...)
+        ``a(z2) - a(z1)`` at the layer; only channels ``idx`` are used.
+    idx : LongTensor (k,)
+
+    Returns
+    -------
+    Tensor (P, C_out, ...)
+    """
+    op = plan.op
+    x = torch.zeros_like(delta)
+    x[:, idx] = delta[:, idx]
+    if isinstance(op, nn.Linear):
+        return F.linear(x, weight)
+    if isinstance(op, _CONVT):
+        fn = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[x.dim() - 2]
+        return fn(x, weight, None, op.stride, op.padding, op.output_padding, op.groups,
+                  op.dilation)
+    fn = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[x.dim() - 2]
+    if op.padding_mode != "zeros":
+        x = F.pad(x, op._reversed_padding_repeated_twice, mode=op.padding_mode)
+        return fn(x, weight, None, op.stride, 0, op.dilation, op.groups)
+    return fn(x, weight, None, op.stride, op.padding, op.dilation, op.groups)
+
+
+def _fast_2d(op: nn.Module) -> bool:
+    return (type(op) in (nn.Conv2d, nn.ConvTranspose2d) and op.groups == 1
+            and not isinstance(op.padding, str) and op.padding_mode == "zeros")
+
+
+def single_channel_contributions(plan: LinearPlan, weight: torch.Tensor, delta: torch.Tensor,
+                                 channels: torch.Tensor) -> torch.Tensor:
+    """Contributions of single channels, for many channels and pairs at once.
+
+    Parameters
+    ----------
+    plan : LinearPlan
+    weight : Tensor
+        ``plan.weight()`` on the computation device.
+    delta : Tensor (P, C_in, ...)
+        ``a(z2) - a(z1)`` at the layer.
+    channels : LongTensor (U,)
+
+    Returns
+    -------
+    Tensor (U, P, C_out, ...)
+        Row ``[u, p]`` is the pre-activation change when only channel ``channels[u]`` of
+        pair ``p`` is swapped.
+    """
+    op = plan.op
+    d = delta.index_select(1, channels.to(delta.device)).transpose(0, 1)  # (U, P, ...)
+    n_units, n_pairs = d.shape[0], d.shape[1]
+    if isinstance(op, nn.Linear):  # weight (C_out, C_in)
+        w = weight.index_select(1, channels.to(weight.device)).t()  # (U, C_out)
+        return d.unsqueeze(-1) * w.unsqueeze(1)
+    if _fast_2d(op):
+        return _unfold_gemm(op, weight, d, channels).view(n_units, n_pairs, -1, *_out_hw(op, d))
+    out = [group_contribution(plan, weight, delta, channels[u:u + 1]) for u in range(n_units)]
+    return torch.stack(out)
+
+
+def _out_hw(op: nn.Module, d: torch.Tensor) -> tuple[int, int]:
+    h, w = d.shape[-2:]
+    k, s, p, dil = op.kernel_size, op.stride, op.padding, op.dilation
+    if isinstance(op, nn.ConvTranspose2d):
+        op_ = op.output_padding
+        return tuple((n - 1) * s[i] - 2 * p[i] + dil[i] * (k[i] - 1) + op_[i] + 1
+                     for i, n in enumerate((h, w)))  # type: ignore[return-value]
+    return tuple((n + 2 * p[i] - dil[i] * (k[i] - 1) - 1) // s[i] + 1
+                 for i, n in enumerate((h, w)))  # type: ignore[return-value]
+
+
+def _unfold_gemm(op: nn.Module, weight: torch.Tensor, d: torch.Tensor,
+                 channels: torch.Tensor) -> torch.Tensor:
+    """Single-input-channel (transposed) 2-d convolution as im2col + batched GEMM.
+
+    ``d`` is ``(U, P, H, W)``; returns ``(U, P, C_out, H_out * W_out)``. A transposed
+    convolution is a convolution of the zero-upsampled, padded input with the flipped
+    kernel; for one input channel the im2col matrix is small and the GEMM writes each
+    output once, which is much faster than a 1-input-channel convolution call.
+    """
+    n_units, n_pairs, h, w = d.shape
+    k, s, p, dil = op.kernel_size, op.stride, op.padding, op.dilation
+    x = d.reshape(n_units * n_pairs, 1, h, w)
+    ch = channels.to(weight.device)
+    if isinstance(op, nn.ConvTranspose2d):
+        opad = op.output_padding
+        if s != (1, 1):
+            up = x.new_zeros(x.shape[0], 1, (h - 1) * s[0] + 1, (w - 1) * s[1] + 1)
+            up[:, :, ::s[0], ::s[1]] = x
+            x = up
+        lo = [dil[i] * (k[i] - 1) - p[i] for i in range(2)]
+        x = F.pad(x, (lo[1], lo[1] + opad[1], lo[0], lo[0] + opad[0]))
+        cols = F.unfold(x, k, dilation=dil)  # (R, kh*kw, L)
+        wk = weight.index_select(0, ch).flip(-1, -2)  # (U, C_out, kh, kw)
+    else:
+        cols = F.unfold(x, k, dilation=dil, padding=p, stride=s)
+        wk = weight.index_select(1, ch).transpose(0, 1)  # (U, C_out, kh, kw)
+    wk = wk.reshape(n_units, 1, wk.shape[1], -1)
+    return torch.matmul(wk, cols.view(n_units, n_pairs, cols.shape[1], cols.shape[2]))

@@ -1,0 +1,654 @@
+"""Influence maps (Besserve et al. 2020, eq. 2): batched hybrids and streaming statistics.
+
+For a module ``E`` (a set of channels of one or several layers), the influence map is
+
+    IM(E) = E_{z1, z2} | Y_{E <- z2}(z1) - Y(z1) |,
+
+averaged over colour channels, at output resolution; with ``E = {c}`` it is the
+elementary influence map (EIM) of channel ``c``. Pair ``p`` is sample ``2p`` (Original 1)
+and ``2p + 1`` (Original 2) of the latent stream ``seed``, so the maps do not depend on
+how pairs are batched.
+
+The computation runs in blocks of pairs. For each block the generator's prefix runs once
+on Original 1 and Original 2; then units and pairs are put together on the batch axis
+(row ``u * P + p`` is unit ``u`` with pair ``p``) and only the suffix runs, in chunks that
+fit ``max_batch_bytes``. When the layer feeds only a linear module (Conv, ConvTranspose,
+Linear, maybe followed by an eval-mode BatchNorm), the hybrid is started after that
+module from the original pre-activation plus the single channel's contribution (see
+:mod:`cfmodules.influence.linear`). Running means and variances are merged per block in
+float64, so only ``O(units x pixels)`` memory is kept, and a checkpoint after any block
+resumes to the same final numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from cfmodules import latents as L
+from cfmodules.adapter import ChannelSpec, GeneratorAdapter, channel_index
+from cfmodules.errors import ChannelError, CheckpointError, ConfigError, GeneratorOutputError
+from cfmodules.hooks import resolve_layer, resolve_layers
+from cfmodules.influence.checkpoint import load_checkpoint, model_fingerprint, save_checkpoint
+from cfmodules.influence.linear import (
+    LinearPlan,
+    find_linear_plan,
+    group_contribution,
+    single_channel_contributions,
+)
+from cfmodules.influence.stats import RunningStats
+from cfmodules.results import InfluenceResult
+from cfmodules.split import SplitState
+
+__all__ = ["InfluenceSettings", "InfluenceProgress", "influence_maps", "module_influence",
+           "pair_latents", "DEFAULT_MAX_BATCH_BYTES"]
+
+DEFAULT_MAX_BATCH_BYTES = 512 * 2**20
+"""Default memory budget of one batch of hybrids (512 MiB)."""
+
+_METHODS = ("auto", "split", "hook")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class InfluenceSettings:
+    """What an influence run computes (everything that may change its numbers).
+
+    Attributes
+    ----------
+    n_pairs : int
+        Number of latent pairs (the most, with ``target_stderr``).
+    seed : int
+        Latent stream: pair ``p`` is samples ``2p`` and ``2p+1`` of stream ``seed``.
+    pairs_per_block : int
+        Pairs whose prefix runs together; statistics, the stopping rule and checkpoints
+        advance one block at a time.
+    target_stderr : float or None
+        Stop after the first block at which the largest per-pixel standard error over all
+        maps is at most this (same units as the images; at least 2 pairs are used).
+    method : str
+        ``"auto"`` (linear shortcut where exact, else prefix/suffix split), ``"split"``
+        (never the shortcut) or ``"hook"`` (one full forward per unit with a replacing
+        hook: the naive reference). All give the same maps up to float rounding.
+    dtype : str
+        ``"float32"``, or ``"bfloat16"`` / ``"float16"`` (autocast, CUDA only).
+    """
+
+    n_pairs: int = 64
+    seed: int = 0
+    pairs_per_block: int = 32
+    target_stderr: float | None = None
+    method: str = "auto"
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.n_pairs, bool) or not isinstance(self.n_pairs, int) or self.n_pairs < 1:
+            raise ConfigError(f"n_pairs must be a positive integer, got {self.n_pairs!r}.")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ConfigError(f"seed must be an integer, got {self.seed!r}.")
+        if (isinstance(self.pairs_per_block, bool) or not isinstance(self.pairs_per_block, int)
+                or self.pairs_per_block < 1):
+            raise ConfigError(
+                f"pairs_per_block must be a positive integer, got {self.pairs_per_block!r}."
+            )
+        if self.target_stderr is not None and not (
+            isinstance(self.target_stderr, (int, float)) and self.target_stderr > 0
+        ):
+            raise ConfigError(
+                f"target_stderr must be a positive number or None, got {self.target_stderr!r}."
+            )
+        if self.method not in _METHODS:
+            raise ConfigError(f"method must be one of {_METHODS}, got {self.method!r}.")
+        if self.dtype not in _DTYPES:
+            raise ConfigError(
+                f"dtype must be one of {tuple(_DTYPES)} (or the torch dtype), got {self.dtype!r}."
+            )
+
+
+@dataclass(frozen=True)
+class InfluenceProgress:
+    """Passed to ``callback`` after each block of pairs.
+
+    Attributes
+    ----------
+    n_pairs_done : int
+    n_pairs : int
+    max_stderr : float
+        Largest per-pixel standard error over all maps so far (NaN below 2 pairs).
+    elapsed_s : float
+        Seconds since this call started (a resumed run counts from its restart).
+    """
+
+    n_pairs_done: int
+    n_pairs: int
+    max_stderr: float
+    elapsed_s: float
+
+
+@dataclass(frozen=True)
+class _Unit:
+    name: str
+    channels: dict[str, torch.Tensor]  # layer -> LongTensor of channel indices
+
+
+def _dtype_name(dtype: torch.dtype | str | None) -> str:
+    if dtype is None:
+        return "float32"
+    if isinstance(dtype, torch.dtype):
+        for k, v in _DTYPES.items():
+            if v == dtype:
+                return k
+        raise ConfigError(f"dtype must be float32, bfloat16 or float16, got {dtype}.")
+    return str(dtype)
+
+
+def pair_latents(adapter: GeneratorAdapter, seed: int, start: int, n: int
+                 ) -> tuple[L.Latent, L.Latent]:
+    """Latents of pairs ``start .. start+n-1``: samples ``2p`` (z1) and ``2p+1`` (z2)."""
+    z = adapter.sample_latents(2 * n, seed=seed, start=2 * start)
+    even = torch.arange(0, 2 * n, 2)
+    return L.select(z, even), L.select(z, even + 1)
+
+
+# ---------------------------------------------------------------------- runners
+class _Runner:
+    """Computes |hybrid - Original 1| (averaged over colour) for a set of units."""
+
+    units: list[_Unit]
+
+    def begin_block(self, z1: L.Latent, z2: L.Latent, first_pair: int) -> None:
+        raise NotImplementedError
+
+    def diffs(self, units: slice, pairs: slice) -> torch.Tensor:
+        """``(u, p, H, W)`` for units ``units`` (of this runner) and pairs ``pairs`` of the block."""
+        raise NotImplementedError
+
+    def _check_y(self, y: torch.Tensor, first_pair: int) -> None:
+        if y.dim() != 4:
+            raise GeneratorOutputError(
+                f"Influence maps need image outputs (N, C, H, W); the generator returned "
+                f"shape {tuple(y.shape)}. Use output_transform to return images."
+            )
+        bad = ~torch.isfinite(y).flatten(1).all(1)
+        if bad.any():
+            p = first_pair + int(bad.nonzero()[0])
+            raise GeneratorOutputError(
+                f"The generator output contains NaN or inf for Original 1 of pair {p} "
+                f"(latent sample {2 * p}); influence maps would be meaningless."
+            )
+
+
+def _rows(n_units: int, pairs: slice, device: torch.device) -> torch.Tensor:
+    return torch.arange(pairs.start, pairs.stop, device=device).repeat(n_units)
+
+
+def _abs_diff(out: torch.Tensor, y: torch.Tensor, n_units: int) -> torch.Tensor:
+    out = out.view(n_units, y.shape[0], *out.shape[1:])
+    return (out - y.unsqueeze(0)).abs_().mean(dim=2)
+
+
+def _state_rows(state: SplitState, rows: torch.Tensor, activation: torch.Tensor) -> SplitState:
+    """State of samples ``rows`` with a given (already row-expanded) activation."""
+    return SplitState(
+        activation=activation,
+        frontier=tuple(f.index_select(0, rows.to(f.device)) for f in state.frontier),
+        latent=None if state.latent is None else L.select(state.latent, rows),
+    )
+
+
+class _SplitRunner(_Runner):
+    """Units on one layer: prefix once per block, suffix on channel-swapped activations."""
+
+    def __init__(self, adapter: GeneratorAdapter, layer: str, units: list[_Unit]):
+        self.adapter, self.layer, self.units = adapter, layer, units
+        self.split = adapter.split(layer)
+        self.idx = [u.channels[layer].to(adapter.device) for u in units]
+
+    def begin_block(self, z1: L.Latent, z2: L.Latent, first_pair: int) -> None:
+        self.state = self.split.prefix(z1)
+        self.a2 = self.split.prefix(z2).activation
+        self.y = self.split.suffix(self.state, self.state.activation)
+        self._check_y(self.y, first_pair)
+
+    def diffs(self, units: slice, pairs: slice) -> torch.Tensor:
+        ids = range(len(self.units))[units]
+        n_p = pairs.stop - pairs.start
+        rows = _rows(len(ids), pairs, self.state.activation.device)
+        act = self.state.activation.index_select(0, rows)
+        a2 = self.a2[pairs]
+        for k, u in enumerate(ids):
+            idx = self.idx[u]
+            act[k * n_p:(k + 1) * n_p, idx] = a2[:, idx]
+        out = self.split.suffix(_state_rows(self.state, rows, act), act)
+        return _abs_diff(out, self.y[pairs], len(ids))
+
+
+class _LinearRunner(_Runner):
+    """Units on one layer feeding a linear module: start the hybrid after that module."""
+
+    def __init__(self, adapter: GeneratorAdapter, plan: LinearPlan, units: list[_Unit]):
+        self.adapter, self.plan, self.units = adapter, plan, units
+        self.layer_split = adapter.split(plan.layer)
+        self.cut_split = adapter.split(plan.cut)
+        self.weight = plan.weight().to(adapter.device)
+        self.idx = [u.channels[plan.layer].to(adapter.device) for u in units]
+        self.single = all(i.numel() == 1 for i in self.idx)
+        if self.single:
+            self.channels = torch.cat(self.idx) if self.idx else torch.zeros(0, dtype=torch.long)
+
+    def begin_block(self, z1: L.Latent, z2: L.Latent, first_pair: int) -> None:
+        a1 = self.layer_split.prefix(z1).activation
+        a2 = self.layer_split.prefix(z2).activation
+        self.delta = a2 - a1
+        self.state = self.cut_split.prefix(z1)
+        self.y = self.cut_split.suffix(self.state, self.state.activation)
+        self._check_y(self.y, first_pair)
+
+    def diffs(self, units: slice, pairs: slice) -> torch.Tensor:
+        ids = range(len(self.units))[units]
+        delta = self.delta[pairs]
+        pre = self.state.activation[pairs]
+        if self.single:
+            hyb = single_channel_contributions(self.plan, self.weight, delta,
+                                               self.channels[units])
+        else:
+            hyb = torch.stack([group_contribution(self.plan, self.weight, delta, self.idx[u])
+                               for u in ids])
+        hyb = hyb.to(pre.dtype).add_(pre.unsqueeze(0))
+        hyb = hyb.reshape(-1, *pre.shape[1:])
+        rows = _rows(len(ids), pairs, pre.device)
+        out = self.cut_split.suffix(_state_rows(self.state, rows, hyb), hyb)
+        return _abs_diff(out, self.y[pairs], len(ids))
+
+
+class _HookRunner(_Runner):
+    """Any units (several layers too): one full forward per unit with replacing hooks."""
+
+    def __init__(self, adapter: GeneratorAdapter, units: list[_Unit]):
+        self.adapter, self.units = adapter, units
+        self.layers = sorted({layer for u in units for layer in u.channels})
+        self.idx = [{k: v.to(adapter.device) for k, v in u.channels.items()} for u in units]
+
+    def begin_block(self, z1: L.Latent, z2: L.Latent, first_pair: int) -> None:
+        self.z1 = z1
+        self.y = self.adapter.generate(z1)
+        self._check_y(self.y, first_pair)
+        with self.adapter.trace(self.layers) as acts:
+            self.adapter.generate(z2)
+        self.a2 = dict(acts)
+
+    def diffs(self, units: slice, pairs: slice) -> torch.Tensor:
+        ids = range(len(self.units))[units]
+        n_p = pairs.stop - pairs.start
+        rows = _rows(len(ids), pairs, torch.device("cpu"))
+
+        def make(layer: str) -> Callable[[torch.Tensor], torch.Tensor]:
+            src = self.a2[layer][pairs]
+
+            def edit(out: torch.Tensor) -> torch.Tensor:
+                new = out.clone()
+                for k, u in enumerate(ids):
+                    idx = self.idx[u].get(layer)
+                    if idx is not None:
+                        new[k * n_p:(k + 1) * n_p, idx] = src[:, idx].to(out.dtype)
+                return new
+            return edit
+
+        with self.adapter.intervene({layer: make(layer) for layer in self.layers}):
+            out = self.adapter.generate(L.select(self.z1, rows))
+        return _abs_diff(out, self.y[pairs], len(ids))
+
+
+# ---------------------------------------------------------------------- units
+def _checked(adapter: object) -> GeneratorAdapter:
+    if not isinstance(adapter, GeneratorAdapter):
+        raise ConfigError(
+            f"The first argument must be a GeneratorAdapter, got {type(adapter).__name__}; "
+            "wrap your generator with cfmodules.GeneratorAdapter(generator, latent_shape)."
+        )
+    return adapter
+
+
+def _layer_units(adapter: GeneratorAdapter, layer: str, channels: ChannelSpec | None
+                 ) -> tuple[str, list[_Unit]]:
+    ref = resolve_layer(adapter.generator, layer)
+    n = adapter._layer_channels(ref.name)
+    idx = torch.arange(n) if channels is None else channel_index(channels, n, ref.name,
+                                                                 allow_empty=False)
+    return ref.name, [_Unit(f"{ref.name}[{int(c)}]", {ref.name: idx[i:i + 1]})
+                      for i, c in enumerate(idx)]
+
+
+def _module_units(adapter: GeneratorAdapter, modules: Any) -> list[_Unit]:
+    if isinstance(modules, Mapping) and modules and not any(
+        isinstance(v, Mapping) for v in modules.values()
+    ):
+        modules = [modules]  # one module {layer: channels}
+    if isinstance(modules, Mapping):
+        items = list(modules.items())
+    elif isinstance(modules, Sequence) and not isinstance(modules, str):
+        items = [(f"module {i}", m) for i, m in enumerate(modules)]
+    else:
+        raise ConfigError(
+            "modules must be a list of modules or a dict name -> module, where a module "
+            "maps layer names to channels, e.g. [{'main.8': [0, 5]}, {'main.5': [1]}]; got "
+            f"{type(modules).__name__}."
+        )
+    if not items:
+        raise ConfigError("No modules given; pass at least one {layer: channels} module.")
+    units = []
+    for name, module in items:
+        if not isinstance(module, Mapping) or not module:
+            raise ChannelError(
+                f"Module '{name}' has no channels; a module maps layer names to channel "
+                f"indices, e.g. {{'main.8': [0, 5, 9]}}, got {module!r}."
+            )
+        refs = resolve_layers(adapter.generator, list(module))
+        chans = {}
+        for ref in refs:
+            try:
+                chans[ref.name] = channel_index(module[ref.name],
+                                                adapter._layer_channels(ref.name), ref.name,
+                                                allow_empty=False)
+            except ChannelError as e:
+                raise ChannelError(f"Module '{name}': {e}") from e
+        units.append(_Unit(str(name), chans))
+    return units
+
+
+def _runners(adapter: GeneratorAdapter, units: list[_Unit], method: str
+             ) -> list[tuple[_Runner, list[int]]]:
+    """Group units by how they are computed; returns (runner, row indices)."""
+    by_layer: dict[str, list[int]] = {}
+    multi: list[int] = []
+    for i, u in enumerate(units):
+        if method != "hook" and len(u.channels) == 1:
+            by_layer.setdefault(next(iter(u.channels)), []).append(i)
+        else:
+            multi.append(i)
+    out: list[tuple[_Runner, list[int]]] = []
+    for layer, rows in by_layer.items():
+        group = [units[i] for i in rows]
+        plan = find_linear_plan(adapter, layer) if method == "auto" else None
+        runner: _Runner = (_LinearRunner(adapter, plan, group) if plan is not None
+                           else _SplitRunner(adapter, layer, group))
+        out.append((runner, rows))
+    if multi:
+        out.append((_HookRunner(adapter, [units[i] for i in multi]), multi))
+    return out
+
+
+def _row_bytes(adapter: GeneratorAdapter, itemsize: int) -> int:
+    """Rough memory of one hybrid in the suffix: a few copies of the largest layer output."""
+    largest = 1
+    for info in adapter.layers_cached():
+        if info.shape:
+            n = 1
+            for d in info.shape:
+                n *= d
+            largest = max(largest, n)
+    return 4 * largest * itemsize
+
+
+# ---------------------------------------------------------------------- main loop
+def _run(adapter: GeneratorAdapter, units: list[_Unit], settings: InfluenceSettings,
+         layer: str | None, max_batch_bytes: int | None, progress: bool,
+         checkpoint: str | os.PathLike | None, checkpoint_every: float,
+         callback: Callable[[InfluenceProgress], Any] | None) -> InfluenceResult:
+    dtype = _DTYPES[settings.dtype]
+    if dtype != torch.float32 and adapter.device.type != "cuda":
+        raise ConfigError(
+            f"dtype={settings.dtype} is for CUDA devices (autocast); on "
+            f"{adapter.device.type} use the default float32."
+        )
+    budget = DEFAULT_MAX_BATCH_BYTES if max_batch_bytes is None else max_batch_bytes
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+        raise ConfigError(f"max_batch_bytes must be a positive integer, got {max_batch_bytes!r}.")
+    if not (isinstance(checkpoint_every, (int, float)) and checkpoint_every >= 0):
+        raise ConfigError(f"checkpoint_every must be seconds >= 0, got {checkpoint_every!r}.")
+    row_bytes = _row_bytes(adapter, torch.finfo(dtype).bits // 8)
+    max_rows = max(1, budget // row_bytes)
+
+    runners = _runners(adapter, units, settings.method)
+    autocast = (torch.autocast("cuda", dtype=dtype) if dtype != torch.float32
+                else nullcontext())
+    n_units = len(units)
+    identity = {} if checkpoint is None else json.loads(json.dumps({
+        "model": adapter.name,
+        "state_dict_sha256": model_fingerprint(adapter.generator),
+        "latent_shapes": [list(s) for s in adapter.latent_shapes],
+        "prior": adapter.prior if isinstance(adapter.prior, str) else "callable",
+        "units": [{k: v.tolist() for k, v in u.channels.items()} for u in units],
+        "seed": settings.seed,
+        "pairs_per_block": settings.pairs_per_block,
+        "dtype": settings.dtype,
+    }))
+
+    stats: RunningStats | None = None
+    n_done = 0
+    if checkpoint is not None:
+        found = load_checkpoint(checkpoint, identity)
+        if found is not None:
+            n_done, count, mean, m2 = found
+            if n_done > settings.n_pairs:
+                raise CheckpointError(
+                    f"The checkpoint '{checkpoint}' already holds {n_done} pairs, more than "
+                    f"n_pairs={settings.n_pairs}; pass n_pairs >= {n_done}."
+                )
+            stats = RunningStats(n_units, tuple(mean.shape[1:]), adapter.device)
+            stats.count.copy_(torch.from_numpy(count))
+            stats.mean.copy_(torch.from_numpy(mean))
+            stats.m2.copy_(torch.from_numpy(m2))
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=settings.n_pairs * n_units, initial=n_done * n_units, unit="hybrid",
+                   desc=f"influence {layer or f'{n_units} modules'}", leave=False)
+    t0 = last_save = time.perf_counter()
+    saved_at = n_done
+
+    def max_stderr() -> float:
+        if stats is None or n_done < 2:
+            return float("nan")
+        return float(torch.nan_to_num(stats.stderr(), nan=0.0).max()) if n_units else 0.0
+
+    try:
+        with torch.inference_mode(), autocast:
+            while n_done < settings.n_pairs:
+                if (settings.target_stderr is not None and n_done >= 2
+                        and max_stderr() <= settings.target_stderr):
+                    break
+                n_p = min(settings.pairs_per_block, settings.n_pairs - n_done)
+                z1, z2 = pair_latents(adapter, settings.seed, n_done, n_p)
+                block: RunningStats | None = None
+                for runner, rows in runners:
+                    runner.begin_block(z1, z2, n_done)
+                    p_step = min(n_p, max_rows)
+                    u_step = max(1, max_rows // p_step)
+                    row_idx = torch.as_tensor(rows, device=adapter.device)
+                    for u0 in range(0, len(rows), u_step):
+                        us = slice(u0, min(u0 + u_step, len(rows)))
+                        for p0 in range(0, n_p, p_step):
+                            ps = slice(p0, min(p0 + p_step, n_p))
+                            d = runner.diffs(us, ps).float()
+                            _check_finite(d, runner.units[us], n_done + p0)
+                            if block is None:
+                                block = RunningStats(n_units, tuple(d.shape[2:]), adapter.device)
+                            block.update(row_idx[us], d)
+                            if bar is not None:
+                                bar.update(d.shape[0] * d.shape[1])
+                assert block is not None
+                if stats is None:
+                    stats = RunningStats(n_units, tuple(block.mean.shape[1:]), adapter.device)
+                stats.merge_all(block)
+                n_done += n_p
+                if callback is not None:
+                    callback(InfluenceProgress(n_done, settings.n_pairs, max_stderr(),
+                                               time.perf_counter() - t0))
+                if checkpoint is not None and (
+                        time.perf_counter() - last_save >= checkpoint_every):
+                    save_checkpoint(checkpoint, identity, n_done, stats.count, stats.mean,
+                                    stats.m2)
+                    last_save, saved_at = time.perf_counter(), n_done
+    except BaseException:
+        if checkpoint is not None and stats is not None and n_done > saved_at:
+            save_checkpoint(checkpoint, identity, n_done, stats.count, stats.mean, stats.m2)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    if checkpoint is not None and stats is not None and n_done > saved_at:
+        save_checkpoint(checkpoint, identity, n_done, stats.count, stats.mean, stats.m2)
+    assert stats is not None
+    return InfluenceResult(
+        maps=stats.mean.float().cpu().numpy(),
+        stderr=stats.stderr().float().cpu().numpy(),
+        n_pairs=n_done,
+        units=[{k: v.tolist() for k, v in u.channels.items()} for u in units],
+        names=[u.name for u in units],
+        layer=layer,
+        model=adapter.name,
+        settings={**asdict(settings), "linear_shortcut": {
+            r.plan.layer: r.plan.cut for r, _ in runners if isinstance(r, _LinearRunner)}},
+    )
+
+
+def _check_finite(d: torch.Tensor, units: list[_Unit], first_pair: int) -> None:
+    ok = torch.isfinite(d).flatten(2).all(2)  # (u, p)
+    if not bool(ok.all()):
+        u, p = (int(i) for i in (~ok).nonzero()[0])
+        raise GeneratorOutputError(
+            f"The hybrid of unit '{units[u].name}' for pair {first_pair + p} contains NaN or "
+            f"inf (the generator's output after the intervention is not finite); influence "
+            "maps would be meaningless. Check the generator for overflow at that layer."
+        )
+
+
+# ---------------------------------------------------------------------- public API
+def influence_maps(
+    adapter: GeneratorAdapter,
+    layer: str,
+    channels: ChannelSpec | None = None,
+    *,
+    n_pairs: int = 64,
+    seed: int = 0,
+    pairs_per_block: int = 32,
+    target_stderr: float | None = None,
+    method: str = "auto",
+    dtype: torch.dtype | str | None = None,
+    max_batch_bytes: int | None = None,
+    progress: bool = True,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: float = 60.0,
+    callback: Callable[[InfluenceProgress], Any] | None = None,
+) -> InfluenceResult:
+    """Elementary influence maps (EIMs) of the channels of one layer (sec. 3.3-3.4, eq. 2).
+
+    Parameters
+    ----------
+    adapter : GeneratorAdapter
+    layer : str
+        Layer name, e.g. ``"main.8"`` (see ``adapter.layers()``).
+    channels : list of int, optional
+        Channels to measure (default: all). Row ``i`` of the result is ``channels[i]``.
+    n_pairs : int, default 64
+        Latent pairs (z1, z2) to average over; pair ``p`` is samples ``2p``, ``2p+1`` of the
+        latent stream ``seed``.
+    seed : int, default 0
+    pairs_per_block : int, default 32
+        Pairs whose prefix runs together; statistics, ``target_stderr`` checks, callbacks
+        and checkpoints advance per block. Changes the maps only by float rounding.
+    target_stderr : float, optional
+        Stop early, after the first block where the largest per-pixel standard error over
+        all maps is <= this value (in image units), with at least 2 pairs. ``n_pairs`` is
+        then the maximum.
+    method : {"auto", "split", "hook"}, default "auto"
+        ``"auto"`` uses the linear shortcut when the layer feeds only a Conv /
+        ConvTranspose / Linear (+ eval BatchNorm), else the prefix/suffix split;
+        ``"split"`` never uses the shortcut; ``"hook"`` runs one full forward per channel
+        with a replacing hook (the naive reference). Same maps up to float rounding.
+    dtype : torch.dtype or str, optional
+        float32 (default); bfloat16 / float16 run the generator under CUDA autocast
+        (CUDA only, statistics stay float64).
+    max_batch_bytes : int, optional
+        Memory budget of one batch of hybrids (default 512 MiB), estimated as four copies
+        of the generator's largest layer output per hybrid.
+    progress : bool, default True
+        Show a tqdm progress bar (counted in hybrids).
+    checkpoint : path, optional
+        Checkpoint file: written every ``checkpoint_every`` seconds (at block boundaries),
+        on interruption (Ctrl-C, errors) and at the end; an existing checkpoint of the same
+        run is resumed, giving the same final maps as an uninterrupted run. One made with
+        another model, layer, channels or settings raises CheckpointError.
+    checkpoint_every : float, default 60
+        Seconds between checkpoint writes (0: after every block).
+    callback : callable, optional
+        ``callback(InfluenceProgress)`` after each block.
+
+    Returns
+    -------
+    InfluenceResult
+        ``maps`` and ``stderr`` (C, H, W) at output resolution, ``influence`` (C,).
+
+    Raises
+    ------
+    LayerNotFoundError, ChannelError, ConfigError, GeneratorOutputError, CheckpointError
+    """
+    settings = InfluenceSettings(n_pairs=n_pairs, seed=seed, pairs_per_block=pairs_per_block,
+                                 target_stderr=target_stderr, method=method,
+                                 dtype=_dtype_name(dtype))
+    name, units = _layer_units(_checked(adapter), layer, channels)
+    return _run(adapter, units, settings, name, max_batch_bytes, progress, checkpoint,
+                checkpoint_every, callback)
+
+
+def module_influence(
+    adapter: GeneratorAdapter,
+    modules: Sequence[Mapping[str, ChannelSpec]] | Mapping[str, Any],
+    *,
+    n_pairs: int = 64,
+    seed: int = 0,
+    pairs_per_block: int = 32,
+    target_stderr: float | None = None,
+    method: str = "auto",
+    dtype: torch.dtype | str | None = None,
+    max_batch_bytes: int | None = None,
+    progress: bool = True,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: float = 60.0,
+    callback: Callable[[InfluenceProgress], Any] | None = None,
+) -> InfluenceResult:
+    """Influence maps of modules: groups of channels of one or several layers (eq. 2).
+
+    Parameters
+    ----------
+    adapter : GeneratorAdapter
+    modules : list of modules, dict name -> module, or one module
+        A module maps layer names to channel indices, e.g. ``{"main.8": [0, 5, 9]}`` or,
+        for two successive layers, ``{"main.5": [3], "main.8": [0, 5]}``. All channels of
+        a module are swapped together (each layer takes Original 2's unintervened values,
+        as in :func:`cfmodules.hybridize`).
+    n_pairs, seed, pairs_per_block, target_stderr, method, dtype, max_batch_bytes, progress, checkpoint, checkpoint_every, callback
+        As in :func:`influence_maps`. Single-layer modules use the prefix/suffix split
+        (and the linear shortcut); multi-layer modules one full forward per module.
+
+    Returns
+    -------
+    InfluenceResult
+        One row per module, named by the dict keys (or ``"module i"``).
+    """
+    settings = InfluenceSettings(n_pairs=n_pairs, seed=seed, pairs_per_block=pairs_per_block,
+                                 target_stderr=target_stderr, method=method,
+                                 dtype=_dtype_name(dtype))
+    units = _module_units(_checked(adapter), modules)
+    return _run(adapter, units, settings, None, max_batch_bytes, progress, checkpoint,
+                checkpoint_every, callback)
