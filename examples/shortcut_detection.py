@@ -249,7 +249,8 @@ def run(settings: Settings, seed: int = 0, verbose: bool = True) -> dict:
     ad = GeneratorAdapter(gen, latent_shape=(LATENT_DIM,), prior=prior, output_range=(0.0, 1.0),
                           name="shapes")
     layer = "hidden"
-    maps = influence_maps(ad, layer, n_pairs=settings.influence_pairs, seed=seed).maps  # (C, H, W)
+    maps = influence_maps(ad, layer, n_pairs=settings.influence_pairs, seed=seed,
+                          progress=False).maps  # (C, H, W)
     labels = ModuleClustering(2, method="nmf").fit(maps).labels_
     modules = {f"C{k}": {layer: np.flatnonzero(labels == k).tolist()} for k in range(2)
                if (labels == k).any()}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,8 +16,12 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "shortcut_detection
 def example():
     spec = importlib.util.spec_from_file_location("shortcut_detection", EXAMPLE)
     mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    try:
+        spec.loader.exec_module(mod)
+        yield mod
+    finally:
+        sys.modules.pop(spec.name, None)
 
 
 def test_world_renders_what_the_latent_says(example):
