@@ -37,15 +37,15 @@ def test_face_module_moves_the_expression_more_than_the_side_modules():
     except ModelNotAvailableError as exc:
         pytest.skip(str(exc))
     layer = "main.5"
-    maps = influence_maps(ad, layer, n_pairs=32, seed=0, progress=False).maps
+    maps = influence_maps(ad, layer, n_pairs=16, seed=0, progress=False).maps
     clust = ModuleClustering(3, "nmf", random_state=0).fit(maps)
     share = central_share(clust.templates_)
     face = int(np.argmax(share))
     modules = {f"C{k}": {layer: m.tolist()} for k, m in enumerate(clust.modules_)}
-    res = classifier_robustness(ad, {"fer": fer}, modules, n_pairs=500, seed=1,
-                                min_confidence=0.6, top_k=7)
+    res = classifier_robustness(ad, {"fer": fer}, modules, n_pairs=240, seed=1, top_k=7)
     r = res.rates("fer")
-    assert r["n_informative"][0] >= 30
+    print(res.to_text())
+    assert r["n_informative"][0] >= 100
     others = [k for k in range(3) if k != face]
     # the face module keeps Original 1's expression least, and gives Original 2's most
     assert r["original1"][face] < min(r["original1"][k] for k in others)
