@@ -24,7 +24,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from cfmodules import latents as L
 from cfmodules.adapter import GeneratorAdapter
 from cfmodules.errors import ConfigError, ResultFileError, ShapeError, did_you_mean
 from cfmodules.hybrid import hybridize
@@ -477,9 +476,9 @@ def make_hybrids(
     """
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise ConfigError(f"The number of pairs must be a positive integer, got {n!r}.")
-    z = adapter.sample_latents(2 * n, seed=seed, start=2 * start)
-    even = torch.arange(0, 2 * n, 2)
-    z1, z2 = L.select(z, even), L.select(z, even + 1)
+    from cfmodules.influence import pair_latents
+
+    z1, z2 = pair_latents(adapter, seed, start, int(n))
     y1, y2 = adapter.generate(z1), adapter.generate(z2)
     hy = []
     for module in modules:

@@ -342,12 +342,21 @@ def _cmd_hybrids(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------- parser
+_EPILOG = """examples:
+  cfmodules layers dcgan-faces
+  cfmodules analyze --out out                  # pretrained DCGAN faces, layer main.8, K=3
+  cfmodules analyze --model my_gan.py:make_generator --latent-shape 128 --layer block3 --out out
+  cfmodules hybrids --modules out/results.npz --pairs 12 --out out/new_hybrids.png
+
+`cfmodules COMMAND --help` describes each command."""
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``cfmodules`` (subcommands analyze, layers, hybrids)."""
     from cfmodules import __version__
 
     p = _Parser(prog=PROG, description="Counterfactual discovery of the modules of a deep "
-                "generative model (Besserve et al., ICLR 2020).")
+                "generative model (Besserve et al., ICLR 2020).",
+                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EPILOG)
     p.add_argument("--version", action="version", version=f"cfmodules {__version__}")
     p.add_argument("--debug", action="store_true",
                    help="show full tracebacks instead of one-line errors")
@@ -362,36 +371,37 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--latent-shape", metavar="SHAPE",
                         help="per-sample latent shape when the factory returns an nn.Module, "
                              "e.g. 100,1,1 (';' between inputs of a multi-input generator)")
-        sp.add_argument("--device", default="auto",
+        sp.add_argument("--device", default="auto", metavar="DEVICE",
                         help="cpu, cuda, cuda:1, mps, or auto (CUDA when available; default)")
 
     a = sub.add_parser("analyze", help="influence maps, modules, stability, hybrids and an "
                        "HTML report", description="Run the whole analysis and write report.html, "
                        "the figures as PNG and results.npz to --out.")
-    a.add_argument("--model", default="dcgan-faces",
+    a.add_argument("--model", default="dcgan-faces", metavar="MODEL",
                    help="zoo name or path/to/file.py:factory (default dcgan-faces)")
     a.add_argument("--layer", action="append", metavar="LAYER",
                    help="layer whose channels are the units (default: the model's default, "
                         "main.8 for dcgan-faces); give it twice for a two-layer intervention")
-    a.add_argument("--pairs", type=int, default=64,
+    a.add_argument("--pairs", type=int, default=64, metavar="N",
                    help="latent pairs per influence map (default 64)")
-    a.add_argument("--k", type=int, default=3, help="number of modules K (default 3)")
+    a.add_argument("--k", type=int, default=3, metavar="K", help="number of modules K (default 3)")
     a.add_argument("--method", choices=("nmf", "kmeans"), default="nmf",
                    help="clustering of the maps (default nmf)")
-    a.add_argument("--seed", type=int, default=0, help="latent stream and clustering seed")
-    a.add_argument("--out", default="cfmodules-report",
+    a.add_argument("--seed", type=int, default=0, metavar="S",
+                   help="latent stream and clustering seed (default 0)")
+    a.add_argument("--out", default="cfmodules-report", metavar="DIR",
                    help="output folder (default ./cfmodules-report)")
     a.add_argument("--stability-ks", default="2-6", metavar="KS",
                    help="K of the stability sweep: a range 2-6 or a list 2,3,5 (default 2-6)")
-    a.add_argument("--n-init", type=int, default=10,
+    a.add_argument("--n-init", type=int, default=10, metavar="N",
                    help="restarts of the clustering, the best is kept (default 10)")
-    a.add_argument("--stability-repeats", type=int, default=10,
+    a.add_argument("--stability-repeats", type=int, default=10, metavar="R",
                    help="random splits per K in the sweep (default 10; the paper used 20)")
     a.add_argument("--stability-methods", default="nmf,kmeans", metavar="METHODS",
                    help="methods compared in the sweep: nmf, kmeans or nmf,kmeans (default)")
     a.add_argument("--no-stability", action="store_true", help="skip the stability sweep")
-    a.add_argument("--samples", type=int, default=16, help="samples shown (default 16)")
-    a.add_argument("--hybrids", type=int, default=8,
+    a.add_argument("--samples", type=int, default=16, metavar="N", help="samples shown (default 16)")
+    a.add_argument("--hybrids", type=int, default=8, metavar="N",
                    help="new pairs hybridized per module (default 8)")
     a.add_argument("--fresh", action="store_true",
                    help="ignore the checkpoints of an earlier run in --out")
@@ -409,12 +419,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "written by `cfmodules analyze` (no influence maps are recomputed).")
     h.add_argument("--modules", required=True, metavar="RESULTS",
                    help="results.npz written by cfmodules analyze")
-    h.add_argument("--model", help="model spec (default: the one stored in RESULTS)")
-    h.add_argument("--pairs", type=int, default=8, help="pairs (columns, default 8)")
-    h.add_argument("--seed", type=int, default=None,
+    h.add_argument("--model", metavar="MODEL", help="model spec (default: the one stored in RESULTS)")
+    h.add_argument("--pairs", type=int, default=8, metavar="N", help="pairs (columns, default 8)")
+    h.add_argument("--seed", type=int, default=None, metavar="S",
                    help="latent stream (default: the analysis seed + 1, i.e. new samples)")
-    h.add_argument("--start", type=int, default=0, help="first pair of the stream")
-    h.add_argument("--out", default="hybrids_new.png", help="PNG file or folder")
+    h.add_argument("--start", type=int, default=0, metavar="P", help="first pair of the stream")
+    h.add_argument("--out", default="hybrids_new.png", metavar="PATH", help="PNG file or folder")
     model_args(h)
     h.set_defaults(func=_cmd_hybrids)
     return p
