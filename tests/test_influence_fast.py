@@ -66,3 +66,21 @@ def test_influence_with_gemm_suffix_equals_naive(layer):
     res = influence_maps(ad, layer, n_pairs=5, progress=False)
     ref = naive_maps(ad, [{layer: [c]} for c in range(32)], 5)
     assert float(np.abs(res.maps - ref).max() / np.abs(ref).max()) < 1e-5
+
+
+def test_generator_built_under_inference_mode():
+    """Weights made inside torch.inference_mode have no version counter; still works."""
+    import numpy as np
+
+    from cfmodules import GeneratorAdapter
+    from cfmodules.influence import influence_maps
+
+    with torch.inference_mode():
+        # the last ConvTranspose2d (2*4*4 <= 32 inputs) takes the GEMM path
+        g = torch.nn.Sequential(torch.nn.ConvTranspose2d(3, 32, 4, 2, 1), torch.nn.ReLU(),
+                                torch.nn.ConvTranspose2d(32, 32, 3, 1, 1), torch.nn.ReLU(),
+                                torch.nn.ConvTranspose2d(32, 2, 4, 2, 1), torch.nn.Tanh())
+        ad = GeneratorAdapter(g, (3, 2, 2))
+        a = influence_maps(ad, "1", n_pairs=3, progress=False)
+    b = influence_maps(ad, "1", n_pairs=3, progress=False, method="hook")
+    np.testing.assert_allclose(a.maps, b.maps, rtol=1e-5, atol=1e-7)

@@ -25,7 +25,7 @@ from cfmodules.errors import (
     LayerNotFoundError,
     ShapeError,
 )
-from cfmodules.hooks import hooked, resolve_layer, resolve_layers
+from cfmodules.hooks import HookSession, hooked, resolve_layer, resolve_layers
 from cfmodules.split import FxSplit, HookSplit, Split, fx_split
 
 __all__ = ["GeneratorAdapter", "LayerInfo", "ChannelSpec", "channel_index"]
@@ -52,6 +52,8 @@ class LayerInfo:
         ``shape[0]``, the number of units that can be intervened on.
     calls : int
         How many times the module ran in one forward (more than 1 needs a ``:k`` suffix).
+    call_shapes : tuple
+        The output shape of each call (``call_shapes[k]`` is that of ``name:k``).
     """
 
     name: str
@@ -59,6 +61,7 @@ class LayerInfo:
     shape: tuple[int, ...] | None
     channels: int | None
     calls: int = 1
+    call_shapes: tuple[tuple[int, ...] | None, ...] = ()
 
     def __str__(self) -> str:
         shape = "x".join(map(str, self.shape)) if self.shape else "-"
@@ -173,6 +176,7 @@ class GeneratorAdapter:
         self._graph_error: str | None = None
         self._traced = False
         self._splits: dict[str, Split] = {}
+        self._sessions: list[HookSession] = []  # open trace/intervene blocks
 
     # ------------------------------------------------------------------ latents
     @property
@@ -200,7 +204,7 @@ class GeneratorAdapter:
     def _eval_mode(self) -> Iterator[None]:
         modes = [(m, m.training) for m in self.generator.modules()]
         if any(t for _, t in modes):
-            if not self._warned_train:
+            if not self._warned_train and any(t and isinstance(m, _MODE_DEPENDENT) for m, t in modes):
                 warnings.warn(
                     f"{self.name} is in train mode; cfmodules runs it in eval mode (BatchNorm "
                     "and Dropout in train mode would make a counterfactual depend on the rest "
@@ -218,9 +222,28 @@ class GeneratorAdapter:
                 m.training = t
 
     def _raw(self, z: L.Latent) -> Any:
-        if self.forward_fn is not None:
-            return self.forward_fn(self.generator, z)
-        return self.generator(*z) if isinstance(z, tuple) else self.generator(z)
+        """One forward of the generator, with the call counts of open hook blocks reset."""
+        with self._one_forward():
+            if self.forward_fn is not None:
+                return self.forward_fn(self.generator, z)
+            return self.generator(*z) if isinstance(z, tuple) else self.generator(z)
+
+    @contextmanager
+    def _one_forward(self) -> Iterator[None]:
+        for s in self._sessions:
+            s.reset()
+        yield
+        for s in self._sessions:
+            s.check_complete()
+
+    @contextmanager
+    def _session(self, edits: Mapping[str, Any]) -> Iterator[HookSession]:
+        with hooked(self.generator, edits) as session:
+            self._sessions.append(session)
+            try:
+                yield session
+            finally:
+                self._sessions.remove(session)
 
     def images(self, raw: Any, n: int | None = None) -> torch.Tensor:
         """Apply ``output_transform`` to a raw output and check it is an image batch."""
@@ -303,16 +326,14 @@ class GeneratorAdapter:
     def layers(self) -> list[LayerInfo]:
         """Every named submodule with its output shape and channel count (one dry forward)."""
         names = [n for n, _ in self.generator.named_modules() if n]
-        shapes: dict[str, tuple[int, ...] | None] = {}
-        calls: dict[str, int] = {}
+        shapes: dict[str, list[tuple[int, ...] | None]] = {}
         modules = dict(self.generator.named_modules())
         handles = []
 
         def make(name: str) -> Callable[[nn.Module, Any, Any], None]:
             def hook(module: nn.Module, inputs: Any, output: Any) -> None:
-                calls[name] = calls.get(name, 0) + 1
-                if name not in shapes:
-                    shapes[name] = tuple(output.shape[1:]) if isinstance(output, torch.Tensor) else None
+                shapes.setdefault(name, []).append(
+                    tuple(output.shape[1:]) if isinstance(output, torch.Tensor) else None)
             return hook
 
         z = self.sample_latents(1, seed=0)
@@ -325,21 +346,33 @@ class GeneratorAdapter:
             for h in handles:
                 h.remove()
         return [
-            LayerInfo(n, type(modules[n]).__name__, shapes[n],
-                      (shapes[n][0] if shapes[n] else None), calls[n])
+            LayerInfo(n, type(modules[n]).__name__, shapes[n][0],
+                      (shapes[n][0][0] if shapes[n][0] else None), len(shapes[n]),
+                      tuple(shapes[n]))
             for n in names if n in shapes
         ]
 
-    def _layer_channels(self, layer: str) -> int:
+    def layer_shape(self, layer: str) -> tuple[int, ...]:
+        """Per-sample output shape of ``layer`` (of call ``k`` for ``"path:k"``)."""
         info = {i.name: i for i in self.layers_cached()}
-        path = resolve_layer(self.generator, layer).path
-        shape = info[path].shape if path in info else None
+        ref = resolve_layer(self.generator, layer)
+        found = info.get(ref.path)
+        k = ref.call or 0
+        if found is not None and k >= found.calls:
+            raise LayerCallError(
+                f"Layer '{layer}' names call {k}, but '{ref.path}' ran {found.calls} time(s) "
+                f"in a forward; use a call index below {found.calls}."
+            )
+        shape = found.call_shapes[k] if found is not None else None
         if not shape:
             raise LayerNotFoundError(
                 f"Layer '{layer}' does not run in a forward of {self.name} or does not output "
                 "a tensor; choose one of adapter.layers()."
             )
-        return shape[0]
+        return shape
+
+    def _layer_channels(self, layer: str) -> int:
+        return self.layer_shape(layer)[0]
 
     def layers_cached(self) -> list[LayerInfo]:
         """:meth:`layers`, computed once per adapter."""
@@ -364,7 +397,7 @@ class GeneratorAdapter:
                 record[name] = torch.cat([record[name], v]) if name in record else v
             return edit
 
-        with hooked(self.generator, {r.name: make(r.name) for r in refs}):
+        with self._session({r.name: make(r.name) for r in refs}):
             yield record
 
     @contextmanager
@@ -393,7 +426,7 @@ class GeneratorAdapter:
             channels, values = rep
             idx = channel_index(channels, self._layer_channels(r.name), r.name)
             edits[r.name] = _replace_channels(r.name, idx, values)
-        with hooked(self.generator, edits):
+        with self._session(edits):
             yield
 
     # ------------------------------------------------------------------ prefix / suffix
@@ -439,6 +472,9 @@ class GeneratorAdapter:
                 f"{self.prior if isinstance(self.prior, str) else 'callable'}, device={self.device})")
 
 
+_MODE_DEPENDENT = (nn.modules.batchnorm._NormBase, nn.modules.dropout._DropoutNd)
+
+
 class _AdapterSplit(Split):
     """A split run the adapter's way: device, eval mode, no_grad, output transform."""
 
@@ -450,7 +486,7 @@ class _AdapterSplit(Split):
     def prefix(self, z: L.Latent):  # type: ignore[override]
         self.adapter.check_latent(z)
         z = L.to_device(z, self.adapter.device)
-        with self.adapter._eval_mode():
+        with self.adapter._eval_mode(), self.adapter._one_forward():
             return self.inner.prefix(z)
 
     def suffix(self, state, activation: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
@@ -460,7 +496,7 @@ class _AdapterSplit(Split):
                 f"The new activation of layer '{self.layer}' has shape {tuple(activation.shape)};"
                 f" expected {tuple(state.activation.shape)} (one row per sample of the state)."
             )
-        with self.adapter._eval_mode():
+        with self.adapter._eval_mode(), self.adapter._one_forward():
             return self.adapter.images(self.inner.suffix(state, activation), n)
 
 

@@ -44,6 +44,8 @@ class GemmConvTranspose2d(nn.Module):
     def _matrix(self) -> torch.Tensor:
         """The weight as ``(C_out*kh*kw, C_in)``, recomputed only when the weight changes."""
         w = self.conv.weight
+        if w.is_inference():  # made under inference_mode: no version counter to key on
+            return w.detach().reshape(w.shape[0], -1).t().contiguous()
         key = (w._version, w.data_ptr(), w.device)
         if self._cache is None or self._cache[0] != key:
             self._cache = (key, w.detach().reshape(w.shape[0], -1).t().contiguous())

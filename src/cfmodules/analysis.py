@@ -1,0 +1,664 @@
+"""The whole analysis of one generator in one call: the straight line of the paper.
+
+latent pairs -> elementary influence maps (EIMs) of the channels of one or two layers ->
+smoothing + threshold -> NMF / k-means -> modules (labels, templates) -> influence of each
+module -> stability over K (Fig. 9) -> hybrids of new pairs (Fig. 4).
+
+:func:`analyze` runs it and returns an :class:`AnalysisResult` holding every number and
+the images the report shows; ``AnalysisResult.save`` writes them to one ``.npz`` file
+(arrays plus a JSON header, no pickle) that ``AnalysisResult.load`` and ``numpy.load`` read.
+The command line (``cfmodules analyze``) is a thin wrapper around these functions.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cfmodules.adapter import GeneratorAdapter
+from cfmodules.errors import ConfigError, ResultFileError, ShapeError, did_you_mean
+from cfmodules.hybrid import hybridize
+from cfmodules.influence.distributed import distributed_influence_maps, world
+
+__all__ = [
+    "AnalysisSettings",
+    "AnalysisResult",
+    "analyze",
+    "make_hybrids",
+    "default_layer",
+    "template_location",
+    "KIND",
+]
+
+KIND = "analysis"
+
+DEFAULT_LAYERS = {"dcgan-faces": "main.8"}
+"""Layer analysed by default, per zoo model (the paper intervenes on an intermediate layer)."""
+
+
+@dataclass(frozen=True)
+class AnalysisSettings:
+    """Everything that decides the numbers of an analysis.
+
+    Attributes
+    ----------
+    n_pairs : int, default 64
+        Latent pairs (z1, z2) each influence map averages over.
+    n_modules : int, default 3
+        K, the number of modules (the paper's choice for faces).
+    method : {"nmf", "kmeans"}, default "nmf"
+        Clustering of the maps (NMF is the paper's method, k-means its baseline).
+    seed : int, default 0
+        Latent stream of the pairs, and seed of the clustering.
+    window : int, default 3
+        Smoothing window (pixels) applied to each map before thresholding.
+    percentile : float, default 75
+        Each smoothed map is thresholded at this percentile of its own values.
+    n_init : int, default 10
+        Restarts of the clustering (the best fit is kept).
+    stability_ks : tuple of int, default (2, 3, 4, 5, 6)
+        Numbers of modules of the stability sweep (Fig. 9); empty: no sweep.
+    stability_methods : tuple of str, default ("nmf", "kmeans")
+    stability_repeats : int, default 10
+        Random three-way splits per K (the paper used 20; each costs two clusterings per
+        K and method).
+    n_samples : int, default 16
+        Samples of the model shown in the report.
+    n_hybrids : int, default 8
+        Pairs hybridized per module for the report; they are pairs ``n_pairs ..
+        n_pairs + n_hybrids - 1`` of the latent stream ``seed``, so none was used to
+        compute the maps.
+    """
+
+    n_pairs: int = 64
+    n_modules: int = 3
+    method: str = "nmf"
+    seed: int = 0
+    window: int = 3
+    percentile: float = 75.0
+    n_init: int = 10
+    stability_ks: tuple[int, ...] = (2, 3, 4, 5, 6)
+    stability_methods: tuple[str, ...] = ("nmf", "kmeans")
+    stability_repeats: int = 10
+    n_samples: int = 16
+    n_hybrids: int = 8
+
+    def __post_init__(self) -> None:
+        for name in ("n_pairs", "n_modules", "n_init", "stability_repeats", "n_samples",
+                     "n_hybrids"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {v!r}.")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)):
+            raise ConfigError(f"seed must be an integer, got {self.seed!r}.")
+        if self.method not in ("nmf", "kmeans"):
+            raise ConfigError(f"method must be 'nmf' or 'kmeans', got {self.method!r}.")
+        object.__setattr__(self, "stability_ks", tuple(int(k) for k in self.stability_ks))
+        object.__setattr__(self, "stability_methods", tuple(self.stability_methods))
+        bad = [m for m in self.stability_methods if m not in ("nmf", "kmeans")]
+        if bad or not self.stability_methods:
+            raise ConfigError(f"stability_methods must name 'nmf' and/or 'kmeans', got "
+                              f"{self.stability_methods!r}.")
+        if any(k < 1 for k in self.stability_ks):
+            raise ConfigError(f"stability_ks must be positive, got {self.stability_ks!r}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable settings."""
+        d = asdict(self)
+        d["stability_ks"] = list(self.stability_ks)
+        d["stability_methods"] = list(self.stability_methods)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> AnalysisSettings:
+        """Inverse of :meth:`to_dict`; unknown keys are ignored (newer files)."""
+        names = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in data.items() if k in names}
+        for key in ("stability_ks", "stability_methods"):
+            if key in kw:
+                kw[key] = tuple(kw[key])
+        return cls(**kw)
+
+
+def _settings(settings: AnalysisSettings | None, overrides: Mapping[str, Any]) -> AnalysisSettings:
+    base = settings if settings is not None else AnalysisSettings()
+    names = [f.name for f in fields(AnalysisSettings)]
+    for key in overrides:
+        if key not in names:
+            raise ConfigError(f"Unknown analysis setting {key!r}.{did_you_mean(key, names)} "
+                              f"Settings: {', '.join(names)}.")
+    return replace(base, **overrides) if overrides else base
+
+
+# ---------------------------------------------------------------------- result
+@dataclass
+class AnalysisResult:
+    """Everything one analysis computed (maps, modules, stability, images, timings).
+
+    Attributes
+    ----------
+    model : str
+        Name of the model (``adapter.name``).
+    model_spec : str
+        How to load it again: a zoo name or ``path/to/file.py:factory``.
+    layers : list of str
+        The layer(s) whose channels were intervened on.
+    settings : AnalysisSettings
+    maps : ndarray (C, H, W) float32
+        Elementary influence map of each unit (channel), at output resolution.
+    stderr : ndarray (C, H, W) float32
+        Per-pixel standard error of ``maps`` over the pairs.
+    unit_layer : ndarray (C,) of str
+        Layer of each unit (row of ``maps``).
+    unit_channel : ndarray (C,) of int
+        Channel of each unit inside its layer.
+    labels : ndarray (C,) of int
+        Module of each unit, 0..K-1 (modules are numbered by decreasing size).
+    templates : ndarray (K, H, W)
+        Template of each module.
+    weights : ndarray (C, K)
+        Contribution of each template to each unit's map.
+    module_maps : ndarray (K, H, W) float32
+        Influence map of each module: all its channels swapped together.
+    stability : StabilityResult or None
+        The stability sweep (Fig. 9), None when it was not run.
+    samples : ndarray (S, C, H, W) uint8
+        Samples of the model, for display (0 = low end of the output range, 255 = high).
+    mean_image : ndarray (C, H, W) float32 in [0, 1]
+        Mean of the samples (the background the templates are drawn over).
+    original1, original2 : ndarray (N, C, H, W) uint8
+        The new pairs hybridized for the report.
+    hybrids : ndarray (K, N, C, H, W) uint8
+        ``hybrids[k, i]``: Original 1 of pair i with module k's channels from Original 2.
+    timings : dict str -> float
+        Seconds spent in each step.
+    model_options : dict
+        What else is needed to load the model again (e.g. ``{"latent_shape": [100, 1, 1]}``
+        for a factory that returns an ``nn.Module``).
+    version : str
+        cfmodules version that made it.
+    created : str
+        ISO date and time of the run.
+    """
+
+    model: str
+    model_spec: str
+    layers: list[str]
+    settings: AnalysisSettings
+    maps: np.ndarray
+    stderr: np.ndarray
+    unit_layer: np.ndarray
+    unit_channel: np.ndarray
+    labels: np.ndarray
+    templates: np.ndarray
+    weights: np.ndarray
+    module_maps: np.ndarray
+    stability: Any | None
+    samples: np.ndarray
+    mean_image: np.ndarray
+    original1: np.ndarray
+    original2: np.ndarray
+    hybrids: np.ndarray
+    timings: dict[str, float] = field(default_factory=dict)
+    model_options: dict[str, Any] = field(default_factory=dict)
+    version: str = ""
+    created: str = ""
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def n_modules(self) -> int:
+        """K."""
+        return int(self.templates.shape[0])
+
+    @property
+    def modules(self) -> list[dict[str, list[int]]]:
+        """The channels of each module, ``{layer: [channels]}``, ready for ``hybridize``."""
+        out = []
+        for k in range(self.n_modules):
+            rows = np.flatnonzero(self.labels == k)
+            module: dict[str, list[int]] = {}
+            for layer in self.layers:
+                chans = [int(self.unit_channel[r]) for r in rows if self.unit_layer[r] == layer]
+                if chans:
+                    module[layer] = chans
+            out.append(module)
+        return out
+
+    @property
+    def module_sizes(self) -> np.ndarray:
+        """(K,) channels per module."""
+        return np.bincount(self.labels, minlength=self.n_modules)
+
+    @property
+    def module_influence(self) -> np.ndarray:
+        """(K,) individual influence of each module: its map averaged over pixels."""
+        return self.module_maps.reshape(self.n_modules, -1).mean(axis=1)
+
+    @property
+    def influence(self) -> np.ndarray:
+        """(C,) individual influence of each unit: its map averaged over pixels."""
+        return self.maps.reshape(len(self.maps), -1).mean(axis=1)
+
+    @property
+    def unit_names(self) -> list[str]:
+        """``"main.8[5]"`` for each unit."""
+        return [f"{la}[{int(c)}]" for la, c in zip(self.unit_layer, self.unit_channel)]
+
+    @property
+    def locations(self) -> list[str]:
+        """Where each module's template lies in the image (see :func:`template_location`)."""
+        return [template_location(t) for t in self.templates]
+
+    @property
+    def module_names(self) -> list[str]:
+        """``"module k: <location>"`` for each module, used in every figure."""
+        return [f"module {k}: {loc}" for k, loc in enumerate(self.locations)]
+
+    def suggested_k(self, method: str | None = None) -> int | None:
+        """K suggested by the stability sweep (None without a sweep)."""
+        if self.stability is None:
+            return None
+        m = method or self.settings.method
+        if m not in self.stability.methods:
+            m = self.stability.methods[0]
+        return int(self.stability.suggest_k(m))
+
+    # ------------------------------------------------------------------ files
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write everything to one ``.npz`` file (arrays + JSON header, no pickle).
+
+        See ``docs/file_format.md``; ``numpy.load(path, allow_pickle=False)`` opens it.
+        """
+        from cfmodules.results import write_npz
+
+        arrays: dict[str, np.ndarray] = {
+            "maps": self.maps.astype(np.float32),
+            "stderr": self.stderr.astype(np.float32),
+            "influence": self.influence.astype(np.float32),
+            "unit_layer": np.asarray(self.unit_layer, dtype=str),
+            "unit_channel": np.asarray(self.unit_channel, dtype=np.int64),
+            "labels": np.asarray(self.labels, dtype=np.int64),
+            "templates": np.asarray(self.templates, dtype=np.float64),
+            "weights": np.asarray(self.weights, dtype=np.float64),
+            "module_maps": self.module_maps.astype(np.float32),
+            "module_influence": self.module_influence.astype(np.float32),
+            "module_sizes": self.module_sizes.astype(np.int64),
+            "samples": self.samples, "mean_image": self.mean_image.astype(np.float32),
+            "original1": self.original1, "original2": self.original2,
+            "hybrids": self.hybrids,
+        }
+        header: dict[str, Any] = {
+            "kind": KIND, "model": self.model, "model_spec": self.model_spec,
+            "layers": list(self.layers), "settings": self.settings.to_dict(),
+            "modules": self.modules, "module_names": self.module_names,
+            "timings": {k: round(float(v), 3) for k, v in self.timings.items()},
+            "created": self.created, "model_options": self.model_options,
+        }
+        if self.version:
+            header["version"] = self.version
+        if self.stability is not None:
+            st = self.stability.to_dict()
+            arrays["stability_ks"] = st["ks"]
+            arrays["stability_methods"] = st["methods"]
+            arrays["stability_consistency"] = st["consistency"]
+            arrays["stability_cosine"] = st["cosine"]
+            header["stability_settings"] = st["settings"]
+            header["suggested_k"] = self.suggested_k()
+        return write_npz(path, arrays, header, compress=True)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> AnalysisResult:
+        """Read a file written by :meth:`save` (raises ResultFileError if it is not one)."""
+        from cfmodules.modules import StabilityResult
+        from cfmodules.results import read_npz
+
+        arrays, header = read_npz(path, kind=KIND)
+        try:
+            stability = None
+            if "stability_ks" in arrays:
+                stability = StabilityResult.from_dict({
+                    "ks": arrays["stability_ks"], "methods": arrays["stability_methods"],
+                    "consistency": arrays["stability_consistency"],
+                    "cosine": arrays["stability_cosine"],
+                    "settings": header.get("stability_settings", {}),
+                })
+            return cls(
+                model=header["model"], model_spec=header.get("model_spec", header["model"]),
+                layers=list(header["layers"]),
+                settings=AnalysisSettings.from_dict(header.get("settings", {})),
+                maps=arrays["maps"], stderr=arrays["stderr"],
+                unit_layer=arrays["unit_layer"], unit_channel=arrays["unit_channel"],
+                labels=arrays["labels"], templates=arrays["templates"],
+                weights=arrays["weights"], module_maps=arrays["module_maps"],
+                stability=stability, samples=arrays["samples"],
+                mean_image=arrays["mean_image"], original1=arrays["original1"],
+                original2=arrays["original2"], hybrids=arrays["hybrids"],
+                timings=dict(header.get("timings", {})),
+                model_options=dict(header.get("model_options", {})), version=header.get("version", ""),
+                created=header.get("created", ""),
+            )
+        except (KeyError, ConfigError, ShapeError, TypeError) as e:
+            raise ResultFileError(f"'{path}' is an incomplete analysis result: missing or bad "
+                                  f"{e}.") from e
+
+    def __repr__(self) -> str:
+        c, h, w = self.maps.shape
+        lines = [f"AnalysisResult(model={self.model!r}, layers={self.layers}, {c} units, "
+                 f"maps {h}x{w}, n_pairs={self.settings.n_pairs}, "
+                 f"K={self.n_modules} ({self.settings.method}))"]
+        infl = self.module_influence
+        for k, (name, size) in enumerate(zip(self.module_names, self.module_sizes)):
+            lines.append(f"  {name:<28} {int(size):>4} channels  influence {infl[k]:.4f}")
+        if self.stability is not None:
+            lines.append(f"  stability sweep K={[int(k) for k in self.stability.ks]}: "
+                         f"suggested K={self.suggested_k()}")
+        if self.timings:
+            lines.append(f"  total {sum(self.timings.values()):.1f} s")
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- helpers
+def template_location(template: Any) -> str:
+    """Where a template lies in the image, in words: "centre", "border", "left", "top", ...
+
+    A purely geometric description (the semantics -- face, hair, background -- is for the
+    reader of the figures to judge). With the template normalised to a total mass of 1:
+    "border" when under 10% of it lies in the central box (the middle half of the height
+    and of the width, a quarter of the area) and at least three of the four outer bands
+    (top, bottom, left, right quarter) hold 15% or more; else "top", "bottom", "left side", "right
+    side" or a combination such as "top-left" when its centre of mass is more than a tenth
+    of the image away from the middle; else "centre" when over a third of it lies in the
+    central box, "spread" otherwise.
+
+    Parameters
+    ----------
+    template : array (H, W), non-negative
+
+    Returns
+    -------
+    str
+    """
+    t = np.clip(np.asarray(template, dtype=np.float64), 0, None)
+    if t.ndim != 2:
+        raise ShapeError(f"A template has shape (H, W), got {t.shape}.")
+    total = t.sum()
+    if total <= 0:
+        return "nowhere"
+    t = t / total
+    h, w = t.shape
+    ys = (np.arange(h) + 0.5) / h
+    xs = (np.arange(w) + 0.5) / w
+    centre = (np.abs(ys - 0.5) < 0.25)[:, None] & (np.abs(xs - 0.5) < 0.25)[None, :]
+    mass_centre = float(t[centre].sum())  # 25% of the area
+    cy = float((t.sum(axis=1) * ys).sum()) - 0.5
+    cx = float((t.sum(axis=0) * xs).sum()) - 0.5
+    bands = [t[ys < 0.25].sum(), t[ys > 0.75].sum(), t[:, xs < 0.25].sum(), t[:, xs > 0.75].sum()]
+    if mass_centre < 0.1 and sum(b >= 0.15 for b in bands) >= 3:
+        return "border"
+    parts = []
+    if abs(cy) > 0.1:
+        parts.append("top" if cy < 0 else "bottom")
+    if abs(cx) > 0.1:
+        parts.append("left" if cx < 0 else "right")
+    if parts:
+        return "-".join(parts) + (" side" if parts in (["left"], ["right"]) else "")
+    return "centre" if mass_centre > 0.33 else "spread"
+
+
+def default_layer(adapter: GeneratorAdapter) -> str:
+    """The layer :func:`analyze` uses when none is given.
+
+    The generator's own ``layer`` attribute if it has one (the planted toy generators),
+    else the zoo default for the model's name (``main.8`` for ``dcgan-faces``).
+
+    Raises
+    ------
+    ConfigError
+        Naming candidate layers, when the model has no default.
+    """
+    own = getattr(adapter.generator, "layer", None)
+    if isinstance(own, str) and own:
+        return own
+    if adapter.name in DEFAULT_LAYERS:
+        return DEFAULT_LAYERS[adapter.name]
+    convs = [i for i in adapter.layers_cached()
+             if i.shape is not None and len(i.shape) == 3 and (i.channels or 0) > 1]
+    hint = ", ".join(f"{i.name} ({'x'.join(map(str, i.shape or ()))})" for i in convs[:8])
+    raise ConfigError(
+        f"{adapter.name} has no default layer; choose one whose channels are the units"
+        + (f", e.g. one of {hint}" if hint else "")
+        + " (all layers: `cfmodules layers MODEL` or adapter.layers())."
+    )
+
+
+def _display(adapter: GeneratorAdapter, images: torch.Tensor) -> np.ndarray:
+    """Images -> uint8 (N, C, H, W) for display (at most 3 colour channels kept)."""
+    unit = adapter.to_unit(images.detach().float()).cpu()
+    if unit.shape[1] > 3:
+        unit = unit[:, :3]
+    return (unit * 255).round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+def make_hybrids(
+    adapter: GeneratorAdapter,
+    modules: Sequence[Mapping[str, Sequence[int]]],
+    n: int = 8,
+    seed: int = 0,
+    start: int = 0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Hybrids of new pairs for each module, as display images.
+
+    Pair ``i`` is samples ``2(start + i)`` (Original 1) and ``2(start + i) + 1``
+    (Original 2) of the latent stream ``seed``.
+
+    Parameters
+    ----------
+    adapter : GeneratorAdapter
+    modules : list of dict layer -> channels
+        E.g. ``AnalysisResult.modules``. An empty module gives Original 1 back.
+    n : int, default 8
+        Pairs.
+    seed, start : int
+
+    Returns
+    -------
+    original1, original2 : ndarray (n, C, H, W) uint8
+    hybrids : ndarray (K, n, C, H, W) uint8
+    """
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ConfigError(f"The number of pairs must be a positive integer, got {n!r}.")
+    from cfmodules.influence import pair_latents
+
+    z1, z2 = pair_latents(adapter, seed, start, int(n))
+    y1, y2 = adapter.generate(z1), adapter.generate(z2)
+    hy = []
+    for module in modules:
+        module = {layer: list(ch) for layer, ch in module.items() if len(ch)}
+        hy.append(_display(adapter, hybridize(adapter, z1, z2, module) if module else y1))
+    return _display(adapter, y1), _display(adapter, y2), np.stack(hy)
+
+
+class _Steps:
+    """Timings of the steps, and one line per step on stderr when ``verbose``."""
+
+    def __init__(self, verbose: bool, total: int):
+        self.verbose, self.total, self.i = verbose, total, 0
+        self.timings: dict[str, float] = {}
+
+    def run(self, name: str, text: str, fn: Callable[[], Any]) -> Any:
+        self.i += 1
+        if self.verbose:
+            print(f"[{self.i}/{self.total}] {text}", file=sys.stderr, flush=True)
+        t = time.perf_counter()
+        out = fn()
+        self.timings[name] = time.perf_counter() - t
+        return out
+
+
+# ---------------------------------------------------------------------- analyze
+def analyze(
+    adapter: GeneratorAdapter,
+    layers: str | Sequence[str] | None = None,
+    settings: AnalysisSettings | None = None,
+    *,
+    checkpoint_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    model_spec: str | None = None,
+    model_options: Mapping[str, Any] | None = None,
+    **overrides: Any,
+) -> AnalysisResult | None:
+    """Run the whole analysis of sec. 3-4 of Besserve et al. (2020) on one or two layers.
+
+    Parameters
+    ----------
+    adapter : GeneratorAdapter
+    layers : str or list of str, optional
+        Default :func:`default_layer`. The layer whose channels are the units (e.g. ``"main.8"``), or two layers
+        (e.g. ``["main.5", "main.8"]``): the units of both are clustered together and a
+        module's hybrid intervenes on its channels in both layers at once.
+    settings : AnalysisSettings, optional
+        Default ``AnalysisSettings()``; keyword arguments (``n_pairs=16``, ``n_modules=4``,
+        ...) override single fields.
+    checkpoint_dir : path, optional
+        Folder for the influence computation's checkpoints: an interrupted run started
+        again with the same settings resumes where it stopped, and a finished one is
+        read back instantly (so a new K costs only the clustering).
+    progress : bool, default True
+        Progress bars and one line per step on stderr.
+    model_spec : str, optional
+        How to load the model again (zoo name or ``file.py:factory``), stored in the
+        result for ``cfmodules hybrids``; default ``adapter.name``.
+    model_options : dict, optional
+        Stored with ``model_spec`` (e.g. the latent shape the CLI was given).
+
+    Returns
+    -------
+    AnalysisResult, or None on ranks other than 0
+        Under ``torch.distributed`` (e.g. ``torchrun``), the channels' influence maps are
+        sharded across ranks (:mod:`cfmodules.influence.distributed`); rank 0 gathers
+        them, clusters and returns the result; the other ranks return None.
+
+    Raises
+    ------
+    ConfigError, LayerNotFoundError, ChannelError, CheckpointError, ...
+        Bad settings or layers fail before any computation.
+    """
+    from cfmodules import influence as influence_lib
+    from cfmodules.hooks import resolve_layers
+    from cfmodules.modules import ModuleClustering, cluster_stability
+
+    if not isinstance(adapter, GeneratorAdapter):
+        raise ConfigError(f"analyze() takes a GeneratorAdapter, got {type(adapter).__name__}; "
+                          "wrap your generator with cfmodules.GeneratorAdapter(generator, "
+                          "latent_shape).")
+    s = _settings(settings, overrides)
+    if layers is None:
+        layers = default_layer(adapter)
+    names = [layers] if isinstance(layers, str) else list(layers)
+    if not names or len(set(names)) != len(names):
+        raise ConfigError(f"Give one layer, or two distinct layers, got {layers!r}.")
+    names = [r.name for r in resolve_layers(adapter.generator, names)]
+    n_units = sum(adapter._layer_channels(la) for la in names)
+    if s.n_modules > n_units:
+        raise ConfigError(f"K={s.n_modules} modules is more than the {n_units} channels of "
+                          f"{' and '.join(names)}; use --k <= {n_units}.")
+    if s.stability_ks and max(s.stability_ks) > 2 * (n_units // 3):
+        raise ConfigError(
+            f"The stability sweep goes up to K={max(s.stability_ks)}, more than the "
+            f"{2 * (n_units // 3)} channels of a two-thirds subset; use smaller Ks.")
+    ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    if ckpt is not None:
+        ckpt.mkdir(parents=True, exist_ok=True)
+
+    steps = _Steps(progress, 5 + bool(s.stability_ks))
+    created = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+
+    def samples() -> tuple[np.ndarray, np.ndarray]:
+        imgs = adapter.generate(adapter.sample_latents(max(s.n_samples, 64), seed=s.seed),
+                                batch_size=64)
+        disp = _display(adapter, imgs)
+        return disp[:s.n_samples], disp.astype(np.float32).mean(axis=0) / 255.0
+
+    samp, mean_image = steps.run("samples", f"{s.n_samples} samples of {adapter.name}",
+                                 samples)
+
+    def eims() -> list[Any]:
+        out = []
+        for la in names:
+            path = None
+            if ckpt is not None:
+                path = ckpt / f"eim_{la}_pairs{s.n_pairs}_seed{s.seed}.npz"
+            out.append(distributed_influence_maps(
+                adapter, la, n_pairs=s.n_pairs, seed=s.seed, progress=progress and rank == 0,
+                checkpoint=path))
+        return out
+
+    rank, _ = world()
+    eim = steps.run("influence_maps", f"influence maps of {n_units} channels of "
+                    f"{' + '.join(names)}, {s.n_pairs} pairs", eims)
+    if rank != 0:  # under torch.distributed, rank 0 alone clusters and reports
+        return None
+    maps = np.concatenate([r.maps for r in eim])
+    stderr = np.concatenate([r.stderr for r in eim])
+    unit_layer = np.array([la for r, la in zip(eim, names) for _ in range(len(r))], dtype=str)
+    unit_channel = np.concatenate([r.channels for r in eim]).astype(np.int64)
+
+    clustering = steps.run(
+        "clustering", f"{s.method} clustering into K={s.n_modules} modules",
+        lambda: ModuleClustering(s.n_modules, s.method, window=s.window,
+                                 percentile=s.percentile, n_init=s.n_init,
+                                 random_state=s.seed).fit(maps))
+    labels = clustering.labels_
+
+    partial = AnalysisResult(
+        model=adapter.name, model_spec=model_spec or adapter.name, layers=names, settings=s,
+        maps=maps, stderr=stderr, unit_layer=unit_layer, unit_channel=unit_channel,
+        labels=labels, templates=clustering.templates_, weights=clustering.weights_,
+        module_maps=np.zeros((s.n_modules, *maps.shape[1:]), np.float32), stability=None,
+        samples=samp, mean_image=mean_image, original1=samp[:0], original2=samp[:0],
+        hybrids=samp[None, :0], version=_version(), created=created,
+        model_options=dict(model_options or {}))
+    modules = partial.modules
+
+    def module_maps() -> np.ndarray:
+        nonempty = {f"module {k}": m for k, m in enumerate(modules) if m}
+        res = influence_lib.module_influence(adapter, nonempty, n_pairs=s.n_pairs,
+                                             seed=s.seed, progress=progress)
+        out = np.zeros((s.n_modules, *maps.shape[1:]), np.float32)
+        for name, m in zip(res.names, res.maps):
+            out[int(name.split()[-1])] = m
+        return out
+
+    partial.module_maps = steps.run("module_influence",
+                                    f"influence maps of the {s.n_modules} modules", module_maps)
+
+    if s.stability_ks:
+        partial.stability = steps.run(
+            "stability", f"stability sweep K={list(s.stability_ks)}, "
+            f"{'/'.join(s.stability_methods)}, {s.stability_repeats} repeats",
+            lambda: cluster_stability(maps, ks=s.stability_ks, methods=s.stability_methods,
+                                      n_repeats=s.stability_repeats, window=s.window,
+                                      percentile=s.percentile, random_state=s.seed,
+                                      progress=progress))
+
+    o1, o2, hy = steps.run("hybrids", f"hybrids of {s.n_hybrids} new pairs per module",
+                           lambda: make_hybrids(adapter, modules, s.n_hybrids, s.seed,
+                                                start=s.n_pairs))
+    partial.original1, partial.original2, partial.hybrids = o1, o2, hy
+    partial.timings = steps.timings
+    return partial
+
+
+def _version() -> str:
+    from cfmodules import __version__
+
+    return __version__

@@ -1,0 +1,42 @@
+"""Modules: clustering of influence maps, stability and the choice of K (sec. 3.4, 4.1).
+
+Works on arrays only -- numpy arrays or torch tensors of influence maps (C, H, W), or any
+object with a ``.maps`` attribute -- and knows nothing of adapters or generators, so it can
+cluster maps that came from anywhere.
+
+>>> clust = ModuleClustering(n_modules=3, method="nmf", random_state=0).fit(maps)
+>>> clust.labels_, clust.templates_, clust.modules_
+>>> result = cluster_stability(maps, ks=range(2, 7))   # data of Fig. 9, NMF and k-means
+>>> result.suggest_k()
+"""
+
+from cfmodules.modules.clustering import (
+    METHODS,
+    ModuleClustering,
+    module_sizes,
+)
+from cfmodules.modules.preprocess import as_maps, preprocess, smooth, threshold
+from cfmodules.modules.stability import (
+    DEFAULT_KS,
+    StabilityResult,
+    cluster_stability,
+    match_labels,
+    suggest_k,
+    template_similarity,
+)
+
+__all__ = [
+    "ModuleClustering",
+    "METHODS",
+    "module_sizes",
+    "as_maps",
+    "smooth",
+    "threshold",
+    "preprocess",
+    "cluster_stability",
+    "StabilityResult",
+    "suggest_k",
+    "match_labels",
+    "template_similarity",
+    "DEFAULT_KS",
+]

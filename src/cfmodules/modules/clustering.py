@@ -1,0 +1,355 @@
+"""Clustering of influence maps into modules (sec. 3.4 of Besserve et al., 2020).
+
+The pre-processed (smoothed, thresholded) influence maps of the C channels of a layer form
+a (C x pixels) matrix S. NMF factorizes it as S ~ W H with K rows of H, the *templates*,
+and the *weights* W (C x K); k-means gives K centroids as templates and one-hot weights.
+Channel c belongs to the module whose template has the largest weight in its map.
+Both wrap scikit-learn's public estimators (``sklearn.decomposition.NMF``,
+``sklearn.cluster.KMeans``) and keep the best of several restarts.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import numpy as np
+from sklearn.cluster import KMeans
+from sklearn.decomposition import NMF
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.utils import check_random_state
+
+from cfmodules.errors import ConfigError, NotFittedError, ShapeError
+from cfmodules.modules.preprocess import (
+    DEFAULT_PERCENTILE,
+    DEFAULT_WINDOW,
+    as_maps,
+    check_count,
+    check_percentile,
+    check_window,
+    preprocess,
+)
+
+__all__ = ["ModuleClustering", "module_sizes", "METHODS"]
+
+METHODS = ("nmf", "kmeans")
+
+
+class ModuleClustering:
+    """Group the channels of a layer into modules by clustering their influence maps.
+
+    scikit-learn style: ``__init__`` only stores the parameters, :meth:`fit` returns
+    ``self``, learned attributes end in ``_``.
+
+    Parameters
+    ----------
+    n_modules : int, default 3
+        K, the number of modules (templates). The paper uses 3; see
+        :func:`cfmodules.modules.stability` to choose it.
+    method : {"nmf", "kmeans"}, default "nmf"
+        NMF of the binary maps (the paper's method) or k-means (its baseline).
+    window : odd int or (odd int, odd int), default 3
+        Smoothing window in pixels (1: no smoothing).
+    percentile : float in (0, 100) or None, default 75
+        Threshold percentile of each map (None: cluster the smoothed maps themselves).
+    n_init : int, default 10
+        Restarts; the fit with the smallest reconstruction error is kept, so one unlucky
+        initialisation cannot split a module. For NMF the first start is the deterministic
+        NNDSVDa initialisation, the others are random.
+    max_iter : int, default 500
+        Iterations per start.
+    random_state : int, numpy Generator/RandomState or None, default None
+        Seed of the restarts; an int makes :meth:`fit` reproducible.
+
+    Attributes
+    ----------
+    labels_ : ndarray (C,) of int
+        Module of each channel, in 0..K-1. Modules are numbered by decreasing size.
+    templates_ : ndarray (K, H, W)
+        Template of each module: for NMF the row of H scaled to a maximum of 1, for k-means
+        the centroid (the fraction of the module's channels whose binary map covers a pixel).
+    weights_ : ndarray (C, K)
+        Contribution of each template to each channel's map (for k-means, one-hot).
+    modules_ : list of K ndarrays of int
+        The channels of each module (see :meth:`to_modules` for ``{layer: channels}``).
+    layer_ : str or None
+        The layer of the maps, when they came from an influence result (its ``.layer``).
+    features_ : ndarray (C, H, W)
+        The pre-processed maps that were clustered.
+    reconstruction_err_ : float
+        Frobenius norm of ``features - weights @ templates`` (flattened), the fit criterion.
+    n_channels_ : int
+    map_shape_ : tuple (H, W)
+    """
+
+    def __init__(
+        self,
+        n_modules: int = 3,
+        method: str = "nmf",
+        *,
+        window: int | tuple[int, int] = DEFAULT_WINDOW,
+        percentile: float | None = DEFAULT_PERCENTILE,
+        n_init: int = 10,
+        max_iter: int = 500,
+        random_state: Any = None,
+    ):
+        self.n_modules = n_modules
+        self.method = method
+        self.window = window
+        self.percentile = percentile
+        self.n_init = n_init
+        self.max_iter = max_iter
+        self.random_state = random_state
+
+    # ------------------------------------------------------------------ sklearn API
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        """The constructor parameters (scikit-learn convention)."""
+        return {k: getattr(self, k) for k in
+                ("n_modules", "method", "window", "percentile", "n_init", "max_iter",
+                 "random_state")}
+
+    def set_params(self, **params: Any) -> ModuleClustering:
+        """Set constructor parameters (scikit-learn convention); returns self."""
+        valid = self.get_params()
+        for k, v in params.items():
+            if k not in valid:
+                raise ConfigError(f"Unknown parameter {k!r} of ModuleClustering; "
+                                  f"valid: {', '.join(valid)}.")
+            setattr(self, k, v)
+        return self
+
+    def fit(self, maps: Any, y: None = None) -> ModuleClustering:
+        """Cluster the channels' influence maps into ``n_modules`` modules.
+
+        Parameters
+        ----------
+        maps : array (C, H, W), torch.Tensor (C, H, W), or an influence result with ``.maps``
+            The elementary influence maps, one per channel (non-negative).
+        y : ignored
+
+        Returns
+        -------
+        self
+
+        Raises
+        ------
+        ConfigError
+            Bad parameters (K < 1 or more than the channels, even window, percentile outside
+            (0, 100)), NaN maps, or every map zero (nothing to cluster).
+        ShapeError
+            Maps that are not (C, H, W), or of different shapes.
+
+        Warns
+        -----
+        UserWarning
+            Some channels have an all-zero map (dead channels: they join a module
+            arbitrarily, which changes no hybrid), or a module received no channel.
+        """
+        self._check_params()
+        layer = getattr(maps, "layer", None)
+        arr = as_maps(maps)
+        k = self.n_modules
+        if k > len(arr):
+            raise ConfigError(
+                f"n_modules={k} is more than the {len(arr)} channels to cluster; use "
+                f"n_modules <= {len(arr)}."
+            )
+        if k > arr.shape[1] * arr.shape[2]:
+            raise ConfigError(
+                f"n_modules={k} is more than the {arr.shape[1] * arr.shape[2]} pixels of each "
+                "map; use fewer modules."
+            )
+        feats = preprocess(arr, self.window, self.percentile)
+        if self.method == "nmf" and (feats < 0).any():
+            raise ConfigError(
+                "NMF needs non-negative maps; influence maps are mean absolute differences, "
+                "so negative values mean these are not influence maps. Threshold them "
+                "(percentile=75) or use method='kmeans'."
+            )
+        flat = feats.reshape(len(feats), -1)
+        fit = cluster_features(flat, k, self.method, self.n_init, self.max_iter,
+                               self.random_state)
+        labels, weights, templates, err, converged = fit
+        if not converged:
+            warnings.warn(
+                f"The best {self.method} fit did not converge in max_iter={self.max_iter} "
+                "iterations; increase max_iter.", ConvergenceWarning, stacklevel=2)
+        dead = np.flatnonzero(~flat.any(axis=1))
+        if len(dead):
+            warnings.warn(
+                f"{len(dead)} channel(s) have an all-zero map {dead[:8].tolist()}"
+                f"{'...' if len(dead) > 8 else ''}: they do not influence the output and were "
+                f"put in module {labels[dead[0]]} arbitrarily.", UserWarning, stacklevel=2)
+        sizes = np.bincount(labels, minlength=k)
+        if (sizes == 0).any():
+            warnings.warn(
+                f"{int((sizes == 0).sum())} of the {k} modules received no channel; "
+                "the layer may have fewer modules than n_modules (try a smaller K).",
+                UserWarning, stacklevel=2)
+        self.labels_ = labels
+        self.weights_ = weights
+        self.templates_ = templates.reshape(k, *feats.shape[1:])
+        self.modules_ = [np.flatnonzero(labels == j) for j in range(k)]
+        self.features_ = feats
+        self.reconstruction_err_ = err
+        self.n_channels_ = len(arr)
+        self.map_shape_ = tuple(feats.shape[1:])
+        self.layer_ = layer if isinstance(layer, str) else None
+        return self
+
+    def fit_predict(self, maps: Any, y: None = None) -> np.ndarray:
+        """:meth:`fit`, then return ``labels_`` (C,)."""
+        return self.fit(maps).labels_
+
+    def predict(self, maps: Any) -> np.ndarray:
+        """Assign the channels of new maps (C', H, W) to the fitted modules.
+
+        The maps are pre-processed like the training maps; NMF weights are found by
+        non-negative least squares against the fixed templates, k-means labels by the
+        nearest centroid.
+
+        Returns
+        -------
+        ndarray (C',) of int
+        """
+        self._check_fitted()
+        arr = as_maps(maps)
+        if tuple(arr.shape[1:]) != self.map_shape_:
+            raise ShapeError(
+                f"The maps have shape {arr.shape[1:]} per channel; this clustering was fitted "
+                f"on maps of shape {self.map_shape_}."
+            )
+        flat = preprocess(arr, self.window, self.percentile).reshape(len(arr), -1)
+        tmpl = self.templates_.reshape(self.n_modules, -1)
+        if self.method == "kmeans":
+            d = ((flat[:, None, :] - tmpl[None]) ** 2).sum(-1)
+            return d.argmin(axis=1)
+        from scipy.optimize import nnls
+
+        w = np.stack([nnls(tmpl.T, row)[0] for row in flat])
+        return w.argmax(axis=1)
+
+    def to_modules(self, layer: str | None = None) -> list[dict[str, list[int]]]:
+        """The modules as ``{layer: channels}`` dicts, one per module.
+
+        That is the form ``cfmodules.hybridize`` and ``cfmodules.influence.module_influence``
+        take; the latter's ``.influence`` is each module's individual influence, which
+        against :func:`module_sizes` gives Fig. 8 (right) of the paper.
+
+        Parameters
+        ----------
+        layer : str, optional
+            Default: ``layer_``, the layer of the influence result that was fitted.
+        """
+        self._check_fitted()
+        name = layer if layer is not None else self.layer_
+        if not isinstance(name, str):
+            raise ConfigError(
+                "These maps carried no layer name; give it: clust.to_modules('main.8')."
+            )
+        return [{name: [int(c) for c in channels]} for channels in self.modules_]
+
+    # ------------------------------------------------------------------ helpers
+    def _check_params(self) -> None:
+        check_count("n_modules", self.n_modules)
+        if self.method not in METHODS:
+            raise ConfigError(f"method must be 'nmf' or 'kmeans', got {self.method!r}.")
+        check_window(self.window)
+        if self.percentile is not None:
+            check_percentile(self.percentile)
+        check_count("n_init", self.n_init)
+        check_count("max_iter", self.max_iter)
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "labels_"):
+            raise NotFittedError(
+                "This ModuleClustering is not fitted yet; call fit(maps) first."
+            )
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
+        fitted = ""
+        if hasattr(self, "labels_"):
+            fitted = f"  # fitted: {self.n_channels_} channels, sizes {module_sizes(self.labels_, self.n_modules).tolist()}"
+        return f"ModuleClustering({params}){fitted}"
+
+
+def cluster_features(
+    flat: np.ndarray, k: int, method: str, n_init: int, max_iter: int, random_state: Any
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, bool]:
+    """Cluster the rows of a (C x P) feature matrix; the engine of :class:`ModuleClustering`.
+
+    Returns
+    -------
+    labels (C,), weights (C, K), templates (K, P), reconstruction error, converged
+        Modules are renumbered by decreasing size (ties: template order), so equal inputs
+        give equal numbering.
+    """
+    rng = check_random_state(random_state)
+    if method == "nmf":
+        weights, templates, err, converged = _nmf(flat, k, n_init, max_iter, rng)
+        labels = weights.argmax(axis=1)
+    else:
+        km = KMeans(n_clusters=k, n_init=n_init, max_iter=max_iter,
+                    random_state=rng.randint(np.iinfo(np.int32).max))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            labels = km.fit_predict(flat)
+        templates = km.cluster_centers_
+        weights = np.eye(k)[labels]
+        err = float(np.sqrt(max(km.inertia_, 0.0)))
+        converged = km.n_iter_ < max_iter
+    sizes = np.bincount(labels, minlength=k)
+    order = np.lexsort((np.arange(k), -sizes))  # largest module first
+    rank = np.empty(k, dtype=int)
+    rank[order] = np.arange(k)
+    return (rank[labels].astype(np.int64), weights[:, order], templates[order], float(err),
+            bool(converged))
+
+
+def _nmf(
+    flat: np.ndarray, k: int, n_init: int, max_iter: int, rng: np.random.RandomState
+) -> tuple[np.ndarray, np.ndarray, float, bool]:
+    best: tuple[float, np.ndarray, np.ndarray, bool] | None = None
+    for i in range(n_init):
+        init = "nndsvda" if i == 0 else "random"
+        model = NMF(n_components=k, init=init, max_iter=max_iter,
+                    random_state=rng.randint(np.iinfo(np.int32).max))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            w = model.fit_transform(flat)
+        h = model.components_
+        err = float(model.reconstruction_err_)
+        if best is None or err < best[0] - 1e-12:
+            best = (err, w, h, model.n_iter_ < max_iter)
+    assert best is not None
+    err, w, h, converged = best
+    # Fix NMF's scale ambiguity: each template peaks at 1, the weights carry the scale, so
+    # weights of different templates are comparable when taking the argmax.
+    scale = h.max(axis=1)
+    scale[scale <= 0] = 1.0
+    return w * scale, h / scale[:, None], err, converged
+
+
+def module_sizes(labels: Any, n_modules: int | None = None) -> np.ndarray:
+    """Number of channels in each module.
+
+    Parameters
+    ----------
+    labels : array (C,) of int
+        Module of each channel (``ModuleClustering.labels_``).
+    n_modules : int, optional
+        K; default ``max(labels) + 1``.
+
+    Returns
+    -------
+    ndarray (K,) of int
+    """
+    lab = np.asarray(labels)
+    if lab.ndim != 1 or lab.size == 0 or not np.issubdtype(lab.dtype, np.integer) or lab.min() < 0:
+        raise ShapeError(f"labels must be a non-empty 1-D array of non-negative integers, "
+                         f"got {lab.dtype} array of shape {lab.shape}.")
+    k = int(lab.max()) + 1 if n_modules is None else int(n_modules)
+    if k <= lab.max():
+        raise ConfigError(f"labels go up to {int(lab.max())} but n_modules={k}.")
+    return np.bincount(lab, minlength=k)

@@ -1,0 +1,512 @@
+"""Figures of an analysis, as matplotlib figures: returned, never shown, never written.
+
+Every function takes plain arrays (numpy arrays or torch tensors) with the shapes given in
+its docstring, so it plots maps and images from any source, and returns a
+``matplotlib.figure.Figure`` built without pyplot (no GUI backend, no global state).
+Write one with ``fig.savefig(path)`` or :func:`save_figure`; in Jupyter, a returned figure
+displays itself as the cell's value.
+
+Module ``k`` has the same colour in every figure (:func:`module_color`).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from cfmodules.errors import ShapeError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from matplotlib.figure import Figure
+
+__all__ = [
+    "module_color",
+    "plot_images",
+    "plot_influence_maps",
+    "plot_templates",
+    "plot_hybrid_grid",
+    "plot_stability",
+    "plot_module_influence",
+    "figure_to_png",
+    "save_figure",
+]
+
+_PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2",
+            "#17becf", "#bcbd22", "#7f7f7f")
+_METHOD_STYLE = {"nmf": ("#1f77b4", "o", "NMF"), "kmeans": ("#ff7f0e", "s", "k-means")}
+
+
+def module_color(k: int) -> str:
+    """The colour of module ``k`` in every figure (a hex string)."""
+    return _PALETTE[int(k) % len(_PALETTE)]
+
+
+# ---------------------------------------------------------------------- arrays
+def _array(x: Any, what: str) -> np.ndarray:
+    if hasattr(x, "detach") and hasattr(x, "cpu"):
+        x = x.detach().cpu().float().numpy()
+    try:
+        return np.asarray(x, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise ShapeError(f"{what} must be a numeric array, got {type(x).__name__}.") from e
+
+
+def _images(images: Any, what: str = "images",
+            value_range: tuple[float, float] = (0.0, 1.0)) -> np.ndarray:
+    """(N, C, H, W) with C in {1, 3} (or (N, H, W)) -> (N, H, W, 3) in [0, 1]."""
+    arr = _array(images, what)
+    if arr.ndim == 3:
+        arr = arr[:, None]
+    if arr.ndim != 4 or arr.shape[1] not in (1, 3):
+        raise ShapeError(
+            f"{what} must have shape (N, C, H, W) with 1 or 3 colour channels, got {arr.shape}."
+        )
+    lo, hi = value_range
+    arr = np.clip((arr - lo) / (hi - lo), 0.0, 1.0)
+    if arr.shape[1] == 1:
+        arr = np.repeat(arr, 3, axis=1)
+    return arr.transpose(0, 2, 3, 1)
+
+
+def _maps(maps: Any, what: str = "maps") -> np.ndarray:
+    arr = _array(maps, what)
+    if arr.ndim == 2:
+        arr = arr[None]
+    if arr.ndim != 3:
+        raise ShapeError(f"{what} must have shape (N, H, W), got {arr.shape}.")
+    return arr
+
+
+def _new_figure(width: float, height: float) -> Figure:
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(max(width, 1.0), max(height, 1.0)), layout="constrained")
+
+
+def _blank(ax: Any) -> None:
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for side in ax.spines.values():
+        side.set_visible(False)
+
+
+def _frame(ax: Any, color: str, width: float = 3.0) -> None:
+    for side in ax.spines.values():
+        side.set_visible(True)
+        side.set_color(color)
+        side.set_linewidth(width)
+
+
+# ---------------------------------------------------------------------- images
+def plot_images(
+    images: Any,
+    ncols: int = 8,
+    *,
+    title: str | None = None,
+    titles: Sequence[str] | None = None,
+    value_range: tuple[float, float] = (0.0, 1.0),
+    size: float = 1.2,
+) -> Figure:
+    """A grid of images, e.g. samples of the generator.
+
+    Parameters
+    ----------
+    images : array or tensor (N, C, H, W), C = 1 or 3 (or (N, H, W))
+        Values in ``value_range`` (``adapter.to_unit(images)`` gives [0, 1]).
+    ncols : int, default 8
+    title : str, optional
+        Figure title.
+    titles : list of str, optional
+        One caption per image.
+    value_range : (float, float), default (0, 1)
+    size : float, default 1.2
+        Inches per image.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    imgs = _images(images, value_range=value_range)
+    n = len(imgs)
+    ncols = max(1, min(int(ncols), n))
+    nrows = -(-n // ncols)
+    fig = _new_figure(ncols * size, nrows * size + (0.4 if title else 0))
+    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
+    for i, ax in enumerate(axes):
+        _blank(ax)
+        if i < n:
+            ax.imshow(imgs[i], interpolation="nearest")
+            if titles is not None and i < len(titles):
+                ax.set_title(str(titles[i]), fontsize=7)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def plot_influence_maps(
+    maps: Any,
+    labels: Any | None = None,
+    *,
+    per_module: int = 10,
+    names: Sequence[str] | None = None,
+    module_names: Sequence[str] | None = None,
+    order: Any | None = None,
+    cmap: str = "magma",
+    size: float = 0.9,
+    title: str | None = None,
+) -> Figure:
+    """Influence maps, one row per module (the left panels of Fig. 4 and Fig. 8).
+
+    Each map is scaled to its own maximum, so its shape is visible whatever its strength.
+
+    Parameters
+    ----------
+    maps : array or tensor (C, H, W)
+        Elementary influence maps, one per channel (non-negative).
+    labels : array (C,) of int, optional
+        Module of each channel; without it, one grid of the strongest maps.
+    per_module : int, default 10
+        Maps shown per module (the module's strongest, or those first in ``order``).
+    names : list of str, optional
+        A caption per map (e.g. ``"main.8[5]"``); default the row index.
+    module_names : list of str, optional
+        Row labels; default ``"module k"``.
+    order : array (C,), optional
+        Ranking of the channels inside each module (higher first), e.g. the NMF weight of
+        the module's template; default each map's mean (its influence).
+    cmap : str, default "magma"
+    size : float, default 0.9
+        Inches per map.
+    title : str, optional
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    arr = _maps(maps, "influence maps")
+    c = len(arr)
+    lab = np.zeros(c, dtype=np.int64) if labels is None else np.asarray(labels).astype(np.int64)
+    if lab.shape != (c,):
+        raise ShapeError(f"labels must have shape ({c},), one module per map; got {lab.shape}.")
+    score = arr.mean(axis=(1, 2)) if order is None else _array(order, "order")
+    if score.shape != (c,):
+        raise ShapeError(f"order must have shape ({c},), got {score.shape}.")
+    k = int(lab.max()) + 1 if c else 0
+    rows = [np.flatnonzero(lab == j) for j in range(k)]
+    rows = [r[np.argsort(-score[r], kind="stable")][:per_module] for r in rows]
+    ncols = max(1, min(per_module, max((len(r) for r in rows), default=1)))
+    fig = _new_figure(ncols * size + 1.3, k * size + (0.4 if title else 0.1))
+    axes = fig.subplots(max(k, 1), ncols, squeeze=False)
+    for j, row in enumerate(rows):
+        for i in range(ncols):
+            ax = axes[j, i]
+            _blank(ax)
+            if i >= len(row):
+                continue
+            m = arr[row[i]]
+            ax.imshow(m / m.max() if m.max() > 0 else m, cmap=cmap, vmin=0, vmax=1,
+                      interpolation="nearest")
+            if labels is not None:
+                _frame(ax, module_color(j), 2.0)
+            cap = names[row[i]] if names is not None else str(row[i])
+            ax.set_title(cap, fontsize=6, pad=2)
+        if labels is not None:
+            label = module_names[j] if module_names is not None else f"module {j}"
+            axes[j, 0].set_ylabel(f"{label}\n({int((lab == j).sum())} ch.)", fontsize=8,
+                                  color=module_color(j), rotation=0, ha="right", va="center")
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def plot_templates(
+    templates: Any,
+    *,
+    background: Any | None = None,
+    names: Sequence[str] | None = None,
+    sizes: Sequence[int] | None = None,
+    cmap: str = "viridis",
+    size: float = 2.0,
+    title: str | None = None,
+) -> Figure:
+    """The K templates of the modules; optionally laid over an image to locate them.
+
+    Parameters
+    ----------
+    templates : array or tensor (K, H, W)
+        ``ModuleClustering.templates_``.
+    background : array (C, H, W) in [0, 1] or (H, W), optional
+        An image of the same size, e.g. the mean of samples; adds a second row with each
+        template over it, so one sees which part of the picture each module paints.
+    names : list of str, optional
+        Column titles; default ``"module k"``.
+    sizes : list of int, optional
+        Channels per module, added to the titles.
+    cmap : str, default "viridis"
+    size : float, default 2.0
+        Inches per panel.
+    title : str, optional
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    tm = _maps(templates, "templates")
+    k = len(tm)
+    bg = None
+    if background is not None:
+        bg = _images(_array(background, "background")[None], "background")[0]
+        if bg.shape[:2] != tm.shape[1:]:
+            raise ShapeError(
+                f"background is {bg.shape[0]}x{bg.shape[1]} but the templates are "
+                f"{tm.shape[1]}x{tm.shape[2]}; give an image of the maps' size."
+            )
+    nrows = 1 if bg is None else 2
+    fig = _new_figure(k * size + 0.4, nrows * size + 0.5 + (0.35 if title else 0))
+    axes = fig.subplots(nrows, k, squeeze=False)
+    for j in range(k):
+        t = tm[j] / tm[j].max() if tm[j].max() > 0 else tm[j]
+        label = names[j] if names is not None else f"module {j}"
+        if sizes is not None:
+            label += f"\n{int(sizes[j])} channels"
+        ax = axes[0, j]
+        _blank(ax)
+        ax.imshow(t, cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
+        _frame(ax, module_color(j))
+        ax.set_title(label, fontsize=9, color=module_color(j))
+        if bg is not None:
+            ax = axes[1, j]
+            _blank(ax)
+            gray = bg.mean(axis=2, keepdims=True).repeat(3, axis=2)
+            ax.imshow(0.2 + 0.6 * gray, interpolation="bilinear")
+            ax.imshow(t, cmap=cmap, vmin=0, vmax=1, alpha=0.25 + 0.6 * t,
+                      interpolation="bilinear")
+            _frame(ax, module_color(j))
+    if bg is not None:
+        axes[0, 0].set_ylabel("template", fontsize=8)
+        axes[1, 0].set_ylabel("over mean\nsample", fontsize=8)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def plot_hybrid_grid(
+    original1: Any,
+    original2: Any,
+    hybrids: Any,
+    *,
+    module_names: Sequence[str] | None = None,
+    module_ids: Sequence[int] | None = None,
+    templates: Any | None = None,
+    value_range: tuple[float, float] = (0.0, 1.0),
+    size: float = 1.1,
+    title: str | None = None,
+) -> Figure:
+    """Original 1, Original 2 and the hybrid of each module (Fig. 4 and Fig. 8 centre).
+
+    Column ``i`` is pair ``i``: row "Original 1", row "Original 2", then one row per
+    module with Original 1 whose module channels took Original 2's values.
+
+    Parameters
+    ----------
+    original1, original2 : array or tensor (N, C, H, W)
+        The two originals of each pair, in ``value_range``.
+    hybrids : array (K, N, C, H, W), list of K arrays (N, C, H, W), or dict name -> array
+        The hybrids of each module; a dict's keys name the rows.
+    module_names : list of str, optional
+        Row labels of the hybrids; default ``"module k"`` (or the dict keys).
+    module_ids : list of int, optional
+        Module number of each hybrid row (for its colour); default 0..K-1.
+    templates : array (K, h, w), optional
+        The module templates, drawn in a first column next to each module's row.
+    value_range : (float, float), default (0, 1)
+    size : float, default 1.1
+        Inches per image.
+    title : str, optional
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    o1 = _images(original1, "original1", value_range)
+    o2 = _images(original2, "original2", value_range)
+    if isinstance(hybrids, Mapping):
+        module_names = list(hybrids) if module_names is None else module_names
+        hybrids = list(hybrids.values())
+    if isinstance(hybrids, (list, tuple)):
+        hy = [_images(h, "hybrids", value_range) for h in hybrids]
+    else:
+        arr = _array(hybrids, "hybrids")
+        if arr.ndim == 4:
+            arr = arr[None]
+        hy = [_images(h, "hybrids", value_range) for h in arr]
+    n = len(o1)
+    if o2.shape != o1.shape or any(h.shape != o1.shape for h in hy):
+        raise ShapeError(
+            f"original1 {o1.shape[:3]}, original2 {o2.shape[:3]} and every module's hybrids "
+            f"{[h.shape[:3] for h in hy]} must have the same shape (one column per pair)."
+        )
+    k = len(hy)
+    ids = list(range(k)) if module_ids is None else [int(i) for i in module_ids]
+    names = [f"module {i}" for i in ids] if module_names is None else list(module_names)
+    tm = None
+    if templates is not None:
+        tm = _maps(templates, "templates")
+        if len(tm) != k:
+            raise ShapeError(f"{len(tm)} templates for {k} rows of hybrids; give one per module.")
+    extra = 0 if tm is None else 1
+    fig = _new_figure((n + extra) * size + 1.2, (k + 2) * size + (0.4 if title else 0.1))
+    axes = fig.subplots(k + 2, n + extra, squeeze=False)
+    rows = [("Original 1", o1, "black"), ("Original 2", o2, "black")]
+    rows += [(f"hybrid:\n{names[j]}", hy[j], module_color(ids[j])) for j in range(k)]
+    for r, (label, imgs, color) in enumerate(rows):
+        for i in range(n):
+            ax = axes[r, i + extra]
+            _blank(ax)
+            ax.imshow(imgs[i], interpolation="nearest")
+            if r >= 2:
+                _frame(ax, color, 2.5)
+        if tm is not None:
+            ax = axes[r, 0]
+            _blank(ax)
+            if r >= 2:
+                t = tm[r - 2]
+                ax.imshow(t / t.max() if t.max() > 0 else t, cmap="viridis", vmin=0, vmax=1,
+                          interpolation="bilinear")
+                _frame(ax, color, 1.0)
+                if r == 2:
+                    ax.set_title("template", fontsize=7)
+        axes[r, 0].set_ylabel(label, fontsize=8, color=color, rotation=0, ha="right",
+                              va="center")
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+# ---------------------------------------------------------------------- curves
+def plot_stability(
+    stability: Any,
+    *,
+    chosen_k: int | None = None,
+    title: str | None = None,
+) -> Figure:
+    """Label consistency and template cosine similarity against K (Fig. 9).
+
+    Parameters
+    ----------
+    stability : StabilityResult, or dict with ``ks`` (n_k,), ``methods`` (n_methods,),
+        ``consistency`` and ``cosine`` (n_methods, n_k, n_repeats)
+        As returned by :func:`cfmodules.modules.cluster_stability` (or its ``to_dict()``).
+    chosen_k : int, optional
+        Marked with a dashed vertical line.
+    title : str, optional
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        Two panels; error bars are the standard deviation over repetitions.
+    """
+    data = stability.to_dict() if hasattr(stability, "to_dict") else dict(stability)
+    ks = np.asarray(data["ks"]).astype(int)
+    methods = [str(m) for m in np.asarray(data["methods"]).tolist()]
+    fig = _new_figure(8.0, 3.2 + (0.3 if title else 0))
+    axes = fig.subplots(1, 2, squeeze=False)[0]
+    for ax, key, label in ((axes[0], "consistency", "label consistency"),
+                           (axes[1], "cosine", "template cosine similarity")):
+        vals = _array(data[key], key)
+        if vals.ndim != 3 or vals.shape[:2] != (len(methods), len(ks)):
+            raise ShapeError(f"{key} must have shape (n_methods, n_k, n_repeats) = "
+                             f"({len(methods)}, {len(ks)}, R); got {vals.shape}.")
+        for i, m in enumerate(methods):
+            color, marker, name = _METHOD_STYLE.get(m, ("#555555", "^", m))
+            ax.errorbar(ks, vals[i].mean(axis=-1), yerr=vals[i].std(axis=-1), color=color,
+                        marker=marker, capsize=3, label=name)
+        if chosen_k is not None:
+            ax.axvline(chosen_k, color="#777777", linestyle="--", linewidth=1)
+        ax.set_xticks(ks)
+        ax.set_xlabel("number of modules K")
+        ax.set_ylabel(label)
+        ax.set_ylim(min(0.4, float(np.nanmin(vals)) - 0.05), 1.02)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8, loc="lower left")
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def plot_module_influence(
+    sizes: Any,
+    influence: Any,
+    *,
+    names: Sequence[str] | None = None,
+    module_ids: Sequence[int] | None = None,
+    title: str | None = None,
+) -> Figure:
+    """Individual influence of each module against its number of channels (Fig. 8 right).
+
+    Parameters
+    ----------
+    sizes : array (K,) of int
+        Channels per module (:func:`cfmodules.modules.module_sizes`).
+    influence : array (K,)
+        Each module's influence map averaged over pixels.
+    names : list of str, optional
+        Point labels; default ``"module k"``.
+    module_ids : list of int, optional
+        Module number of each point (its colour); default 0..K-1.
+    title : str, optional
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        A scatter plot with the least-squares line (dashed) when K >= 2.
+    """
+    x = _array(sizes, "sizes").ravel()
+    y = _array(influence, "influence").ravel()
+    if x.shape != y.shape:
+        raise ShapeError(f"sizes {x.shape} and influence {y.shape} need one value per module.")
+    k = len(x)
+    ids = list(range(k)) if module_ids is None else [int(i) for i in module_ids]
+    labels = [f"module {i}" for i in ids] if names is None else list(names)
+    fig = _new_figure(4.2, 3.2 + (0.3 if title else 0))
+    ax = fig.subplots()
+    for j in range(k):
+        ax.scatter([x[j]], [y[j]], s=60, color=module_color(ids[j]), zorder=3)
+        ax.annotate(labels[j], (x[j], y[j]), textcoords="offset points", xytext=(6, 4),
+                    fontsize=8, color=module_color(ids[j]))
+    if k >= 2 and np.ptp(x) > 0:
+        slope, icpt = np.polyfit(x, y, 1)
+        xs = np.linspace(0, x.max() * 1.1, 50)
+        ax.plot(xs, slope * xs + icpt, "--", color="#777777", linewidth=1,
+                label="linear fit")
+        ax.legend(fontsize=8, loc="lower right")
+    ax.set_xlim(0, max(float(x.max()) * 1.15, 1.0))
+    ax.set_ylim(0, max(float(y.max()) * 1.2, 1e-6))
+    ax.set_xlabel("channels in the module")
+    ax.set_ylabel("module influence (mean |hybrid - Original 1|)")
+    ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+# ---------------------------------------------------------------------- output
+def figure_to_png(fig: Figure, dpi: int = 100) -> bytes:
+    """The figure as PNG bytes (e.g. for a ``data:image/png;base64`` URL)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    return buf.getvalue()
+
+
+def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 100) -> Path:
+    """Write ``fig`` as a PNG to ``path`` atomically (temp file + rename); returns the path."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(figure_to_png(fig, dpi))
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,286 @@
+"""The self-contained HTML report of an analysis, and its figures as PNG files.
+
+:func:`make_figures` turns an :class:`~cfmodules.analysis.AnalysisResult` into matplotlib
+figures (see :mod:`cfmodules.plots`); :func:`render_html` lays PNG bytes out as one HTML
+page with every image embedded as ``data:image/png;base64`` (it opens offline, can be
+mailed, and needs no other file); :func:`write_report` does both and writes
+``report.html`` and the PNGs to a folder.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import os
+import platform
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from cfmodules import plots
+
+if TYPE_CHECKING:  # pragma: no cover
+    from matplotlib.figure import Figure
+
+    from cfmodules.analysis import AnalysisResult
+
+__all__ = ["make_figures", "render_html", "write_report", "FIGURES"]
+
+FIGURES = {
+    "templates": "Modules at a glance: the template of each module, alone and over the mean "
+                 "sample",
+    "hybrids": "Hybrids: Original 1 with the channels of one module taken from Original 2",
+    "influence_maps": "Influence maps of the channels, grouped by module (strongest first)",
+    "stability": "Stability of the clustering against K (Fig. 9 of the paper)",
+    "module_influence": "Influence of each module against its number of channels",
+    "samples": "Samples of the model",
+}
+"""Figure name (PNG file stem) -> caption. Per-module hybrid grids are ``hybrids_module_k``."""
+
+
+def _float_images(images: np.ndarray) -> np.ndarray:
+    return np.asarray(images, dtype=np.float32) / 255.0
+
+
+def make_figures(result: AnalysisResult) -> dict[str, Figure]:
+    """Every figure of the report, by name (see :data:`FIGURES`).
+
+    Returns
+    -------
+    dict str -> matplotlib.figure.Figure
+        ``templates``, ``hybrids``, ``hybrids_module_0`` .. ``hybrids_module_{K-1}``,
+        ``influence_maps``, ``stability`` (when the sweep ran), ``module_influence``,
+        ``samples``.
+    """
+    names = result.module_names
+    sizes = result.module_sizes
+    labels = result.labels
+    o1, o2 = _float_images(result.original1), _float_images(result.original2)
+    hy = _float_images(result.hybrids)
+    weight = result.weights[np.arange(len(labels)), labels]
+    figs: dict[str, Figure] = {
+        "templates": plots.plot_templates(result.templates, background=result.mean_image,
+                                          names=names, sizes=sizes),
+        "hybrids": plots.plot_hybrid_grid(o1, o2, hy, module_names=names,
+                                          templates=result.templates),
+    }
+    for k in range(result.n_modules):
+        figs[f"hybrids_module_{k}"] = plots.plot_hybrid_grid(
+            o1, o2, hy[k:k + 1], module_names=[names[k]], module_ids=[k],
+            templates=result.templates[k:k + 1])
+    figs["influence_maps"] = plots.plot_influence_maps(
+        result.maps, labels, names=result.unit_names, module_names=names, order=weight)
+    if result.stability is not None:
+        figs["stability"] = plots.plot_stability(result.stability,
+                                                 chosen_k=result.n_modules)
+    figs["module_influence"] = plots.plot_module_influence(sizes, result.module_influence,
+                                                           names=names)
+    figs["samples"] = plots.plot_images(_float_images(result.samples))
+    return figs
+
+
+_CSS = """
+body{font-family:-apple-system,'Segoe UI',Helvetica,Arial,sans-serif;max-width:1100px;
+margin:24px auto;padding:0 16px;color:#222;line-height:1.45}
+h1{font-size:1.6em;margin-bottom:.2em}h2{margin-top:1.8em;border-bottom:1px solid #ddd;
+padding-bottom:.2em}h3{margin-bottom:.3em}
+.lead{font-size:1.05em;color:#444}figure{margin:.6em 0 1.4em 0}
+figure img{max-width:100%;height:auto;border:1px solid #eee}
+figcaption{font-size:.9em;color:#555;margin-top:.3em}
+table{border-collapse:collapse;margin:.5em 0 1em 0;font-size:.92em}
+td,th{border:1px solid #ddd;padding:4px 10px;text-align:left}th{background:#f6f6f6}
+td.num{text-align:right;font-variant-numeric:tabular-nums}
+.sw{display:inline-block;width:.9em;height:.9em;border-radius:2px;vertical-align:-1px;
+margin-right:6px}code,pre{background:#f4f4f4;border-radius:3px;padding:1px 4px}
+pre{padding:8px;overflow-x:auto}.note{color:#666;font-size:.9em}
+"""
+
+
+def _img(png: bytes, alt: str) -> str:
+    data = base64.b64encode(png).decode("ascii")
+    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
+
+
+def _figure(pngs: Mapping[str, bytes], name: str, caption: str) -> str:
+    if name not in pngs:
+        return ""
+    return (f"<figure>{_img(pngs[name], caption)}<figcaption>{html.escape(caption)}"
+            f"</figcaption></figure>")
+
+
+def _rows(pairs: list[tuple[str, str]]) -> str:
+    return "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>"
+                   for k, v in pairs)
+
+
+def render_html(result: AnalysisResult, pngs: Mapping[str, bytes], *,
+                command: str | None = None, files: Mapping[str, str] | None = None) -> str:
+    """The report as one HTML string, every image embedded.
+
+    Parameters
+    ----------
+    result : AnalysisResult
+    pngs : dict name -> PNG bytes
+        The figures (names of :data:`FIGURES` and ``hybrids_module_k``); missing ones are
+        left out.
+    command : str, optional
+        The command line that made the analysis, shown so it can be rerun.
+    files : dict name -> description, optional
+        The files written next to the report.
+
+    Returns
+    -------
+    str
+    """
+    s = result.settings
+    e = html.escape
+    k = result.n_modules
+    n_units = len(result.labels)
+    title = f"cfmodules report: {result.model}, layer{'s' if len(result.layers) > 1 else ''} " \
+            f"{' + '.join(result.layers)}"
+    out = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+           f"<title>{e(title)}</title><style>{_CSS}</style></head><body>",
+           f"<h1>{e(title)}</h1>"]
+    out.append(
+        f"<p class='lead'>The {n_units} channels of {e(' and '.join(result.layers))} were "
+        f"each swapped between {s.n_pairs} pairs of samples (Original 1 takes the channel's "
+        f"value from Original 2); the mean change of the image is the channel's "
+        f"<em>influence map</em>. Clustering the maps ({e(s.method.upper() if s.method == 'nmf' else 'k-means')}"
+        f", K={k}) groups the channels into <em>modules</em>; swapping a whole module gives "
+        f"a <em>hybrid</em>. The name of each module says where its template lies in the "
+        f"image.</p>")
+    # module table
+    infl = result.module_influence
+    rows = []
+    for j, (name, size) in enumerate(zip(result.module_names, result.module_sizes)):
+        layers = ", ".join(f"{la}: {len(ch)}" for la, ch in result.modules[j].items())
+        rows.append(
+            f"<tr><td><span class='sw' style='background:{plots.module_color(j)}'></span>"
+            f"{e(name)}</td><td class='num'>{int(size)}</td><td>{e(layers)}</td>"
+            f"<td class='num'>{infl[j]:.4f}</td></tr>")
+    out.append("<table><tr><th>module</th><th>channels</th><th>per layer</th>"
+               "<th>influence</th></tr>" + "".join(rows) + "</table>")
+    sk = result.suggested_k()
+    if sk is not None:
+        verdict = ("the K used here" if sk == k else
+                   f"K={k} was used; rerun with <code>--k {sk}</code> to compare")
+        out.append(f"<p>The stability sweep suggests K={sk} ({verdict}); see "
+                   f"<a href='#stability'>Choosing K</a>.</p>")
+
+    out.append("<h2>Modules at a glance</h2>")
+    out.append(_figure(pngs, "templates", FIGURES["templates"]))
+    out.append(_figure(pngs, "hybrids", FIGURES["hybrids"] + ". Each column is one pair; "
+                       "the hybrids of new pairs, not used to compute the maps."))
+
+    out.append("<h2>Hybrids, one module at a time</h2>")
+    for j in range(k):
+        out.append(f"<h3 style='color:{plots.module_color(j)}'>{e(result.module_names[j])}"
+                   f" ({int(result.module_sizes[j])} channels)</h3>")
+        out.append(_figure(pngs, f"hybrids_module_{j}",
+                           "Original 1, Original 2, and Original 1 with this module's "
+                           "channels from Original 2"))
+
+    out.append("<h2>Influence maps</h2>")
+    out.append(_figure(pngs, "influence_maps", FIGURES["influence_maps"] + "; each map is "
+                       "scaled to its own maximum, captions give layer[channel]."))
+
+    out.append("<h2 id='stability'>Choosing K</h2>")
+    if result.stability is not None:
+        st = result.stability
+        out.append(_figure(pngs, "stability", FIGURES["stability"] + f": {st.consistency.shape[-1]} "
+                           "random splits of the channels in three; two clusterings on two "
+                           "thirds each, compared on the shared third. Error bars: standard "
+                           "deviation over splits. Dashed line: the K used."))
+        mc, sc = st.mean("consistency"), st.std("consistency")
+        mo, so = st.mean("cosine"), st.std("cosine")
+        head = "".join(f"<th>{e(m)} consistency</th><th>{e(m)} cosine</th>" for m in st.methods)
+        body = ""
+        for jj, kk in enumerate(st.ks):
+            cells = "".join(f"<td class='num'>{mc[i, jj]:.3f} &plusmn; {sc[i, jj]:.3f}</td>"
+                            f"<td class='num'>{mo[i, jj]:.3f} &plusmn; {so[i, jj]:.3f}</td>"
+                            for i in range(len(st.methods)))
+            body += f"<tr><td class='num'>{int(kk)}</td>{cells}</tr>"
+        out.append(f"<table><tr><th>K</th>{head}</tr>{body}</table>")
+        out.append("<p class='note'>A good K keeps both high; the suggestion is the largest K "
+                   "whose consistency &times; cosine is within 0.02 of the best.</p>")
+    else:
+        out.append("<p class='note'>The stability sweep was not run.</p>")
+
+    out.append("<h2>Module influence</h2>")
+    out.append(_figure(pngs, "module_influence", FIGURES["module_influence"] + " (all its "
+                       "channels swapped together; dashed: least-squares line, as in Fig. 8 "
+                       "right of the paper)."))
+
+    out.append("<h2>Samples</h2>")
+    out.append(_figure(pngs, "samples", FIGURES["samples"]))
+
+    out.append("<h2>Settings</h2>")
+    settings = [(key, str(v)) for key, v in s.to_dict().items()]
+    out.append("<table>" + _rows([("model", result.model), ("model spec", result.model_spec),
+                                  ("layers", ", ".join(result.layers))] + settings) + "</table>")
+    if command:
+        out.append(f"<p>Command:</p><pre>{e(command)}</pre>")
+    out.append("<h3>Timings</h3>")
+    total = sum(result.timings.values())
+    out.append("<table>" + _rows([(key, f"{v:.1f} s") for key, v in result.timings.items()]
+                                 + [("total", f"{total:.1f} s")]) + "</table>")
+    out.append("<h3>Versions</h3>")
+    out.append("<table>" + _rows(_versions(result)) + "</table>")
+    if files:
+        out.append("<h3>Files</h3><table>" + _rows(list(files.items())) + "</table>")
+    out.append("<p class='note'>Method: Besserve, Mehrjou, Sun, Sch&ouml;lkopf, "
+               "<em>Counterfactuals uncover the modular structure of deep generative "
+               "models</em>, ICLR 2020.</p></body></html>")
+    return "\n".join(x for x in out if x)
+
+
+def _versions(result: AnalysisResult) -> list[tuple[str, str]]:
+    import sklearn
+    import torch
+
+    return [("cfmodules", result.version or "?"), ("created", result.created or "?"),
+            ("python", platform.python_version()), ("torch", torch.__version__),
+            ("numpy", np.__version__), ("scikit-learn", sklearn.__version__),
+            ("platform", platform.platform(terse=True))]
+
+
+def write_report(result: AnalysisResult, out_dir: str | os.PathLike, *,
+                 command: str | None = None, dpi: int = 100,
+                 files: Mapping[str, str] | None = None) -> Path:
+    """Write ``report.html`` and every figure as ``<name>.png`` into ``out_dir``.
+
+    Parameters
+    ----------
+    result : AnalysisResult
+    out_dir : path
+        Created if missing.
+    command : str, optional
+        The command line, shown in the report.
+    dpi : int, default 100
+    files : dict name -> description, optional
+        Other files of the folder, listed in the report.
+
+    Returns
+    -------
+    Path
+        The report's path.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pngs: dict[str, bytes] = {}
+    listed = dict(files or {})
+    for name, fig in make_figures(result).items():
+        pngs[name] = plots.figure_to_png(fig, dpi)
+        _atomic_write(out / f"{name}.png", pngs[name])
+        listed.setdefault(f"{name}.png", FIGURES.get(name, "hybrids of one module"))
+    path = out / "report.html"
+    _atomic_write(path, render_html(result, pngs, command=command, files=listed).encode())
+    return path
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)

@@ -1,0 +1,99 @@
+"""Influence maps sharded across 2 CPU ranks with gloo equal the single-process maps."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from cfmodules import zoo
+from cfmodules.errors import ConfigError
+from cfmodules.influence import influence_maps
+from cfmodules.influence.distributed import (
+    distributed_influence_maps,
+    shard,
+    shard_checkpoint,
+)
+from cfmodules.results import InfluenceResult
+
+SETTINGS = dict(n_pairs=6, seed=3, pairs_per_block=4, progress=False)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, out: str, channels, ckpt) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
+                            rank=rank, world_size=world_size)
+    try:
+        ad = zoo.load("planted-conv")
+        res = distributed_influence_maps(ad, "main.3", channels, checkpoint=ckpt, **SETTINGS)
+        if rank == 0:
+            res.save(out)
+    finally:
+        dist.destroy_process_group()
+
+
+def _run(world_size, tmp_path, channels=None, ckpt=None) -> InfluenceResult:
+    out = str(tmp_path / f"maps{world_size}.npz")
+    mp.spawn(_worker, args=(world_size, _free_port(), out, channels, ckpt),
+             nprocs=world_size, join=True)
+    return InfluenceResult.load(out)
+
+
+def test_shards_cover_every_channel_once():
+    for n in (0, 1, 5, 128):
+        for w in (1, 2, 3, 7):
+            got = [i for r in range(w) for i in shard(n, r, w)]
+            assert got == list(range(n))
+    with pytest.raises(ConfigError):
+        shard(4, 2, 2)
+    assert shard_checkpoint("/x/maps.npz", 1, 4).name == "maps.rank1of4.npz"
+
+
+def test_distributed_two_gloo_ranks_equal_single_process(tmp_path):
+    single = influence_maps(zoo.load("planted-conv"), "main.3", **SETTINGS)
+    two = _run(2, tmp_path, ckpt=str(tmp_path / "ck.npz"))
+    assert two.names == single.names and two.n_pairs == single.n_pairs
+    np.testing.assert_allclose(two.maps, single.maps, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(two.stderr, single.stderr, rtol=1e-4, atol=1e-7)
+    assert two.settings["world_size"] == 2
+    # each rank kept its own checkpoint
+    assert (tmp_path / "ck.rank0of2.npz").exists() and (tmp_path / "ck.rank1of2.npz").exists()
+
+
+def test_distributed_channel_subset_with_more_ranks_than_channels(tmp_path):
+    single = influence_maps(zoo.load("planted-conv"), "main.3", [5, 1], **SETTINGS)
+    three = _run(3, tmp_path, channels=[5, 1])
+    assert list(three.channels) == [5, 1]
+    np.testing.assert_allclose(three.maps, single.maps, rtol=1e-5, atol=1e-7)
+
+
+def test_without_a_process_group_it_is_influence_maps():
+    ad = zoo.load("planted-conv")
+    a = distributed_influence_maps(ad, "main.3", [0, 2], **SETTINGS)
+    b = influence_maps(ad, "main.3", [0, 2], **SETTINGS)
+    np.testing.assert_array_equal(a.maps, b.maps)
+
+
+@pytest.mark.slow
+def test_distributed_analyze_runs_under_torchrun(tmp_path):
+    """`cfmodules analyze` under torchrun with 2 gloo ranks writes one set of results."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           "-m", "cfmodules", "analyze", "--model", "planted-conv", "--layer", "main.3",
+           "--pairs", "4", "--k", "3", "--stability-repeats", "2", "--out", str(tmp_path / "o")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "o" / "report.html").exists()

@@ -1,0 +1,213 @@
+"""analyze() on a planted generator, AnalysisResult files, and the HTML report."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import adjusted_rand_score
+
+from cfmodules import zoo
+from cfmodules.analysis import (
+    AnalysisResult,
+    AnalysisSettings,
+    analyze,
+    default_layer,
+    make_hybrids,
+    template_location,
+)
+from cfmodules.errors import ConfigError, LayerNotFoundError, ResultFileError
+from cfmodules.hybrid import hybridize
+from cfmodules.report import FIGURES, make_figures, render_html, write_report
+from cfmodules.results import write_npz
+from report_helpers import blob, fake_result
+
+SMALL = dict(n_pairs=4, stability_ks=(2, 3), stability_repeats=1, n_samples=4, n_hybrids=3)
+
+
+@pytest.fixture(scope="module")
+def planted():
+    adapter = zoo.load("planted-conv")
+    return adapter, analyze(adapter, progress=False, **SMALL)
+
+
+# ---------------------------------------------------------------------- analyze
+def test_analyze_recovers_the_planted_modules(planted):
+    adapter, r = planted
+    assert r.layers == [adapter.generator.layer] == ["main.3"]
+    assert adjusted_rand_score(r.labels, adapter.generator.true_labels()) == 1.0
+    assert r.maps.shape == (24, 16, 16) and r.templates.shape == (3, 16, 16)
+    assert r.module_sizes.tolist() == [8, 8, 8]
+    assert r.suggested_k() == 3
+    assert set(r.timings) == {"samples", "influence_maps", "clustering", "module_influence",
+                              "stability", "hybrids"}
+
+
+def test_analyze_hybrids_are_real_hybrids_of_new_pairs(planted):
+    adapter, r = planted
+    # pairs n_pairs .. n_pairs + n_hybrids - 1 of the seed's stream
+    z = adapter.sample_latents(2 * 3, seed=0, start=2 * SMALL["n_pairs"])
+    z1, z2 = z[0::2], z[1::2]
+    want = hybridize(adapter, z1, z2, r.modules[1])
+    got = torch.from_numpy(r.hybrids[1].astype(np.float32) / 255)
+    assert (got - adapter.to_unit(want)).abs().max() <= 0.5 / 255 + 1e-6
+    assert r.original1.shape == r.original2.shape == (3, 3, 16, 16)
+    assert r.samples.dtype == np.uint8 and r.samples.shape == (4, 3, 16, 16)
+
+
+def test_module_maps_measure_whole_modules(planted):
+    _, r = planted
+    # each planted module paints only its region: its map is zero outside the template area
+    for k in range(3):
+        inside = r.templates[k] > 0.5
+        assert r.module_maps[k][inside].mean() > 5 * r.module_maps[k][~inside].mean()
+    np.testing.assert_allclose(r.module_influence, r.module_maps.mean(axis=(1, 2)), rtol=1e-6)
+
+
+def test_two_layer_analysis_clusters_both_layers_together():
+    adapter = zoo.load("planted-conv")
+    r = analyze(adapter, ["main.1", "main.3"], progress=False, n_pairs=4, stability_ks=(),
+                n_samples=2, n_hybrids=2)
+    assert len(r.labels) == 48 and r.stability is None
+    for module in r.modules:
+        assert set(module) == {"main.1", "main.3"}
+        # the same planted group in both layers
+        assert module["main.1"] == module["main.3"]
+
+
+def test_analyze_is_deterministic(planted):
+    adapter, r = planted
+    again = analyze(adapter, progress=False, **SMALL)
+    np.testing.assert_array_equal(again.labels, r.labels)
+    np.testing.assert_array_equal(again.hybrids, r.hybrids)
+    np.testing.assert_allclose(again.maps, r.maps)
+
+
+def test_analyze_bad_input_fails_before_work():
+    adapter = zoo.load("planted-conv")
+    with pytest.raises(ConfigError, match="more than the 24 channels"):
+        analyze(adapter, n_modules=25, progress=False)
+    with pytest.raises(ConfigError, match="two-thirds"):
+        analyze(adapter, stability_ks=(2, 30), progress=False)
+    with pytest.raises(LayerNotFoundError, match="main.3"):
+        analyze(adapter, "main.33", progress=False)
+    with pytest.raises(ConfigError, match="Did you mean 'n_pairs'"):
+        analyze(adapter, n_pair=4, progress=False)
+    with pytest.raises(ConfigError, match="GeneratorAdapter"):
+        analyze(adapter.generator)
+    with pytest.raises(ConfigError, match="method"):
+        AnalysisSettings(method="pca")
+
+
+def test_checkpoints_make_a_rerun_resume(tmp_path):
+    adapter = zoo.load("planted-conv")
+    first = analyze(adapter, progress=False, checkpoint_dir=tmp_path, **SMALL)
+    files = list(tmp_path.glob("eim_*.npz"))
+    assert len(files) == 1
+    second = analyze(adapter, progress=False, checkpoint_dir=tmp_path, **SMALL)
+    np.testing.assert_array_equal(first.maps, second.maps)
+
+
+def test_default_layer():
+    assert default_layer(zoo.load("planted-conv")) == "main.3"
+
+    from cfmodules import GeneratorAdapter
+
+    gen = torch.nn.Sequential(torch.nn.ConvTranspose2d(2, 4, 2), torch.nn.ReLU())
+    with pytest.raises(ConfigError, match=r"no default layer.*0 \(4x2x2\)"):
+        default_layer(GeneratorAdapter(gen, (2, 1, 1)))
+
+
+def test_make_hybrids_empty_module_gives_original1():
+    adapter = zoo.load("planted-conv")
+    o1, o2, hy = make_hybrids(adapter, [{}, {"main.3": list(range(24))}], n=2, seed=3)
+    np.testing.assert_array_equal(hy[0], o1)
+    np.testing.assert_array_equal(hy[1], o2)  # every channel of the last hidden layer
+    with pytest.raises(ConfigError):
+        make_hybrids(adapter, [{}], n=0)
+
+
+@pytest.mark.parametrize("where, name", [
+    ((0.5, 0.5), "centre"), ((0.5, 0.05), "left side"), ((0.5, 0.95), "right side"),
+    ((0.05, 0.5), "top"), ((0.95, 0.95), "bottom-right"),
+])
+def test_template_location(where, name):
+    assert template_location(blob(*where, r=0.12)) == name
+
+
+def test_template_location_border_and_nothing():
+    ring = np.ones((8, 8))
+    ring[2:6, 2:6] = 0
+    assert template_location(ring) == "border"
+    assert template_location(np.zeros((4, 4))) == "nowhere"
+
+
+# ---------------------------------------------------------------------- files
+def test_result_roundtrip_and_plain_numpy(tmp_path, planted):
+    _, r = planted
+    path = r.save(tmp_path / "results.npz")
+    back = AnalysisResult.load(path)
+    for name in ("maps", "labels", "templates", "weights", "module_maps", "hybrids", "samples"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(r, name))
+    assert back.modules == r.modules and back.settings == r.settings
+    np.testing.assert_array_equal(back.stability.consistency, r.stability.consistency)
+    with np.load(path, allow_pickle=False) as f:
+        header = json.loads(str(f["header"]))
+        assert header["kind"] == "analysis" and header["modules"] == r.modules
+        assert f["maps"].shape == (24, 16, 16) and f["labels"].dtype == np.int64
+        assert f["stability_consistency"].shape == (2, 2, 1)
+        assert [str(x) for x in f["unit_layer"][:2]] == ["main.3", "main.3"]
+
+
+def test_load_rejects_other_files(tmp_path):
+    other = write_npz(tmp_path / "eim.npz", {"maps": np.zeros((1, 2, 2))}, {"kind": "influence"})
+    with pytest.raises(ResultFileError, match="not 'analysis'"):
+        AnalysisResult.load(other)
+    incomplete = write_npz(tmp_path / "bad.npz", {"maps": np.zeros((1, 2, 2))},
+                           {"kind": "analysis"})
+    with pytest.raises(ResultFileError, match="incomplete"):
+        AnalysisResult.load(incomplete)
+    with pytest.raises(ResultFileError):
+        AnalysisResult.load(tmp_path / "missing.npz")
+
+
+def test_repr_is_readable(planted):
+    text = repr(planted[1])
+    assert text.startswith("AnalysisResult(model='planted-conv', layers=['main.3'], 24 units")
+    assert "module 0: " in text and "suggested K=3" in text
+
+
+# ---------------------------------------------------------------------- report
+def test_make_figures_names():
+    figs = make_figures(fake_result(k=2))
+    assert set(figs) == set(FIGURES) | {"hybrids_module_0", "hybrids_module_1"}
+    assert "stability" not in make_figures(fake_result(k=2, stability=False))
+
+
+def test_report_is_self_contained(tmp_path):
+    result = fake_result(k=2)
+    path = write_report(result, tmp_path / "out", command="cfmodules analyze --out out")
+    html = path.read_text()
+    srcs = re.findall(r'src="([^"]+)"', html)
+    assert srcs and all(s.startswith("data:image/png;base64,") for s in srcs)
+    for s in srcs:
+        assert base64.b64decode(s.split(",", 1)[1])[:4] == b"\x89PNG"
+    assert "href=\"http" not in html and "<script" not in html
+    for text in ("module 0: centre", "module 1: left side", "Original 1", "Choosing K",
+                 "cfmodules analyze --out out", "0.0.test", "influence_maps"):
+        assert text in html
+    pngs = sorted(p.name for p in (tmp_path / "out").glob("*.png"))
+    assert pngs == sorted(f"{n}.png" for n in make_figures(result))
+    assert not list((tmp_path / "out").glob(".*tmp"))
+
+
+def test_render_html_skips_missing_figures_and_escapes():
+    result = fake_result(k=2, stability=False)
+    result.model = "<b>gan</b>"
+    html = render_html(result, {})
+    assert "<b>gan</b>" not in html and "&lt;b&gt;gan&lt;/b&gt;" in html
+    assert "<img" not in html and "not run" in html
