@@ -3,7 +3,8 @@
 Influence maps are means over many pairs; their standard error needs the variance. Both
 are kept as running statistics per unit and pixel, so memory does not grow with the
 number of pairs. Within a block of pairs, float64 sums and sums of squares are
-accumulated (:class:`BlockSums`, cheap per chunk); each finished block is merged into the
+accumulated (:class:`BlockSums`, cheap per chunk, each chunk's partial sums taken in the
+input's precision); each finished block is merged into the
 running mean and M2 with Chan et al.'s parallel formula, in a fixed order, so the result
 does not depend on how a block was chunked beyond float64 rounding.
 """
