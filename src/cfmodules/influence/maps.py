@@ -200,8 +200,7 @@ def _rows(n_units: int, pairs: slice, device: torch.device) -> torch.Tensor:
 def _abs_diff(out: torch.Tensor, y: torch.Tensor, n_units: int) -> torch.Tensor:
     """``|out - y|`` averaged over colour channels, as ``(u, p, H, W)``."""
     out = out.view(n_units, y.shape[0], *out.shape[1:])
-    diff = torch.linalg.vector_norm(out - y.unsqueeze(0), ord=1, dim=2)  # sum of |.|
-    return diff.div_(out.shape[2])
+    return (out - y.unsqueeze(0)).abs_().mean(dim=2)
 
 
 def _state_rows(split: FastSplit, state: SplitState, n_units: int, pairs: slice,
