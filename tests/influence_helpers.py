@@ -23,6 +23,7 @@ __all__ = [
     "conditional_adapter",
     "nan_adapter",
     "naive_maps",
+    "wide_convt_adapter",
 ]
 
 
@@ -206,3 +207,18 @@ def naive_maps(adapter: GeneratorAdapter, modules: list[dict], n_pairs: int, see
         h = hybridize(adapter, z1, z2, module)
         out.append((h - y).abs().mean(1).double().mean(0).numpy())
     return np.stack(out)
+
+
+def wide_convt_adapter() -> GeneratorAdapter:
+    """A last ConvTranspose2d with few outputs (2 x 4 x 4 <= 32 inputs): the GEMM suffix."""
+    model = nn.Sequential(
+        nn.ConvTranspose2d(4, 32, 4, 1, 0, bias=False),
+        nn.BatchNorm2d(32),
+        nn.ReLU(True),                               # 2: 32x4x4
+        nn.ConvTranspose2d(32, 32, 4, 2, 1, bias=False),
+        nn.BatchNorm2d(32),
+        nn.ReLU(True),                               # 5: 32x8x8
+        nn.ConvTranspose2d(32, 2, 4, 2, 1),
+        nn.Tanh(),
+    )
+    return GeneratorAdapter(_init(model, 6), (4, 1, 1), name="wide-convt")

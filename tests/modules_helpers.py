@@ -13,10 +13,12 @@ __all__ = ["naive_influence_maps", "block_maps"]
 def naive_influence_maps(adapter, layer: str, n_pairs: int = 32, seed: int = 0) -> np.ndarray:
     """EIM_c = mean over pairs and colour channels of |hybrid_c - Original 1| (eq. 2), (C, H, W).
 
-    The reference implementation: one hybridize call per channel.
+    The reference implementation: one hybridize call per channel. Pair p is samples 2p
+    (Original 1) and 2p+1 (Original 2) of the stream ``seed``, as in
+    ``cfmodules.influence.influence_maps``.
     """
     z = adapter.sample_latents(2 * n_pairs, seed=seed)
-    z1, z2 = z[:n_pairs], z[n_pairs:]
+    z1, z2 = z[0::2], z[1::2]
     original = adapter.generate(z1)
     n_channels = next(i.channels for i in adapter.layers() if i.name == layer)
     maps = []

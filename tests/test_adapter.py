@@ -220,3 +220,26 @@ def test_encoder_roundtrip_and_missing_encoder(tiny):
     with pytest.raises(ShapeError):
         ad.encode(torch.randn(4, 4))
     assert 0 <= float(ad.to_unit(torch.tensor([-10.0, 0.0, 10.0]))[1]) == 0.5
+
+
+def test_each_call_of_a_shared_module_has_its_own_shape():
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(4, 2, 1)
+            self.relu = nn.ReLU()
+
+        def forward(self, z):
+            return self.relu(self.a(self.relu(z)))
+
+    ad = GeneratorAdapter(Shared(), (4, 3, 3))
+    info = {i.name: i for i in ad.layers()}["relu"]
+    assert info.calls == 2 and info.call_shapes == ((4, 3, 3), (2, 3, 3))
+    assert ad.layer_shape("relu:1") == (2, 3, 3) and ad.layer_shape("relu") == (4, 3, 3)
+    with pytest.raises(LayerCallError, match="below 2"):
+        ad.layer_shape("relu:2")
+    from cfmodules.errors import ChannelError
+
+    with pytest.raises(ChannelError, match="out of range"):
+        with ad.intervene({"relu:1": ([3], torch.zeros(1, 1, 3, 3))}):
+            pass

@@ -282,3 +282,24 @@ def test_nan_original_is_reported():
 def test_errors_are_of_the_family():
     with pytest.raises(CfModulesError):
         influence_maps(hand_adapter(), "nope", **KW)
+
+
+# ---------------------------------------------------------------------- statistics
+def test_block_sums_and_chan_merge_equal_numpy_mean_and_variance():
+    from cfmodules.influence.stats import BlockSums, RunningStats
+
+    rng = np.random.default_rng(0)
+    x = rng.random((3, 23, 4)) * 5 + 100  # units x samples x pixels; large mean
+    stats = RunningStats(3, (4,))
+    for lo, hi in [(0, 1), (1, 8), (8, 9), (9, 23)]:  # blocks of 1, 7, 1 and 14 samples
+        block = BlockSums(3)
+        t = torch.from_numpy(x[:, lo:hi])
+        first, last = t[:2], t[2:]  # rows added through a slice and through an index
+        block.add(slice(0, 2), first.sum(1), (first * first).sum(1))
+        block.add(torch.tensor([2]), last.sum(1), (last * last).sum(1))
+        block.merge_into(stats, hi - lo)
+    np.testing.assert_allclose(stats.mean.numpy(), x.mean(1), rtol=1e-12)
+    var = stats.m2.numpy() / 22
+    np.testing.assert_allclose(var, x.var(1, ddof=1), rtol=1e-9)
+    np.testing.assert_allclose(stats.stderr().numpy(), np.sqrt(x.var(1, ddof=1) / 23), rtol=1e-9)
+    assert stats.count.tolist() == [23, 23, 23]

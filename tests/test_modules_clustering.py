@@ -13,7 +13,6 @@ from cfmodules.errors import ConfigError, NotFittedError, ShapeError
 from cfmodules.modules import (
     ModuleClustering,
     match_labels,
-    module_influence,
     module_sizes,
     preprocess,
 )
@@ -64,6 +63,7 @@ def test_reproducible_and_input_kinds_agree(method):
 
     fits = [ModuleClustering(3, method, random_state=7).fit(x)
             for x in (maps, torch.from_numpy(maps), Result(maps), maps)]
+    assert fits[2].layer_ == "main.8" and fits[0].layer_ is None
     for f in fits[1:]:
         assert np.array_equal(f.labels_, fits[0].labels_)
         np.testing.assert_allclose(f.templates_, fits[0].templates_, atol=1e-6)
@@ -182,12 +182,28 @@ def test_unthresholded_maps_can_be_clustered():
     assert match_labels(clust.labels_, truth)[0] == 1.0
 
 
-def test_module_sizes_and_influence():
+def test_module_sizes():
     assert module_sizes(np.array([0, 2, 2, 1, 2])).tolist() == [1, 1, 3]
     assert module_sizes(np.array([0, 0]), n_modules=3).tolist() == [2, 0, 0]
     with pytest.raises(ConfigError):
         module_sizes(np.array([0, 3]), n_modules=2)
     with pytest.raises(ShapeError):
         module_sizes(np.array([0.5, 1.0]))
-    module_maps = np.stack([np.full((2, 2), 1.0), np.array([[0.0, 2.0], [2.0, 4.0]])])
-    assert module_influence(module_maps).tolist() == [1.0, 2.0]
+
+
+def test_to_modules():
+    maps, _ = block_maps((2, 3), shape=(4, 6))
+
+    class Result:
+        def __init__(self, maps):
+            self.maps, self.layer = maps, "main.8"
+
+    clust = ModuleClustering(2, random_state=0)
+    with pytest.raises(NotFittedError):
+        clust.to_modules()
+    mods = clust.fit(Result(maps)).to_modules()
+    assert mods == [{"main.8": clust.modules_[k].tolist()} for k in range(2)]
+    assert all(isinstance(c, int) for m in mods for c in m["main.8"])
+    assert clust.to_modules("x")[0] == {"x": clust.modules_[0].tolist()}
+    with pytest.raises(ConfigError, match="no layer name"):
+        ModuleClustering(2, random_state=0).fit(maps).to_modules()

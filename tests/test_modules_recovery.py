@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score
 
+from cfmodules.hybrid import hybridize
+from cfmodules.influence import influence_maps, module_influence
 from cfmodules.modules import ModuleClustering, cluster_stability
 from cfmodules.zoo.planted import load_planted_conv, load_planted_model1
 from modules_helpers import naive_influence_maps
@@ -19,7 +21,18 @@ GENERATORS = {
 
 
 def influence(adapter, layer, seed):
-    return naive_influence_maps(adapter, layer, n_pairs=8, seed=seed)
+    """The influence result (maps (C, H, W), layer, influence) of cfmodules.influence."""
+    return influence_maps(adapter, layer, n_pairs=8, seed=seed, progress=False)
+
+
+@pytest.mark.parametrize("name", sorted(GENERATORS))
+def test_influence_maps_of_planted_generators_equal_the_naive_reference(name):
+    loader, kwargs = GENERATORS[name]
+    adapter = loader(seed=0, **kwargs)
+    result = influence(adapter, adapter.generator.layer, 0)
+    naive = naive_influence_maps(adapter, adapter.generator.layer, n_pairs=8, seed=0)
+    assert result.maps.shape == naive.shape
+    assert np.abs(result.maps - naive).max() <= 1e-5 * np.abs(naive).max()
 
 
 @pytest.mark.parametrize("name", sorted(GENERATORS))
@@ -32,11 +45,30 @@ def test_pipeline_recovers_planted_modules(name):
         maps = influence(adapter, gen.layer, seed)
         for method, got in scores.items():
             clust = ModuleClustering(gen.n_modules, method, random_state=seed).fit(maps)
+            assert clust.layer_ == gen.layer
             got.append(adjusted_rand_score(gen.true_labels(), clust.labels_))
     print(f"{name}: ARI nmf {np.round(scores['nmf'], 3).tolist()} "
           f"kmeans {np.round(scores['kmeans'], 3).tolist()}")
     assert min(scores["nmf"]) >= 0.95
     assert min(scores["kmeans"]) >= 0.95
+
+
+def test_found_modules_hybridize_and_influence_only_their_own_region():
+    adapter = load_planted_conv(seed=3)
+    gen = adapter.generator
+    clust = ModuleClustering(3, random_state=0).fit(influence(adapter, gen.layer, 3))
+    z = adapter.sample_latents(8, seed=9)
+    original = adapter.generate(z[:4])
+    regions = [gen.regions[gen.true_labels()[channels[0]]] for channels in clust.modules_]
+    for module, region in zip(clust.to_modules(), regions):
+        hybrid = hybridize(adapter, z[:4], z[4:], module)
+        changed = ((hybrid - original).abs().amax(dim=(0, 1)) > 0).numpy()
+        assert changed.any() and not (changed & ~region).any()
+    # Fig. 8 (right): each module's individual influence against its size
+    result = module_influence(adapter, clust.to_modules(), n_pairs=8, progress=False)
+    assert result.maps.shape == (3, 16, 16) and result.influence.shape == (3,)
+    for k, region in enumerate(regions):
+        assert result.maps[k][~region].max() == 0 and result.maps[k][region].max() > 0
 
 
 def test_wrong_k_does_not_recover():

@@ -52,6 +52,8 @@ class LayerInfo:
         ``shape[0]``, the number of units that can be intervened on.
     calls : int
         How many times the module ran in one forward (more than 1 needs a ``:k`` suffix).
+    call_shapes : tuple
+        The output shape of each call (``call_shapes[k]`` is that of ``name:k``).
     """
 
     name: str
@@ -59,6 +61,7 @@ class LayerInfo:
     shape: tuple[int, ...] | None
     channels: int | None
     calls: int = 1
+    call_shapes: tuple[tuple[int, ...] | None, ...] = ()
 
     def __str__(self) -> str:
         shape = "x".join(map(str, self.shape)) if self.shape else "-"
@@ -323,16 +326,14 @@ class GeneratorAdapter:
     def layers(self) -> list[LayerInfo]:
         """Every named submodule with its output shape and channel count (one dry forward)."""
         names = [n for n, _ in self.generator.named_modules() if n]
-        shapes: dict[str, tuple[int, ...] | None] = {}
-        calls: dict[str, int] = {}
+        shapes: dict[str, list[tuple[int, ...] | None]] = {}
         modules = dict(self.generator.named_modules())
         handles = []
 
         def make(name: str) -> Callable[[nn.Module, Any, Any], None]:
             def hook(module: nn.Module, inputs: Any, output: Any) -> None:
-                calls[name] = calls.get(name, 0) + 1
-                if name not in shapes:
-                    shapes[name] = tuple(output.shape[1:]) if isinstance(output, torch.Tensor) else None
+                shapes.setdefault(name, []).append(
+                    tuple(output.shape[1:]) if isinstance(output, torch.Tensor) else None)
             return hook
 
         z = self.sample_latents(1, seed=0)
@@ -345,21 +346,33 @@ class GeneratorAdapter:
             for h in handles:
                 h.remove()
         return [
-            LayerInfo(n, type(modules[n]).__name__, shapes[n],
-                      (shapes[n][0] if shapes[n] else None), calls[n])
+            LayerInfo(n, type(modules[n]).__name__, shapes[n][0],
+                      (shapes[n][0][0] if shapes[n][0] else None), len(shapes[n]),
+                      tuple(shapes[n]))
             for n in names if n in shapes
         ]
 
-    def _layer_channels(self, layer: str) -> int:
+    def layer_shape(self, layer: str) -> tuple[int, ...]:
+        """Per-sample output shape of ``layer`` (of call ``k`` for ``"path:k"``)."""
         info = {i.name: i for i in self.layers_cached()}
-        path = resolve_layer(self.generator, layer).path
-        shape = info[path].shape if path in info else None
+        ref = resolve_layer(self.generator, layer)
+        found = info.get(ref.path)
+        k = ref.call or 0
+        if found is not None and k >= found.calls:
+            raise LayerCallError(
+                f"Layer '{layer}' names call {k}, but '{ref.path}' ran {found.calls} time(s) "
+                f"in a forward; use a call index below {found.calls}."
+            )
+        shape = found.call_shapes[k] if found is not None else None
         if not shape:
             raise LayerNotFoundError(
                 f"Layer '{layer}' does not run in a forward of {self.name} or does not output "
                 "a tensor; choose one of adapter.layers()."
             )
-        return shape[0]
+        return shape
+
+    def _layer_channels(self, layer: str) -> int:
+        return self.layer_shape(layer)[0]
 
     def layers_cached(self) -> list[LayerInfo]:
         """:meth:`layers`, computed once per adapter."""

@@ -27,6 +27,7 @@ import torch
 from cfmodules.adapter import GeneratorAdapter
 from cfmodules.errors import ConfigError, ResultFileError, ShapeError, did_you_mean
 from cfmodules.hybrid import hybridize
+from cfmodules.influence.distributed import distributed_influence_maps, world
 
 __all__ = [
     "AnalysisSettings",
@@ -524,7 +525,7 @@ def analyze(
     model_spec: str | None = None,
     model_options: Mapping[str, Any] | None = None,
     **overrides: Any,
-) -> AnalysisResult:
+) -> AnalysisResult | None:
     """Run the whole analysis of sec. 3-4 of Besserve et al. (2020) on one or two layers.
 
     Parameters
@@ -551,7 +552,10 @@ def analyze(
 
     Returns
     -------
-    AnalysisResult
+    AnalysisResult, or None on ranks other than 0
+        Under ``torch.distributed`` (e.g. ``torchrun``), the channels' influence maps are
+        sharded across ranks (:mod:`cfmodules.influence.distributed`); rank 0 gathers
+        them, clusters and returns the result; the other ranks return None.
 
     Raises
     ------
@@ -603,13 +607,16 @@ def analyze(
             path = None
             if ckpt is not None:
                 path = ckpt / f"eim_{la}_pairs{s.n_pairs}_seed{s.seed}.npz"
-            out.append(influence_lib.influence_maps(
-                adapter, la, n_pairs=s.n_pairs, seed=s.seed, progress=progress,
+            out.append(distributed_influence_maps(
+                adapter, la, n_pairs=s.n_pairs, seed=s.seed, progress=progress and rank == 0,
                 checkpoint=path))
         return out
 
+    rank, _ = world()
     eim = steps.run("influence_maps", f"influence maps of {n_units} channels of "
                     f"{' + '.join(names)}, {s.n_pairs} pairs", eims)
+    if rank != 0:  # under torch.distributed, rank 0 alone clusters and reports
+        return None
     maps = np.concatenate([r.maps for r in eim])
     stderr = np.concatenate([r.stderr for r in eim])
     unit_layer = np.array([la for r, la in zip(eim, names) for _ in range(len(r))], dtype=str)

@@ -268,16 +268,28 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         raise ConfigError(f"--layer is given {len(args.layer)} times; give one layer, or two "
                           "for a two-layer intervention.")
     adapter = load_model(args.model, args.device, args.latent_shape)
-    out = _writable_dir(args.out)
+    import torch
+
+    from cfmodules.influence.distributed import init_from_env, world
+
+    if init_from_env(adapter.device):  # under torchrun: each rank takes a shard of channels
+        local = os.environ.get("LOCAL_RANK")
+        if adapter.device.type == "cuda" and local is not None:
+            adapter.generator.to(f"cuda:{local}")
+            adapter.device = torch.device(f"cuda:{local}")
+    rank, _ = world()
+    out = _writable_dir(args.out) if rank == 0 else Path(args.out)
     ckpt = out / "checkpoints"
     if args.fresh and ckpt.exists():
         for f in ckpt.glob("eim_*.npz"):
-            f.unlink()
+            f.unlink(missing_ok=True)  # under torchrun every rank clears
     t0 = time.perf_counter()
     result = analyze(adapter, args.layer, settings, checkpoint_dir=ckpt,
                      progress=not args.quiet, model_spec=_portable_spec(args.model),
                      model_options={"latent_shape": args.latent_shape}
                      if args.latent_shape else None)
+    if result is None:  # a rank other than 0 has done its share of the influence maps
+        return 0
     results_path = result.save(out / "results.npz")
     t_report = time.perf_counter()
     command = " ".join(shlex.quote(a) for a in [PROG, *args.argv])

@@ -50,6 +50,8 @@ class LinearPlan:
         times) where the generator is cut: hybrids start from its output.
     scale : Tensor or None
         ``(C_out,)`` BatchNorm scale ``weight / sqrt(running_var + eps)``, or None.
+    bn : nn.Module or None
+        The BatchNorm after ``op`` (the cut), or None.
     """
 
     layer: str
@@ -57,6 +59,12 @@ class LinearPlan:
     op_name: str
     cut: str
     scale: torch.Tensor | None
+    bn: nn.Module | None = None
+
+    def pre_activation(self, a: torch.Tensor) -> torch.Tensor:
+        """The value at the cut computed from the layer's output ``a``: ``bn(op(a))``."""
+        out = self.op(a)
+        return out if self.bn is None else self.bn(out)
 
     def weight(self) -> torch.Tensor:
         """The op's weight with the BatchNorm scale folded into its output channels."""
@@ -121,7 +129,7 @@ def find_linear_plan(adapter, layer: str) -> LinearPlan | None:  # noqa: ANN001 
     shape = info[ref.path].shape if ref.path in info else None
     if not shape or not _op_supported(op, len(shape) + 1):
         return None
-    cut_node, scale = op_node, None
+    cut_node, scale, bn_module = op_node, None, None
     if len(op_node.users) == 1:
         (bn_node,) = op_node.users
         if _single_input(bn_node, op_node):
@@ -130,13 +138,13 @@ def find_linear_plan(adapter, layer: str) -> LinearPlan | None:  # noqa: ANN001 
                     and bn.running_mean is not None):
                 w = bn.weight.detach() if bn.weight is not None else torch.ones_like(bn.running_var)
                 scale = w / torch.sqrt(bn.running_var.detach() + bn.eps)
-                cut_node = bn_node
+                cut_node, bn_module = bn_node, bn
     try:
         adapter.split(_call_name(gm, cut_node))
     except Exception:  # any failure to cut there: the general path is exact
         return None
     return LinearPlan(layer=layer, op=op, op_name=_call_name(gm, op_node),
-                      cut=_call_name(gm, cut_node), scale=scale)
+                      cut=_call_name(gm, cut_node), scale=scale, bn=bn_module)
 
 
 # ---------------------------------------------------------------------- contributions
@@ -178,35 +186,55 @@ def _fast_2d(op: nn.Module) -> bool:
             and not isinstance(op.padding, str) and op.padding_mode == "zeros")
 
 
+def prepare_weight(plan: LinearPlan, weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` in the layout :func:`single_channel_contributions` reads, once per run.
+
+    For a 2-d (transposed) convolution with groups 1: ``(C_in, C_out, kh * kw)``, flipped
+    for a transposed convolution; otherwise ``weight`` itself.
+    """
+    op = plan.op
+    if not _fast_2d(op):
+        return weight
+    if isinstance(op, nn.ConvTranspose2d):  # (C_in, C_out, kh, kw)
+        w = weight.flip(-1, -2)
+    else:  # (C_out, C_in, kh, kw)
+        w = weight.transpose(0, 1)
+    return w.reshape(w.shape[0], w.shape[1], -1).contiguous()
+
+
 def single_channel_contributions(plan: LinearPlan, weight: torch.Tensor, delta: torch.Tensor,
-                                 channels: torch.Tensor) -> torch.Tensor:
+                                 channels: torch.Tensor, base: torch.Tensor | None = None
+                                 ) -> torch.Tensor:
     """Contributions of single channels, for many channels and pairs at once.
 
     Parameters
     ----------
     plan : LinearPlan
     weight : Tensor
-        ``plan.weight()`` on the computation device.
+        ``prepare_weight(plan, plan.weight())`` on the computation device.
     delta : Tensor (P, C_in, ...)
         ``a(z2) - a(z1)`` at the layer.
     channels : LongTensor (U,)
+    base : Tensor (P, C_out, ...), optional
+        Added to every unit's contribution (the original pre-activation).
 
     Returns
     -------
     Tensor (U, P, C_out, ...)
-        Row ``[u, p]`` is the pre-activation change when only channel ``channels[u]`` of
-        pair ``p`` is swapped.
+        Row ``[u, p]`` is ``base[p]`` plus the pre-activation change when only channel
+        ``channels[u]`` of pair ``p`` is swapped.
     """
     op = plan.op
     d = delta.index_select(1, channels.to(delta.device)).transpose(0, 1)  # (U, P, ...)
-    n_units, n_pairs = d.shape[0], d.shape[1]
     if isinstance(op, nn.Linear):  # weight (C_out, C_in)
         w = weight.index_select(1, channels.to(weight.device)).t()  # (U, C_out)
-        return d.unsqueeze(-1) * w.unsqueeze(1)
-    if _fast_2d(op):
-        return _unfold_gemm(op, weight, d, channels).view(n_units, n_pairs, -1, *_out_hw(op, d))
-    out = [group_contribution(plan, weight, delta, channels[u:u + 1]) for u in range(n_units)]
-    return torch.stack(out)
+        out = d.unsqueeze(-1) * w.unsqueeze(1)
+    elif _fast_2d(op):
+        out = _unfold_gemm(op, weight, d, channels)
+    else:
+        out = torch.stack([group_contribution(plan, weight, delta, channels[u:u + 1])
+                           for u in range(d.shape[0])])  # weight is unprepared here
+    return out if base is None else out.add_(base.unsqueeze(0))
 
 
 def _out_hw(op: nn.Module, d: torch.Tensor) -> tuple[int, int]:
@@ -224,27 +252,42 @@ def _unfold_gemm(op: nn.Module, weight: torch.Tensor, d: torch.Tensor,
                  channels: torch.Tensor) -> torch.Tensor:
     """Single-input-channel (transposed) 2-d convolution as im2col + batched GEMM.
 
-    ``d`` is ``(U, P, H, W)``; returns ``(U, P, C_out, H_out * W_out)``. A transposed
+    ``d`` is ``(U, P, H, W)``; returns ``(U, P, C_out, H_out, W_out)``. A transposed
     convolution is a convolution of the zero-upsampled, padded input with the flipped
     kernel; for one input channel the im2col matrix is small and the GEMM writes each
     output once, which is much faster than a 1-input-channel convolution call.
     """
     n_units, n_pairs, h, w = d.shape
     k, s, p, dil = op.kernel_size, op.stride, op.padding, op.dilation
-    x = d.reshape(n_units * n_pairs, 1, h, w)
+    x = d.reshape(n_units * n_pairs, h, w)
     ch = channels.to(weight.device)
     if isinstance(op, nn.ConvTranspose2d):
         opad = op.output_padding
         if s != (1, 1):
-            up = x.new_zeros(x.shape[0], 1, (h - 1) * s[0] + 1, (w - 1) * s[1] + 1)
-            up[:, :, ::s[0], ::s[1]] = x
+            up = x.new_zeros(x.shape[0], (h - 1) * s[0] + 1, (w - 1) * s[1] + 1)
+            up[:, ::s[0], ::s[1]] = x
             x = up
         lo = [dil[i] * (k[i] - 1) - p[i] for i in range(2)]
         x = F.pad(x, (lo[1], lo[1] + opad[1], lo[0], lo[0] + opad[0]))
-        cols = F.unfold(x, k, dilation=dil)  # (R, kh*kw, L)
-        wk = weight.index_select(0, ch).flip(-1, -2)  # (U, C_out, kh, kw)
+        cols = _im2col(x, k, (1, 1), dil)
     else:
-        cols = F.unfold(x, k, dilation=dil, padding=p, stride=s)
-        wk = weight.index_select(1, ch).transpose(0, 1)  # (U, C_out, kh, kw)
-    wk = wk.reshape(n_units, 1, wk.shape[1], -1)
-    return torch.matmul(wk, cols.view(n_units, n_pairs, cols.shape[1], cols.shape[2]))
+        x = F.pad(x, (p[1], p[1], p[0], p[0]))
+        cols = _im2col(x, k, s, dil)
+    wk = weight.index_select(0, ch)  # prepared: (U, C_out, kh*kw)
+    ho, wo = _out_hw(op, d)
+    c_out = wk.shape[1]
+    cols = cols.view(n_units, n_pairs, cols.shape[1], cols.shape[2])
+    return torch.matmul(wk.unsqueeze(1), cols).view(n_units, n_pairs, c_out, ho, wo)
+
+
+def _im2col(x: torch.Tensor, k: tuple[int, int], s: tuple[int, int], d: tuple[int, int]
+            ) -> torch.Tensor:
+    """``(R, H, W)`` -> ``(R, kh * kw, H_out * W_out)`` columns of a strided, dilated window.
+
+    Same as ``F.unfold`` on one channel, built from strided views (``F.unfold`` is orders
+    of magnitude slower on CPU for one channel and a large batch).
+    """
+    v = x.unfold(1, d[0] * (k[0] - 1) + 1, s[0]).unfold(2, d[1] * (k[1] - 1) + 1, s[1])
+    v = v[..., ::d[0], ::d[1]]  # (R, H_out, W_out, kh, kw)
+    r, ho, wo = v.shape[:3]
+    return v.permute(0, 3, 4, 1, 2).reshape(r, k[0] * k[1], ho * wo)

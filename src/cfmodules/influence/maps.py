@@ -37,21 +37,25 @@ from cfmodules.adapter import ChannelSpec, GeneratorAdapter, channel_index
 from cfmodules.errors import ChannelError, CheckpointError, ConfigError, GeneratorOutputError
 from cfmodules.hooks import resolve_layer, resolve_layers
 from cfmodules.influence.checkpoint import load_checkpoint, model_fingerprint, save_checkpoint
+from cfmodules.influence.fastsplit import FastSplit
 from cfmodules.influence.linear import (
     LinearPlan,
     find_linear_plan,
     group_contribution,
+    prepare_weight,
     single_channel_contributions,
 )
-from cfmodules.influence.stats import RunningStats
+from cfmodules.influence.stats import BlockSums, RunningStats
 from cfmodules.results import InfluenceResult
 from cfmodules.split import SplitState
 
 __all__ = ["InfluenceSettings", "InfluenceProgress", "influence_maps", "module_influence",
            "pair_latents", "DEFAULT_MAX_BATCH_BYTES"]
 
-DEFAULT_MAX_BATCH_BYTES = 512 * 2**20
-"""Default memory budget of one batch of hybrids (512 MiB)."""
+DEFAULT_MAX_BATCH_BYTES = {"cpu": 64 * 2**20, "cuda": 1024 * 2**20}
+"""Default memory budget of one batch of hybrids per device type (other devices: CPU's).
+
+On CPU a batch whose tensors stay in the caches is faster than a large one."""
 
 _METHODS = ("auto", "split", "hook")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -194,12 +198,17 @@ def _abs_diff(out: torch.Tensor, y: torch.Tensor, n_units: int) -> torch.Tensor:
     return (out - y.unsqueeze(0)).abs_().mean(dim=2)
 
 
-def _state_rows(state: SplitState, rows: torch.Tensor, activation: torch.Tensor) -> SplitState:
-    """State of samples ``rows`` with a given (already row-expanded) activation."""
+def _state_rows(split: FastSplit, state: SplitState, n_units: int, pairs: slice,
+                activation: torch.Tensor) -> SplitState:
+    """State of rows ``u * P + p`` (pair ``p`` of ``pairs``) with a row-expanded activation."""
+    need_latent = split.needs_latent and state.latent is not None
+    if not state.frontier and not need_latent:
+        return SplitState(activation=activation)
+    rows = _rows(n_units, pairs, activation.device)
     return SplitState(
         activation=activation,
         frontier=tuple(f.index_select(0, rows.to(f.device)) for f in state.frontier),
-        latent=None if state.latent is None else L.select(state.latent, rows),
+        latent=L.select(state.latent, rows) if need_latent else None,
     )
 
 
@@ -208,13 +217,16 @@ class _SplitRunner(_Runner):
 
     def __init__(self, adapter: GeneratorAdapter, layer: str, units: list[_Unit]):
         self.adapter, self.layer, self.units = adapter, layer, units
-        self.split = adapter.split(layer)
+        self.split = FastSplit(adapter, layer)
         self.idx = [u.channels[layer].to(adapter.device) for u in units]
+        self.single = all(i.numel() == 1 for i in self.idx)
+        if self.single:
+            self.channels = torch.cat(self.idx)
 
     def begin_block(self, z1: L.Latent, z2: L.Latent, first_pair: int) -> None:
         self.state = self.split.prefix(z1)
         self.a2 = self.split.prefix(z2).activation
-        self.y = self.split.suffix(self.state, self.state.activation)
+        self.y = self.split.suffix(self.state, self.state.activation, owned=False)
         self._check_y(self.y, first_pair)
 
     def diffs(self, units: slice, pairs: slice) -> torch.Tensor:
@@ -223,10 +235,16 @@ class _SplitRunner(_Runner):
         rows = _rows(len(ids), pairs, self.state.activation.device)
         act = self.state.activation.index_select(0, rows)
         a2 = self.a2[pairs]
-        for k, u in enumerate(ids):
-            idx = self.idx[u]
-            act[k * n_p:(k + 1) * n_p, idx] = a2[:, idx]
-        out = self.split.suffix(_state_rows(self.state, rows, act), act)
+        if self.single:  # one indexing op: act[u, :, c_u] = a2[:, c_u]
+            ch = self.channels[units]
+            view = act.view(len(ids), n_p, *act.shape[1:])
+            view[torch.arange(len(ids), device=act.device), :, ch] = a2[:, ch].transpose(0, 1)
+        else:
+            for k, u in enumerate(ids):
+                idx = self.idx[u]
+                act[k * n_p:(k + 1) * n_p, idx] = a2[:, idx]
+        out = self.split.suffix(_state_rows(self.split, self.state, len(ids), pairs, act), act,
+                                owned=True)
         return _abs_diff(out, self.y[pairs], len(ids))
 
 
@@ -236,19 +254,24 @@ class _LinearRunner(_Runner):
     def __init__(self, adapter: GeneratorAdapter, plan: LinearPlan, units: list[_Unit]):
         self.adapter, self.plan, self.units = adapter, plan, units
         self.layer_split = adapter.split(plan.layer)
-        self.cut_split = adapter.split(plan.cut)
+        self.cut_split = FastSplit(adapter, plan.cut)
         self.weight = plan.weight().to(adapter.device)
         self.idx = [u.channels[plan.layer].to(adapter.device) for u in units]
         self.single = all(i.numel() == 1 for i in self.idx)
         if self.single:
             self.channels = torch.cat(self.idx) if self.idx else torch.zeros(0, dtype=torch.long)
+            self.prepared = prepare_weight(plan, self.weight)
 
     def begin_block(self, z1: L.Latent, z2: L.Latent, first_pair: int) -> None:
-        a1 = self.layer_split.prefix(z1).activation
-        a2 = self.layer_split.prefix(z2).activation
-        self.delta = a2 - a1
-        self.state = self.cut_split.prefix(z1)
-        self.y = self.cut_split.suffix(self.state, self.state.activation)
+        n = L.batch_size(z1)
+        a = self.layer_split.prefix(L.concat([z1, z2])).activation
+        self.delta = a[n:] - a[:n]
+        if self.cut_split.n_frontier == 0:  # the cut's value is op(+BN) of the layer's
+            with self.adapter._eval_mode():
+                self.state = SplitState(self.plan.pre_activation(a[:n]), (), z1)
+        else:
+            self.state = self.cut_split.prefix(z1)
+        self.y = self.cut_split.suffix(self.state, self.state.activation, owned=False)
         self._check_y(self.y, first_pair)
 
     def diffs(self, units: slice, pairs: slice) -> torch.Tensor:
@@ -256,15 +279,14 @@ class _LinearRunner(_Runner):
         delta = self.delta[pairs]
         pre = self.state.activation[pairs]
         if self.single:
-            hyb = single_channel_contributions(self.plan, self.weight, delta,
-                                               self.channels[units])
+            hyb = single_channel_contributions(self.plan, self.prepared, delta,
+                                               self.channels[units], base=pre)
         else:
             hyb = torch.stack([group_contribution(self.plan, self.weight, delta, self.idx[u])
-                               for u in ids])
-        hyb = hyb.to(pre.dtype).add_(pre.unsqueeze(0))
+                               for u in ids]).add_(pre.unsqueeze(0))
         hyb = hyb.reshape(-1, *pre.shape[1:])
-        rows = _rows(len(ids), pairs, pre.device)
-        out = self.cut_split.suffix(_state_rows(self.state, rows, hyb), hyb)
+        state = _state_rows(self.cut_split, self.state, len(ids), pairs, hyb)
+        out = self.cut_split.suffix(state, hyb, owned=True)
         return _abs_diff(out, self.y[pairs], len(ids))
 
 
@@ -408,7 +430,8 @@ def _run(adapter: GeneratorAdapter, units: list[_Unit], settings: InfluenceSetti
             f"dtype={settings.dtype} is for CUDA devices (autocast); on "
             f"{adapter.device.type} use the default float32."
         )
-    budget = DEFAULT_MAX_BATCH_BYTES if max_batch_bytes is None else max_batch_bytes
+    budget = (DEFAULT_MAX_BATCH_BYTES.get(adapter.device.type, DEFAULT_MAX_BATCH_BYTES["cpu"])
+              if max_batch_bytes is None else max_batch_bytes)
     if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
         raise ConfigError(f"max_batch_bytes must be a positive integer, got {max_batch_bytes!r}.")
     if not (isinstance(checkpoint_every, (int, float)) and checkpoint_every >= 0):
@@ -469,27 +492,25 @@ def _run(adapter: GeneratorAdapter, units: list[_Unit], settings: InfluenceSetti
                     break
                 n_p = min(settings.pairs_per_block, settings.n_pairs - n_done)
                 z1, z2 = pair_latents(adapter, settings.seed, n_done, n_p)
-                block: RunningStats | None = None
+                block = BlockSums(n_units)
                 for runner, rows in runners:
                     runner.begin_block(z1, z2, n_done)
                     p_step = min(n_p, max_rows)
                     u_step = max(1, max_rows // p_step)
-                    row_idx = torch.as_tensor(rows, device=adapter.device)
-                    for u0 in range(0, len(rows), u_step):
-                        us = slice(u0, min(u0 + u_step, len(rows)))
-                        for p0 in range(0, n_p, p_step):
-                            ps = slice(p0, min(p0 + p_step, n_p))
-                            d = runner.diffs(us, ps).float()
-                            _check_finite(d, runner.units[us], n_done + p0)
-                            if block is None:
-                                block = RunningStats(n_units, tuple(d.shape[2:]), adapter.device)
-                            block.update(row_idx[us], d)
-                            if bar is not None:
-                                bar.update(d.shape[0] * d.shape[1])
-                assert block is not None
+                    chunks = [(slice(u0, min(u0 + u_step, len(rows))),
+                               slice(p0, min(p0 + p_step, n_p)))
+                              for u0 in range(0, len(rows), u_step)
+                              for p0 in range(0, n_p, p_step)]
+                    for us, ps in chunks:
+                        d = runner.diffs(us, ps)
+                        block.add(_index(rows, us), *_sums(d))
+                        if bar is not None:
+                            bar.update(d.shape[0] * d.shape[1])
+                    if not block.is_finite(_index(rows, slice(None))):
+                        _find_non_finite(runner, chunks, n_done)
                 if stats is None:
-                    stats = RunningStats(n_units, tuple(block.mean.shape[1:]), adapter.device)
-                stats.merge_all(block)
+                    stats = RunningStats(n_units, block.shape, adapter.device)
+                block.merge_into(stats, n_p)
                 n_done += n_p
                 if callback is not None:
                     callback(InfluenceProgress(n_done, settings.n_pairs, max_stderr(),
@@ -522,15 +543,32 @@ def _run(adapter: GeneratorAdapter, units: list[_Unit], settings: InfluenceSetti
     )
 
 
-def _check_finite(d: torch.Tensor, units: list[_Unit], first_pair: int) -> None:
-    ok = torch.isfinite(d).flatten(2).all(2)  # (u, p)
-    if not bool(ok.all()):
-        u, p = (int(i) for i in (~ok).nonzero()[0])
-        raise GeneratorOutputError(
-            f"The hybrid of unit '{units[u].name}' for pair {first_pair + p} contains NaN or "
-            f"inf (the generator's output after the intervention is not finite); influence "
-            "maps would be meaningless. Check the generator for overflow at that layer."
-        )
+def _index(rows: list[int], us: slice) -> slice | torch.Tensor:
+    """Global rows of a runner's units ``us``: a slice when they are contiguous."""
+    sel = rows[us]
+    if sel == list(range(sel[0], sel[0] + len(sel))):
+        return slice(sel[0], sel[0] + len(sel))
+    return torch.as_tensor(sel)
+
+
+def _sums(d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float64 sum and sum of squares over pairs of ``d (u, p, H, W)``."""
+    return d.sum(dim=1, dtype=torch.float64), (d * d).sum(dim=1, dtype=torch.float64)
+
+
+def _find_non_finite(runner: _Runner, chunks: list[tuple[slice, slice]],
+                     first_pair: int) -> None:
+    """Re-run a block whose sums are not finite and name the first bad unit and pair."""
+    for us, ps in chunks:
+        ok = torch.isfinite(runner.diffs(us, ps)).flatten(2).all(2)  # (u, p)
+        if not bool(ok.all()):
+            u, p = (int(i) for i in (~ok).nonzero()[0])
+            raise GeneratorOutputError(
+                f"The hybrid of unit '{runner.units[us][u].name}' for pair "
+                f"{first_pair + ps.start + p} contains NaN or inf (the generator's output after "
+                "the intervention is not finite); influence maps would be meaningless. Check "
+                "the generator for overflow at that layer."
+            )
 
 
 # ---------------------------------------------------------------------- public API
@@ -580,8 +618,9 @@ def influence_maps(
         float32 (default); bfloat16 / float16 run the generator under CUDA autocast
         (CUDA only, statistics stay float64).
     max_batch_bytes : int, optional
-        Memory budget of one batch of hybrids (default 512 MiB), estimated as four copies
-        of the generator's largest layer output per hybrid.
+        Memory budget of one batch of hybrids (default 64 MiB on CPU, where batches that
+        stay in cache are fastest, 1 GiB on CUDA), estimated as four copies of the
+        generator's largest layer output per hybrid.
     progress : bool, default True
         Show a tqdm progress bar (counted in hybrids).
     checkpoint : path, optional

@@ -2,15 +2,17 @@
 
 Influence maps are means over many pairs; their standard error needs the variance. Both
 are kept as running statistics per unit and pixel, so memory does not grow with the
-number of pairs, and batches of pairs are merged in a fixed order so that the result does
-not depend on how the pairs were chunked beyond float64 rounding.
+number of pairs. Within a block of pairs, float64 sums and sums of squares are
+accumulated (:class:`BlockSums`, cheap per chunk); each finished block is merged into the
+running mean and M2 with Chan et al.'s parallel formula, in a fixed order, so the result
+does not depend on how a block was chunked beyond float64 rounding.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["RunningStats"]
+__all__ = ["RunningStats", "BlockSums"]
 
 
 class RunningStats:
@@ -48,20 +50,57 @@ class RunningStats:
         self.m2[units] += m2.to(torch.float64) + delta * delta * w_ab
         self.count[units] = n
 
-    def update(self, units: slice | torch.Tensor, values: torch.Tensor) -> None:
-        """Add ``values (u, k, *shape)``: ``k`` new samples for each unit of ``units``."""
-        v = values.to(torch.float64)
-        mean = v.mean(dim=1)
-        m2 = ((v - mean.unsqueeze(1)) ** 2).sum(dim=1)
-        self.merge(units, float(v.shape[1]), mean, m2)
-
-    def merge_all(self, other: RunningStats) -> None:
-        """Merge ``other`` (same units and shape) into these statistics."""
-        self.merge(slice(None), other.count, other.mean, other.m2)
-
     def stderr(self) -> torch.Tensor:
         """Per-element standard error of the mean (NaN where fewer than 2 samples)."""
         n = self.count.view((-1,) + (1,) * (self.mean.dim() - 1))
         var = self.m2 / (n - 1).clamp(min=1)
         se = (var / n.clamp(min=1)).sqrt()
         return torch.where(n >= 2, se, torch.full_like(se, float("nan")))
+
+
+class BlockSums:
+    """Per-unit float64 sums and sums of squares of samples over one block.
+
+    Parameters
+    ----------
+    n_units : int
+        Rows; the per-unit shape is taken from the first :meth:`add`.
+    """
+
+    def __init__(self, n_units: int):
+        self.n_units = n_units
+        self.s: torch.Tensor | None = None
+        self.q: torch.Tensor | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Per-unit shape, e.g. ``(H, W)``."""
+        assert self.s is not None, "no samples added yet"
+        return tuple(self.s.shape[1:])
+
+    def add(self, index: slice | torch.Tensor, s: torch.Tensor, q: torch.Tensor) -> None:
+        """Add sums ``s`` and sums of squares ``q`` (``(u, *shape)``) to rows ``index``."""
+        if self.s is None or self.q is None:
+            self.s = s.new_zeros(self.n_units, *s.shape[1:])
+            self.q = s.new_zeros(self.n_units, *s.shape[1:])
+        if isinstance(index, slice):
+            self.s[index] += s
+            self.q[index] += q
+        else:
+            index = index.to(s.device)
+            self.s.index_add_(0, index, s)
+            self.q.index_add_(0, index, q)
+
+    def is_finite(self, index: slice | torch.Tensor) -> bool:
+        """Whether the sums of rows ``index`` are all finite (NaN and inf propagate)."""
+        assert self.s is not None and self.q is not None, "no samples added yet"
+        if not isinstance(index, slice):
+            index = index.to(self.s.device)
+        return bool(torch.isfinite(self.s[index]).all() and torch.isfinite(self.q[index]).all())
+
+    def merge_into(self, stats: RunningStats, n: int) -> None:
+        """Merge this block (``n`` samples for every unit) into ``stats``."""
+        assert self.s is not None and self.q is not None, "no samples added yet"
+        mean = self.s / n
+        m2 = (self.q - self.s * mean).clamp_(min=0)
+        stats.merge(slice(None), float(n), mean, m2)

@@ -13,7 +13,6 @@ cluster maps that came from anywhere.
 from cfmodules.modules.clustering import (
     METHODS,
     ModuleClustering,
-    module_influence,
     module_sizes,
 )
 from cfmodules.modules.preprocess import as_maps, preprocess, smooth, threshold
@@ -30,7 +29,6 @@ __all__ = [
     "ModuleClustering",
     "METHODS",
     "module_sizes",
-    "module_influence",
     "as_maps",
     "smooth",
     "threshold",

