@@ -4,7 +4,8 @@ Each step of the paper (Besserve et al., ICLR 2020) is one library call, so the 
 work in a notebook. ``cfmodules analyze`` runs the same steps (and writes an HTML report);
 this script shows what happens inside and writes its figures to ``--out``.
 
-Run (about 2 minutes on 2 CPU cores with the defaults; ``--pairs 8`` for a quick look)::
+Run (30 s to 2 minutes on 2 CPU cores depending on their load and threads, see
+docs/cost.md; ``--pairs 8`` for a quick look)::
 
     python examples/dcgan_faces_walkthrough.py --out walkthrough
 """

@@ -155,6 +155,7 @@ def test_hybrids_refuses_another_model(analyzed, capsys, tmp_path):
      ["Layer 'main.33' not found", "Did you mean", "main.3"]),
     (["analyze", "--model", "planted-conv", "--k", "100"], ["K=100", "24 channels"]),
     (["analyze", "--model", "planted-conv", "--pairs", "0"], ["--pairs must be at least 1"]),
+    (["layers", "planted-conv", "--threads", "0"], ["--threads must be at least 1"]),
     (["analyze", "--k", "x"], ["argument --k: invalid int value: 'x'"]),
     (["analyze", "--method", "pca"], ["invalid choice: 'pca'"]),
     (["analyse"], ["invalid choice: 'analyse'"]),

@@ -473,7 +473,7 @@ def plot_module_influence(
     k = len(x)
     ids = list(range(k)) if module_ids is None else [int(i) for i in module_ids]
     labels = [f"module {i}" for i in ids] if names is None else list(names)
-    fig = _new_figure(4.2, 3.2 + (0.3 if title else 0))
+    fig = _new_figure(5.0, 3.4 + (0.3 if title else 0))
     ax = fig.subplots()
     for j in range(k):
         ax.scatter([x[j]], [y[j]], s=60, color=module_color(ids[j]), zorder=3)
@@ -481,14 +481,14 @@ def plot_module_influence(
                     fontsize=8, color=module_color(ids[j]))
     if k >= 2 and np.ptp(x) > 0:
         slope, icpt = np.polyfit(x, y, 1)
-        xs = np.linspace(0, x.max() * 1.1, 50)
+        xs = np.linspace(x.min() * 0.9, x.max() * 1.1, 50)
         ax.plot(xs, slope * xs + icpt, "--", color="#777777", linewidth=1,
                 label="linear fit")
         ax.legend(fontsize=8, loc="lower right")
-    ax.set_xlim(0, max(float(x.max()) * 1.15, 1.0))
+    ax.set_xlim(0, max(float(x.max()) * 1.4, 1.0))  # room for the labels
     ax.set_ylim(0, max(float(y.max()) * 1.2, 1e-6))
     ax.set_xlabel("channels in the module")
-    ax.set_ylabel("module influence (mean |hybrid - Original 1|)")
+    ax.set_ylabel("module influence\n(mean |hybrid − Original 1|)")
     ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title)

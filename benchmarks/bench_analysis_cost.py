@@ -1,0 +1,123 @@
+"""Cost of an analysis: how its time grows with pairs, channels and resolution.
+
+Measures, on this machine's CPU (or ``--device cuda``), the wall time of each step of
+``cfmodules analyze``:
+
+1. influence maps (EIMs) of the pretrained DCGAN faces, ``main.8``, for 8..64 pairs;
+2. EIMs of three DCGAN layers (channels x spatial size of the layer differ);
+3. EIMs of the planted conv generator, varying its channels at a fixed output resolution,
+   then its output resolution at fixed channels (a controlled comparison);
+4. the clustering (NMF, 10 restarts) and one repetition of the stability sweep over
+   K = 2..6, for the maps of steps 2-3.
+
+Each time is the best of several runs (the machine may be shared; a busy machine still
+inflates single numbers, so compare rows of one table, measured together). Prints one
+Markdown table per step, ready for docs/cost.md::
+
+    PYTHONPATH=src python benchmarks/bench_analysis_cost.py --threads 1 [--repeats 2] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import numpy as np
+import torch
+from threadpoolctl import threadpool_limits
+
+from cfmodules import zoo
+from cfmodules.influence import influence_maps
+from cfmodules.modules import ModuleClustering, cluster_stability
+
+
+def best(fn, repeats: int) -> tuple[float, object]:
+    out, t_best = None, float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        out = fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t_best = min(t_best, time.perf_counter() - t)
+    return t_best, out
+
+
+def eim(adapter, layer: str, pairs: int, repeats: int):
+    return best(lambda: influence_maps(adapter, layer, n_pairs=pairs, seed=0, progress=False),
+                repeats)
+
+
+def clustering_cost(maps: np.ndarray, repeats: int) -> tuple[float, float]:
+    # one BLAS thread, as cfmodules.analysis.analyze runs the clustering
+    with threadpool_limits(limits=1, user_api="blas"):
+        t_fit, _ = best(lambda: ModuleClustering(3, random_state=0).fit(maps), repeats)
+        t_stab, _ = best(lambda: cluster_stability(maps, ks=range(2, 7), n_repeats=1), repeats)
+    return t_fit, t_stab
+
+
+def table(head: list[str], rows: list[list[str]]) -> None:
+    print("| " + " | ".join(head) + " |")
+    print("|" + "|".join("---:" for _ in head) + "|")
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
+    print(flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--repeats", type=int, default=2, help="runs per DCGAN measurement")
+    p.add_argument("--repeats-small", type=int, default=5,
+                   help="runs per planted-conv measurement (they take under a second)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    args = p.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, "
+          f"load average {os.getloadavg()[0]:.1f}\n")
+
+    dcgan = zoo.load("dcgan-faces", device=args.device)
+    rows = []
+    for pairs in (8, 16, 32, 64):
+        t, _ = eim(dcgan, "main.8", pairs, args.repeats)
+        rows.append([str(pairs), f"{t:.1f}", f"{1000 * t / (pairs * 128):.2f}"])
+    print("EIMs of dcgan-faces main.8 (128 channels, 16x16) against pairs")
+    table(["pairs", "seconds", "ms per hybrid"], rows)
+
+    rows, saved = [], {}
+    for layer in ("main.5", "main.8", "main.11"):
+        info = next(i for i in dcgan.layers() if i.name == layer)
+        t, res = eim(dcgan, layer, 32, args.repeats)
+        saved[layer] = res.maps
+        tf, ts = clustering_cost(res.maps, 1)
+        rows.append([layer, "x".join(map(str, info.shape)), f"{t:.1f}",
+                     f"{1000 * t / (32 * info.channels):.2f}", f"{tf:.1f}", f"{ts:.1f}"])
+    print("dcgan-faces layers, 32 pairs (maps at 64x64)")
+    table(["layer", "C x H x W", "EIM s", "ms per hybrid", "NMF fit s", "stability s/repeat"],
+          rows)
+
+    rows = []
+    for c in (8, 16, 32, 64):
+        ad = zoo.load("planted-conv", device=args.device, channels_per_module=c,
+                      image_size=32)
+        t, res = eim(ad, ad.generator.layer, 16, args.repeats_small)
+        tf, ts = clustering_cost(res.maps, args.repeats_small)
+        rows.append([str(3 * c), f"{t:.2f}", f"{tf:.2f}", f"{ts:.2f}"])
+    print("planted-conv, output 32x32, 16 pairs: channels of the layer")
+    table(["channels", "EIM s", "NMF fit s", "stability s/repeat"], rows)
+
+    rows = []
+    for size in (16, 32, 64, 128):
+        ad = zoo.load("planted-conv", device=args.device, channels_per_module=16,
+                      image_size=size)
+        t, res = eim(ad, ad.generator.layer, 16, args.repeats_small)
+        tf, ts = clustering_cost(res.maps, 2)
+        rows.append([f"{size}x{size}", f"{t:.2f}", f"{tf:.2f}", f"{ts:.2f}"])
+    print("planted-conv, 48 channels of the last hidden layer, 16 pairs: output resolution")
+    table(["output", "EIM s", "NMF fit s", "stability s/repeat"], rows)
+    print(f"load average at the end {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()
