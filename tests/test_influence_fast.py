@@ -9,9 +9,17 @@ import pytest
 import torch
 from torch import nn
 
+from cfmodules import GeneratorAdapter
+from cfmodules.errors import GeneratorOutputError
 from cfmodules.influence import influence_maps
-from cfmodules.influence.fastsplit import FastSplit, GemmConvTranspose2d, accelerate
-from cfmodules.influence.linear import find_linear_plan
+from cfmodules.influence import maps as maps_mod
+from cfmodules.influence.fastsplit import (
+    FastSplit,
+    GemmConvTranspose2d,
+    accelerate,
+    strip_leading_relu,
+)
+from cfmodules.influence.linear import add_base_, find_linear_plan, fused_add_relu_is_exact
 from influence_helpers import naive_maps, wide_convt_adapter
 
 
@@ -19,8 +27,9 @@ def test_gemm_conv_transpose_equals_module():
     torch.manual_seed(0)
     x = torch.randn(2, 16, 5, 6)
     checked = 0
-    for k, s, p, d, op, bias in itertools.product([1, 3, 4], [1, 2, 3], [0, 1, 2], [1, 2],
-                                                  [0, 1, 2], [True, False]):
+    # kernels that are and are not multiples of the stride take different col2im paths
+    for k, s, p, d, op, bias in itertools.product([1, 2, 3, 4, 6], [1, 2, 3], [0, 1, 2],
+                                                  [1, 2], [0, 1, 2], [True, False]):
         if op >= max(s, d):
             continue
         conv = nn.ConvTranspose2d(16, 2, k, s, p, op, bias=bias, dilation=d)
@@ -32,7 +41,31 @@ def test_gemm_conv_transpose_equals_module():
         assert out.shape == ref.shape, (k, s, p, d, op)
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5, msg=str((k, s, p, d, op)))
         checked += 1
-    assert checked > 150
+    assert checked > 250
+    for k, s, p, op in [((4, 3), (2, 3), (1, 0), (1, 2)), ((2, 6), (2, 3), (0, 2), (0, 1))]:
+        conv = nn.ConvTranspose2d(16, 3, k, s, p, op)  # non-square
+        with torch.inference_mode():
+            torch.testing.assert_close(GemmConvTranspose2d(conv)(x), conv(x), rtol=1e-5,
+                                       atol=1e-5)
+
+
+def test_gemm_conv_transpose_reuses_its_buffers_safely():
+    """Results of earlier calls survive later calls (only scratch memory is reused)."""
+    torch.manual_seed(0)
+    conv = nn.ConvTranspose2d(16, 3, 4, 2, 1).requires_grad_(False)
+    gemm = GemmConvTranspose2d(conv)
+    xs = [torch.randn(n, 16, 5, 6) for n in (4, 2, 4)]
+    outs = [gemm(x) for x in xs]
+    for x, out in zip(xs, outs):
+        assert out.is_contiguous()
+        torch.testing.assert_close(out, conv(x), rtol=1e-5, atol=1e-5)
+
+
+def test_gemm_conv_transpose_keeps_gradients():
+    conv = nn.ConvTranspose2d(16, 3, 4, 2, 1)
+    x = torch.randn(2, 16, 5, 6, requires_grad=True)
+    GemmConvTranspose2d(conv)(x).square().sum().backward()
+    assert x.grad is not None and conv.weight.grad is not None
 
 
 def test_accelerate_replaces_only_narrow_transposed_convs():
@@ -40,12 +73,114 @@ def test_accelerate_replaces_only_narrow_transposed_convs():
                           nn.ConvTranspose2d(32, 2, 4, 2, 1), nn.Tanh()).eval()
     gm = torch.fx.symbolic_trace(model)
     fast = accelerate(gm, torch.device("cpu"))
-    kinds = [type(fast.get_submodule(n.target)).__name__ for n in fast.graph.nodes
-             if n.op == "call_module"]
-    assert kinds == ["ConvTranspose2d", "ReLU", "GemmConvTranspose2d", "Tanh"]
+    kinds = [type(fast.get_submodule(n.target)).__name__ if n.op == "call_module" else n.target
+             for n in fast.graph.nodes if n.op in ("call_module", "call_method")]
+    # the Tanh reads only the GEMM's fresh output, so it runs in place
+    assert kinds == ["ConvTranspose2d", "ReLU", "GemmConvTranspose2d", "tanh_"]
     x = torch.randn(2, 32, 3, 3)
     torch.testing.assert_close(fast(x), model(x), rtol=1e-5, atol=1e-6)
     assert accelerate(gm, torch.device("meta")) is gm  # only on CPU
+
+
+def test_accelerate_keeps_tanh_out_of_place_when_the_gemm_output_is_read_twice():
+    class Skip(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up = nn.ConvTranspose2d(32, 2, 4, 2, 1)
+            self.act = nn.Tanh()
+
+        def forward(self, x):
+            y = self.up(x)
+            return self.act(y) + y
+
+    model = Skip().eval()
+    fast = accelerate(torch.fx.symbolic_trace(model), torch.device("cpu"))
+    assert not any(n.op == "call_method" for n in fast.graph.nodes)
+    x = torch.randn(2, 32, 3, 3)
+    torch.testing.assert_close(fast(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("relu", [nn.ReLU(), nn.ReLU(inplace=True), torch.relu, "method"])
+def test_strip_leading_relu(relu):
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.relu = relu if isinstance(relu, nn.Module) else None
+            self.conv = nn.Conv2d(4, 2, 1)
+
+        def forward(self, x, other):
+            if self.relu is not None:
+                r = self.relu(x)
+            else:
+                r = x.relu() if relu == "method" else relu(x)
+            return self.conv(r) + other
+
+    model = M().eval()
+    gm = torch.fx.symbolic_trace(model)
+    stripped = strip_leading_relu(gm)
+    assert stripped is not None
+    x, other = torch.randn(3, 4, 5, 5), torch.randn(3, 2, 5, 5)
+    torch.testing.assert_close(stripped(torch.relu(x), other), model(x, other))
+
+
+def test_strip_leading_relu_refuses_other_starts():
+    twice = torch.fx.symbolic_trace(lambda x: torch.relu(x) + x)  # x is read twice
+    assert strip_leading_relu(twice) is None
+    tanh = torch.fx.symbolic_trace(nn.Sequential(nn.Tanh(), nn.ReLU()))
+    assert strip_leading_relu(tanh) is None
+    leaky = torch.fx.symbolic_trace(nn.Sequential(nn.LeakyReLU(), nn.Conv2d(2, 2, 1)))
+    assert strip_leading_relu(leaky) is None
+
+
+def test_add_base_with_relu_equals_reference():
+    torch.manual_seed(0)
+    hyb, base = torch.randn(3, 4, 5, 6, 6), torch.randn(1, 4, 5, 6, 6)
+    ref = torch.relu(hyb + base)
+    torch.testing.assert_close(add_base_(hyb.clone(), base, relu=True), ref, rtol=0, atol=0)
+    torch.testing.assert_close(add_base_(hyb.clone(), base), hyb + base, rtol=0, atol=0)
+
+
+def test_fused_add_relu_guard():
+    w, d, b = torch.ones(2, 3, 4), torch.ones(5, 2, 3, 3), torch.ones(5, 3, 6, 6)
+    assert fused_add_relu_is_exact(w, d, b)
+    assert not fused_add_relu_is_exact(w, d, b * float("nan"))
+    assert not fused_add_relu_is_exact(w, d * float("inf"), b)
+    assert not fused_add_relu_is_exact(w * 1e36, d * 10, b)  # 4 taps * 1e36 * 10 may overflow
+
+
+class _Cancelling(nn.Module):
+    """Originals are 0 before the ReLU; swapping one channel overflows to +-inf there."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Identity()
+        self.op = nn.Conv2d(2, 2, 1, bias=False)
+        self.act = nn.ReLU()
+        self.out = nn.Conv2d(2, 3, 1, bias=False)
+        with torch.no_grad():
+            self.op.weight.zero_()
+            self.op.weight[:, 0] = 3e38
+            self.op.weight[:, 1] = -3e38
+            self.out.weight.zero_()
+            self.out.weight[:, 0] = 1e-30  # a clamped 3.4e38 would come out finite
+
+    def forward(self, z):
+        return self.out(self.act(self.op(self.layer(z))))
+
+
+def _twin(n, g):  # channel 1 equals channel 0, in [-1, 1] so that 3e38 * z is finite
+    return (torch.rand(n, 1, 4, 4, generator=g) * 2 - 1).expand(-1, 2, -1, -1).clone()
+
+
+def test_overflowing_hybrid_is_reported_even_where_add_and_relu_are_fused(monkeypatch):
+    ad = GeneratorAdapter(_Cancelling().eval(), (2, 4, 4), prior=_twin, name="cancel")
+    assert FastSplit(ad, find_linear_plan(ad, "layer").cut).starts_with_relu
+    with pytest.raises(GeneratorOutputError, match="contains NaN or inf"):
+        influence_maps(ad, "layer", channels=[1], n_pairs=4, progress=False)
+    # the guard is what reports it: the fused kernel alone would clamp inf to a finite value
+    monkeypatch.setattr(maps_mod, "fused_add_relu_is_exact", lambda *a: True)
+    res = influence_maps(ad, "layer", channels=[1], n_pairs=4, progress=False)
+    assert np.isfinite(res.maps).all()
 
 
 def test_fast_split_does_not_modify_unowned_inputs():
@@ -62,7 +197,10 @@ def test_fast_split_does_not_modify_unowned_inputs():
 @pytest.mark.parametrize("layer", ["2", "5"])
 def test_influence_with_gemm_suffix_equals_naive(layer):
     ad = wide_convt_adapter()
-    assert find_linear_plan(ad, layer) is not None
+    plan = find_linear_plan(ad, layer)
+    assert plan is not None
+    # after "2" the cut (BatchNorm "4") feeds a ReLU: the fused add+ReLU path
+    assert FastSplit(ad, plan.cut).starts_with_relu == (layer == "2")
     res = influence_maps(ad, layer, n_pairs=5, progress=False)
     ref = naive_maps(ad, [{layer: [c]} for c in range(32)], 5)
     assert float(np.abs(res.maps - ref).max() / np.abs(ref).max()) < 1e-5

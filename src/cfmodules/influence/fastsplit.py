@@ -57,18 +57,20 @@ class GemmConvTranspose2d(nn.Module):
         n, c_in, h, w = x.shape
         (kh, kw), (sh, sw), (ph, pw) = c.kernel_size, c.stride, c.padding
         (dh, dw), (oh, ow) = c.dilation, c.output_padding
+        if torch.is_grad_enabled() and any(
+                t is not None and t.requires_grad for t in (x, c.weight, c.bias)):
+            return c(x)  # the out= arguments below cannot record gradients
         wm = self._matrix()  # (C_out*kh*kw, C_in)
-        if x.requires_grad:  # out= cannot record gradients (and wm is detached anyway)
-            cols = torch.matmul(wm, x.reshape(n, c_in, h * w))
-        else:  # (N, C_out*kh*kw, H*W) in a reused buffer
-            cols = self.workspace.get("cols", (n, wm.shape[0], h * w), x)
-            torch.matmul(wm, x.reshape(n, c_in, h * w), out=cols)
+        cols = self.workspace.get("cols", (n, wm.shape[0], h * w), x)  # reused buffer
+        torch.matmul(wm, x.reshape(n, c_in, h * w), out=cols)
         size = ((h - 1) * sh - 2 * ph + dh * (kh - 1) + oh + 1,
                 (w - 1) * sw - 2 * pw + dw * (kw - 1) + ow + 1)
         if (dh, dw) == (1, 1):
-            out = _col2im_phases(cols, c.out_channels, (h, w), (kh, kw), (sh, sw),
-                                 (ph, pw), size)
-        elif oh < sh and ow < sw:  # fold's padding crops both sides, output_padding fits
+            planes = self.workspace.get(
+                "planes", _planes_shape(n, c.out_channels, (h, w), (kh, kw), (sh, sw)), x)
+            return _col2im_phases(cols, planes, c.bias, (h, w), (kh, kw), (sh, sw), (ph, pw),
+                                  size)
+        if oh < sh and ow < sw:  # fold's padding crops both sides, output_padding fits
             out = F.fold(cols, size, (kh, kw), dilation=(dh, dw), padding=(ph, pw),
                          stride=(sh, sw))
         else:  # the uncropped output, then crop p above and p - output_padding below
@@ -81,28 +83,59 @@ class GemmConvTranspose2d(nn.Module):
         return out
 
 
-def _col2im_phases(cols: torch.Tensor, c_out: int, hw: tuple[int, int],
-                   k: tuple[int, int], s: tuple[int, int], p: tuple[int, int],
-                   size: tuple[int, int]) -> torch.Tensor:
-    """col2im of a transposed convolution (dilation 1), batched over samples.
+def _planes_shape(n: int, c_out: int, hw: tuple[int, int], k: tuple[int, int],
+                  s: tuple[int, int]) -> tuple[int, ...]:
+    """Shape of the phase planes of :func:`_col2im_phases`: one spare row per tap."""
+    th, tw = -(-k[0] // s[0]), -(-k[1] // s[1])  # taps per phase
+    return (n, c_out, s[0], s[1], hw[0] + th, hw[1] + tw)
 
-    ``cols`` is ``(N, C_out*kh*kw, H*W)``. Output row ``y = s*m + r`` (before cropping
-    ``p``) collects tap ``ky = r + s*t`` of input row ``m - t``: each of the ``s*s``
-    phases is a sum of shifted slices, added for the whole batch at once (``F.fold``
-    loops over the samples one by one), then the phases are interleaved.
+
+def _col2im_phases(cols: torch.Tensor, planes: torch.Tensor, bias: torch.Tensor | None,
+                   hw: tuple[int, int], k: tuple[int, int], s: tuple[int, int],
+                   p: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
+    """col2im of a transposed convolution (dilation 1) plus bias, batched over samples.
+
+    ``cols`` is ``(N, C_out*kh*kw, H*W)``; ``planes`` scratch memory of
+    :func:`_planes_shape` (overwritten). Uncropped output row ``y' = s*m + r`` collects tap
+    ``ky = s*t + r`` of input row ``m - t``: phase ``r`` is a sum of shifted slices. When
+    the kernel is a multiple of the stride, one operation adds shift ``t`` for all
+    ``s*s`` phases at once and the first one writes (with the bias) instead of adding.
+    The phases are then interleaved and cropped into a fresh contiguous output, one
+    strided copy per output phase (``F.fold`` loops over samples and writes every tap).
     """
     n = cols.shape[0]
     (h, w), (kh, kw), (sh, sw) = hw, k, s
-    th, tw = -(-kh // sh), -(-kw // sw)  # taps per phase
-    mh, mw = h + th, w + tw  # rows per phase, one spare for output_padding
-    c = cols.view(n, c_out, kh, kw, h, w)
-    planes = cols.new_zeros(n, c_out, sh, sw, mh, mw)
-    for ky in range(kh):
-        for kx in range(kw):
-            ty, tx = ky // sh, kx // sw
-            planes[:, :, ky % sh, kx % sw, ty:ty + h, tx:tx + w] += c[:, :, ky, kx]
-    full = planes.permute(0, 1, 4, 2, 5, 3).reshape(n, c_out, mh * sh, mw * sw)
-    return full[:, :, p[0]:p[0] + size[0], p[1]:p[1] + size[1]]
+    c_out = cols.shape[1] // (kh * kw)
+    th, tw = -(-kh // sh), -(-kw // sw)
+    b = (bias.view(1, -1, 1, 1, 1, 1) if bias is not None
+         else cols.new_zeros(()).view(1, 1, 1, 1, 1, 1))
+    if kh % sh == 0 and kw % sw == 0:
+        c = cols.view(n, c_out, th, sh, tw, sw, h, w)  # ky = sh*ty + ry, kx = sw*tx + rx
+        planes[..., h:, :].copy_(b.expand_as(planes[..., h:, :]))  # rows no t=0 tap reaches
+        planes[..., :h, w:].copy_(b.expand_as(planes[..., :h, w:]))
+        for ty in range(th):
+            for tx in range(tw):
+                src = c[:, :, ty, :, tx, :]  # (N, C, sh, sw, H, W)
+                dst = planes[..., ty:ty + h, tx:tx + w]
+                if ty == 0 and tx == 0:
+                    torch.add(src, b, out=dst)
+                else:
+                    dst.add_(src)
+    else:
+        planes.copy_(b.expand_as(planes))
+        c = cols.view(n, c_out, kh, kw, h, w)
+        for ky in range(kh):
+            for kx in range(kw):
+                ty, tx = ky // sh, kx // sw
+                planes[:, :, ky % sh, kx % sw, ty:ty + h, tx:tx + w] += c[:, :, ky, kx]
+    out = cols.new_empty(n, c_out, *size)
+    for qy in range(min(sh, size[0])):  # output row sh*j + qy is uncropped row sh*j + qy + p
+        ry, my = (qy + p[0]) % sh, (qy + p[0]) // sh
+        for qx in range(min(sw, size[1])):
+            rx, mx = (qx + p[1]) % sw, (qx + p[1]) // sw
+            dst = out[:, :, qy::sh, qx::sw]
+            dst.copy_(planes[:, :, ry, rx, my:my + dst.shape[2], mx:mx + dst.shape[3]])
+    return out
 
 
 def _gemm_is_faster(m: nn.Module, device: torch.device) -> bool:
@@ -113,10 +146,15 @@ def _gemm_is_faster(m: nn.Module, device: torch.device) -> bool:
             and m.out_channels * kh * kw <= m.in_channels)
 
 
+_IN_PLACE = {nn.Tanh: "tanh_", nn.Sigmoid: "sigmoid_", nn.ReLU: "relu_"}
+"""Pointwise modules run in place on the fresh output of a GEMM transposed convolution."""
+
+
 def accelerate(gm: fx.GraphModule, device: torch.device) -> fx.GraphModule:
     """A copy of ``gm`` whose eligible ``ConvTranspose2d`` calls use :class:`GemmConvTranspose2d`.
 
-    Returns ``gm`` itself when nothing is eligible.
+    A Tanh, Sigmoid or ReLU module that is the only reader of such a call's output (a
+    fresh tensor) runs in place on it. Returns ``gm`` itself when nothing is eligible.
     """
     nodes = [n for n in gm.graph.nodes if n.op == "call_module" and len(n.args) == 1
              and not n.kwargs and _gemm_is_faster(gm.get_submodule(n.target), device)]
@@ -131,6 +169,48 @@ def accelerate(gm: fx.GraphModule, device: torch.device) -> fx.GraphModule:
         name = f"_cfmodules_gemm_{i}"
         new.add_submodule(name, GemmConvTranspose2d(gm.get_submodule(node.target)))
         env[node].target = name
+        if len(node.users) == 1:
+            (user,) = node.users
+            method = (_IN_PLACE.get(type(gm.get_submodule(user.target)))
+                      if user.op == "call_module" else None)
+            if method is not None and user.args == (node,) and not user.kwargs:
+                copy = env[user]
+                copy.op, copy.target = "call_method", method
+    new.recompile()
+    return new
+
+
+def _is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether ``node`` is a plain ReLU of its single argument (module or function)."""
+    if len(node.args) != 1:
+        return False
+    if node.op == "call_module":
+        return type(gm.get_submodule(node.target)) is nn.ReLU and not node.kwargs
+    if node.op == "call_function":
+        return (node.target in (torch.relu, torch.relu_, F.relu)
+                and set(node.kwargs) <= {"inplace"})
+    return node.op == "call_method" and node.target in ("relu", "relu_") and not node.kwargs
+
+
+def strip_leading_relu(gm: fx.GraphModule) -> fx.GraphModule | None:
+    """A copy of ``gm`` without the ReLU that is the only reader of its first input.
+
+    ``stripped(relu(x), *rest) == gm(x, *rest)``; None when ``gm`` does not start so.
+    Lets a caller fuse that ReLU into the operation that makes ``x``.
+    """
+    first = next((n for n in gm.graph.nodes if n.op == "placeholder"), None)
+    if first is None or len(first.users) != 1:
+        return None
+    (relu,) = first.users
+    if not _is_relu(gm, relu) or relu.args[0] is not first:
+        return None
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    graph.output(graph.graph_copy(gm.graph, env))
+    copy = env[relu]
+    copy.replace_all_uses_with(env[first])
+    graph.erase_node(copy)
+    new = fx.GraphModule(gm, graph)
     new.recompile()
     return new
 
@@ -148,6 +228,7 @@ class FastSplit:
         self.adapter = adapter
         self.base = adapter.split(layer)
         self.suffix_module: fx.GraphModule | None = None
+        self.suffix_after_relu: fx.GraphModule | None = None
         self.suffix_layers: list[str] = []
         gm = adapter.graph()
         if getattr(self.base, "exact_graph", False) and gm is not None:
@@ -157,6 +238,7 @@ class FastSplit:
                 and not getattr(plain.get_submodule(n.target), "inplace", False)
             ]
             self.suffix_module = accelerate(plain, adapter.device)
+            self.suffix_after_relu = strip_leading_relu(self.suffix_module)
 
     @property
     def needs_latent(self) -> bool:
@@ -174,18 +256,31 @@ class FastSplit:
         """As ``adapter.split(layer).prefix``."""
         return self.base.prefix(z)
 
-    def suffix(self, state: SplitState, activation: torch.Tensor, owned: bool) -> torch.Tensor:
+    @property
+    def starts_with_relu(self) -> bool:
+        """Whether the suffix's first operation is a ReLU of the layer's output alone."""
+        return self.suffix_after_relu is not None
+
+    def suffix(self, state: SplitState, activation: torch.Tensor, owned: bool,
+               rectified: bool = False) -> torch.Tensor:
         """Images from ``activation`` at the layer and the rest of ``state``.
 
         ``owned``: the caller gives up ``activation`` and ``state.frontier`` (they may be
-        modified in place); otherwise they are copied first.
+        modified in place); otherwise they are copied first. ``rectified``: the caller
+        has already applied the suffix's leading ReLU (only when
+        :attr:`starts_with_relu`), so it is skipped.
         """
         if self.suffix_module is None:
             return self.base.suffix(state, activation)
+        module = self.suffix_module
+        if rectified:
+            if self.suffix_after_relu is None:
+                raise ValueError("rectified=True needs a suffix that starts with a ReLU.")
+            module = self.suffix_after_relu
         frontier = state.frontier
         if not owned:
             activation = activation.clone()
             frontier = tuple(f.clone() for f in frontier)
         with self.adapter._eval_mode():
-            raw = self.suffix_module(activation, *frontier)
+            raw = module(activation, *frontier)
         return self.adapter.images(raw, activation.shape[0])

@@ -27,7 +27,9 @@ from cfmodules.hooks import resolve_layer
 from cfmodules.influence.workspace import Workspace
 
 __all__ = ["LinearPlan", "find_linear_plan", "single_channel_contributions",
-           "group_contribution"]
+           "group_contribution", "add_base_", "fused_add_relu_is_exact"]
+
+_FLOAT32_SAFE = 1e37  # well below float32's largest value (3.4e38)
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONVT = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -238,6 +240,35 @@ def single_channel_contributions(plan: LinearPlan, weight: torch.Tensor, delta: 
         out = torch.stack([group_contribution(plan, weight, delta, channels[u:u + 1])
                            for u in range(d.shape[0])])  # weight is unprepared here
     return out if base is None else out.add_(base.unsqueeze(0))
+
+
+def fused_add_relu_is_exact(prepared: torch.Tensor, delta: torch.Tensor,
+                            base: torch.Tensor) -> bool:
+    """Whether :func:`add_base_` may use the fused CPU kernel for these inputs.
+
+    ``torch``'s fused add+ReLU turns NaN into 0 and inf into the largest float, where
+    ``relu(x + y)`` keeps them (and a non-finite hybrid must be reported). It is exact
+    when everything is finite and no single-channel contribution can overflow:
+    ``|contribution| <= max over (c_in, c_out) of sum |w| * max |delta|``.
+    """
+    if base.device.type != "cpu" or not hasattr(torch.ops.aten, "_add_relu_"):
+        return False
+    w = prepared.flatten(2) if prepared.dim() > 2 else prepared
+    bound = float(w.abs().sum(-1).max()) if w.dim() > 2 else float(w.abs().max())
+    bound = bound * float(delta.abs().max()) + float(base.abs().max())
+    return bound < _FLOAT32_SAFE  # NaN compares False
+
+
+def add_base_(hyb: torch.Tensor, base: torch.Tensor, relu: bool = False) -> torch.Tensor:
+    """``hyb += base`` in place (``base`` broadcasts), then ``relu`` if asked.
+
+    With ``relu`` on CPU one fused pass over ``hyb`` instead of two (call only where
+    :func:`fused_add_relu_is_exact` holds).
+    """
+    if relu and hyb.device.type == "cpu" and hasattr(torch.ops.aten, "_add_relu_"):
+        return torch.ops.aten._add_relu_(hyb, base)
+    hyb.add_(base)
+    return hyb.relu_() if relu else hyb
 
 
 def _out_hw(op: nn.Module, d: torch.Tensor) -> tuple[int, int]:

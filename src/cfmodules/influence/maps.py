@@ -40,7 +40,9 @@ from cfmodules.influence.checkpoint import load_checkpoint, model_fingerprint, s
 from cfmodules.influence.fastsplit import FastSplit
 from cfmodules.influence.linear import (
     LinearPlan,
+    add_base_,
     find_linear_plan,
+    fused_add_relu_is_exact,
     group_contribution,
     prepare_weight,
     single_channel_contributions,
@@ -198,9 +200,14 @@ def _rows(n_units: int, pairs: slice, device: torch.device) -> torch.Tensor:
 
 
 def _abs_diff(out: torch.Tensor, y: torch.Tensor, n_units: int) -> torch.Tensor:
-    """``|out - y|`` averaged over colour channels, as ``(u, p, H, W)``."""
+    """``|out - y|`` averaged over colour channels, as ``(u, p, H, W)``.
+
+    ``out`` is the caller's own (hybrids just made): it is overwritten when contiguous.
+    """
     out = out.view(n_units, y.shape[0], *out.shape[1:])
-    return (out - y.unsqueeze(0)).abs_().mean(dim=2)
+    y = y.unsqueeze(0)
+    diff = out.sub_(y) if out.is_contiguous() else out - y
+    return diff.abs_().mean(dim=2)
 
 
 def _state_rows(split: FastSplit, state: SplitState, n_units: int, pairs: slice,
@@ -279,6 +286,9 @@ class _LinearRunner(_Runner):
             self.state = self.cut_split.prefix(z1)
         self.y = self.cut_split.suffix(self.state, self.state.activation, owned=False)
         self._check_y(self.y, first_pair)
+        self.fuse_relu = (self.cut_split.starts_with_relu and self.single
+                          and fused_add_relu_is_exact(self.prepared, self.delta,
+                                                      self.state.activation))
 
     def diffs(self, units: slice, pairs: slice) -> torch.Tensor:
         ids = range(len(self.units))[units]
@@ -286,14 +296,14 @@ class _LinearRunner(_Runner):
         pre = self.state.activation[pairs]
         if self.single:
             hyb = single_channel_contributions(self.plan, self.prepared, delta,
-                                               self.channels[units], base=pre,
-                                               workspace=self.workspace)
+                                               self.channels[units], workspace=self.workspace)
         else:
             hyb = torch.stack([group_contribution(self.plan, self.weight, delta, self.idx[u])
-                               for u in ids]).add_(pre.unsqueeze(0))
+                               for u in ids])
+        add_base_(hyb, pre.unsqueeze(0), relu=self.fuse_relu)
         hyb = hyb.reshape(-1, *pre.shape[1:])
         state = _state_rows(self.cut_split, self.state, len(ids), pairs, hyb)
-        out = self.cut_split.suffix(state, hyb, owned=True)
+        out = self.cut_split.suffix(state, hyb, owned=True, rectified=self.fuse_relu)
         return _abs_diff(out, self.y[pairs], len(ids))
 
 
