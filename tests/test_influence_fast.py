@@ -222,3 +222,19 @@ def test_generator_built_under_inference_mode():
         a = influence_maps(ad, "1", n_pairs=3, progress=False)
     b = influence_maps(ad, "1", n_pairs=3, progress=False, method="hook")
     np.testing.assert_allclose(a.maps, b.maps, rtol=1e-5, atol=1e-7)
+
+
+def test_cpu_batches_keep_hybrids_and_fresh_suffix_tensors_small():
+    """Rows per batch: hybrids at the cut <= 32 MiB, new suffix tensors <= 16 MiB."""
+    ad = wide_convt_adapter()
+    for layer in ("2", "5"):
+        units = maps_mod._layer_units(ad, layer, None)[1]
+        runners = maps_mod._runners(ad, units, "auto")
+        shapes = {i.name: i.shape for i in ad.layers_cached()}
+        rows = maps_mod._max_rows(ad, runners, 2**40, 4)  # no budget limit
+        (runner, _), = runners
+        cut = int(np.prod(shapes[runner.plan.cut])) * 4
+        fresh = max(int(np.prod(shapes[name])) * 4 for name in runner.cut_split.suffix_layers)
+        assert rows == min(maps_mod._HYBRID_BATCH_BYTES // cut,
+                           maps_mod._FRESH_TENSOR_BYTES // fresh)
+        assert rows * cut <= maps_mod._HYBRID_BATCH_BYTES
