@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from cfmodules.errors import ResultFileError, ShapeError
-from cfmodules.results import InfluenceResult, read_npz, write_npz
+from cfmodules.results import InfluenceResult, atomic_write, read_npz, write_npz
 
 
 def _result(layer: str | None = "main.8") -> InfluenceResult:
@@ -36,6 +36,32 @@ def test_generic_roundtrip(tmp_path):
 def test_name_is_kept_and_no_temp_file_left(tmp_path):
     write_npz(tmp_path / "result.cfm", {"a": np.zeros(2)}, {"kind": "demo"})
     assert sorted(os.listdir(tmp_path)) == ["result.cfm"]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
+def test_files_get_the_permissions_of_a_new_file(tmp_path):
+    old = os.umask(0o027)
+    try:
+        path = write_npz(tmp_path / "r.npz", {"a": np.zeros(2)}, {"kind": "test"})
+        png = atomic_write(tmp_path / "f.bin", b"xyz")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o640  # not mkstemp's 0o600
+    assert png.stat().st_mode & 0o777 == 0o640
+    assert png.read_bytes() == b"xyz"
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+    path = atomic_write(tmp_path / "f.bin", b"old")
+
+    def broken(f):
+        f.write(b"partial")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(path, broken)
+    assert path.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.bin"]
 
 
 def test_writer_refuses_object_arrays_reserved_names_and_missing_kind(tmp_path):

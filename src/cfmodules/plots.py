@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cfmodules.errors import ShapeError
+from cfmodules.results import atomic_write
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
@@ -505,8 +506,4 @@ def figure_to_png(fig: Figure, dpi: int = 100) -> bytes:
 
 def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 100) -> Path:
     """Write ``fig`` as a PNG to ``path`` atomically (temp file + rename); returns the path."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(figure_to_png(fig, dpi))
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, figure_to_png(fig, dpi))

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from cfmodules import plots
+from cfmodules.results import atomic_write
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
@@ -273,14 +274,9 @@ def write_report(result: AnalysisResult, out_dir: str | os.PathLike, *,
     listed = dict(files or {})
     for name, fig in make_figures(result).items():
         pngs[name] = plots.figure_to_png(fig, dpi)
-        _atomic_write(out / f"{name}.png", pngs[name])
+        atomic_write(out / f"{name}.png", pngs[name])
         listed.setdefault(f"{name}.png", FIGURES.get(name, "hybrids of one module"))
     path = out / "report.html"
-    _atomic_write(path, render_html(result, pngs, command=command, files=listed).encode())
+    atomic_write(path, render_html(result, pngs, command=command, files=listed).encode())
     return path
 
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)

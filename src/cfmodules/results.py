@@ -29,16 +29,16 @@ import json
 import os
 import tempfile
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
 from cfmodules.errors import ResultFileError, ShapeError
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "write_npz", "read_npz", "InfluenceResult"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "write_npz", "read_npz", "atomic_write", "InfluenceResult"]
 
 FORMAT = "cfmodules"
 FORMAT_VERSION = 1
@@ -90,19 +90,41 @@ def write_npz(path: str | os.PathLike, arrays: Mapping[str, np.ndarray],
             raise ShapeError(f"Array '{key}' has dtype object; results are stored without pickle.")
         payload[key] = arr
     payload[_HEADER] = np.array(text)
+    return atomic_write(path, lambda f: (np.savez_compressed if compress else np.savez)(
+        f, **payload))
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | Callable[[BinaryIO], object]) -> Path:
+    """Write ``data`` (bytes, or a function writing to a binary file) to ``path`` atomically.
+
+    The content goes to a temporary file in the same folder, is flushed to disk, gets the
+    permissions of a newly created file (``0o666`` less the umask) and is renamed over
+    ``path``: readers see the old file or the whole new one, never a partial one.
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            (np.savez_compressed if compress else np.savez)(f, **payload)
+            if isinstance(data, (bytes, bytearray, memoryview)):
+                f.write(data)
+            else:
+                data(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0o600
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only portable way to read it is to set it
+    os.umask(mask)
+    return mask
 
 
 def read_npz(path: str | os.PathLike, kind: str | None = None) -> tuple[dict[str, np.ndarray], dict]:
