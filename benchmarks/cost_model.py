@@ -63,7 +63,7 @@ def measure_dcgan(device: torch.device, pairs: int) -> list[float]:
     ad = load_dcgan_faces(device=device)
     rates = []
     for layer in ("main.5", "main.8"):
-        c = ad._layer_channels(layer)
+        c = ad.layer_channels(layer)
         f = downstream_flops(ad, layer, ad.sample_latents(1))
         influence_maps(ad, layer, n_pairs=4, method="split", progress=False)  # warm-up
         _sync(device)
@@ -86,7 +86,7 @@ def project_biggan(device: torch.device, pairs: int, throughput: float,
     model = random_biggan(256, channel_width=128, device=device)
     ad = biggan_adapter(model, 0.4, None, device, name="biggan-deep-256-random")
     layer, _ = gblock_layers(model, 7)
-    c = ad._layer_channels(layer)
+    c = ad.layer_channels(layer)
     z = ad.sample_latents(1)
     f = downstream_flops(ad, layer, z)
     zb = ad.sample_latents(timed_hybrids, seed=1)

@@ -145,6 +145,18 @@ def test_train_mode_is_restored_and_said_once():
     assert g.training and g[1].training and g[2].training and not g[3].training
 
 
+def test_eval_mode_restores_modes_after_an_error():
+    g = nn.Sequential(nn.Conv2d(2, 3, 1), nn.Dropout(0.5)).train()
+    ad = GeneratorAdapter(g, (2, 1, 1))
+    with pytest.warns(UserWarning, match="train mode"), pytest.raises(RuntimeError, match="x"):
+        with ad.eval_mode():
+            assert not g.training and not g[1].training
+            assert not torch.is_grad_enabled()
+            raise RuntimeError("x")
+    assert g.training and g[1].training and torch.is_grad_enabled()
+    assert ad.layer_channels("0") == 3
+
+
 def test_no_hook_left_when_the_forward_raises():
     class Boom(nn.Module):
         def forward(self, x):

@@ -161,8 +161,8 @@ def test_biggan_relu_call_index_intervenes_on_that_call_only(ad, z) -> None:
 
 def test_biggan_relu_call_index_has_that_calls_channels(ad, z) -> None:
     # call 0 is relu(bn_0(x)) with the block's 64 input channels, call 1 has 16
-    assert ad._layer_channels(f"{BLOCK}.relu:0") == 64
-    assert ad._layer_channels(f"{BLOCK}.relu:1") == 16
+    assert ad.layer_channels(f"{BLOCK}.relu:0") == 64
+    assert ad.layer_channels(f"{BLOCK}.relu:1") == 16
     with pytest.raises(ChannelError, match="16 channels"):
         with ad.intervene({f"{BLOCK}.relu:1": ([20], torch.zeros(4, 1, 8, 8))}):
             ad.generate(z)

@@ -112,7 +112,7 @@ def test_fast_path_equals_naive(factory, layer, cut):
         assert plan is not None and plan.cut == cut
     n = 6
     res = influence_maps(ad, layer, n_pairs=n, pairs_per_block=4, **KW)
-    n_ch = ad._layer_channels(layer)
+    n_ch = ad.layer_channels(layer)
     ref = naive_maps(ad, [{layer: [c]} for c in range(n_ch)], n)
     assert res.maps.shape == ref.shape
     _close(res.maps, ref, 1e-5)

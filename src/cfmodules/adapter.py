@@ -201,7 +201,15 @@ class GeneratorAdapter:
 
     # ------------------------------------------------------------------ running
     @contextmanager
-    def _eval_mode(self) -> Iterator[None]:
+    def eval_mode(self) -> Iterator[None]:
+        """Run the block with the generator in eval mode and without gradients.
+
+        Every module's ``training`` flag is restored afterwards, also after an error. A
+        generator left in train mode with BatchNorm or Dropout gets one warning per adapter
+        (in train mode they would make a counterfactual depend on the rest of the batch).
+        Everything cfmodules runs on the generator runs inside this; use it for your own
+        forward passes on the adapter's modules too.
+        """
         modes = [(m, m.training) for m in self.generator.modules()]
         if any(t for _, t in modes):
             if not self._warned_train and any(t and isinstance(m, _MODE_DEPENDENT) for m, t in modes):
@@ -282,7 +290,7 @@ class GeneratorAdapter:
         z = L.to_device(z, self.device)
         step = batch_size or n
         outs = []
-        with self._eval_mode():
+        with self.eval_mode():
             for s in range(0, n, step):
                 zi = L.select(z, slice(s, s + step))
                 outs.append(self.images(self._raw(zi), L.batch_size(zi)))
@@ -340,7 +348,7 @@ class GeneratorAdapter:
         try:
             for n in names:
                 handles.append(modules[n].register_forward_hook(make(n)))
-            with self._eval_mode():
+            with self.eval_mode():
                 self.images(self._raw(z), 1)
         finally:
             for h in handles:
@@ -371,7 +379,8 @@ class GeneratorAdapter:
             )
         return shape
 
-    def _layer_channels(self, layer: str) -> int:
+    def layer_channels(self, layer: str) -> int:
+        """Number of channels of ``layer``'s output (dimension 1), as in :meth:`layer_shape`."""
         return self.layer_shape(layer)[0]
 
     def layers_cached(self) -> list[LayerInfo]:
@@ -424,7 +433,7 @@ class GeneratorAdapter:
                     f"{type(rep).__name__} for '{r.name}'."
                 )
             channels, values = rep
-            idx = channel_index(channels, self._layer_channels(r.name), r.name)
+            idx = channel_index(channels, self.layer_channels(r.name), r.name)
             edits[r.name] = _replace_channels(r.name, idx, values)
         with self._session(edits):
             yield
@@ -486,7 +495,7 @@ class _AdapterSplit(Split):
     def prefix(self, z: L.Latent):  # type: ignore[override]
         self.adapter.check_latent(z)
         z = L.to_device(z, self.adapter.device)
-        with self.adapter._eval_mode(), self.adapter._one_forward():
+        with self.adapter.eval_mode(), self.adapter._one_forward():
             return self.inner.prefix(z)
 
     def suffix(self, state, activation: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
@@ -496,7 +505,7 @@ class _AdapterSplit(Split):
                 f"The new activation of layer '{self.layer}' has shape {tuple(activation.shape)};"
                 f" expected {tuple(state.activation.shape)} (one row per sample of the state)."
             )
-        with self.adapter._eval_mode(), self.adapter._one_forward():
+        with self.adapter.eval_mode(), self.adapter._one_forward():
             return self.adapter.images(self.inner.suffix(state, activation), n)
 
 

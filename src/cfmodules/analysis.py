@@ -577,7 +577,7 @@ def analyze(
     if not names or len(set(names)) != len(names):
         raise ConfigError(f"Give one layer, or two distinct layers, got {layers!r}.")
     names = [r.name for r in resolve_layers(adapter.generator, names)]
-    n_units = sum(adapter._layer_channels(la) for la in names)
+    n_units = sum(adapter.layer_channels(la) for la in names)
     if s.n_modules > n_units:
         raise ConfigError(f"K={s.n_modules} modules is more than the {n_units} channels of "
                           f"{' and '.join(names)}; use n_modules (--k) <= {n_units}.")

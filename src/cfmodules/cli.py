@@ -323,7 +323,7 @@ def _cmd_hybrids(args: argparse.Namespace) -> int:
     shape = args.latent_shape or result.model_options.get("latent_shape")
     adapter = load_model(spec, args.device, shape)
     for layer in result.layers:
-        n = adapter._layer_channels(layer)
+        n = adapter.layer_channels(layer)
         top = int(result.unit_channel[result.unit_layer == layer].max()) + 1
         if n != top:
             raise ConfigError(f"The modules of '{args.modules}' have {top} channels in layer "

@@ -32,7 +32,7 @@ def _check_module(adapter: GeneratorAdapter, module: Module) -> dict[str, torch.
 
     resolve_layers(adapter.generator, list(module))  # every name checked before any work
     return {
-        layer: channel_index(ch, adapter._layer_channels(layer), layer)
+        layer: channel_index(ch, adapter.layer_channels(layer), layer)
         for layer, ch in module.items()
     }
 

@@ -115,7 +115,7 @@ def distributed_influence_maps(
             "different number of pairs); give n_pairs instead."
         )
     name = resolve_layer(adapter.generator, layer).name
-    n = adapter._layer_channels(name)
+    n = adapter.layer_channels(name)
     idx = torch.arange(n) if channels is None else channel_index(channels, n, name,
                                                                  allow_empty=False)
     blocks = [shard(len(idx), r, size) for r in range(size)]

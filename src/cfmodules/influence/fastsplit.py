@@ -281,6 +281,6 @@ class FastSplit:
         if not owned:
             activation = activation.clone()
             frontier = tuple(f.clone() for f in frontier)
-        with self.adapter._eval_mode():
+        with self.adapter.eval_mode():
             raw = module(activation, *frontier)
         return self.adapter.images(raw, activation.shape[0])

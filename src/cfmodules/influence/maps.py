@@ -284,7 +284,7 @@ class _LinearRunner(_Runner):
         a = self.layer_split.prefix(L.concat([z1, z2])).activation
         self.delta = a[n:] - a[:n]
         if self.cut_split.n_frontier == 0:  # the cut's value is op(+BN) of the layer's
-            with self.adapter._eval_mode():
+            with self.adapter.eval_mode():
                 self.state = SplitState(self.plan.pre_activation(a[:n]), (), z1)
         else:
             self.state = self.cut_split.prefix(z1)
@@ -362,7 +362,7 @@ def _checked(adapter: object) -> GeneratorAdapter:
 def _layer_units(adapter: GeneratorAdapter, layer: str, channels: ChannelSpec | None
                  ) -> tuple[str, list[_Unit]]:
     ref = resolve_layer(adapter.generator, layer)
-    n = adapter._layer_channels(ref.name)
+    n = adapter.layer_channels(ref.name)
     idx = torch.arange(n) if channels is None else channel_index(channels, n, ref.name,
                                                                  allow_empty=False)
     return ref.name, [_Unit(f"{ref.name}[{int(c)}]", {ref.name: idx[i:i + 1]})
@@ -398,7 +398,7 @@ def _module_units(adapter: GeneratorAdapter, modules: Any) -> list[_Unit]:
         for ref in refs:
             try:
                 chans[ref.name] = channel_index(module[ref.name],
-                                                adapter._layer_channels(ref.name), ref.name,
+                                                adapter.layer_channels(ref.name), ref.name,
                                                 allow_empty=False)
             except ChannelError as e:
                 raise ChannelError(f"Module '{name}': {e}") from e
