@@ -175,6 +175,13 @@ def test_bad_command_lines_end_in_one_line(capsys, tmp_path, monkeypatch, argv, 
     one_line_error(code, err, *needles)
 
 
+def test_layer_typo_fails_before_the_output_folder_is_made(capsys, tmp_path):
+    code, _, err = run(capsys, "analyze", "--model", "planted-conv", "--layer", "main.33",
+                       "--out", str(tmp_path / "o"))
+    one_line_error(code, err, "Did you mean")
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("factory, extra, needles", [
     ("make_string", [], ["returned str, not an nn.Module or a GeneratorAdapter"]),
     ("make_module", [], ["returned an nn.Module", "--latent-shape"]),

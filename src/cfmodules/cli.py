@@ -270,7 +270,11 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     adapter = load_model(args.model, args.device, args.latent_shape)
     import torch
 
+    from cfmodules.hooks import resolve_layers
     from cfmodules.influence.distributed import init_from_env, world
+
+    if args.layer:  # a typo fails before the output folder is made
+        resolve_layers(adapter.generator, list(args.layer))
 
     if init_from_env(adapter.device):  # under torchrun: each rank takes a shard of channels
         local = os.environ.get("LOCAL_RANK")
