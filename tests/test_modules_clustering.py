@@ -207,3 +207,26 @@ def test_to_modules():
     assert clust.to_modules("x")[0] == {"x": clust.modules_[0].tolist()}
     with pytest.raises(ConfigError, match="no layer name"):
         ModuleClustering(2, random_state=0).fit(maps).to_modules()
+
+
+def test_clustering_runs_with_one_blas_thread_and_restores_it(monkeypatch):
+    from threadpoolctl import threadpool_info
+
+    from cfmodules.modules import clustering
+
+    before = [(p["internal_api"], p["num_threads"]) for p in threadpool_info()
+              if p["user_api"] == "blas"]
+    seen = []
+    real = clustering._cluster_features
+
+    def spy(*args):
+        seen.extend(p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas")
+        return real(*args)
+
+    monkeypatch.setattr(clustering, "_cluster_features", spy)
+    rng = np.random.default_rng(0)
+    clustering.cluster_features(rng.random((12, 30)), 3, "nmf", 1, 50, 0)
+    assert seen and set(seen) == {1}
+    after = [(p["internal_api"], p["num_threads"]) for p in threadpool_info()
+             if p["user_api"] == "blas"]
+    assert after == before

@@ -494,22 +494,12 @@ class _Steps:
         self.verbose, self.total, self.i = verbose, total, 0
         self.timings: dict[str, float] = {}
 
-    def run(self, name: str, text: str, fn: Callable[[], Any], one_blas_thread: bool = False
-            ) -> Any:
+    def run(self, name: str, text: str, fn: Callable[[], Any]) -> Any:
         self.i += 1
         if self.verbose:
             print(f"[{self.i}/{self.total}] {text}", file=sys.stderr, flush=True)
         t = time.perf_counter()
-        if one_blas_thread:
-            # The clustering multiplies skinny matrices (C x pixels by pixels x K) thousands
-            # of times; threaded BLAS only adds synchronisation to such small products (14x
-            # slower NMF measured on a busy 2-core machine). Scoped: restored afterwards.
-            from threadpoolctl import threadpool_limits
-
-            with threadpool_limits(limits=1, user_api="blas"):
-                out = fn()
-        else:
-            out = fn()
+        out = fn()
         self.timings[name] = time.perf_counter() - t
         return out
 
@@ -626,8 +616,7 @@ def analyze(
         "clustering", f"{s.method} clustering into K={s.n_modules} modules",
         lambda: ModuleClustering(s.n_modules, s.method, window=s.window,
                                  percentile=s.percentile, n_init=s.n_init,
-                                 random_state=s.seed).fit(maps),
-        one_blas_thread=True)
+                                 random_state=s.seed).fit(maps))
     labels = clustering.labels_
 
     partial = AnalysisResult(
@@ -659,8 +648,7 @@ def analyze(
             lambda: cluster_stability(maps, ks=s.stability_ks, methods=s.stability_methods,
                                       n_repeats=s.stability_repeats, window=s.window,
                                       percentile=s.percentile, random_state=s.seed,
-                                      progress=progress),
-            one_blas_thread=True)
+                                      progress=progress))
 
     o1, o2, hy = steps.run("hybrids", f"hybrids of {s.n_hybrids} new pairs per module",
                            lambda: make_hybrids(adapter, modules, s.n_hybrids, s.seed,
