@@ -12,15 +12,17 @@ from torch import nn
 from cfmodules import GeneratorAdapter
 from cfmodules.errors import GeneratorOutputError
 from cfmodules.influence import influence_maps
+from cfmodules.influence import linear as linear_mod
 from cfmodules.influence import maps as maps_mod
 from cfmodules.influence.fastsplit import (
     FastSplit,
     GemmConvTranspose2d,
     accelerate,
+    fold_batchnorm,
     strip_leading_relu,
 )
 from cfmodules.influence.linear import add_base_, find_linear_plan, fused_add_relu_is_exact
-from influence_helpers import naive_maps, wide_convt_adapter
+from influence_helpers import _init, naive_maps, wide_convt_adapter
 
 
 def test_gemm_conv_transpose_equals_module():
@@ -238,3 +240,78 @@ def test_cpu_batches_keep_hybrids_and_fresh_suffix_tensors_small():
         assert rows == min(maps_mod._HYBRID_BATCH_BYTES // cut,
                            maps_mod._FRESH_TENSOR_BYTES // fresh)
         assert rows * cut <= maps_mod._HYBRID_BATCH_BYTES
+
+
+def _with_stats(model: nn.Module) -> nn.Module:
+    return _init(model, 3)  # random weights and running statistics, eval mode
+
+
+def test_fold_batchnorm_equals_conv_then_bn_and_leaves_the_model_alone():
+    model = _with_stats(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8),
+                                      nn.ReLU(), nn.ConvTranspose2d(8, 4, 4, 2, 1, bias=False),
+                                      nn.BatchNorm2d(4)))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    gm = torch.fx.symbolic_trace(model)
+    folded = fold_batchnorm(gm)
+    kinds = [type(folded.get_submodule(n.target)).__name__ for n in folded.graph.nodes
+             if n.op == "call_module"]
+    assert kinds == ["Conv2d", "ReLU", "ConvTranspose2d"]
+    x = torch.randn(2, 3, 5, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+
+
+def test_fold_batchnorm_keeps_what_it_cannot_fold():
+    no_stats = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4, track_running_stats=False))
+    gm = torch.fx.symbolic_trace(no_stats.eval())
+    assert fold_batchnorm(gm) is gm  # batch statistics even in eval mode
+
+    class TwoReaders(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return self.bn(y) + y
+
+    gm = torch.fx.symbolic_trace(TwoReaders().eval())
+    assert fold_batchnorm(gm) is gm
+    grouped = nn.Sequential(nn.ConvTranspose2d(4, 4, 3, groups=2), nn.BatchNorm2d(4))
+    gm = torch.fx.symbolic_trace(grouped.eval())
+    assert fold_batchnorm(gm) is gm
+
+
+def _dcgan_like() -> GeneratorAdapter:
+    model = nn.Sequential(
+        nn.ConvTranspose2d(4, 16, 4, 1, 0, bias=False), nn.BatchNorm2d(16), nn.ReLU(True),
+        nn.ConvTranspose2d(16, 16, 4, 2, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(True),
+        nn.ConvTranspose2d(16, 8, 4, 2, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU(True),
+        nn.ConvTranspose2d(8, 3, 4, 2, 1), nn.Tanh())
+    return GeneratorAdapter(_with_stats(model), (4, 1, 1), name="dcgan-like")
+
+
+def test_channels_last_hybrids_equal_the_naive_maps():
+    """After the cut a PyTorch convolution runs: contributions are made channels last."""
+    ad = _dcgan_like()
+    units = maps_mod._layer_units(ad, "2", None)[1]
+    (runner, _), = maps_mod._runners(ad, units, "auto")
+    assert runner.channels_last and runner.cut_split.starts_with_relu
+    res = influence_maps(ad, "2", n_pairs=5, pairs_per_block=3, progress=False)
+    ref = naive_maps(ad, [{"2": [c]} for c in range(16)], 5)
+    assert float(np.abs(res.maps - ref).max() / np.abs(ref).max()) < 1e-5
+
+
+def test_channels_last_contributions_equal_the_plain_layout():
+    ad = _dcgan_like()
+    plan = find_linear_plan(ad, "2")
+    prepared = linear_mod.prepare_weight(plan, plan.weight())
+    delta = torch.randn(3, 16, 4, 4)
+    ch = torch.tensor([0, 5, 15])
+    plain = linear_mod.single_channel_contributions(plan, prepared, delta, ch)
+    last = linear_mod.single_channel_contributions(plan, prepared, delta, ch,
+                                                   channels_last=True)
+    assert last.permute(0, 1, 3, 4, 2).is_contiguous()
+    torch.testing.assert_close(last, plain, rtol=1e-6, atol=1e-6)

@@ -16,16 +16,19 @@ split is used unchanged.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from cfmodules import latents as L
 from cfmodules.hooks import resolve_layer
 from cfmodules.influence.workspace import Workspace
 from cfmodules.split import SplitState, fx_split
 
-__all__ = ["FastSplit", "GemmConvTranspose2d", "accelerate"]
+__all__ = ["FastSplit", "GemmConvTranspose2d", "accelerate", "fold_batchnorm", "strip_leading_relu"]
 
 
 class GemmConvTranspose2d(nn.Module):
@@ -150,12 +153,69 @@ _IN_PLACE = {nn.Tanh: "tanh_", nn.Sigmoid: "sigmoid_", nn.ReLU: "relu_"}
 """Pointwise modules run in place on the fresh output of a GEMM transposed convolution."""
 
 
+def _bn_to_fold(gm: fx.GraphModule, node: fx.Node) -> nn.BatchNorm2d | None:
+    """The eval-mode BatchNorm that alone reads conv ``node``'s output, when it can fold."""
+    if node.op != "call_module" or len(node.users) != 1 or len(node.args) != 1 or node.kwargs:
+        return None
+    conv = gm.get_submodule(node.target)
+    if type(conv) not in (nn.Conv2d, nn.ConvTranspose2d) or (
+            type(conv) is nn.ConvTranspose2d and conv.groups != 1):
+        return None
+    (user,) = node.users
+    if user.op != "call_module" or user.args != (node,) or user.kwargs:
+        return None
+    bn = gm.get_submodule(user.target)
+    if (type(bn) is not nn.BatchNorm2d or not bn.track_running_stats
+            or bn.running_mean is None or bn.running_var is None):
+        return None
+    return bn
+
+
+def fold_batchnorm(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm`` where each Conv2d / ConvTranspose2d + eval BatchNorm2d is one conv.
+
+    For the eval mode the adapter runs generators in: the BatchNorm's running statistics
+    and affine map are folded into a copy of the convolution's weight and bias (the user's
+    modules are not changed), saving a pass over the output. Returns ``gm`` itself when
+    there is nothing to fold.
+    """
+    pairs = [(n, bn) for n in gm.graph.nodes if (bn := _bn_to_fold(gm, n)) is not None]
+    if not pairs:
+        return gm
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    graph.output(graph.graph_copy(gm.graph, env))
+    new = fx.GraphModule(gm, graph)
+    for i, (node, bn) in enumerate(pairs):
+        conv = gm.get_submodule(node.target)
+        fused = copy.deepcopy(conv)
+        with torch.no_grad():
+            w, b = fuse_conv_bn_weights(
+                conv.weight.detach(), None if conv.bias is None else conv.bias.detach(),
+                bn.running_mean, bn.running_var, bn.eps,
+                None if bn.weight is None else bn.weight.detach(),
+                None if bn.bias is None else bn.bias.detach(),
+                transpose=type(conv) is nn.ConvTranspose2d)
+        fused.weight, fused.bias = w, b
+        fused.requires_grad_(False)
+        name = f"_cfmodules_conv_bn_{i}"
+        new.add_submodule(name, fused)
+        conv_copy, (bn_copy,) = env[node], env[node].users
+        conv_copy.target = name
+        bn_copy.replace_all_uses_with(conv_copy)
+        graph.erase_node(bn_copy)
+    new.recompile()
+    return new
+
+
 def accelerate(gm: fx.GraphModule, device: torch.device) -> fx.GraphModule:
     """A copy of ``gm`` whose eligible ``ConvTranspose2d`` calls use :class:`GemmConvTranspose2d`.
 
     A Tanh, Sigmoid or ReLU module that is the only reader of such a call's output (a
     fresh tensor) runs in place on it. Returns ``gm`` itself when nothing is eligible.
+    Eval-mode BatchNorms are folded first (:func:`fold_batchnorm`).
     """
+    gm = fold_batchnorm(gm)
     nodes = [n for n in gm.graph.nodes if n.op == "call_module" and len(n.args) == 1
              and not n.kwargs and _gemm_is_faster(gm.get_submodule(n.target), device)]
     if not nodes:
@@ -255,6 +315,14 @@ class FastSplit:
     def prefix(self, z: L.Latent) -> SplitState:
         """As ``adapter.split(layer).prefix``."""
         return self.base.prefix(z)
+
+    @property
+    def runs_native_conv2d(self) -> bool:
+        """Whether the suffix runs a PyTorch ``Conv2d`` / ``ConvTranspose2d`` (not a GEMM one)."""
+        return self.suffix_module is not None and any(
+            n.op == "call_module"
+            and type(self.suffix_module.get_submodule(n.target)) in (nn.Conv2d, nn.ConvTranspose2d)
+            for n in self.suffix_module.graph.nodes)
 
     @property
     def starts_with_relu(self) -> bool:

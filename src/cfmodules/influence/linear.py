@@ -27,7 +27,8 @@ from cfmodules.hooks import resolve_layer
 from cfmodules.influence.workspace import Workspace
 
 __all__ = ["LinearPlan", "find_linear_plan", "single_channel_contributions",
-           "group_contribution", "add_base_", "fused_add_relu_is_exact"]
+           "group_contribution", "add_base_", "fused_add_relu_is_exact",
+           "channels_last_supported"]
 
 _FLOAT32_SAFE = 1e37  # well below float32's largest value (3.4e38)
 
@@ -189,6 +190,11 @@ def _fast_2d(op: nn.Module) -> bool:
             and not isinstance(op.padding, str) and op.padding_mode == "zeros")
 
 
+def channels_last_supported(plan: LinearPlan) -> bool:
+    """Whether :func:`single_channel_contributions` can write channels-last output."""
+    return _fast_2d(plan.op)
+
+
 def prepare_weight(plan: LinearPlan, weight: torch.Tensor) -> torch.Tensor:
     """``weight`` in the layout :func:`single_channel_contributions` reads, once per run.
 
@@ -207,7 +213,8 @@ def prepare_weight(plan: LinearPlan, weight: torch.Tensor) -> torch.Tensor:
 
 def single_channel_contributions(plan: LinearPlan, weight: torch.Tensor, delta: torch.Tensor,
                                  channels: torch.Tensor, base: torch.Tensor | None = None,
-                                 workspace: Workspace | None = None) -> torch.Tensor:
+                                 workspace: Workspace | None = None,
+                                 channels_last: bool = False) -> torch.Tensor:
     """Contributions of single channels, for many channels and pairs at once.
 
     Parameters
@@ -222,6 +229,9 @@ def single_channel_contributions(plan: LinearPlan, weight: torch.Tensor, delta: 
         Added to every unit's contribution (the original pre-activation).
     workspace : Workspace, optional
         Scratch buffers to reuse; the result may then live in one of them.
+    channels_last : bool
+        For a 2-d (transposed) convolution, lay the result out channels last (the same
+        values; PyTorch's CPU convolutions after the cut are faster on such input).
 
     Returns
     -------
@@ -235,7 +245,7 @@ def single_channel_contributions(plan: LinearPlan, weight: torch.Tensor, delta: 
         w = weight.index_select(1, channels.to(weight.device)).t()  # (U, C_out)
         out = d.unsqueeze(-1) * w.unsqueeze(1)
     elif _fast_2d(op):
-        out = _unfold_gemm(op, weight, d, channels, workspace)
+        out = _unfold_gemm(op, weight, d, channels, workspace, channels_last)
     else:
         out = torch.stack([group_contribution(plan, weight, delta, channels[u:u + 1])
                            for u in range(d.shape[0])])  # weight is unprepared here
@@ -283,13 +293,15 @@ def _out_hw(op: nn.Module, d: torch.Tensor) -> tuple[int, int]:
 
 
 def _unfold_gemm(op: nn.Module, weight: torch.Tensor, d: torch.Tensor,
-                 channels: torch.Tensor, workspace: Workspace | None = None) -> torch.Tensor:
+                 channels: torch.Tensor, workspace: Workspace | None = None,
+                 channels_last: bool = False) -> torch.Tensor:
     """Single-input-channel (transposed) 2-d convolution as im2col + batched GEMM.
 
-    ``d`` is ``(U, P, H, W)``; returns ``(U, P, C_out, H_out, W_out)``. A transposed
-    convolution is a convolution of the zero-upsampled, padded input with the flipped
-    kernel; for one input channel the im2col matrix is small and the GEMM writes each
-    output once, which is much faster than a 1-input-channel convolution call.
+    ``d`` is ``(U, P, H, W)``; returns ``(U, P, C_out, H_out, W_out)``, laid out with the
+    channels last when ``channels_last``. A transposed convolution is a convolution of the
+    zero-upsampled, padded input with the flipped kernel; for one input channel the im2col
+    matrix is small and the GEMM writes each output once, which is much faster than a
+    1-input-channel convolution call.
     """
     n_units, n_pairs, h, w = d.shape
     k, s, p, dil = op.kernel_size, op.stride, op.padding, op.dilation
@@ -303,14 +315,22 @@ def _unfold_gemm(op: nn.Module, weight: torch.Tensor, d: torch.Tensor,
             x = up
         lo = [dil[i] * (k[i] - 1) - p[i] for i in range(2)]
         x = F.pad(x, (lo[1], lo[1] + opad[1], lo[0], lo[0] + opad[0]))
-        cols = _im2col(x, k, (1, 1), dil, workspace)
+        cols = _im2col(x, k, (1, 1), dil, workspace, channels_last)
     else:
         x = F.pad(x, (p[1], p[1], p[0], p[0]))
-        cols = _im2col(x, k, s, dil, workspace)
+        cols = _im2col(x, k, s, dil, workspace, channels_last)
     wk = weight.index_select(0, ch)  # prepared: (U, C_out, kh*kw)
     ho, wo = _out_hw(op, d)
     c_out = wk.shape[1]
     cols = cols.view(n_units, n_pairs, cols.shape[1], cols.shape[2])
+    if channels_last:  # (U, P, HW, taps) @ (U, 1, taps, C_out): pixels x channels
+        wt = wk.transpose(1, 2).unsqueeze(1)
+        if workspace is None:
+            out = torch.matmul(cols, wt)
+        else:
+            out = workspace.get("contribution", (n_units, n_pairs, ho * wo, c_out), cols)
+            torch.matmul(cols, wt, out=out)
+        return out.view(n_units, n_pairs, ho, wo, c_out).permute(0, 1, 4, 2, 3)
     if workspace is None:
         out = torch.matmul(wk.unsqueeze(1), cols)
     else:
@@ -320,15 +340,21 @@ def _unfold_gemm(op: nn.Module, weight: torch.Tensor, d: torch.Tensor,
 
 
 def _im2col(x: torch.Tensor, k: tuple[int, int], s: tuple[int, int], d: tuple[int, int],
-            workspace: Workspace | None = None) -> torch.Tensor:
+            workspace: Workspace | None = None, pixels_first: bool = False) -> torch.Tensor:
     """``(R, H, W)`` -> ``(R, kh * kw, H_out * W_out)`` columns of a strided, dilated window.
 
     Same as ``F.unfold`` on one channel, built from strided views (``F.unfold`` is orders
-    of magnitude slower on CPU for one channel and a large batch).
+    of magnitude slower on CPU for one channel and a large batch). ``pixels_first``: the
+    transpose, ``(R, H_out * W_out, kh * kw)``.
     """
     v = x.unfold(1, d[0] * (k[0] - 1) + 1, s[0]).unfold(2, d[1] * (k[1] - 1) + 1, s[1])
     v = v[..., ::d[0], ::d[1]]  # (R, H_out, W_out, kh, kw)
     r, ho, wo = v.shape[:3]
+    if pixels_first:
+        if workspace is None:
+            return v.reshape(r, ho * wo, k[0] * k[1])
+        out = workspace.get("im2col", (r, ho, wo, k[0], k[1]), x)
+        return out.copy_(v).view(r, ho * wo, k[0] * k[1])
     cols = v.permute(0, 3, 4, 1, 2)
     if workspace is None:
         return cols.reshape(r, k[0] * k[1], ho * wo)

@@ -41,6 +41,7 @@ from cfmodules.influence.fastsplit import FastSplit
 from cfmodules.influence.linear import (
     LinearPlan,
     add_base_,
+    channels_last_supported,
     find_linear_plan,
     fused_add_relu_is_exact,
     group_contribution,
@@ -60,7 +61,8 @@ DEFAULT_MAX_BATCH_BYTES = {"cpu": 256 * 2**20, "cuda": 1024 * 2**20}
 
 Large batches mean few operations per hybrid (each operation on a shared, loaded machine
 may wait for a thread); the large intermediates of the linear shortcut live in reused
-buffers, and the generator's own layers after the cut are kept under 16 MiB a batch."""
+buffers, and on CPU the hybrids at the cut are kept under 32 MiB and the generator's own
+layers after the cut under 16 MiB a batch."""
 
 _FRESH_TENSOR_BYTES = 16 * 2**20
 _HYBRID_BATCH_BYTES = 32 * 2**20
@@ -278,6 +280,11 @@ class _LinearRunner(_Runner):
             self.channels = torch.cat(self.idx) if self.idx else torch.zeros(0, dtype=torch.long)
             self.prepared = prepare_weight(plan, self.weight)
         self.workspace = Workspace()
+        # PyTorch's CPU convolutions after the cut run faster on channels-last input, which
+        # the contributions can be written in at no cost (the same values, another layout)
+        self.channels_last = (self.single and adapter.device.type == "cpu"
+                              and channels_last_supported(plan)
+                              and self.cut_split.runs_native_conv2d)
 
     def begin_block(self, z1: L.Latent, z2: L.Latent, first_pair: int) -> None:
         n = L.batch_size(z1)
@@ -288,6 +295,9 @@ class _LinearRunner(_Runner):
                 self.state = SplitState(self.plan.pre_activation(a[:n]), (), z1)
         else:
             self.state = self.cut_split.prefix(z1)
+        if self.channels_last and self.state.activation.dim() == 4:
+            self.state.activation = self.state.activation.contiguous(
+                memory_format=torch.channels_last)  # Y in the hybrids' layout
         self.y = self.cut_split.suffix(self.state, self.state.activation, owned=False)
         self._check_y(self.y, first_pair)
         self.fuse_relu = (self.cut_split.starts_with_relu and self.single
@@ -300,7 +310,8 @@ class _LinearRunner(_Runner):
         pre = self.state.activation[pairs]
         if self.single:
             hyb = single_channel_contributions(self.plan, self.prepared, delta,
-                                               self.channels[units], workspace=self.workspace)
+                                               self.channels[units], workspace=self.workspace,
+                                               channels_last=self.channels_last)
         else:
             hyb = torch.stack([group_contribution(self.plan, self.weight, delta, self.idx[u])
                                for u in ids])
@@ -665,8 +676,9 @@ def influence_maps(
     max_batch_bytes : int, optional
         Memory budget of one batch of hybrids (default 256 MiB on CPU, 1 GiB on CUDA),
         estimated as four copies of the generator's largest layer output per hybrid. On
-        CPU a batch is also kept small enough that no layer after the cut allocates more
-        than 16 MiB at once (fresh large blocks cost page faults).
+        CPU a batch is also kept small enough that its hybrids at the cut fit in 32 MiB
+        (the passes over them then hit the cache) and that no layer after the cut
+        allocates more than 16 MiB at once (fresh large blocks cost page faults).
     progress : bool, default True
         Show a tqdm progress bar (counted in hybrids).
     checkpoint : path, optional
