@@ -198,6 +198,8 @@ def fold_batchnorm(gm: fx.GraphModule) -> fx.GraphModule:
                 transpose=type(conv) is nn.ConvTranspose2d)
         fused.weight, fused.bias = w, b
         fused.requires_grad_(False)
+        for hooks in (fused._forward_hooks, fused._forward_pre_hooks):
+            hooks.clear()  # the user's hooks belong to the unfolded conv
         name = f"_cfmodules_conv_bn_{i}"
         new.add_submodule(name, fused)
         conv_copy, (bn_copy,) = env[node], env[node].users
