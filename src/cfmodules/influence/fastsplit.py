@@ -153,6 +153,17 @@ _IN_PLACE = {nn.Tanh: "tanh_", nn.Sigmoid: "sigmoid_", nn.ReLU: "relu_"}
 """Pointwise modules run in place on the fresh output of a GEMM transposed convolution."""
 
 
+def _graph_copy(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[fx.Node, fx.Node]]:
+    """A GraphModule over a copy of ``gm``'s graph, and the map from old to new nodes.
+
+    Edit ``new.graph`` through the map, then ``new.recompile()``; ``gm`` is not changed.
+    """
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    graph.output(graph.graph_copy(gm.graph, env))
+    return fx.GraphModule(gm, graph), env
+
+
 def _bn_to_fold(gm: fx.GraphModule, node: fx.Node) -> nn.BatchNorm2d | None:
     """The eval-mode BatchNorm that alone reads conv ``node``'s output, when it can fold."""
     if node.op != "call_module" or len(node.users) != 1 or len(node.args) != 1 or node.kwargs:
@@ -182,10 +193,7 @@ def fold_batchnorm(gm: fx.GraphModule) -> fx.GraphModule:
     pairs = [(n, bn) for n in gm.graph.nodes if (bn := _bn_to_fold(gm, n)) is not None]
     if not pairs:
         return gm
-    graph = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
-    graph.output(graph.graph_copy(gm.graph, env))
-    new = fx.GraphModule(gm, graph)
+    new, env = _graph_copy(gm)
     for i, (node, bn) in enumerate(pairs):
         conv = gm.get_submodule(node.target)
         fused = copy.deepcopy(conv)
@@ -202,10 +210,10 @@ def fold_batchnorm(gm: fx.GraphModule) -> fx.GraphModule:
             hooks.clear()  # the user's hooks belong to the unfolded conv
         name = f"_cfmodules_conv_bn_{i}"
         new.add_submodule(name, fused)
-        conv_copy, (bn_copy,) = env[node], env[node].users
-        conv_copy.target = name
-        bn_copy.replace_all_uses_with(conv_copy)
-        graph.erase_node(bn_copy)
+        conv_node, (bn_node,) = env[node], env[node].users
+        conv_node.target = name
+        bn_node.replace_all_uses_with(conv_node)
+        new.graph.erase_node(bn_node)
     new.recompile()
     return new
 
@@ -222,11 +230,7 @@ def accelerate(gm: fx.GraphModule, device: torch.device) -> fx.GraphModule:
              and not n.kwargs and _gemm_is_faster(gm.get_submodule(n.target), device)]
     if not nodes:
         return gm
-    graph = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
-    out = graph.graph_copy(gm.graph, env)
-    graph.output(out)
-    new = fx.GraphModule(gm, graph)
+    new, env = _graph_copy(gm)
     for i, node in enumerate(nodes):
         name = f"_cfmodules_gemm_{i}"
         new.add_submodule(name, GemmConvTranspose2d(gm.get_submodule(node.target)))
@@ -236,8 +240,7 @@ def accelerate(gm: fx.GraphModule, device: torch.device) -> fx.GraphModule:
             method = (_IN_PLACE.get(type(gm.get_submodule(user.target)))
                       if user.op == "call_module" else None)
             if method is not None and user.args == (node,) and not user.kwargs:
-                copy = env[user]
-                copy.op, copy.target = "call_method", method
+                env[user].op, env[user].target = "call_method", method
     new.recompile()
     return new
 
@@ -266,13 +269,9 @@ def strip_leading_relu(gm: fx.GraphModule) -> fx.GraphModule | None:
     (relu,) = first.users
     if not _is_relu(gm, relu) or relu.args[0] is not first:
         return None
-    graph = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
-    graph.output(graph.graph_copy(gm.graph, env))
-    copy = env[relu]
-    copy.replace_all_uses_with(env[first])
-    graph.erase_node(copy)
-    new = fx.GraphModule(gm, graph)
+    new, env = _graph_copy(gm)
+    env[relu].replace_all_uses_with(env[first])
+    new.graph.erase_node(env[relu])
     new.recompile()
     return new
 

@@ -31,6 +31,7 @@ __all__ = ["LinearPlan", "find_linear_plan", "single_channel_contributions",
            "channels_last_supported"]
 
 _FLOAT32_SAFE = 1e37  # well below float32's largest value (3.4e38)
+_HAS_ADD_RELU = hasattr(torch.ops.aten, "_add_relu_")  # fused CPU kernel
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONVT = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -212,8 +213,7 @@ def prepare_weight(plan: LinearPlan, weight: torch.Tensor) -> torch.Tensor:
 
 
 def single_channel_contributions(plan: LinearPlan, weight: torch.Tensor, delta: torch.Tensor,
-                                 channels: torch.Tensor, base: torch.Tensor | None = None,
-                                 workspace: Workspace | None = None,
+                                 channels: torch.Tensor, workspace: Workspace | None = None,
                                  channels_last: bool = False) -> torch.Tensor:
     """Contributions of single channels, for many channels and pairs at once.
 
@@ -225,8 +225,6 @@ def single_channel_contributions(plan: LinearPlan, weight: torch.Tensor, delta: 
     delta : Tensor (P, C_in, ...)
         ``a(z2) - a(z1)`` at the layer.
     channels : LongTensor (U,)
-    base : Tensor (P, C_out, ...), optional
-        Added to every unit's contribution (the original pre-activation).
     workspace : Workspace, optional
         Scratch buffers to reuse; the result may then live in one of them.
     channels_last : bool
@@ -236,8 +234,8 @@ def single_channel_contributions(plan: LinearPlan, weight: torch.Tensor, delta: 
     Returns
     -------
     Tensor (U, P, C_out, ...)
-        Row ``[u, p]`` is ``base[p]`` plus the pre-activation change when only channel
-        ``channels[u]`` of pair ``p`` is swapped.
+        Row ``[u, p]`` is the pre-activation change when only channel ``channels[u]`` of
+        pair ``p`` is swapped; :func:`add_base_` adds the original pre-activation.
     """
     op = plan.op
     d = delta.index_select(1, channels.to(delta.device)).transpose(0, 1)  # (U, P, ...)
@@ -249,7 +247,7 @@ def single_channel_contributions(plan: LinearPlan, weight: torch.Tensor, delta: 
     else:
         out = torch.stack([group_contribution(plan, weight, delta, channels[u:u + 1])
                            for u in range(d.shape[0])])  # weight is unprepared here
-    return out if base is None else out.add_(base.unsqueeze(0))
+    return out
 
 
 def fused_add_relu_is_exact(prepared: torch.Tensor, delta: torch.Tensor,
@@ -261,7 +259,7 @@ def fused_add_relu_is_exact(prepared: torch.Tensor, delta: torch.Tensor,
     when everything is finite and no single-channel contribution can overflow:
     ``|contribution| <= max over (c_in, c_out) of sum |w| * max |delta|``.
     """
-    if base.device.type != "cpu" or not hasattr(torch.ops.aten, "_add_relu_"):
+    if base.device.type != "cpu" or not _HAS_ADD_RELU:
         return False
     w = prepared.flatten(2) if prepared.dim() > 2 else prepared
     bound = float(w.abs().sum(-1).max()) if w.dim() > 2 else float(w.abs().max())
@@ -275,7 +273,7 @@ def add_base_(hyb: torch.Tensor, base: torch.Tensor, relu: bool = False) -> torc
     With ``relu`` on CPU one fused pass over ``hyb`` instead of two (call only where
     :func:`fused_add_relu_is_exact` holds).
     """
-    if relu and hyb.device.type == "cpu" and hasattr(torch.ops.aten, "_add_relu_"):
+    if relu and hyb.device.type == "cpu" and _HAS_ADD_RELU:
         return torch.ops.aten._add_relu_(hyb, base)
     hyb.add_(base)
     return hyb.relu_() if relu else hyb
@@ -324,18 +322,16 @@ def _unfold_gemm(op: nn.Module, weight: torch.Tensor, d: torch.Tensor,
     c_out = wk.shape[1]
     cols = cols.view(n_units, n_pairs, cols.shape[1], cols.shape[2])
     if channels_last:  # (U, P, HW, taps) @ (U, 1, taps, C_out): pixels x channels
-        wt = wk.transpose(1, 2).unsqueeze(1)
-        if workspace is None:
-            out = torch.matmul(cols, wt)
-        else:
-            out = workspace.get("contribution", (n_units, n_pairs, ho * wo, c_out), cols)
-            torch.matmul(cols, wt, out=out)
-        return out.view(n_units, n_pairs, ho, wo, c_out).permute(0, 1, 4, 2, 3)
+        a, b, shape = cols, wk.transpose(1, 2).unsqueeze(1), (ho * wo, c_out)
+    else:  # (U, 1, C_out, taps) @ (U, P, taps, HW)
+        a, b, shape = wk.unsqueeze(1), cols, (c_out, ho * wo)
     if workspace is None:
-        out = torch.matmul(wk.unsqueeze(1), cols)
+        out = torch.matmul(a, b)
     else:
-        out = workspace.get("contribution", (n_units, n_pairs, c_out, ho * wo), cols)
-        torch.matmul(wk.unsqueeze(1), cols, out=out)
+        out = torch.matmul(a, b, out=workspace.get("contribution",
+                                                   (n_units, n_pairs, *shape), cols))
+    if channels_last:
+        return out.view(n_units, n_pairs, ho, wo, c_out).permute(0, 1, 4, 2, 3)
     return out.view(n_units, n_pairs, c_out, ho, wo)
 
 
@@ -351,12 +347,9 @@ def _im2col(x: torch.Tensor, k: tuple[int, int], s: tuple[int, int], d: tuple[in
     v = v[..., ::d[0], ::d[1]]  # (R, H_out, W_out, kh, kw)
     r, ho, wo = v.shape[:3]
     if pixels_first:
-        if workspace is None:
-            return v.reshape(r, ho * wo, k[0] * k[1])
-        out = workspace.get("im2col", (r, ho, wo, k[0], k[1]), x)
-        return out.copy_(v).view(r, ho * wo, k[0] * k[1])
-    cols = v.permute(0, 3, 4, 1, 2)
+        cols, shape = v, (r, ho * wo, k[0] * k[1])
+    else:
+        cols, shape = v.permute(0, 3, 4, 1, 2), (r, k[0] * k[1], ho * wo)
     if workspace is None:
-        return cols.reshape(r, k[0] * k[1], ho * wo)
-    out = workspace.get("im2col", (r, k[0], k[1], ho, wo), x)
-    return out.copy_(cols).view(r, k[0] * k[1], ho * wo)
+        return cols.reshape(shape)
+    return workspace.get("im2col", tuple(cols.shape), x).copy_(cols).view(shape)
