@@ -31,7 +31,7 @@ from torch import nn
 from cfmodules import GeneratorAdapter
 from cfmodules.analysis import analyze
 from cfmodules.report import write_report
-from cfmodules.zoo.planted import PlantedConvGenerator
+from cfmodules.synthetic import PlantedConvGenerator
 
 
 class MyGenerator(nn.Module):

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from cfmodules import GeneratorAdapter
+from cfmodules.engine.split import FxSplit, HookSplit
 from cfmodules.errors import (
     CfModulesError,
     ConfigError,
@@ -17,7 +18,6 @@ from cfmodules.errors import (
     LayerNotFoundError,
     ShapeError,
 )
-from cfmodules.split import FxSplit, HookSplit
 from conftest import no_hooks_left, tiny_sequential
 
 

@@ -21,7 +21,7 @@ from cfmodules.influence.distributed import (
     shard,
     shard_checkpoint,
 )
-from cfmodules.results import InfluenceResult
+from cfmodules.influence.result import InfluenceResult
 
 SETTINGS = dict(n_pairs=6, seed=3, pairs_per_block=4, progress=False)
 

@@ -12,7 +12,7 @@ import torch
 h5py = pytest.importorskip("h5py")
 
 from cfmodules.errors import CheckpointError, ModelNotAvailableError, ShapeError  # noqa: E402
-from cfmodules.zoo import fer_classifier as fc  # noqa: E402
+from cfmodules.evaluation import fer as fc  # noqa: E402
 
 
 @pytest.fixture(scope="module")

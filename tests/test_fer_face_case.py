@@ -25,11 +25,11 @@ def central_share(templates: np.ndarray) -> np.ndarray:
 @pytest.mark.slow
 def test_face_module_moves_the_expression_more_than_the_side_modules():
     from cfmodules.errors import ModelNotAvailableError
+    from cfmodules.evaluation.fer import load_fer_classifier
     from cfmodules.evaluation.robustness import classifier_robustness
     from cfmodules.influence import influence_maps
     from cfmodules.modules import ModuleClustering
     from cfmodules.zoo import load
-    from cfmodules.zoo.fer_classifier import load_fer_classifier
 
     try:
         ad = load("dcgan-faces")

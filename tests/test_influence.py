@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from cfmodules.engine.linear import find_linear_plan
 from cfmodules.errors import (
     CfModulesError,
     ChannelError,
@@ -20,7 +21,6 @@ from cfmodules.influence import (
     module_influence,
     pair_latents,
 )
-from cfmodules.influence.linear import find_linear_plan
 from influence_helpers import (
     conditional_adapter,
     convt_adapter,

@@ -10,18 +10,18 @@ import torch
 from torch import nn
 
 from cfmodules import GeneratorAdapter
-from cfmodules.errors import GeneratorOutputError
-from cfmodules.influence import influence_maps
-from cfmodules.influence import linear as linear_mod
-from cfmodules.influence import maps as maps_mod
-from cfmodules.influence.fastsplit import (
+from cfmodules.engine import linear as linear_mod
+from cfmodules.engine.fast import (
     FastSplit,
     GemmConvTranspose2d,
     accelerate,
     fold_batchnorm,
     strip_leading_relu,
 )
-from cfmodules.influence.linear import add_base_, find_linear_plan, fused_add_relu_is_exact
+from cfmodules.engine.linear import add_base_, find_linear_plan, fused_add_relu_is_exact
+from cfmodules.errors import GeneratorOutputError
+from cfmodules.influence import influence_maps
+from cfmodules.influence import maps as maps_mod
 from influence_helpers import _init, naive_maps, wide_convt_adapter
 
 

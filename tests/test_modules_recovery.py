@@ -9,7 +9,7 @@ from sklearn.metrics import adjusted_rand_score
 from cfmodules.hybrid import hybridize
 from cfmodules.influence import influence_maps, module_influence
 from cfmodules.modules import ModuleClustering, cluster_stability
-from cfmodules.zoo.planted import load_planted_conv, load_planted_model1
+from cfmodules.synthetic import load_planted_conv, load_planted_model1
 from modules_helpers import naive_influence_maps
 
 SEEDS = range(4)

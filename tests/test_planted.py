@@ -9,7 +9,7 @@ import torch
 from cfmodules.adapter import GeneratorAdapter
 from cfmodules.errors import ConfigError
 from cfmodules.hybrid import hybridize
-from cfmodules.zoo.planted import (
+from cfmodules.synthetic import (
     PlantedConvGenerator,
     PlantedModel1,
     load_planted_conv,

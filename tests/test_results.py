@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from cfmodules.errors import ResultFileError, ShapeError
-from cfmodules.results import InfluenceResult, atomic_write, read_npz, write_npz
+from cfmodules.influence import InfluenceResult
+from cfmodules.results import atomic_write, read_npz, write_npz
 
 
 def _result(layer: str | None = "main.8") -> InfluenceResult:

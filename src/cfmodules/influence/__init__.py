@@ -13,7 +13,7 @@ from cfmodules.influence.maps import (
     module_influence,
     pair_latents,
 )
-from cfmodules.results import InfluenceResult
+from cfmodules.influence.result import InfluenceResult
 
 __all__ = [
     "influence_maps",

