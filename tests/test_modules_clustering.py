@@ -217,13 +217,13 @@ def test_clustering_runs_with_one_blas_thread_and_restores_it(monkeypatch):
     before = [(p["internal_api"], p["num_threads"]) for p in threadpool_info()
               if p["user_api"] == "blas"]
     seen = []
-    real = clustering._cluster_features
+    real = clustering._sklearn_fit
 
     def spy(*args):
         seen.extend(p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas")
         return real(*args)
 
-    monkeypatch.setattr(clustering, "_cluster_features", spy)
+    monkeypatch.setattr(clustering, "_sklearn_fit", spy)
     rng = np.random.default_rng(0)
     clustering.cluster_features(rng.random((12, 30)), 3, "nmf", 1, 50, 0)
     assert seen and set(seen) == {1}
