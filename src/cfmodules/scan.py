@@ -10,12 +10,15 @@ enough), runs a short stability sweep over K (sec. 4.1) and scores every (layer,
 - **label consistency** and **template similarity**: the stability protocol's two numbers
   (two clusterings of overlapping two-thirds of the channels agree on the shared third,
   and find the same templates), in [0, 1];
-- **locality**: how much of the image each template leaves alone, ``1 - a`` with ``a``
-  the template's *effective area*, ``(sum t)^2 / (n_pixels * sum t^2)`` (the participation
-  ratio: 1 for a template spread evenly over the image, ``f`` for one spread evenly over a
-  fraction ``f`` of it), averaged over the K templates of a clustering of all channels.
-  Modules in the paper's sense are channels that act on one region together; a layer
-  whose templates all cover the whole image has no such regions, however reproducible.
+- **locality**: how much of the image a module leaves alone, ``1 - a`` with ``a`` the
+  *effective area* of the module's mean influence map m (the mean of the smoothed maps of
+  its channels, in a clustering of all channels), ``(sum m)^2 / (n_pixels * sum m^2)``
+  (the participation ratio: 1 for a map spread evenly over the image, ``f`` for one spread
+  evenly over a fraction ``f`` of it), averaged over the K modules. Modules in the paper's
+  sense are channels that act on one region together; a layer whose channels each act on
+  the whole image has no such regions, however reproducible its clustering. (The maps are
+  taken before the threshold: a threshold keeps a quarter of every map, which looks local
+  whatever the channel does.)
 
 Each layer's K is the :func:`cfmodules.modules.suggest_k` rule applied to its modularity
 (the largest K within ``tolerance`` of the layer's best); the suggested layer is the one
@@ -38,7 +41,7 @@ from cfmodules.adapter import GeneratorAdapter
 from cfmodules.errors import ConfigError, ResultFileError, ShapeError
 
 __all__ = ["ScanSettings", "ScanResult", "scan_layers", "candidate_layers", "locality",
-           "KIND"]
+           "module_locality", "KIND"]
 
 KIND = "scan"
 MIN_CHANNELS = 8
@@ -150,6 +153,30 @@ def locality(templates: Any) -> np.ndarray:
     return 1.0 - area
 
 
+def module_locality(maps: Any, labels: Any, n_modules: int) -> float:
+    """Mean :func:`locality` of the modules' mean influence maps.
+
+    Parameters
+    ----------
+    maps : array (C, H, W) or (C, P)
+        Influence maps (smoothed, not thresholded: a threshold keeps a quarter of every
+        map, so thresholded maps look local whether or not the channel's influence is).
+    labels : array (C,) of int
+        Module of each channel.
+    n_modules : int
+
+    Returns
+    -------
+    float
+        Mean over the non-empty modules of the locality of the mean map of its channels.
+    """
+    m = np.asarray(maps, dtype=np.float64)
+    m = m.reshape(len(m), -1)
+    lab = np.asarray(labels)
+    means = [m[lab == k].mean(axis=0) for k in range(n_modules) if (lab == k).any()]
+    return float(locality(np.stack(means)).mean())
+
+
 def candidate_layers(adapter: GeneratorAdapter, all_spatial: bool = False) -> list[str]:
     """Layers a scan looks at: spatial feature maps (C, H, W) with >= 8 channels.
 
@@ -186,7 +213,8 @@ class ScanResult:
     ks : ndarray (n_k,) of int
     consistency, cosine, locality : ndarray (L, n_k)
         Mean label consistency and template similarity of the stability sweep, and the
-        mean locality of the templates (NaN where K is too large for the layer).
+        mean locality of the modules (:func:`module_locality`; NaN where K is too large
+        for the layer).
     channels : ndarray (L,) of int
         Channels of each layer.
     n_pairs : ndarray (L,) of int
@@ -260,7 +288,7 @@ class ScanResult:
         text = (f"{self.layers[i]} with K={k}: its channels form {k} modules that two "
                 f"clusterings of overlapping thirds agree on (label consistency "
                 f"{self.consistency[i, j]:.2f}, template similarity {self.cosine[i, j]:.2f}), "
-                f"and each template covers about {100 * (1 - self.locality[i, j]):.0f}% of "
+                f"and each module acts on about {100 * (1 - self.locality[i, j]):.0f}% of "
                 f"the image (locality {self.locality[i, j]:.2f}); modularity "
                 f"{layer_scores[i]:.2f}, the highest of the {len(self.layers)} layers")
         text += f" (others: {', '.join(others)})." if others else "."
@@ -397,7 +425,7 @@ def scan_layers(
     from cfmodules.influence import influence_maps
     from cfmodules.modules import cluster_stability
     from cfmodules.modules.clustering import cluster_features
-    from cfmodules.modules.preprocess import preprocess
+    from cfmodules.modules.preprocess import preprocess, smooth
     from cfmodules.modules.stability import _pool
 
     if not isinstance(adapter, GeneratorAdapter):
@@ -446,13 +474,15 @@ def scan_layers(
                                  nmf_pool=pool, random_state=s.seed)
         feats = _pool(preprocess(eim.maps, s.window, s.percentile), pool)
         flat = feats.reshape(c, -1)
+        smoothed = smooth(eim.maps, s.window).reshape(c, -1)
         best_tmpl = {}
         for k in ok:
             j = int(np.flatnonzero(ks == k)[0])
             cons[li, j] = stab.mean("consistency")[0, list(ok).index(k)]
             cos[li, j] = stab.mean("cosine")[0, list(ok).index(k)]
-            _, _, tm, _, _ = cluster_features(flat, int(k), s.method, s.n_init, 300, s.seed)
-            loc[li, j] = float(locality(tm).mean())
+            labels, _, tm, _, _ = cluster_features(flat, int(k), s.method, s.n_init, 300,
+                                                   s.seed)
+            loc[li, j] = module_locality(smoothed, labels, int(k))
             best_tmpl[int(k)] = tm.reshape(int(k), *feats.shape[1:])
         templates.append(best_tmpl)
         timings[la] = time.perf_counter() - t0
