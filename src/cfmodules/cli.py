@@ -264,7 +264,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         n_pairs=args.pairs, n_modules=args.k, method=args.method, seed=args.seed,
         n_init=args.n_init, stability_ks=ks, stability_methods=methods,
         stability_repeats=args.stability_repeats, n_samples=args.samples,
-        n_hybrids=args.hybrids)
+        n_hybrids=args.hybrids, backend=args.backend, stability_pool=args.stability_pool)
     if args.layer and len(args.layer) > 2:
         raise ConfigError(f"--layer is given {len(args.layer)} times; give one layer, or two "
                           "for a two-layer intervention.")
@@ -436,6 +436,12 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--stability-methods", default="nmf,kmeans", metavar="METHODS",
                    help="methods compared in the sweep: nmf, kmeans or nmf,kmeans (default)")
     a.add_argument("--no-stability", action="store_true", help="skip the stability sweep")
+    a.add_argument("--stability-pool", type=int, default=1, metavar="P",
+                   help="NMF of the sweep on P x P pixel blocks: P^2 times fewer pixels, an "
+                        "approximation (default 1: exact)")
+    a.add_argument("--backend", choices=("fast", "sklearn"), default="fast",
+                   help="clustering engine: fast (default) or sklearn (the reference; the "
+                        "same fits up to float rounding, slower)")
     a.add_argument("--samples", type=int, default=16, metavar="N", help="samples shown (default 16)")
     a.add_argument("--hybrids", type=int, default=8, metavar="N",
                    help="new pairs hybridized per module (default 8)")
@@ -493,7 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _check_numbers(args: argparse.Namespace) -> None:
     for name in ("pairs", "k", "n_init", "stability_repeats", "samples", "hybrids", "threads",
-                 "repeats"):
+                 "repeats", "stability_pool"):
         v = getattr(args, name, None)
         if v is not None and v < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {v}.")

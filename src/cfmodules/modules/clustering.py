@@ -61,6 +61,8 @@ class ModuleClustering:
         Iterations per start.
     random_state : int, numpy Generator/RandomState or None, default None
         Seed of the restarts; an int makes :meth:`fit` reproducible.
+    backend : {"fast", "sklearn"}, default "fast"
+        Engine (see :func:`cluster_features`); both give the same fit up to float rounding.
 
     Attributes
     ----------
@@ -93,6 +95,7 @@ class ModuleClustering:
         n_init: int = 10,
         max_iter: int = 500,
         random_state: Any = None,
+        backend: str = "fast",
     ):
         self.n_modules = n_modules
         self.method = method
@@ -101,13 +104,14 @@ class ModuleClustering:
         self.n_init = n_init
         self.max_iter = max_iter
         self.random_state = random_state
+        self.backend = backend
 
     # ------------------------------------------------------------------ sklearn API
     def get_params(self, deep: bool = True) -> dict[str, Any]:
         """The constructor parameters (scikit-learn convention)."""
         return {k: getattr(self, k) for k in
                 ("n_modules", "method", "window", "percentile", "n_init", "max_iter",
-                 "random_state")}
+                 "random_state", "backend")}
 
     def set_params(self, **params: Any) -> ModuleClustering:
         """Set constructor parameters (scikit-learn convention); returns self."""
@@ -169,7 +173,7 @@ class ModuleClustering:
             )
         flat = feats.reshape(len(feats), -1)
         fit = cluster_features(flat, k, self.method, self.n_init, self.max_iter,
-                               self.random_state)
+                               self.random_state, self.backend)
         labels, weights, templates, err, converged = fit
         if not converged:
             warnings.warn(
@@ -260,6 +264,8 @@ class ModuleClustering:
             check_percentile(self.percentile)
         check_count("n_init", self.n_init)
         check_count("max_iter", self.max_iter)
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"backend must be one of {BACKENDS}, got {self.backend!r}.")
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "labels_"):
