@@ -317,6 +317,7 @@ def _cmd_scan(args: argparse.Namespace) -> int:
     from cfmodules.scan import ScanSettings, scan_layers
 
     settings = ScanSettings(ks=_parse_ks(args.ks, "--ks"), n_pairs=args.pairs,
+                            max_units=args.max_units,
                             target_stderr=args.target_stderr, method=args.method,
                             n_repeats=args.repeats, seed=args.seed)
     adapter = load_model(args.model, args.device, args.latent_shape)
@@ -466,8 +467,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="layers to scan, comma-separated (default: the candidates)")
     sc.add_argument("--ks", default="2-6", metavar="KS",
                     help="numbers of modules: a range 2-6 or a list 2,3,5 (default 2-6)")
-    sc.add_argument("--pairs", type=int, default=32, metavar="N",
-                    help="most latent pairs per influence map (default 32)")
+    sc.add_argument("--pairs", type=int, default=16, metavar="N",
+                    help="most latent pairs per influence map (default 16)")
+    sc.add_argument("--max-units", type=int, default=64, metavar="N",
+                    help="channels scanned per layer, drawn at random from larger layers "
+                         "(default 64)")
     sc.add_argument("--target-stderr", type=float, default=0.05, metavar="E",
                     help="stop a layer's maps once every pixel's standard error is <= E "
                          "(default 0.05)")
@@ -499,7 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _check_numbers(args: argparse.Namespace) -> None:
     for name in ("pairs", "k", "n_init", "stability_repeats", "samples", "hybrids", "threads",
-                 "repeats", "stability_pool"):
+                 "repeats", "stability_pool", "max_units"):
         v = getattr(args, name, None)
         if v is not None and v < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {v}.")

@@ -10,11 +10,10 @@ enough), runs a short stability sweep over K (sec. 4.1) and scores every (layer,
 - **label consistency** and **template similarity**: the stability protocol's two numbers
   (two clusterings of overlapping two-thirds of the channels agree on the shared third,
   and find the same templates), in [0, 1];
-- **locality**: how much of the image a module leaves alone, ``1 - a`` with ``a`` the
-  *effective area* of the module's mean influence map m (the mean of the smoothed maps of
-  its channels, in a clustering of all channels), ``(sum m)^2 / (n_pixels * sum m^2)``
-  (the participation ratio: 1 for a map spread evenly over the image, ``f`` for one spread
-  evenly over a fraction ``f`` of it), averaged over the K modules. Modules in the paper's
+- **locality**: how much of the image a module leaves alone: ``1 - a`` with ``a`` the
+  fraction of the image where the module's mean influence map (the mean of the smoothed
+  maps of its channels, in a clustering of all channels) exceeds half its maximum,
+  averaged over the K modules. Modules in the paper's
   sense are channels that act on one region together; a layer whose channels each act on
   the whole image has no such regions, however reproducible its clustering. (The maps are
   taken before the threshold: a threshold keeps a quarter of every map, which looks local
@@ -30,6 +29,7 @@ from __future__ import annotations
 
 import os
 import time
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,8 +55,13 @@ class ScanSettings:
     Attributes
     ----------
     ks : tuple of int, default (2, 3, 4, 5, 6)
-        Numbers of modules tried (capped per layer at two thirds of its channels).
-    n_pairs : int, default 32
+        Numbers of modules tried (capped per layer at two thirds of its units).
+    max_units : int, default 64
+        A layer with more channels is scanned on this many of them, drawn at random
+        (seeded by ``seed``): the cost of a channel's influence map grows with the depth
+        of the generator after the layer, and the stability protocol itself measures
+        whether modules are found again in subsets of the channels.
+    n_pairs : int, default 16
         Most latent pairs per influence map.
     target_stderr : float or None, default 0.05
         Stop a layer's influence maps once every pixel's standard error is at most this
@@ -78,7 +83,8 @@ class ScanSettings:
     """
 
     ks: tuple[int, ...] = (2, 3, 4, 5, 6)
-    n_pairs: int = 32
+    max_units: int = 64
+    n_pairs: int = 16
     target_stderr: float | None = 0.05
     pairs_per_block: int = 8
     method: str = "nmf"
@@ -94,7 +100,7 @@ class ScanSettings:
         object.__setattr__(self, "ks", tuple(int(k) for k in self.ks))
         if not self.ks or any(k < 1 for k in self.ks) or len(set(self.ks)) != len(self.ks):
             raise ConfigError(f"ks must be distinct positive integers, got {self.ks!r}.")
-        for name in ("n_pairs", "pairs_per_block", "n_repeats", "n_init"):
+        for name in ("max_units", "n_pairs", "pairs_per_block", "n_repeats", "n_init"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {v!r}.")
@@ -126,31 +132,29 @@ class ScanSettings:
         return cls(**kw)
 
 
-def locality(templates: Any) -> np.ndarray:
-    """How local each template is: ``1 - effective area / image area``, in [0, 1).
+def locality(maps: Any) -> np.ndarray:
+    """How local each map is: 1 - the fraction of the image where it exceeds half its maximum.
 
-    The effective area of a non-negative template t is the participation ratio
-    ``(sum t)^2 / sum t^2`` pixels: all of them for a template that is constant over the
-    image (locality 0), ``f`` times the image for one constant on a fraction ``f`` of it
-    and zero elsewhere (locality ``1 - f``). A template that is zero everywhere has
-    locality 0.
+    The area at half maximum (as in a full width at half maximum) ignores a low, broad base
+    that every influence map of a real generator has and measures where the map is
+    strong: 0 for a map constant over the image, ``1 - f`` for one constant on a fraction
+    ``f`` of it and zero elsewhere. A map that is zero everywhere has locality 0.
 
     Parameters
     ----------
-    templates : array (K, H, W) or (K, P), non-negative
+    maps : array (K, H, W) or (K, P), non-negative
 
     Returns
     -------
     ndarray (K,)
     """
-    t = np.asarray(templates, dtype=np.float64)
+    t = np.asarray(maps, dtype=np.float64)
     if t.ndim < 2:
-        raise ShapeError(f"templates must have shape (K, H, W) or (K, P), got {t.shape}.")
+        raise ShapeError(f"maps must have shape (K, H, W) or (K, P), got {t.shape}.")
     t = np.clip(t.reshape(len(t), -1), 0, None)
-    s1, s2 = t.sum(axis=1), (t ** 2).sum(axis=1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        area = np.where(s2 > 0, s1 ** 2 / (t.shape[1] * s2), 1.0)
-    return 1.0 - area
+    peak = t.max(axis=1, keepdims=True)
+    area = (t > 0.5 * peak).mean(axis=1)
+    return np.where(peak[:, 0] > 0, 1.0 - area, 0.0)
 
 
 def module_locality(maps: Any, labels: Any, n_modules: int) -> float:
@@ -217,6 +221,8 @@ class ScanResult:
         for the layer).
     channels : ndarray (L,) of int
         Channels of each layer.
+    units : list of L int arrays
+        The channels that were scanned (all, or ``max_units`` of them at random).
     n_pairs : ndarray (L,) of int
         Latent pairs the layer's influence maps average over (early stopping).
     max_stderr : ndarray (L,)
@@ -235,6 +241,7 @@ class ScanResult:
     cosine: np.ndarray
     locality: np.ndarray
     channels: np.ndarray
+    units: list[np.ndarray]
     n_pairs: np.ndarray
     max_stderr: np.ndarray
     templates: list[np.ndarray]
@@ -288,8 +295,8 @@ class ScanResult:
         text = (f"{self.layers[i]} with K={k}: its channels form {k} modules that two "
                 f"clusterings of overlapping thirds agree on (label consistency "
                 f"{self.consistency[i, j]:.2f}, template similarity {self.cosine[i, j]:.2f}), "
-                f"and each module acts on about {100 * (1 - self.locality[i, j]):.0f}% of "
-                f"the image (locality {self.locality[i, j]:.2f}); modularity "
+                f"and each module acts mostly on about {100 * (1 - self.locality[i, j]):.0f}% "
+                f"of the image (locality {self.locality[i, j]:.2f}); modularity "
                 f"{layer_scores[i]:.2f}, the highest of the {len(self.layers)} layers")
         text += f" (others: {', '.join(others)})." if others else "."
         row = self.score[i]
@@ -306,7 +313,7 @@ class ScanResult:
     # ------------------------------------------------------------------ text, dict, files
     def to_text(self) -> str:
         """The table of modularity per (layer, K) and the suggestion, as text."""
-        head = f"{'layer':<14}{'units':>6}{'pairs':>6}  " + "".join(
+        head = f"{'layer':<14}{'units':>9}{'pairs':>6}  " + "".join(
             f"{'K=' + str(int(k)):>7}" for k in self.ks) + "   K  cons   sim   loc"
         lines = [f"Scan of {self.model}: modularity = consistency x template similarity x "
                  "locality", head]
@@ -314,7 +321,8 @@ class ScanResult:
             j = int(np.flatnonzero(self.ks == self.layer_k[i])[0])
             cells = "".join(f"{s:>7.2f}" if np.isfinite(s) else f"{'-':>7}"
                             for s in self.score[i])
-            lines.append(f"{la:<14}{int(self.channels[i]):>6}{int(self.n_pairs[i]):>6}  "
+            units = f"{len(self.units[i])}/{int(self.channels[i])}"
+            lines.append(f"{la:<14}{units:>9}{int(self.n_pairs[i]):>6}  "
                          f"{cells}  {int(self.layer_k[i]):>2}  {self.consistency[i, j]:.2f}  "
                          f"{self.cosine[i, j]:.2f}  {self.locality[i, j]:.2f}")
         lines.append(f"Suggestion: {self.reason()}")
@@ -333,6 +341,7 @@ class ScanResult:
             "locality": np.asarray(self.locality, dtype=np.float64),
             "score": np.asarray(self.score, dtype=np.float64),
             "channels": np.asarray(self.channels, dtype=np.int64),
+            "units": [np.asarray(u, dtype=np.int64) for u in self.units],
             "n_pairs": np.asarray(self.n_pairs, dtype=np.int64),
             "max_stderr": np.asarray(self.max_stderr, dtype=np.float64),
             "layer_k": self.layer_k,
@@ -350,8 +359,9 @@ class ScanResult:
         d = self.to_dict()
         arrays = {k: d[k] for k in ("ks", "consistency", "cosine", "locality", "score",
                                     "channels", "n_pairs", "max_stderr", "layer_k")}
-        for i, t in enumerate(d["templates"]):
+        for i, (t, u) in enumerate(zip(d["templates"], d["units"])):
             arrays[f"templates_{i}"] = t
+            arrays[f"units_{i}"] = u
         header = {k: d[k] for k in ("model", "layers", "suggested_layer", "suggested_k",
                                     "reason", "settings", "timings", "created")}
         header["kind"] = KIND
@@ -369,6 +379,7 @@ class ScanResult:
                 model=header["model"], layers=layers, ks=arrays["ks"],
                 consistency=arrays["consistency"], cosine=arrays["cosine"],
                 locality=arrays["locality"], channels=arrays["channels"],
+                units=[arrays[f"units_{i}"] for i in range(len(layers))],
                 n_pairs=arrays["n_pairs"], max_stderr=arrays["max_stderr"],
                 templates=[arrays[f"templates_{i}"] for i in range(len(layers))],
                 settings=ScanSettings.from_dict(header.get("settings", {})),
@@ -456,14 +467,21 @@ def scan_layers(
     ks = np.array(sorted(s.ks), dtype=np.int64)
     shape = (len(names), len(ks))
     cons, cos, loc = (np.full(shape, np.nan) for _ in range(3))
-    pairs, stderr, templates, timings = [], [], [], {}
-    for li, (la, c) in enumerate(zip(names, n_channels)):
+    pairs, stderr, templates, timings, scanned = [], [], [], {}, []
+    for li, (la, n_ch) in enumerate(zip(names, n_channels)):
         t0 = time.perf_counter()
+        units = np.arange(n_ch)
+        if n_ch > s.max_units:
+            # the subset depends on (seed, layer name) only, not on the other layers
+            rng = np.random.default_rng([s.seed, zlib.crc32(la.encode())])
+            units = np.sort(rng.choice(n_ch, s.max_units, replace=False))
+        scanned.append(units)
+        c = len(units)
         if progress:
-            print(f"[{li + 1}/{len(names)}] {la}: influence maps of {c} channels, "
+            print(f"[{li + 1}/{len(names)}] {la}: influence maps of {c} of {n_ch} channels, "
                   f"stability K={ks.tolist()}", file=sys.stderr, flush=True)
-        eim = influence_maps(adapter, la, n_pairs=s.n_pairs, seed=s.seed,
-                             pairs_per_block=s.pairs_per_block,
+        eim = influence_maps(adapter, la, [int(u) for u in units], n_pairs=s.n_pairs,
+                             seed=s.seed, pairs_per_block=s.pairs_per_block,
                              target_stderr=s.target_stderr, progress=False)
         pairs.append(int(eim.n_pairs))
         stderr.append(float(np.nanmax(eim.stderr)) if eim.n_pairs > 1 else float("nan"))
@@ -488,7 +506,8 @@ def scan_layers(
         timings[la] = time.perf_counter() - t0
     result = ScanResult(
         model=adapter.name, layers=names, ks=ks, consistency=cons, cosine=cos, locality=loc,
-        channels=np.array(n_channels, dtype=np.int64), n_pairs=np.array(pairs, np.int64),
+        channels=np.array(n_channels, dtype=np.int64), units=scanned,
+        n_pairs=np.array(pairs, np.int64),
         max_stderr=np.array(stderr), templates=[], settings=s, timings=timings,
         version=_version(), created=created)
     result.templates = [tm[int(k)] for tm, k in zip(templates, result.layer_k)]
