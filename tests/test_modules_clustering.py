@@ -113,7 +113,7 @@ def test_sklearn_conventions():
     clust = ModuleClustering(2, "kmeans", window=5, percentile=60.0, random_state=1)
     assert clust.get_params() == {
         "n_modules": 2, "method": "kmeans", "window": 5, "percentile": 60.0, "n_init": 10,
-        "max_iter": 500, "random_state": 1}
+        "max_iter": 500, "random_state": 1, "backend": "fast"}
     assert clust.set_params(n_modules=3) is clust and clust.n_modules == 3
     with pytest.raises(ConfigError, match="Unknown parameter"):
         clust.set_params(k=3)
