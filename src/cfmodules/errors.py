@@ -20,6 +20,7 @@ __all__ = [
     "ShapeError",
     "ConfigError",
     "GeneratorOutputError",
+    "NondeterministicForwardError",
     "ModelNotAvailableError",
     "NotFittedError",
     "CheckpointError",
@@ -61,6 +62,10 @@ class ConfigError(CfModulesError, ValueError):
 
 class GeneratorOutputError(CfModulesError, RuntimeError):
     """The generator returned something that is not a usable image batch (tuple, NaN, ...)."""
+
+
+class NondeterministicForwardError(GeneratorOutputError):
+    """The generator's forward gives different images for the same latent (it draws noise)."""
 
 
 class ModelNotAvailableError(CfModulesError, RuntimeError):
