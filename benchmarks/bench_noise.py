@@ -8,8 +8,8 @@ noise ``torch.randn(N, 1, H, W)`` scaled by a learned strength after each block)
   operator, latent hashing, one small draw per distinct sample and noise layer);
 - ``influence``: influence maps of a middle layer with per-sample noise (every hybrid a
   full forward) vs the same generator without noise through the adapter's default path
-  (``method="auto"``: prefix once, suffix only) and through full forwards
-  (``method="hook"``), so the cost of the mode and the cost of losing the cut are
+  (``algorithm="auto"``: prefix once, suffix only) and through full forwards
+  (``algorithm="hook"``), so the cost of the mode and the cost of losing the cut are
   separated.
 
 All timings alternate in this process (``--repeats`` rounds, best of each). Run::
@@ -97,7 +97,7 @@ def main() -> None:
     for _ in range(args.repeats):
         t_fast = min(t_fast, best(lambda: influence_maps(ad_clean, args.layer, **kw), 1))
         t_hook = min(t_hook, best(
-            lambda: influence_maps(ad_clean, args.layer, method="hook", **kw), 1))
+            lambda: influence_maps(ad_clean, args.layer, algorithm="hook", **kw), 1))
         t_noise = min(t_noise, best(lambda: influence_maps(ad, args.layer, **kw), 1))
     print(f"RESULT what=influence layer={args.layer} pairs={args.pairs} "
           f"per_sample_over_auto={t_noise / t_fast:.2f}x "

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from cfmodules import GeneratorAdapter, hybridize
-from cfmodules.influence import influence_maps, module_influence
 from cfmodules.errors import ConfigError, GeneratorOutputError, NondeterministicForwardError
+from cfmodules.influence import influence_maps, module_influence_maps
 from conftest import no_hooks_left
 
 DEAD = 7  # channel of layer 'act' whose outgoing weights are zero: it does nothing
@@ -106,7 +106,7 @@ def test_every_entry_point_refuses_and_leaves_no_hook():
     calls = [
         lambda ad: hybridize(ad, z1, z2, {"act": [0, 1]}),
         lambda ad: influence_maps(ad, "act", n_pairs=2, progress=False),
-        lambda ad: module_influence(ad, [{"act": [0], "act2": [1]}], n_pairs=2,
+        lambda ad: module_influence_maps(ad, [{"act": [0], "act2": [1]}], n_pairs=2,
                                     progress=False),
         lambda ad: ad.layers(),
         lambda ad: ad.split("act").prefix(z1),
@@ -231,7 +231,7 @@ def test_influence_maps_have_no_noise_floor():
     assert res.maps[DEAD].max() < 1e-6  # a channel that does nothing has a zero map
     live = [c for c in range(8) if c != DEAD]
     assert res.maps[live].mean(axis=(1, 2)).min() > 1e-3
-    hook = influence_maps(ad, "act", n_pairs=6, pairs_per_block=3, method="hook",
+    hook = influence_maps(ad, "act", n_pairs=6, pairs_per_block=3, algorithm="hook",
                           progress=False)
     np.testing.assert_allclose(hook.maps, res.maps, rtol=1e-4, atol=1e-6)
     # a naive reference: the mean |hybrid - Original 1| over the same pairs
@@ -241,6 +241,6 @@ def test_influence_maps_have_no_noise_floor():
     naive = np.stack([(hybridize(ad, z1, z2, {"act": [c]}) - y1).abs().mean(1).mean(0).numpy()
                       for c in range(8)])
     np.testing.assert_allclose(res.maps, naive, rtol=1e-4, atol=1e-6)
-    mods = module_influence(ad, {"dead": {"act": [DEAD]}, "two": {"act": [0], "act2": [1]}},
+    mods = module_influence_maps(ad, {"dead": {"act": [DEAD]}, "two": {"act": [0], "act2": [1]}},
                             n_pairs=4, progress=False)
     assert mods.maps[0].max() < 1e-6 and mods.maps[1].max() > 1e-3
