@@ -244,3 +244,25 @@ def test_influence_maps_have_no_noise_floor():
     mods = module_influence_maps(ad, {"dead": {"act": [DEAD]}, "two": {"act": [0], "act2": [1]}},
                             n_pairs=4, progress=False)
     assert mods.maps[0].max() < 1e-6 and mods.maps[1].max() > 1e-3
+
+
+class RReLUNoise(nn.Module):
+    """A hard-coded train-mode randomized ReLU: a draw cfmodules cannot split by sample."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 12)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return F.rrelu(self.lin(z), training=True).view(-1, 3, 2, 2)
+
+
+def test_a_draw_that_cannot_be_split_by_sample_is_refused_by_name():
+    gen = RReLUNoise().train()
+    ad = GeneratorAdapter(gen, 4)
+    with pytest.raises(NondeterministicForwardError, match="rrelu_with_noise"):
+        ad.generate(z_batch())
+    ad.noise = "per-sample"
+    with pytest.raises(NondeterministicForwardError, match="cannot hold the draw.*rrelu"):
+        ad.generate(z_batch())
+    assert_clean(gen, train=True)
