@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
@@ -31,6 +31,7 @@ from cfmodules.modules.preprocess import (
     check_window,
     preprocess,
 )
+from cfmodules.results import Result
 
 __all__ = [
     "StabilityResult",
@@ -114,7 +115,7 @@ def template_similarity(templates_a: Any, templates_b: Any, match: Any | None = 
 
 
 @dataclass(frozen=True)
-class StabilityResult:
+class StabilityResult(Result):
     """Label consistency and template similarity across K and methods (data of Fig. 9).
 
     Attributes
@@ -130,6 +131,8 @@ class StabilityResult:
     settings : dict
         The protocol's settings (JSON-serialisable).
     """
+
+    kind: ClassVar[str] = "stability"
 
     ks: np.ndarray
     methods: tuple[str, ...]
