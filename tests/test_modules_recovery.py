@@ -90,6 +90,6 @@ def test_stability_suggests_the_planted_k(loader, kwargs):
     # A module must have a few channels in each two-thirds subset to be reproducible.
     adapter = loader(seed=1, **kwargs)
     maps = influence(adapter, adapter.generator.layer, 1)
-    res = cluster_stability(maps, ks=range(2, 7), n_repeats=8, random_state=0)
+    res = cluster_stability(maps, ks=range(2, 7), n_repeats=8, seed=0)
     print(res)
     assert res.suggest_k("nmf") == adapter.generator.n_modules

@@ -248,6 +248,8 @@ class Result:
             else:
                 (arrays if isinstance(value, np.ndarray) else header)[key] = value
         header = {k: _json_ready(v) for k, v in header.items()}
+        if not header.get("version"):
+            header.pop("version", None)  # write_npz writes this library's version
         return write_npz(path, arrays, {**header, "kind": self.kind}, compress=self.compress)
 
     @classmethod
