@@ -55,7 +55,7 @@ def test_nmf_fast_equals_sklearn_to_float32_rounding():
 
 def test_stability_backends_agree():
     maps, _ = block_maps((5, 6, 7), shape=(8, 9), seed=2, noise=0.8)
-    kw = dict(ks=[2, 3], n_repeats=2, n_init=2, random_state=3, percentile=None)
+    kw = dict(ks=[2, 3], n_repeats=2, n_init=2, seed=3, percentile=None)
     ref = cluster_stability(maps, backend="sklearn", **kw)
     got = cluster_stability(maps, **kw)
     np.testing.assert_allclose(got.consistency, ref.consistency, atol=1e-12)
@@ -66,8 +66,7 @@ def test_stability_backends_agree():
 
 def test_pooled_nmf_is_block_constant_and_recorded():
     maps, _ = block_maps((4, 4, 4), shape=(8, 8), seed=0, noise=0.1)
-    res = cluster_stability(maps, ks=[3], methods=["nmf"], n_repeats=2, nmf_pool=2,
-                            random_state=0)
+    res = cluster_stability(maps, ks=[3], methods=["nmf"], n_repeats=2, nmf_pool=2, seed=0)
     assert res.settings["nmf_pool"] == 2
     assert res.suggest_k() == 3 and res.consistency.min() == 1.0
     with pytest.raises(ConfigError, match="nmf_pool"):

@@ -489,7 +489,7 @@ def scan_layers(
         pool = _pool_for(eim.maps.shape[1:], s.nmf_pool) if s.method == "nmf" else 1
         stab = cluster_stability(eim.maps, ks=ok, methods=(s.method,), n_repeats=s.n_repeats,
                                  window=s.window, percentile=s.percentile, n_init=s.n_init,
-                                 nmf_pool=pool, random_state=s.seed)
+                                 nmf_pool=pool, seed=s.seed)
         feats = _pool(preprocess(eim.maps, s.window, s.percentile), pool)
         flat = feats.reshape(c, -1)
         smoothed = smooth(eim.maps, s.window).reshape(c, -1)
