@@ -14,24 +14,44 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 # name -> submodule that defines it; resolved lazily so `import cfmodules` stays cheap.
-_EXPORTS = {
+# A value of None means the name is itself a subpackage (``cfmodules.zoo``).
+_EXPORTS: dict[str, str | None] = {
     "GeneratorAdapter": "cfmodules.adapter",
     "LayerInfo": "cfmodules.adapter",
     "hybridize": "cfmodules.hybrid",
     "CfModulesError": "cfmodules.errors",
+    "zoo": None,
+    "analyze": "cfmodules.analysis",
+    "AnalysisResult": "cfmodules.analysis",
+    "influence_maps": "cfmodules.influence",
+    "module_influence": "cfmodules.influence",
+    "ModuleClustering": "cfmodules.modules",
+    "cluster_stability": "cfmodules.modules",
+    "show": "cfmodules.display",
+    "image_grid": "cfmodules.display",
+    "explore": "cfmodules.explorer",
 }
 
 __all__ = ["__version__", *_EXPORTS]
 
 if TYPE_CHECKING:  # pragma: no cover
+    from cfmodules import zoo
     from cfmodules.adapter import GeneratorAdapter, LayerInfo
+    from cfmodules.analysis import AnalysisResult, analyze
+    from cfmodules.display import image_grid, show
     from cfmodules.errors import CfModulesError
+    from cfmodules.explorer import explore
     from cfmodules.hybrid import hybridize
+    from cfmodules.influence import influence_maps, module_influence
+    from cfmodules.modules import ModuleClustering, cluster_stability
 
 
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
+        home = _EXPORTS[name]
+        if home is None:
+            return importlib.import_module(f"cfmodules.{name}")
+        return getattr(importlib.import_module(home), name)
     raise AttributeError(f"module 'cfmodules' has no attribute '{name}'")
 
 

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from cfmodules.adapter import GeneratorAdapter
+from cfmodules.display import HtmlRepr
 from cfmodules.errors import ConfigError, ResultFileError, ShapeError, did_you_mean
 from cfmodules.hybrid import hybridize
 from cfmodules.influence.distributed import distributed_influence_maps, world
@@ -141,7 +142,7 @@ def _settings(settings: AnalysisSettings | None, overrides: Mapping[str, Any]) -
 
 # ---------------------------------------------------------------------- result
 @dataclass
-class AnalysisResult:
+class AnalysisResult(HtmlRepr):
     """Everything one analysis computed (maps, modules, stability, images, timings).
 
     Attributes
@@ -271,6 +272,19 @@ class AnalysisResult:
         if m not in self.stability.methods:
             m = self.stability.methods[0]
         return int(self.stability.suggest_k(m))
+
+    def _html_figures(self) -> dict[str, Callable[[], Any]]:
+        from cfmodules import plots
+
+        names = self.module_names
+        return {
+            "Templates of the modules over the mean sample": lambda: plots.plot_templates(
+                self.templates, background=self.mean_image, names=names,
+                sizes=self.module_sizes),
+            "Original 1, Original 2 and the hybrid of each module": lambda: plots.plot_hybrid_grid(
+                self.original1 / 255.0, self.original2 / 255.0, self.hybrids / 255.0,
+                module_names=names, templates=self.templates),
+        }
 
     # ------------------------------------------------------------------ files
     def save(self, path: str | os.PathLike) -> Path:

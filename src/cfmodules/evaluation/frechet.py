@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from scipy import linalg
 
+from cfmodules.display import HtmlRepr
 from cfmodules.errors import ConfigError, ShapeError
 from cfmodules.evaluation._run import EvalNoGrad, call_on, module_as_lists, named_modules
 
@@ -308,7 +309,7 @@ def default_features(device: str | torch.device | None = None) -> FeatureFn:
 
 
 @dataclass
-class DistanceTable:
+class DistanceTable(HtmlRepr):
     """Pairwise Fréchet distances between labelled image sets (the paper's Table 2).
 
     Attributes
@@ -391,6 +392,12 @@ class DistanceTable:
 
     def __str__(self) -> str:
         return self.to_text()
+
+    def _html_figures(self) -> dict[str, Any]:
+        from cfmodules.evaluation.plots import plot_distance_table
+
+        return {"Fréchet distances between the image sets (Table 2)":
+                lambda: plot_distance_table(self)}
 
 
 def hybrid_distance_table(

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from cfmodules.display import HtmlRepr
 from cfmodules.errors import ResultFileError, ShapeError
 from cfmodules.results import _library_version, read_npz, write_npz
 
@@ -21,7 +22,7 @@ def _unit_json(channels: Mapping[str, Sequence[int]]) -> dict[str, list[int]]:
 
 
 @dataclass
-class InfluenceResult:
+class InfluenceResult(HtmlRepr):
     """Influence maps of units or modules (Besserve et al. 2020, eq. 2, sec. 3.3-3.4).
 
     Row ``i`` is the influence map of ``units[i]``: the mean over latent pairs of
@@ -95,6 +96,14 @@ class InfluenceResult:
 
     def __len__(self) -> int:
         return int(self.maps.shape[0])
+
+    def _html_figures(self) -> dict[str, Any]:
+        from cfmodules.plots import plot_influence_maps
+
+        order = np.argsort(-self.influence, kind="stable")[:40]
+        return {f"The {len(order)} most influential of {len(self)} influence maps":
+                lambda: plot_influence_maps(self.maps[order],
+                                            names=[self.names[i] for i in order])}
 
     # ------------------------------------------------------------------ files
     def header(self) -> dict[str, Any]:

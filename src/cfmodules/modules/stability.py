@@ -19,6 +19,7 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 from sklearn.utils import check_random_state
 
+from cfmodules.display import HtmlRepr
 from cfmodules.errors import ConfigError, ShapeError
 from cfmodules.modules.clustering import METHODS, cluster_features
 from cfmodules.modules.preprocess import (
@@ -113,7 +114,7 @@ def template_similarity(templates_a: Any, templates_b: Any, match: Any | None = 
 
 
 @dataclass(frozen=True)
-class StabilityResult:
+class StabilityResult(HtmlRepr):
     """Label consistency and template similarity across K and methods (data of Fig. 9).
 
     Attributes
@@ -163,6 +164,12 @@ class StabilityResult:
     def suggest_k(self, method: str = "nmf", tolerance: float = 0.02) -> int:
         """See :func:`suggest_k`."""
         return suggest_k(self, method, tolerance)
+
+    def _html_figures(self) -> dict[str, Any]:
+        from cfmodules.plots import plot_stability
+
+        return {"Label consistency and template similarity against K (Fig. 9)":
+                lambda: plot_stability(self)}
 
     def to_dict(self) -> dict[str, Any]:
         """Plain arrays and a JSON-serialisable ``settings`` dict, e.g. for ``np.savez``.
