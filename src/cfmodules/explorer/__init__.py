@@ -45,12 +45,18 @@ class ExplorerServer:
     """
 
     def __init__(self, explorer: Explorer, host: str = "127.0.0.1", port: int = 0,
-                 height: int = 760):
-        from werkzeug.serving import make_server
+                 height: int = 760, log_requests: bool = False):
+        from werkzeug.serving import WSGIRequestHandler, make_server
+
+        class Handler(WSGIRequestHandler):
+            def log_request(self, *args: Any, **kwargs: Any) -> None:
+                if log_requests:  # off in notebooks, where each line would land in a cell
+                    super().log_request(*args, **kwargs)
 
         self.explorer, self.height = explorer, height
         try:
-            self._server = make_server(host, port, create_app(explorer), threaded=True)
+            self._server = make_server(host, port, create_app(explorer), threaded=True,
+                                       request_handler=Handler)
         except OSError as e:
             from cfmodules.errors import ConfigError
 
@@ -101,7 +107,7 @@ class ExplorerServer:
 def serve(explorer: Explorer, host: str = "127.0.0.1", port: int = 8050,
           open_browser: bool = False) -> None:
     """Serve ``explorer`` in this thread until Ctrl-C (the ``cfmodules explore`` command)."""
-    server = ExplorerServer(explorer, host, port)
+    server = ExplorerServer(explorer, host, port, log_requests=True)
     print(f"cfmodules explorer: {server.url}  (Ctrl-C to stop)", flush=True)
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: listening on {host}: anyone who can reach this machine can use the "

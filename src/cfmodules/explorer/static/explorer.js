@@ -150,7 +150,7 @@
     const [h, w] = state.info.map_shape;
     const cx = (ev.clientX - rect.left) / rect.width * w;
     const cy = (ev.clientY - rect.top) / rect.height * h;
-    const r = +$("brush").value;
+    const r = +$("brush").value / rect.width * w;  // brush radius in screen pixels
     for (let y = Math.max(0, Math.floor(cy - r)); y < Math.min(h, Math.ceil(cy + r)); y++) {
       for (let x = Math.max(0, Math.floor(cx - r)); x < Math.min(w, Math.ceil(cx + r)); x++) {
         if ((x + 0.5 - cx) ** 2 + (y + 0.5 - cy) ** 2 <= r * r) { state.mask[y * w + x] = 1; }
