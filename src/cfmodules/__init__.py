@@ -3,7 +3,14 @@
 The method of Besserve et al., "Counterfactuals uncover the modular structure of deep
 generative models", ICLR 2020: hybridize the hidden channels of a generator between two
 latent samples, measure the influence map of each channel, and cluster the maps into
-modules. Nothing heavy runs at import time; submodules load on first attribute access.
+modules. Nothing heavy runs at import time; submodules load on first attribute access,
+so the main verbs are at the top level without making ``import cfmodules`` slow::
+
+    import cfmodules
+    adapter = cfmodules.zoo.load("dcgan-faces")
+    result = cfmodules.analyze(adapter)      # in a notebook: table, templates, hybrids
+    cfmodules.show(result.hybrids)           # a batch of images as a grid
+    cfmodules.explore(result)                # paint a region, see its hybrids live
 """
 
 from __future__ import annotations

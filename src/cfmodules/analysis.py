@@ -281,9 +281,10 @@ class AnalysisResult(HtmlRepr):
             "Templates of the modules over the mean sample": lambda: plots.plot_templates(
                 self.templates, background=self.mean_image, names=names,
                 sizes=self.module_sizes),
-            "Original 1, Original 2 and the hybrid of each module": lambda: plots.plot_hybrid_grid(
-                self.original1 / 255.0, self.original2 / 255.0, self.hybrids / 255.0,
-                module_names=names, templates=self.templates),
+            "Original 1, Original 2 and the hybrid of each module (first 4 pairs)":
+                lambda: plots.plot_hybrid_grid(
+                    self.original1[:4] / 255.0, self.original2[:4] / 255.0,
+                    self.hybrids[:, :4] / 255.0, module_names=names, templates=self.templates),
         }
 
     # ------------------------------------------------------------------ files

@@ -39,18 +39,28 @@ _DPIS = (100, 80, 64, 50, 40)
 
 
 def figure_png(fig: Figure, max_bytes: int = MAX_PNG_BYTES) -> bytes:
-    """``fig`` as PNG bytes, at the highest dpi in 100, 80, 64, 50, 40 that fits ``max_bytes``.
+    """``fig`` as an RGB PNG, at the highest dpi in 100, 80, 64, 50, 40 that fits ``max_bytes``.
+
+    The figure is drawn on an opaque white background and stored without an alpha
+    channel (a quarter fewer bytes for the same pixels).
 
     Raises
     ------
     ConfigError
         When even 40 dpi gives a larger file (a figure with far too many panels).
     """
+    from PIL import Image
+
     size = 0
     for dpi in _DPIS:
         buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=dpi)
-        png = buf.getvalue()
+        fig.savefig(buf, format="png", dpi=dpi, facecolor="white")
+        rgba = Image.open(io.BytesIO(buf.getvalue()))
+        rgb = Image.new("RGB", rgba.size, "white")
+        rgb.paste(rgba, mask=rgba.getchannel("A"))
+        out = io.BytesIO()
+        rgb.save(out, format="PNG", optimize=True)
+        png = out.getvalue()
         size = len(png)
         if size <= max_bytes:
             return png
