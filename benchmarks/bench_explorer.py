@@ -36,7 +36,7 @@ import torch
 from cfmodules.analysis import AnalysisResult, analyze
 from cfmodules.explorer import Explorer, create_app
 from cfmodules.hybrid import hybridize
-from cfmodules.influence import pair_latents
+from cfmodules.latents import pair_latents
 from cfmodules.zoo.dcgan import load_dcgan_faces
 
 BUDGET_MS = 150.0
@@ -57,7 +57,7 @@ def main() -> None:
                          n_samples=1, progress=False)
     selection = result.modules[0]
     n_sel = sum(len(c) for c in selection.values())
-    z1, z2 = pair_latents(adapter, result.settings.seed + 1, 0, 8)
+    z1, z2 = pair_latents(adapter, 8, result.settings.seed + 1, 0)
 
     def baseline() -> float:
         t = time.perf_counter()

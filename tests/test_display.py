@@ -31,7 +31,7 @@ def test_import_is_cheap_and_lazy():
 
 @pytest.mark.parametrize("name, home", [
     ("zoo", "cfmodules.zoo"), ("analyze", "cfmodules.analysis"),
-    ("influence_maps", "cfmodules.influence.maps"), ("module_influence", "cfmodules.influence.maps"),
+    ("influence_maps", "cfmodules.influence.maps"), ("module_influence_maps", "cfmodules.influence.maps"),
     ("hybridize", "cfmodules.hybrid"), ("ModuleClustering", "cfmodules.modules.clustering"),
     ("cluster_stability", "cfmodules.modules.stability"), ("explore", "cfmodules.explorer"),
     ("show", "cfmodules.display"), ("AnalysisResult", "cfmodules.analysis"),

@@ -59,10 +59,10 @@ def test_hybrids_equal_hybridize(planted):
 
     from cfmodules.analysis import _display
     from cfmodules.hybrid import hybridize
-    from cfmodules.influence import pair_latents
+    from cfmodules.latents import pair_latents
 
     adapter, result, ex = planted
-    z1, z2 = pair_latents(adapter, ex.seed, 3, 3)
+    z1, z2 = pair_latents(adapter, 3, ex.seed, 3)
     for sel in ({"main.3": [1, 9, 17]}, {"main.3": group(2)}):
         with torch.no_grad():
             ref = _display(adapter, hybridize(adapter, z1, z2, sel)).astype(int)

@@ -31,13 +31,16 @@ _EXPORTS: dict[str, str | None] = {
     "analyze": "cfmodules.analysis",
     "AnalysisResult": "cfmodules.analysis",
     "influence_maps": "cfmodules.influence",
-    "module_influence": "cfmodules.influence",
+    "module_influence_maps": "cfmodules.influence",
     "ModuleClustering": "cfmodules.modules",
     "cluster_stability": "cfmodules.modules",
     "show": "cfmodules.display",
     "image_grid": "cfmodules.display",
     "explore": "cfmodules.explorer",
 }
+
+# Old names, still resolved (they warn when used) but not advertised.
+_DEPRECATED = {"module_influence": "cfmodules.influence"}
 
 __all__ = ["__version__", *_EXPORTS]
 
@@ -49,13 +52,13 @@ if TYPE_CHECKING:  # pragma: no cover
     from cfmodules.errors import CfModulesError
     from cfmodules.explorer import explore
     from cfmodules.hybrid import hybridize
-    from cfmodules.influence import influence_maps, module_influence
+    from cfmodules.influence import influence_maps, module_influence_maps
     from cfmodules.modules import ModuleClustering, cluster_stability
 
 
 def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        home = _EXPORTS[name]
+    if name in _EXPORTS or name in _DEPRECATED:
+        home = _EXPORTS.get(name) or _DEPRECATED.get(name)
         if home is None:
             return importlib.import_module(f"cfmodules.{name}")
         return getattr(importlib.import_module(home), name)

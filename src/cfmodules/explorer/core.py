@@ -244,9 +244,9 @@ class Explorer:
         """Latents, originals and (lazily) per-layer prefixes of pairs start..start+n-1."""
         entry = self._cache.get(start)
         if entry is None:
-            from cfmodules.influence import pair_latents
+            from cfmodules.latents import pair_latents
 
-            z1, z2 = pair_latents(self.adapter, self.seed, start, self.n_pairs)
+            z1, z2 = pair_latents(self.adapter, self.n_pairs, self.seed, start)
             y1 = self.adapter.generate(z1)
             y2 = self.adapter.generate(z2)
             entry = {"z1": z1, "z2": z2, "original1": self._display(y1),
