@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import urllib.error
 import urllib.request
 
 import numpy as np
@@ -235,3 +236,33 @@ def test_cli_explore_refuses_bad_input(tmp_path, capsys):
     assert "missing.npz" in capsys.readouterr().err
     assert main(["explore", "x.npz", "--port", "70000"]) == 2
     assert "--port" in capsys.readouterr().err
+
+
+def test_cli_explore_serves_the_results_file(planted, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = planted[1].save(tmp_path / "results.npz")
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (src, os.environ.get("PYTHONPATH")) if p))
+    proc = subprocess.Popen([sys.executable, "-m", "cfmodules", "explore", str(path), "--port",
+                             "0", "--no-browser", "--threads", "1"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("cfmodules explorer: http://127.0.0.1:"), line
+        url = line.split()[2]
+        with urllib.request.urlopen(url + "api/info", timeout=60) as r:
+            assert json.load(r)["layers"] == [{"name": "main.3", "channels": 24}]
+        req = urllib.request.Request(url + "api/hybrids", data=b"{oops",
+                                     headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(req, timeout=60)
+        assert err.value.code == 400 and "JSON object" in json.load(err.value)["error"]
+        assert proc.poll() is None  # still serving
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
