@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import cfmodules
-from cfmodules.display import MAX_PNG_BYTES, HtmlRepr, ImageGrid, figure_png, image_grid, show
+from cfmodules.display import MAX_PNG_BYTES, HtmlRepr, ImageGrid, figure_png, show
 from cfmodules.errors import ConfigError, ShapeError
 from report_helpers import fake_result
 
@@ -109,7 +109,7 @@ def test_html_escapes_the_text():
 # ---------------------------------------------------------------------- grids
 def test_grid_places_each_image_exactly():
     imgs = np.arange(6 * 3 * 4 * 5, dtype=np.uint8).reshape(6, 3, 4, 5)
-    g = image_grid(imgs, ncols=3, padding=2)
+    g = ImageGrid.from_images(imgs, ncols=3, padding=2)
     assert (g.rows, g.cols) == (2, 3) and g.image.shape == (2 + 2 * 6, 2 + 3 * 7, 3)
     for i in range(6):
         r, c = divmod(i, 3)
@@ -120,33 +120,33 @@ def test_grid_places_each_image_exactly():
 
 def test_grid_of_hybrids_has_one_row_per_module_and_float_tensors_are_read_in_range():
     hy = torch.rand(3, 4, 3, 8, 8)
-    g = image_grid(hy)
+    g = ImageGrid.from_images(hy)
     assert (g.rows, g.cols) == (3, 4)
     np.testing.assert_allclose(g.image[2:10, 2:10] / 255.0,
                                hy[0, 0].permute(1, 2, 0).numpy(), atol=0.5 / 255 + 1e-6)
-    g2 = image_grid(hy * 2 - 1, value_range=(-1, 1))
+    g2 = ImageGrid.from_images(hy * 2 - 1, value_range=(-1, 1))
     assert np.abs(g2.image.astype(int) - g.image.astype(int)).max() <= 1
-    gray = image_grid(torch.rand(2, 8, 8))
+    gray = ImageGrid.from_images(torch.rand(2, 8, 8))
     assert gray.image.shape[-1] == 3 and (gray.image[..., 0] == gray.image[..., 1]).all()
 
 
 def test_grid_refuses_out_of_range_and_bad_shapes():
     with pytest.raises(ConfigError, match=r"value_range=\(-1, 1\)"):
-        image_grid(torch.rand(2, 3, 4, 4) * 2 - 1)
+        ImageGrid.from_images(torch.rand(2, 3, 4, 4) * 2 - 1)
     with pytest.raises(ShapeError):
-        image_grid(np.zeros((2, 3), np.float32))
+        ImageGrid.from_images(np.zeros((2, 3), np.float32))
     with pytest.raises(ConfigError, match="NaN"):
-        image_grid(np.full((1, 3, 2, 2), np.nan, np.float32))
+        ImageGrid.from_images(np.full((1, 3, 2, 2), np.nan, np.float32))
     with pytest.raises(ConfigError, match="ncols"):
-        image_grid(np.zeros((2, 3, 2, 2), np.uint8), ncols=0)
+        ImageGrid.from_images(np.zeros((2, 3, 2, 2), np.uint8), ncols=0)
     with pytest.raises(ShapeError, match="share one image shape"):
-        image_grid([np.zeros((2, 3, 2, 2), np.uint8), np.zeros((2, 3, 4, 4), np.uint8)])
+        ImageGrid.from_images([np.zeros((2, 3, 2, 2), np.uint8), np.zeros((2, 3, 4, 4), np.uint8)])
 
 
 def test_grid_png_and_save(tmp_path):
     from PIL import Image
 
-    g = image_grid(np.zeros((2, 3, 4, 4), np.uint8), labels=["a"])
+    g = ImageGrid.from_images(np.zeros((2, 3, 4, 4), np.uint8), labels=["a"])
     assert g._repr_png_().startswith(PNG_MAGIC) and "a</div>" in g._repr_html_()
     path = g.save(tmp_path / "grid.png")
     assert np.asarray(Image.open(path)).shape == g.image.shape

@@ -58,15 +58,15 @@ def test_a_small_region_inside_a_planted_one_selects_that_group_at_a_lower_thres
 def test_hybrids_equal_hybridize(planted):
     import torch
 
-    from cfmodules.analysis import _display
     from cfmodules.hybrid import hybridize
+    from cfmodules.images import as_uint8
     from cfmodules.latents import pair_latents
 
     adapter, result, ex = planted
     z1, z2 = pair_latents(adapter, 3, ex.seed, 3)
     for sel in ({"main.3": [1, 9, 17]}, {"main.3": group(2)}):
         with torch.no_grad():
-            ref = _display(adapter, hybridize(adapter, z1, z2, sel)).astype(int)
+            ref = as_uint8(adapter.to_unit(hybridize(adapter, z1, z2, sel))).astype(int)
         got = ex.hybrids(sel, start=3).astype(int)
         assert np.abs(got - ref).max() <= 1  # BatchNorm-free; GEMM vs native conv rounding
         assert (ex.hybrids(sel, start=3) == got).all()  # a cached prefix is not modified

@@ -35,7 +35,6 @@ _EXPORTS: dict[str, str | None] = {
     "ModuleClustering": "cfmodules.modules",
     "cluster_stability": "cfmodules.modules",
     "show": "cfmodules.display",
-    "image_grid": "cfmodules.display",
     "explore": "cfmodules.explorer",
 }
 
@@ -48,7 +47,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from cfmodules import zoo
     from cfmodules.adapter import GeneratorAdapter, LayerInfo
     from cfmodules.analysis import AnalysisResult, analyze
-    from cfmodules.display import image_grid, show
+    from cfmodules.display import show
     from cfmodules.errors import CfModulesError
     from cfmodules.explorer import explore
     from cfmodules.hybrid import hybridize

@@ -6,8 +6,9 @@ One home for the notebook display of the library:
   (``to_text()``, else its ``repr``) in a ``<pre>`` block, followed by its key figure(s)
   as PNG images embedded in the HTML (each kept under :data:`MAX_PNG_BYTES`). A class
   takes it with one line: inherit from ``HtmlRepr`` and define ``_html_figures``.
-- :func:`image_grid` / :func:`show`: a batch of images (samples, originals, hybrids) as one
-  grid made with ``torchvision.utils.make_grid``; ``show`` displays it in the notebook.
+- :func:`show` / :meth:`ImageGrid.from_images`: a batch of images (samples, originals,
+  hybrids) as one grid laid out by :func:`cfmodules.images.image_grid`
+  (``torchvision.utils.make_grid``); ``show`` displays it in the notebook.
 
 Nothing here imports matplotlib, torch or IPython at import time.
 """
@@ -29,8 +30,7 @@ from cfmodules.errors import ConfigError, ShapeError
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
 
-__all__ = ["HtmlRepr", "ImageGrid", "image_grid", "show", "png_data_url", "figure_png",
-           "MAX_PNG_BYTES"]
+__all__ = ["HtmlRepr", "ImageGrid", "show", "png_data_url", "figure_png", "MAX_PNG_BYTES"]
 
 MAX_PNG_BYTES = 200_000
 """Largest PNG embedded in a notebook cell (bytes); larger figures are drawn at a lower dpi."""
@@ -164,6 +164,60 @@ class ImageGrid:
         self.image, self.rows, self.cols = image, rows, cols
         self.labels = list(labels)
 
+    @classmethod
+    def from_images(
+        cls,
+        images: Any,
+        ncols: int | None = None,
+        *,
+        value_range: tuple[float, float] | None = None,
+        padding: int = 2,
+        labels: Sequence[str] = (),
+    ) -> ImageGrid:
+        """A batch of images (or several) as one grid (:func:`cfmodules.images.image_grid`).
+
+        Parameters
+        ----------
+        images : array or tensor (N, C, H, W) or (N, H, W), (R, N, C, H, W), or a list of R
+            batches (N_r, C, H, W)
+            C is 1 or 3 (more: the first 3 are shown). uint8 is read as 0..255, floats as
+            ``value_range`` (default (0, 1)). With several batches each is one row, e.g.
+            ``AnalysisResult.hybrids`` (K, N, 3, H, W): one row per module.
+        ncols : int, optional
+            Images per row (default: N for several batches, else min(N, 8)).
+        value_range : (low, high), optional
+            Range of float images; values outside it raise ConfigError (never clipped silently).
+        padding : int, default 2
+            Pixels between images.
+        labels : list of str, optional
+            One label per row, shown left of the grid in HTML.
+
+        Returns
+        -------
+        ImageGrid
+        """
+        from cfmodules.images import image_grid
+
+        arr = _as_float_images(images, value_range)
+        if arr.ndim == 3:
+            arr = arr[:, None]
+        if arr.ndim == 5:
+            n_rows, n = arr.shape[:2]
+            arr = arr.reshape(n_rows * n, *arr.shape[2:])
+            ncols = n if ncols is None else ncols
+        if arr.ndim != 4 or arr.shape[0] == 0 or arr.shape[1] < 1:
+            raise ShapeError(f"images must be (N, C, H, W), (N, H, W) or (R, N, C, H, W) with N >= 1,"
+                             f" got shape {np.shape(images)}.")
+        if arr.shape[1] == 2 or arr.shape[1] > 3:
+            arr = arr[:, :1] if arr.shape[1] == 2 else arr[:, :3]
+        if ncols is None:
+            ncols = min(len(arr), 8)
+        if isinstance(ncols, bool) or not isinstance(ncols, (int, np.integer)) or ncols < 1:
+            raise ConfigError(f"ncols must be a positive integer, got {ncols!r}.")
+        img = image_grid(np.ascontiguousarray(arr), nrow=int(ncols), padding=padding)
+        rows = -(-len(arr) // int(ncols))
+        return cls(np.ascontiguousarray(img), rows, int(ncols), labels)
+
     def to_png(self) -> bytes:
         """The grid as PNG bytes."""
         from PIL import Image
@@ -198,74 +252,18 @@ class ImageGrid:
         return f"ImageGrid({self.rows} rows x {self.cols} columns, {w}x{h} pixels)"
 
 
-def image_grid(
-    images: Any,
-    ncols: int | None = None,
-    *,
-    value_range: tuple[float, float] | None = None,
-    padding: int = 2,
-    labels: Sequence[str] = (),
-) -> ImageGrid:
-    """A batch of images (or several) as one grid, via ``torchvision.utils.make_grid``.
-
-    Parameters
-    ----------
-    images : array or tensor (N, C, H, W) or (N, H, W), (R, N, C, H, W), or a list of R
-        batches (N_r, C, H, W)
-        C is 1 or 3 (more: the first 3 are shown). uint8 is read as 0..255, floats as
-        ``value_range`` (default (0, 1)). With several batches each is one row, e.g.
-        ``AnalysisResult.hybrids`` (K, N, 3, H, W): one row per module.
-    ncols : int, optional
-        Images per row (default: N for several batches, else min(N, 8)).
-    value_range : (low, high), optional
-        Range of float images; values outside it raise ConfigError (never clipped silently).
-    padding : int, default 2
-        Pixels between images.
-    labels : list of str, optional
-        One label per row, shown left of the grid in HTML.
-
-    Returns
-    -------
-    ImageGrid
-    """
-    import torch
-    from torchvision.utils import make_grid
-
-    arr = _as_float_images(images, value_range)
-    if arr.ndim == 3:
-        arr = arr[:, None]
-    if arr.ndim == 5:
-        n_rows, n = arr.shape[:2]
-        arr = arr.reshape(n_rows * n, *arr.shape[2:])
-        ncols = n if ncols is None else ncols
-    if arr.ndim != 4 or arr.shape[0] == 0 or arr.shape[1] < 1:
-        raise ShapeError(f"images must be (N, C, H, W), (N, H, W) or (R, N, C, H, W) with N >= 1,"
-                         f" got shape {np.shape(images)}.")
-    if arr.shape[1] == 2 or arr.shape[1] > 3:
-        arr = arr[:, :1] if arr.shape[1] == 2 else arr[:, :3]
-    if ncols is None:
-        ncols = min(len(arr), 8)
-    if isinstance(ncols, bool) or not isinstance(ncols, (int, np.integer)) or ncols < 1:
-        raise ConfigError(f"ncols must be a positive integer, got {ncols!r}.")
-    grid = make_grid(torch.from_numpy(np.ascontiguousarray(arr)), nrow=int(ncols),
-                     padding=padding, pad_value=1.0)
-    img = (grid.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    rows = -(-len(arr) // int(ncols))
-    return ImageGrid(np.ascontiguousarray(img), rows, int(ncols), labels)
-
-
 def show(images: Any, ncols: int | None = None, **kwargs: Any) -> None:
     """Display a batch of images (or hybrids) as one grid in the notebook.
 
-    Same arguments as :func:`image_grid` (which returns the grid instead, e.g. to
-    ``.save("grid.png")`` it). Outside IPython the grid's description is printed.
+    Same arguments as :meth:`ImageGrid.from_images` (which returns the grid instead, e.g.
+    to ``.save("grid.png")`` it). Outside IPython the grid's description is printed.
 
     Examples
     --------
     >>> cfmodules.show(adapter.to_unit(adapter.generate(z)))       # (N, 3, H, W) in [0, 1]
     >>> cfmodules.show(result.hybrids[:, :8])                       # one row per module
     """
-    grid = image_grid(images, ncols, **kwargs)
+    grid = ImageGrid.from_images(images, ncols, **kwargs)
     try:
         from IPython.display import display
     except ImportError:  # plain Python: say what would have been shown

@@ -25,17 +25,17 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from scipy import linalg
 
 from cfmodules import checks
-from cfmodules.display import HtmlRepr
 from cfmodules.errors import ConfigError, ShapeError
 from cfmodules.evaluation._run import EvalNoGrad, call_on
 from cfmodules.latents import pair_latents
+from cfmodules.results import Result
 
 __all__ = [
     "FeatureFn",
@@ -311,7 +311,7 @@ def default_features(device: str | torch.device | None = None) -> FeatureFn:
 
 
 @dataclass
-class DistanceTable(HtmlRepr):
+class DistanceTable(Result):
     """Pairwise Fréchet distances between labelled image sets (the paper's Table 2).
 
     Attributes
@@ -327,6 +327,8 @@ class DistanceTable(HtmlRepr):
     info : dict
         How the table was made (layer(s), seed, features).
     """
+
+    kind: ClassVar[str] = "distance_table"
 
     labels: list[str]
     distances: np.ndarray
@@ -365,6 +367,12 @@ class DistanceTable(HtmlRepr):
             "info": dict(self.info),
         }
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DistanceTable:
+        """Inverse of :meth:`to_dict` (``normalized`` is recomputed)."""
+        return cls(list(data["labels"]), np.asarray(data["distances"], dtype=np.float64),
+                   int(data["n_images"]), data.get("normalizer"), dict(data.get("info", {})))
+
     def _matrix_rows(self, normalized: bool, digits: int) -> tuple[list[str], list[list[str]]]:
         m = self.normalized if (normalized and self.normalizer is not None) else self.distances
         rows = []
@@ -383,6 +391,12 @@ class DistanceTable(HtmlRepr):
         lines.append(f"({scale}; {self.n_images} images per set)")
         return "\n".join(lines)
 
+    def _html_figures(self) -> dict[str, Any]:
+        from cfmodules.evaluation.plots import plot_distance_table
+
+        return {"Fréchet distances between the image sets (Table 2)":
+                lambda: plot_distance_table(self)}
+
     def to_markdown(self, normalized: bool = True, digits: int = 3) -> str:
         """The same table in Markdown."""
         header, rows = self._matrix_rows(normalized, digits)
@@ -391,15 +405,6 @@ class DistanceTable(HtmlRepr):
         for r in rows:
             lines.append("| " + " | ".join(r + [""] * (n - len(r))) + " |")
         return "\n".join(lines)
-
-    def __str__(self) -> str:
-        return self.to_text()
-
-    def _html_figures(self) -> dict[str, Any]:
-        from cfmodules.evaluation.plots import plot_distance_table
-
-        return {"Fréchet distances between the image sets (Table 2)":
-                lambda: plot_distance_table(self)}
 
 
 def hybrid_distance_table(

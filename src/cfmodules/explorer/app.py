@@ -179,13 +179,13 @@ def create_app(explorer: Explorer) -> Any:
 
     @app.post("/api/hybrids.png")
     def hybrids_png() -> Any:
-        from cfmodules.display import image_grid
+        from cfmodules.display import ImageGrid
 
         data = body()
         sel = explorer.check_selection(data.get("selection", {}))
         start = explorer.check_start(data.get("start", 0))
         o1, o2 = explorer.originals(start)
-        grid = image_grid(np.stack([o1, o2, explorer.hybrids(sel, start)]))
+        grid = ImageGrid.from_images(np.stack([o1, o2, explorer.hybrids(sel, start)]))
         return Response(grid.to_png(), mimetype="image/png", headers={
             "Content-Disposition": "attachment; filename=hybrids.png"})
 

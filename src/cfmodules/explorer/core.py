@@ -236,9 +236,9 @@ class Explorer:
 
     # ------------------------------------------------------------------ images
     def _display(self, images: torch.Tensor) -> np.ndarray:
-        from cfmodules.analysis import _display
+        from cfmodules.images import as_uint8
 
-        return _display(self.adapter, images)
+        return as_uint8(self.adapter.to_unit(images.detach().float()))
 
     def _pairs(self, start: int) -> dict[str, Any]:
         """Latents, originals and (lazily) per-layer prefixes of pairs start..start+n-1."""
