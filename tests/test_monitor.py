@@ -332,7 +332,7 @@ def test_a_generator_wrapped_in_train_mode_is_traced_in_eval_mode():
     adapter = GeneratorAdapter(g, latent_shape=4)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        split = influence_maps(adapter, "act", n_pairs=4, method="split", progress=False)
-        hook = influence_maps(adapter, "act", n_pairs=4, method="hook", progress=False)
+        split = influence_maps(adapter, "act", n_pairs=4, algorithm="split", progress=False)
+        hook = influence_maps(adapter, "act", n_pairs=4, algorithm="hook", progress=False)
     np.testing.assert_allclose(split.maps, hook.maps, rtol=1e-5, atol=1e-7)
     assert g.training

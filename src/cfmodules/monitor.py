@@ -650,7 +650,7 @@ class ModularityMonitor:
                 "so the monitor runs where the model is.")
 
     def _check(self, step: int, t0: float) -> ModularityCheck:
-        from cfmodules.influence import influence_maps, module_influence
+        from cfmodules.influence import influence_maps, module_influence_maps
         from cfmodules.modules import ModuleClustering, cluster_stability
 
         s = self.settings
@@ -691,7 +691,7 @@ class ModularityMonitor:
             if s.module_influence:
                 modules = {f"module {j}": {self.layer: np.flatnonzero(labels == j).tolist()}
                            for j in range(s.n_modules) if sizes[j]}
-                mres = module_influence(self.adapter, modules, n_pairs=eims.n_pairs,
+                mres = module_influence_maps(self.adapter, modules, n_pairs=eims.n_pairs,
                                         seed=s.seed, progress=False)
                 for name, m in zip(mres.names, mres.maps):
                     influence[int(name.split()[-1])] = float(np.mean(m))
