@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import no_hooks_left
 from torch import nn
 
 from cfmodules import GeneratorAdapter
@@ -35,6 +34,7 @@ from cfmodules.monitor import (
     match_templates,
 )
 from cfmodules.synthetic import load_planted_conv
+from conftest import no_hooks_left
 
 FAST = dict(n_pairs=4, n_init=1, stability_repeats=2)
 
