@@ -24,8 +24,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from cfmodules import checks
 from cfmodules.adapter import GeneratorAdapter
-from cfmodules.errors import ConfigError, ResultFileError, ShapeError, did_you_mean
+from cfmodules.errors import (
+    CheckpointError,
+    ConfigError,
+    ResultFileError,
+    ShapeError,
+    did_you_mean,
+)
 from cfmodules.hybrid import hybridize
 from cfmodules.influence.distributed import distributed_influence_maps, world
 
@@ -94,22 +101,18 @@ class AnalysisSettings:
 
     def __post_init__(self) -> None:
         for name in ("n_pairs", "n_modules", "n_init", "stability_repeats", "n_samples",
-                     "n_hybrids"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {v!r}.")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)):
-            raise ConfigError(f"seed must be an integer, got {self.seed!r}.")
+                     "n_hybrids"):  # numpy integers are stored as int (JSON headers)
+            object.__setattr__(self, name, checks.positive_int(getattr(self, name), name))
+        object.__setattr__(self, "seed", checks.seed(self.seed))
         if self.method not in ("nmf", "kmeans"):
             raise ConfigError(f"method must be 'nmf' or 'kmeans', got {self.method!r}.")
-        object.__setattr__(self, "stability_ks", tuple(int(k) for k in self.stability_ks))
+        object.__setattr__(self, "stability_ks", tuple(checks.positive_int(k, "stability_ks")
+                                                       for k in self.stability_ks))
         object.__setattr__(self, "stability_methods", tuple(self.stability_methods))
         bad = [m for m in self.stability_methods if m not in ("nmf", "kmeans")]
         if bad or not self.stability_methods:
             raise ConfigError(f"stability_methods must name 'nmf' and/or 'kmeans', got "
                               f"{self.stability_methods!r}.")
-        if any(k < 1 for k in self.stability_ks):
-            raise ConfigError(f"stability_ks must be positive, got {self.stability_ks!r}.")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable settings."""
@@ -577,7 +580,14 @@ def analyze(
             f"{2 * (n_units // 3)} channels of a two-thirds subset; use smaller Ks.")
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if ckpt is not None:
-        ckpt.mkdir(parents=True, exist_ok=True)
+        if ckpt.exists() and not ckpt.is_dir():
+            raise CheckpointError(f"checkpoint_dir '{ckpt}' is a file, not a folder; give a "
+                                  "folder for the checkpoints (it is created if missing).")
+        try:
+            ckpt.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise CheckpointError(f"Cannot create the checkpoint folder '{ckpt}': "
+                                  f"{e.strerror or e}. Give another checkpoint_dir.") from None
 
     steps = _Steps(progress, 5 + bool(s.stability_ks))
     created = datetime.datetime.now().astimezone().isoformat(timespec="seconds")

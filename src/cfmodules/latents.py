@@ -13,6 +13,7 @@ from typing import Union
 import numpy as np
 import torch
 
+from cfmodules import checks
 from cfmodules.errors import ConfigError, LatentError
 
 __all__ = [
@@ -132,8 +133,9 @@ def sample(
     Each sample has its own generator seeded from ``(seed, index)``, so sample ``i`` is the
     same whatever ``n``, ``start`` or batch size it is drawn with.
     """
-    if not isinstance(n, int) or n < 1:
-        raise ConfigError(f"The number of samples must be a positive integer, got {n!r}.")
+    n = checks.positive_int(n, "The number of samples")
+    seed = checks.seed(seed)  # 2**32 would silently be seed 0, 1.5 seed 1
+    start = checks.integer(start, "start", low=0)
     if isinstance(prior, str) and prior not in ("normal", "uniform"):
         raise ConfigError(
             f"Unknown prior {prior!r}: use 'normal', 'uniform' or a callable(n, generator)."

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from cfmodules import checks
 from cfmodules import latents as L
 from cfmodules.adapter import ChannelSpec, GeneratorAdapter, channel_index
 from cfmodules.engine.fast import FastSplit
@@ -105,15 +106,11 @@ class InfluenceSettings:
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        if isinstance(self.n_pairs, bool) or not isinstance(self.n_pairs, int) or self.n_pairs < 1:
-            raise ConfigError(f"n_pairs must be a positive integer, got {self.n_pairs!r}.")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ConfigError(f"seed must be an integer, got {self.seed!r}.")
-        if (isinstance(self.pairs_per_block, bool) or not isinstance(self.pairs_per_block, int)
-                or self.pairs_per_block < 1):
-            raise ConfigError(
-                f"pairs_per_block must be a positive integer, got {self.pairs_per_block!r}."
-            )
+        # numpy integers are accepted and stored as int (as in AnalysisSettings)
+        object.__setattr__(self, "n_pairs", checks.positive_int(self.n_pairs, "n_pairs"))
+        object.__setattr__(self, "seed", checks.seed(self.seed))
+        object.__setattr__(self, "pairs_per_block",
+                           checks.positive_int(self.pairs_per_block, "pairs_per_block"))
         if self.target_stderr is not None and not (
             isinstance(self.target_stderr, (int, float)) and self.target_stderr > 0
         ):
@@ -486,8 +483,7 @@ def _run(adapter: GeneratorAdapter, units: list[_Unit], settings: InfluenceSetti
         )
     budget = (DEFAULT_MAX_BATCH_BYTES.get(adapter.device.type, DEFAULT_MAX_BATCH_BYTES["cpu"])
               if max_batch_bytes is None else max_batch_bytes)
-    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
-        raise ConfigError(f"max_batch_bytes must be a positive integer, got {max_batch_bytes!r}.")
+    budget = checks.positive_int(budget, "max_batch_bytes")
     if not (isinstance(checkpoint_every, (int, float)) and checkpoint_every >= 0):
         raise ConfigError(f"checkpoint_every must be seconds >= 0, got {checkpoint_every!r}.")
     runners = _runners(adapter, units, settings.method)
