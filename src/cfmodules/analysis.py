@@ -325,6 +325,7 @@ class AnalysisResult:
         from cfmodules.results import read_npz
 
         arrays, header = read_npz(path, kind=KIND)
+        _check_file(path, arrays, header)
         try:
             stability = None
             if "stability_ks" in arrays:
@@ -349,7 +350,7 @@ class AnalysisResult:
                 model_options=dict(header.get("model_options", {})), version=header.get("version", ""),
                 created=header.get("created", ""),
             )
-        except (KeyError, ConfigError, ShapeError, TypeError) as e:
+        except (KeyError, ConfigError, ShapeError, TypeError, ValueError, AttributeError) as e:
             raise ResultFileError(f"'{path}' is an incomplete analysis result: missing or bad "
                                   f"{e}.") from e
 
@@ -367,6 +368,47 @@ class AnalysisResult:
         if self.timings:
             lines.append(f"  total {sum(self.timings.values()):.1f} s")
         return "\n".join(lines)
+
+
+def _check_file(path: Any, arrays: Mapping[str, np.ndarray], header: Mapping[str, Any]) -> None:
+    """Refuse an analysis file whose arrays do not fit together (edited or damaged)."""
+    def bad(what: str) -> ResultFileError:
+        return ResultFileError(f"'{path}' is a damaged analysis result: {what}. Write it again "
+                               "with cfmodules analyze.")
+
+    for key in ("maps", "labels", "unit_layer", "unit_channel", "templates", "weights",
+                "module_maps", "samples", "mean_image", "original1", "original2", "hybrids"):
+        if key not in arrays:
+            raise bad(f"the array '{key}' is missing")
+    layers = header.get("layers")
+    if not isinstance(layers, list) or not layers or not all(isinstance(x, str) for x in layers):
+        raise bad(f"'layers' in the header is {layers!r}, not a list of layer names")
+    if not isinstance(header.get("settings", {}), dict):
+        raise bad("'settings' in the header is not a dict")
+    maps, templates = arrays["maps"], arrays["templates"]
+    if maps.ndim != 3 or maps.dtype.kind != "f":
+        raise bad(f"maps have shape {maps.shape} and dtype {maps.dtype}, not (C, H, W) floats")
+    c = maps.shape[0]
+    if templates.ndim != 3 or templates.shape[1:] != maps.shape[1:]:
+        raise bad(f"templates have shape {templates.shape}, not (K, {maps.shape[1]}, "
+                  f"{maps.shape[2]})")
+    k = templates.shape[0]
+    for key, kind in (("labels", "iu"), ("unit_channel", "iu"), ("unit_layer", "U")):
+        a = arrays[key]
+        if a.shape != (c,) or a.dtype.kind not in kind:
+            raise bad(f"'{key}' has shape {a.shape} and dtype {a.dtype}; expected ({c},) "
+                      + ("integers" if kind == "iu" else "layer names"))
+    labels = arrays["labels"]
+    if c and (labels.min() < 0 or labels.max() >= k):
+        raise bad(f"'labels' hold modules {int(labels.min())}..{int(labels.max())}, but there "
+                  f"are {k} templates")
+    if c and arrays["unit_channel"].min() < 0:
+        raise bad("'unit_channel' holds negative channel numbers")
+    unknown = set(arrays["unit_layer"].tolist()) - set(layers)
+    if unknown:
+        raise bad(f"'unit_layer' names layers {sorted(unknown)} not in the header's layers")
+    if arrays["weights"].shape != (c, k):
+        raise bad(f"'weights' have shape {arrays['weights'].shape}, not ({c}, {k})")
 
 
 # ---------------------------------------------------------------------- helpers

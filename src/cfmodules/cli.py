@@ -16,6 +16,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import inspect
 import os
@@ -98,7 +99,8 @@ def _call_factory(path: str, name: str, device: str) -> Any:
         raise ConfigError(f"--model: no file '{path}'.")
     if not name.isidentifier():
         raise ConfigError(f"--model: '{name}' is not a function name; use {path}:make_generator.")
-    mod_name = f"_cfmodules_user_{abs(hash(str(file.resolve())))}"
+    # a name that is the same in every process (hash() of a str is not)
+    mod_name = f"_cfmodules_user_{hashlib.sha256(str(file.resolve()).encode()).hexdigest()[:12]}"
     spec = importlib.util.spec_from_file_location(mod_name, file)
     if spec is None or spec.loader is None:
         raise ConfigError(f"--model: cannot import '{path}' as a Python file.")
@@ -471,10 +473,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         msg = " ".join(str(e).split())  # one line, whatever the message
         print(f"{PROG} {args.command}: error: {msg}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM / SIGHUP (Interrupted)
         print(f"{PROG} {args.command}: interrupted. Run the same command again to resume "
               "from the checkpoint.", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return int(getattr(e, "exit_code", EXIT_INTERRUPTED))
+    except Exception as e:  # a bug, or an input no check foresaw: still one line
+        if args.debug:
+            raise
+        print(f"{PROG} {args.command}: internal error: {type(e).__name__}: {_first_line(e)} "
+              "(rerun with --debug for the traceback, and please report it)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -149,14 +149,29 @@ def read_npz(path: str | os.PathLike, kind: str | None = None) -> tuple[dict[str
     path = Path(path)
     if not path.exists():
         raise ResultFileError(f"No result file at '{path}'.")
+    if path.is_dir():
+        raise ResultFileError(f"'{path}' is a folder; give the .npz file inside it (e.g. "
+                              f"'{path / 'results.npz'}').")
     try:
-        with np.load(path, allow_pickle=False) as f:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise ResultFileError(
+                f"'{path}' is a plain .npy array, not an .npz file written by cfmodules; "
+                "give the results.npz that cfmodules wrote.")
+        with loaded as f:
             if _HEADER not in f.files:
                 raise ResultFileError(
                     f"'{path}' is an npz file but not a cfmodules result (it has no "
                     f"'{_HEADER}' entry; entries: {sorted(f.files)[:8]})."
                 )
-            header = json.loads(str(f[_HEADER]))
+            raw = f[_HEADER]
+            try:
+                header = json.loads(str(raw)) if raw.dtype.kind == "U" and raw.ndim == 0 else None
+            except ValueError:
+                header = None
+            if header is None:
+                raise ResultFileError(f"'{path}' has a damaged header (not a JSON text); it "
+                                      "was not written by cfmodules or was edited.")
             arrays = {k: f[k] for k in f.files if k != _HEADER}
     except ResultFileError:
         raise
@@ -166,10 +181,16 @@ def read_npz(path: str | os.PathLike, kind: str | None = None) -> tuple[dict[str
             f"written by cfmodules): {type(e).__name__}: {e}"
         ) from e
     if not isinstance(header, dict) or header.get("format") != FORMAT:
-        raise ResultFileError(f"'{path}' is not a cfmodules result file (bad header).")
-    if int(header.get("format_version", -1)) > FORMAT_VERSION:
+        raise ResultFileError(f"'{path}' is not a cfmodules result file (its header is not "
+                              "a cfmodules header).")
+    version = header.get("format_version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise ResultFileError(
-            f"'{path}' uses file format version {header.get('format_version')}, newer than "
+            f"'{path}' has a damaged header: format_version is {version!r}, not a positive "
+            "integer. The file was not written by cfmodules or was edited; write it again.")
+    if version > FORMAT_VERSION:
+        raise ResultFileError(
+            f"'{path}' uses file format version {version}, newer than "
             f"this cfmodules ({_library_version()}) reads ({FORMAT_VERSION}); upgrade cfmodules."
         )
     if kind is not None and header.get("kind") != kind:
