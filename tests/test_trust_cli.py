@@ -160,7 +160,7 @@ def test_hybrids_with_a_malformed_modules_file_ends_in_one_line(capsys, tmp_path
 
 
 @pytest.mark.parametrize("value", ["1", None, KeyError, True, 1.5, 0])
-def test_read_npz_validates_the_format_bad_header_field(format_version=tmp_path, value):
+def test_read_npz_validates_the_format_version(tmp_path, value):
     p = _bad_header_field(format_version=value)(tmp_path)
     with pytest.raises(ResultFileError, match="format_version"):
         read_npz(p)
