@@ -12,7 +12,7 @@ import torch
 
 from cfmodules import GeneratorAdapter
 from cfmodules.errors import CheckpointError
-from cfmodules.influence import influence_maps, module_influence
+from cfmodules.influence import influence_maps, module_influence_maps
 from cfmodules.influence import maps as maps_mod
 from cfmodules.influence.checkpoint import KIND
 from cfmodules.results import read_npz, write_npz
@@ -264,7 +264,7 @@ def test_an_interrupt_inside_the_merge_leaves_the_published_statistics_alone(tmp
                                                                              monkeypatch):
     ad = convt_adapter()
     kw = {**KW, "n_pairs": 9, "checkpoint_every": 3600}
-    full = module_influence(ad, [{"5": [0, 1]}, {"5": [2]}], **kw)
+    full = module_influence_maps(ad, [{"5": [0, 1]}, {"5": [2]}], **kw)
     real = maps_mod.BlockSums.merge_into
     calls = 0
 
@@ -277,9 +277,9 @@ def test_an_interrupt_inside_the_merge_leaves_the_published_statistics_alone(tmp
     monkeypatch.setattr(maps_mod.BlockSums, "merge_into", merge_then_interrupt)
     ck = tmp_path / "m.ckpt"
     with pytest.raises(KeyboardInterrupt):
-        module_influence(ad, [{"5": [0, 1]}, {"5": [2]}], checkpoint=ck, **kw)
+        module_influence_maps(ad, [{"5": [0, 1]}, {"5": [2]}], checkpoint=ck, **kw)
     monkeypatch.setattr(maps_mod.BlockSums, "merge_into", real)
     arrays, header = read_npz(ck, kind=KIND)
     assert header["n_pairs_done"] == 3 and (arrays["count"] == 3).all()
-    resumed = module_influence(ad, [{"5": [0, 1]}, {"5": [2]}], checkpoint=ck, **kw)
+    resumed = module_influence_maps(ad, [{"5": [0, 1]}, {"5": [2]}], checkpoint=ck, **kw)
     np.testing.assert_array_equal(resumed.maps, full.maps)  # exact: same blocks, same path

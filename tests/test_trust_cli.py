@@ -172,3 +172,57 @@ def test_read_npz_of_a_zip_that_is_no_npz(tmp_path):
         z.writestr("readme.txt", "hi")
     with pytest.raises(ResultFileError):
         read_npz(p)
+
+
+# ------------------------------------------------------------------ analyze --out reuse
+EDITABLE = '''
+import torch
+from torch import nn
+from cfmodules import GeneratorAdapter
+
+
+class Opaque:
+    def __init__(self, k):
+        self.k = k
+
+
+OPAQUE = Opaque(1.0)
+
+
+def make():
+    torch.manual_seed(0)
+    gen = nn.Sequential(nn.ConvTranspose2d(4, 6, 4), nn.ReLU(), nn.Conv2d(6, 3, 1), nn.Tanh())
+    return GeneratorAdapter(gen, (4, 1, 1), name="tiny", output_transform=lambda y: GAIN * y)
+
+
+def make_opaque():
+    gen = make().generator
+    return GeneratorAdapter(gen, (4, 1, 1), name="tiny", output_transform=lambda y: OPAQUE.k * y)
+'''
+TINY = ["--layer", "1", "--pairs", "4", "--k", "2", "--no-stability", "--samples", "2",
+        "--hybrids", "2", "--quiet", "--device", "cpu"]
+
+
+def test_analyze_out_after_the_factory_is_edited_does_not_reuse_the_old_maps(capsys, tmp_path):
+    path = tmp_path / "gen.py"
+    path.write_text(EDITABLE + "\nGAIN = 1.0\n")
+    out = str(tmp_path / "o")
+    assert main(["analyze", "--model", f"{path}:make", "--out", out, *TINY]) == 0
+    assert main(["analyze", "--model", f"{path}:make", "--out", out, *TINY]) == 0  # reused
+    capsys.readouterr()
+    path.write_text(EDITABLE + "\nGAIN = 10.0\n")  # the maps would be 10x: never the old ones
+    line = one_line(capsys, "analyze", "--model", f"{path}:make", "--out", out, *TINY)
+    assert "checkpoint" in line and "output_transform" in line and "delete" in line
+    assert main(["analyze", "--model", f"{path}:make", "--out", out, "--fresh", *TINY]) == 0
+
+
+def test_analyze_out_with_unverifiable_code_needs_assume_same(capsys, tmp_path):
+    path = tmp_path / "gen.py"
+    path.write_text(EDITABLE + "\nGAIN = 1.0\n")
+    out = str(tmp_path / "o")
+    assert main(["analyze", "--model", f"{path}:make_opaque", "--out", out, *TINY]) == 0
+    capsys.readouterr()
+    line = one_line(capsys, "analyze", "--model", f"{path}:make_opaque", "--out", out, *TINY)
+    assert "Opaque" in line and "--assume-same" in line
+    assert main(["analyze", "--model", f"{path}:make_opaque", "--out", out, "--assume-same",
+                 *TINY]) == 0

@@ -17,6 +17,7 @@ import torch
 from torch import fx, nn
 
 from cfmodules import latents as L
+from cfmodules._deprecation import warn_renamed
 from cfmodules.engine.split import FxSplit, HookSplit, Split, fx_split
 from cfmodules.errors import (
     ChannelError,
@@ -327,9 +328,16 @@ class GeneratorAdapter:
         return ((images - lo) / (hi - lo)).clamp(0, 1)
 
     # ------------------------------------------------------------------ layers
-    def module(self, layer: str) -> nn.Module:
-        """The submodule named ``layer`` (a typo raises LayerNotFoundError with suggestions)."""
+    def submodule(self, layer: str) -> nn.Module:
+        """The ``nn.Module`` of the layer ``layer`` (a typo raises LayerNotFoundError with
+        suggestions). Not a *module* in the paper's sense (a group of channels, see
+        :data:`cfmodules.hybrid.Module`)."""
         return resolve_layer(self.generator, layer).module
+
+    def module(self, layer: str) -> nn.Module:
+        """Deprecated alias of :meth:`submodule`."""
+        warn_renamed("GeneratorAdapter.module(layer)", "GeneratorAdapter.submodule(layer)")
+        return self.submodule(layer)
 
     def layers(self) -> list[LayerInfo]:
         """Every named submodule with its output shape and channel count (one dry forward)."""

@@ -35,6 +35,7 @@ from cfmodules.errors import (
 )
 from cfmodules.hybrid import hybridize
 from cfmodules.influence.distributed import distributed_influence_maps, world
+from cfmodules.names import module_name, unit_name
 
 __all__ = [
     "AnalysisSettings",
@@ -254,7 +255,7 @@ class AnalysisResult:
     @property
     def unit_names(self) -> list[str]:
         """``"main.8[5]"`` for each unit."""
-        return [f"{la}[{int(c)}]" for la, c in zip(self.unit_layer, self.unit_channel)]
+        return [unit_name(la, c) for la, c in zip(self.unit_layer, self.unit_channel)]
 
     @property
     def locations(self) -> list[str]:
@@ -264,7 +265,7 @@ class AnalysisResult:
     @property
     def module_names(self) -> list[str]:
         """``"module k: <location>"`` for each module, used in every figure."""
-        return [f"module {k}: {loc}" for k, loc in enumerate(self.locations)]
+        return [module_name(k, loc) for k, loc in enumerate(self.locations)]
 
     def suggested_k(self, method: str | None = None) -> int | None:
         """K suggested by the stability sweep (None without a sweep)."""
@@ -519,11 +520,9 @@ def make_hybrids(
     original1, original2 : ndarray (n, C, H, W) uint8
     hybrids : ndarray (K, n, C, H, W) uint8
     """
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise ConfigError(f"The number of pairs must be a positive integer, got {n!r}.")
-    from cfmodules.influence import pair_latents
+    from cfmodules.latents import pair_latents
 
-    z1, z2 = pair_latents(adapter, seed, start, int(n))
+    z1, z2 = pair_latents(adapter, n, seed, start)
     y1, y2 = adapter.generate(z1), adapter.generate(z2)
     hy = []
     for module in modules:
@@ -559,6 +558,7 @@ def analyze(
     progress: bool = True,
     model_spec: str | None = None,
     model_options: Mapping[str, Any] | None = None,
+    assume_same: bool = False,
     **overrides: Any,
 ) -> AnalysisResult | None:
     """Run the whole analysis of sec. 3-4 of Besserve et al. (2020) on one or two layers.
@@ -576,7 +576,8 @@ def analyze(
     checkpoint_dir : path, optional
         Folder for the influence computation's checkpoints: an interrupted run started
         again with the same settings resumes where it stopped, and a finished one is
-        read back instantly (so a new K costs only the clustering).
+        read back instantly (so a new K costs only the clustering). A checkpoint made by
+        other code or settings is refused (CheckpointError), never silently reused.
     progress : bool, default True
         Progress bars and one line per step on stderr.
     model_spec : str, optional
@@ -584,6 +585,9 @@ def analyze(
         result for ``cfmodules hybrids``; default ``adapter.name``.
     model_options : dict, optional
         Stored with ``model_spec`` (e.g. the latent shape the CLI was given).
+    assume_same : bool, default False
+        Resume checkpoints even where cfmodules cannot verify they were made by the same
+        code (see :func:`cfmodules.influence.influence_maps`).
 
     Returns
     -------
@@ -651,7 +655,7 @@ def analyze(
                 path = ckpt / f"eim_{la}_pairs{s.n_pairs}_seed{s.seed}.npz"
             out.append(distributed_influence_maps(
                 adapter, la, n_pairs=s.n_pairs, seed=s.seed, progress=progress and rank == 0,
-                checkpoint=path))
+                checkpoint=path, assume_same=assume_same))
         return out
 
     rank, _ = world()
@@ -682,9 +686,9 @@ def analyze(
     modules = partial.modules
 
     def module_maps() -> np.ndarray:
-        nonempty = {f"module {k}": m for k, m in enumerate(modules) if m}
-        res = influence_lib.module_influence(adapter, nonempty, n_pairs=s.n_pairs,
-                                             seed=s.seed, progress=progress)
+        nonempty = {module_name(k): m for k, m in enumerate(modules) if m}
+        res = influence_lib.module_influence_maps(adapter, nonempty, n_pairs=s.n_pairs,
+                                                  seed=s.seed, progress=progress)
         out = np.zeros((s.n_modules, *maps.shape[1:]), np.float32)
         for name, m in zip(res.names, res.maps):
             out[int(name.split()[-1])] = m

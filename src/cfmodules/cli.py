@@ -293,7 +293,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     result = analyze(adapter, args.layer, settings, checkpoint_dir=ckpt,
                      progress=not args.quiet, model_spec=_portable_spec(args.model),
                      model_options={"latent_shape": args.latent_shape}
-                     if args.latent_shape else None)
+                     if args.latent_shape else None, assume_same=args.assume_same)
     if result is None:  # a rank other than 0 has done its share of the influence maps
         return 0
     results_path = result.save(out / "results.npz")
@@ -414,6 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="new pairs hybridized per module (default 8)")
     a.add_argument("--fresh", action="store_true",
                    help="ignore the checkpoints of an earlier run in --out")
+    a.add_argument("--assume-same", action="store_true",
+                   help="resume checkpoints in --out even where cfmodules cannot verify that "
+                        "they were made by the same code (you state that they were)")
     a.add_argument("--quiet", action="store_true", help="no progress bars")
     model_args(a)
     a.set_defaults(func=_cmd_analyze)
