@@ -325,6 +325,9 @@ class AnalysisResult:
         from cfmodules.modules import StabilityResult
         from cfmodules.results import read_npz
 
+        from cfmodules.results import check_folder
+
+        check_folder(Path(path).parent, Path(path).name)  # a report folder: all of a piece
         arrays, header = read_npz(path, kind=KIND)
         _check_file(path, arrays, header)
         try:

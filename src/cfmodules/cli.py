@@ -255,6 +255,7 @@ def _cmd_layers(args: argparse.Namespace) -> int:
 def _cmd_analyze(args: argparse.Namespace) -> int:
     from cfmodules.analysis import AnalysisSettings, analyze
     from cfmodules.report import write_report
+    from cfmodules.results import folder_update
 
     ks = () if args.no_stability else _parse_ks(args.stability_ks)
     methods = tuple(m.strip() for m in args.stability_methods.split(",") if m.strip())
@@ -296,13 +297,17 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
                      if args.latent_shape else None, assume_same=args.assume_same)
     if result is None:  # a rank other than 0 has done its share of the influence maps
         return 0
-    results_path = result.save(out / "results.npz")
     t_report = time.perf_counter()
     command = " ".join(shlex.quote(a) for a in [PROG, *args.argv])
-    write_report(result, out, command=command, files={
-        "results.npz": "maps, labels, templates, stability table, hybrids (numpy.load or "
-                       "cfmodules.analysis.AnalysisResult.load)",
-        "checkpoints/": "influence computation state: rerunning resumes from it"})
+    # the results and the report are replaced together: never K=2 results beside K=3 figures
+    with folder_update(out) as stage:
+        result.save(stage / "results.npz")
+        write_report(result, stage, command=command, files={
+            "results.npz": "maps, labels, templates, stability table, hybrids (numpy.load or "
+                           "cfmodules.analysis.AnalysisResult.load)",
+            "manifest.json": "the files of this report and their SHA-256, written last",
+            "checkpoints/": "influence computation state: rerunning resumes from it"})
+    results_path = out / "results.npz"
     report_s = time.perf_counter() - t_report
     if not args.quiet:
         print(repr(result), file=sys.stderr)
