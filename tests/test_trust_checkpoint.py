@@ -283,3 +283,15 @@ def test_an_interrupt_inside_the_merge_leaves_the_published_statistics_alone(tmp
     assert header["n_pairs_done"] == 3 and (arrays["count"] == 3).all()
     resumed = module_influence_maps(ad, [{"5": [0, 1]}, {"5": [2]}], checkpoint=ck, **kw)
     np.testing.assert_array_equal(resumed.maps, full.maps)  # exact: same blocks, same path
+
+
+def test_closures_of_library_functions_are_fingerprinted_by_content():
+    from cfmodules.influence.identity import fingerprint
+    from cfmodules.zoo.biggan import _class_prior
+
+    stub = torch.nn.Module()
+    stub.embeddings = torch.nn.Linear(10, 4)  # 10 classes, z of 4
+    a = fingerprint(_class_prior(stub, [1, 2], 0.4), "prior")
+    assert a == fingerprint(_class_prior(stub, [1, 2], 0.4), "prior")
+    assert a != fingerprint(_class_prior(stub, [1, 3], 0.4), "prior")
+    assert a != fingerprint(_class_prior(stub, [1, 2], 0.5), "prior")

@@ -179,27 +179,28 @@ class _Hasher:
 
     def function(self, fn: types.FunctionType, where: str) -> None:
         name = getattr(fn, "__qualname__", "function")
-        if _is_library(fn):
+        library = _is_library(fn)
+        if library:  # its code is the installed version's; what it closes over may differ
             self.tag(f"lib:{_qualname(fn)}")
-            return
-        self.tag(f"function:{name}")
-        self.code(fn.__code__, f"{where} ({name})")
-        self.value(fn.__defaults__, f"a default argument of {name}")
-        self.value(fn.__kwdefaults__, f"a default argument of {name}")
+        else:
+            self.tag(f"function:{name}")
+            self.code(fn.__code__, f"{where} ({name})")
+        if not library:  # (a library's defaults may be sentinels; they do not vary)
+            self.value(fn.__defaults__, f"a default argument of {name}")
+            self.value(fn.__kwdefaults__, f"a default argument of {name}")
         for var, cell in zip(fn.__code__.co_freevars, fn.__closure__ or ()):
             try:
                 content = cell.cell_contents
             except ValueError:  # an empty cell (recursion not yet bound)
                 content = None
             self.value(content, f"the variable '{var}' that {name} closes over")
-        g, builtins = fn.__globals__, vars(__builtins__) if isinstance(
-            __builtins__, types.ModuleType) else __builtins__
+        if library:
+            return
+        g = fn.__globals__
         for gname in _global_names(fn.__code__):
-            if gname in g:
+            if gname in g:  # (other names are attributes or builtins)
                 self.tag(f"global:{gname}")
                 self.value(g[gname], f"the global '{gname}' that {name} reads")
-            elif gname not in builtins:
-                continue  # an attribute name, or a global not defined yet
 
     def cls(self, c: type, where: str) -> None:
         self.tag(f"class:{_qualname(c)}")
