@@ -383,7 +383,8 @@ def _check_file(path: Any, arrays: Mapping[str, np.ndarray], header: Mapping[str
     for key in ("maps", "labels", "unit_layer", "unit_channel", "templates", "weights",
                 "module_maps", "samples", "mean_image", "original1", "original2", "hybrids"):
         if key not in arrays:
-            raise bad(f"the array '{key}' is missing")
+            raise ResultFileError(f"'{path}' is an incomplete analysis result: the array "
+                                  f"'{key}' is missing. Write it again with cfmodules analyze.")
     layers = header.get("layers")
     if not isinstance(layers, list) or not layers or not all(isinstance(x, str) for x in layers):
         raise bad(f"'layers' in the header is {layers!r}, not a list of layer names")
