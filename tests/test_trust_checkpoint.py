@@ -18,8 +18,6 @@ from cfmodules.influence.checkpoint import KIND
 from cfmodules.results import read_npz, write_npz
 from influence_helpers import convt_adapter
 
-pytestmark = pytest.mark.numerics
-
 KW = {"progress": False, "pairs_per_block": 3, "checkpoint_every": 0}
 
 
@@ -250,7 +248,7 @@ def test_an_interrupt_at_any_line_of_the_main_loop_resumes_to_the_same_maps(tmp_
     for k in range(1, n_lines + 1):
         ck = tmp_path / f"run{k}.ckpt"
         try:
-            _trace_run(lambda: influence_maps(ad, "5", checkpoint=ck, **kw), interrupt_at=k)
+            _trace_run(lambda ck=ck: influence_maps(ad, "5", checkpoint=ck, **kw), interrupt_at=k)
         except KeyboardInterrupt:
             pass
         resumed = influence_maps(ad, "5", checkpoint=ck, **kw)

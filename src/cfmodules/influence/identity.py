@@ -27,11 +27,9 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import inspect
 import sys
 import sysconfig
 import types
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
