@@ -293,3 +293,21 @@ def test_closures_of_library_functions_are_fingerprinted_by_content():
     assert a == fingerprint(_class_prior(stub, [1, 2], 0.4), "prior")
     assert a != fingerprint(_class_prior(stub, [1, 3], 0.4), "prior")
     assert a != fingerprint(_class_prior(stub, [1, 2], 0.5), "prior")
+
+
+class OwnForward(GeneratorAdapter):
+    """An adapter whose forward is one of its own methods."""
+
+    def __init__(self, generator, gain):
+        super().__init__(generator, (6, 1, 1), name="own", forward=self.run)
+        self.gain = gain
+
+    def run(self, generator, z):
+        return generator(z) * 2
+
+
+def test_a_forward_bound_to_the_adapter_is_verifiable():
+    from cfmodules.influence.identity import adapter_fingerprints
+
+    fp = adapter_fingerprints(OwnForward(convt_adapter().generator, 1.0))
+    assert all(isinstance(v, str) for v in fp.values()), fp

@@ -91,9 +91,10 @@ def _qualname(obj: Any) -> str:
 class _Hasher:
     """Feeds values into one SHA-256, recursing through user code; cycles are cut."""
 
-    def __init__(self) -> None:
+    def __init__(self, owner: Any = None) -> None:
         self.h = hashlib.sha256()
         self.seen: dict[int, int] = {}
+        self.owner = owner  # the adapter: its own methods are fingerprinted by their code
 
     def tag(self, text: str) -> None:
         self.h.update(text.encode())
@@ -105,6 +106,9 @@ class _Hasher:
             return
         if isinstance(v, (torch.dtype, torch.device, torch.Size, range, slice)):
             self.tag(repr(v))
+            return
+        if v is not None and v is self.owner:  # e.g. forward = self.my_forward
+            self.tag("owner")
             return
         key = id(v)
         if key in self.seen:  # a cycle, or the same object twice: its position suffices
@@ -248,15 +252,18 @@ def _global_names(co: types.CodeType) -> list[str]:
     return sorted(set(names))
 
 
-def fingerprint(value: Any, what: str) -> str:
+def fingerprint(value: Any, what: str, owner: Any = None) -> str:
     """SHA-256 (hex, 16 chars) of ``value``: code, constants, closures, tensors by content.
+
+    ``owner`` (the adapter) counts as known: a method bound to it is fingerprinted by its
+    code (the adapter's class is fingerprinted on its own).
 
     Raises
     ------
     Unverifiable
         Naming what ``what`` holds that cannot be checked.
     """
-    h = _Hasher()
+    h = _Hasher(owner)
     h.value(value, what)
     return h.hexdigest()
 
@@ -298,7 +305,7 @@ def adapter_fingerprints(adapter: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, (value, what) in parts.items():
         try:
-            out[key] = fingerprint(value, what)
+            out[key] = fingerprint(value, what, owner=adapter)
         except Unverifiable as e:
             out[key] = {UNVERIFIABLE: str(e)}
         except RecursionError:
