@@ -289,7 +289,7 @@ def adapter_fingerprints(adapter: Any) -> dict[str, Any]:
     -------
     dict
         ``{"generator": fp, "forward": fp, "output_transform": fp, "prior": fp,
-        "adapter_class": fp}``; an entry that cannot be fingerprinted is
+        "noise": fp, "adapter_class": fp}``; an entry that cannot be fingerprinted is
         ``{"unverifiable": "why"}`` instead.
     """
     from cfmodules.adapter import GeneratorAdapter
@@ -299,6 +299,7 @@ def adapter_fingerprints(adapter: Any) -> dict[str, Any]:
         "forward": (adapter.forward_fn, "the adapter's forward"),
         "output_transform": (adapter.output_transform, "the adapter's output_transform"),
         "prior": (adapter.prior, "the adapter's prior"),
+        "noise": (getattr(adapter, "noise", None), "the adapter's noise setting"),
         "adapter_class": (_subclasses(type(adapter), GeneratorAdapter),
                           f"the methods of {type(adapter).__qualname__}"),
     }
