@@ -199,3 +199,57 @@ def test_an_error_while_staging_leaves_the_old_report(tmp_path):
             raise RuntimeError("figure failed")
     check_folder(tmp_path)
     assert _report_files(tmp_path) == OLD
+
+
+KILL_IN_COMMIT = textwrap.dedent('''
+    import os, signal, sys
+    from pathlib import Path
+
+    out = Path(sys.argv[1]).resolve()
+    moves = 0
+    real_replace = os.replace
+
+    def replace(src, dst, *a, **k):  # SIGKILL after two files of the new report moved in
+        global moves
+        if Path(dst).resolve().parent == out:
+            moves += 1
+            if moves == 3:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return real_replace(src, dst, *a, **k)
+
+    os.replace = replace
+    from cfmodules.cli import main
+    sys.exit(main(sys.argv[2:]))
+''')
+
+
+@pytest.mark.slow  # four runs of the CLI
+def test_a_killed_rerun_of_analyze_never_leaves_k2_results_beside_k3_figures(tmp_path):
+    out = tmp_path / "o"
+    small = ["--model", "planted-conv", "--pairs", "4", "--no-stability", "--samples", "2",
+             "--hybrids", "2", "--quiet", "--device", "cpu", "--out", str(out)]
+    cli = [sys.executable, "-m", "cfmodules"]
+    first = subprocess.run([*cli, "analyze", "--k", "3", *small], env=_env(),
+                           capture_output=True, text=True, timeout=TIMEOUT)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert (out / "hybrids_module_2.png").exists()
+    script = tmp_path / "kill.py"
+    script.write_text(KILL_IN_COMMIT)
+    killed = subprocess.run([sys.executable, str(script), str(out), "analyze", "--k", "2",
+                             *small], env=_env(), capture_output=True, text=True,
+                            timeout=TIMEOUT)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    with pytest.raises(ResultFileError, match="half-way"):
+        check_folder(out)
+    hybrids = subprocess.run([*cli, "hybrids", "--modules", str(out / "results.npz"), "--out",
+                              str(tmp_path / "h.png")], env=_env(), capture_output=True,
+                             text=True, timeout=TIMEOUT)
+    assert hybrids.returncode == 2 and "half-way" in hybrids.stderr
+    assert len(hybrids.stderr.strip().splitlines()) == 1
+    again = subprocess.run([*cli, "analyze", "--k", "2", *small], env=_env(),
+                           capture_output=True, text=True, timeout=TIMEOUT)
+    assert again.returncode == 0, again.stderr[-2000:]
+    check_folder(out)
+    assert read_npz(out / "results.npz")[0]["templates"].shape[0] == 2
+    assert not (out / "hybrids_module_2.png").exists()  # K=3's figure is gone
+    assert not (out / ".cfmodules-staging").exists()
