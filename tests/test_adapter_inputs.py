@@ -68,8 +68,14 @@ def test_integer_bool_and_complex_latents_are_refused(dtype):
 
 def test_meta_latents_and_generators_and_devices_are_refused():
     ad = adapter()
+    ad.generator.train()
     with pytest.raises(LatentError, match="meta tensor"):
         ad.generate(torch.empty(2, 2, 1, 1, device="meta"))
+    with pytest.raises(LatentError, match="meta tensor"):
+        with ad.trace("act"):
+            hybridize(ad, torch.empty(2, 2, 1, 1, device="meta"), ad.sample_latents(2),
+                      {"act": [0]})
+    assert_clean(ad)
     with torch.device("meta"):
         gen = nn.Sequential(nn.Linear(3, 4))
     with pytest.raises(ConfigError, match="meta device.*to_empty"):
