@@ -102,6 +102,10 @@ def test_output_range_must_be_two_increasing_numbers(bad):
 
 def test_output_range_accepts_numpy_numbers():
     assert adapter(output_range=(np.float32(0), np.int64(1))).output_range == (0.0, 1.0)
+    assert adapter(output_range=np.array([0, 255])).output_range == (0.0, 255.0)
+    assert adapter(output_range=torch.tensor([-1.0, 1.0])).output_range == (-1.0, 1.0)
+    with pytest.raises(ConfigError, match="output_range"):
+        adapter(output_range=np.array([[0, 1]]))
 
 
 @pytest.mark.parametrize("bad", [-1, 0, 2.5, True, "2", np.float64(2.0)])
