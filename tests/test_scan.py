@@ -108,6 +108,16 @@ def test_scan_result_roundtrip_and_figure(mixed_scan, tmp_path):
     assert len(fig.axes) >= 1 + len(back.layers)
 
 
+def test_scan_shows_its_table_and_figure_in_a_notebook(mixed_scan):
+    import base64
+    import re
+
+    html = mixed_scan._repr_html_()
+    assert mixed_scan.to_text().splitlines()[0].strip().split()[0] in html
+    pngs = re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", html)
+    assert len(pngs) == 1 and len(base64.b64decode(pngs[0])) <= 200_000
+
+
 def test_bad_inputs(mixed):
     with pytest.raises(LayerNotFoundError):
         scan_layers(mixed, ["main.55"], progress=False)

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from cfmodules.adapter import GeneratorAdapter
+from cfmodules.display import HtmlRepr
 from cfmodules.errors import ConfigError, ResultFileError, ShapeError
 
 __all__ = ["ScanSettings", "ScanResult", "scan_layers", "candidate_layers", "locality",
@@ -206,7 +207,7 @@ def candidate_layers(adapter: GeneratorAdapter, all_spatial: bool = False) -> li
 
 
 @dataclass
-class ScanResult:
+class ScanResult(HtmlRepr):
     """Modularity of every (layer, K) of a scan, and the suggested layer and K.
 
     Attributes
@@ -311,6 +312,12 @@ class ScanResult:
         return text
 
     # ------------------------------------------------------------------ text, dict, files
+    def _html_figures(self) -> dict[str, Any]:
+        from cfmodules.plots import plot_scan
+
+        return {"Modularity of each layer and K, and the templates of each layer":
+                lambda: plot_scan(self)}
+
     def to_text(self) -> str:
         """The table of modularity per (layer, K) and the suggestion, as text."""
         head = f"{'layer':<14}{'units':>9}{'pairs':>6}  " + "".join(
