@@ -15,6 +15,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Union
 
+import numpy as np
 import torch
 from torch import fx, nn
 
@@ -742,6 +743,8 @@ def _latent_shapes(latent_shape: object) -> list[tuple[int, ...]]:
 
 def _output_range(value: object) -> tuple[float, float]:
     """``(low, high)`` as floats, finite, low < high (raises ConfigError)."""
+    if isinstance(value, (np.ndarray, torch.Tensor)) and value.ndim == 1:
+        value = tuple(value.tolist())
     ok = (isinstance(value, (tuple, list)) and len(value) == 2 and all(
         isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(float(v))
         for v in value))
