@@ -29,7 +29,8 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from cfmodules.influence import influence_maps, pair_latents
+from cfmodules.influence import influence_maps
+from cfmodules.latents import pair_latents
 from cfmodules.zoo.dcgan import load_dcgan_faces
 
 
@@ -62,8 +63,8 @@ def naive_maps(adapter, layer: str, n_pairs: int, seed: int = 0) -> torch.Tensor
     Returns (C, H, W): mean over pairs of |hybrid - Original 1|, averaged over colours.
     """
     gen = adapter.generator.eval()
-    module = adapter.module(layer)
-    z1, z2 = pair_latents(adapter, seed, 0, n_pairs)
+    module = adapter.submodule(layer)
+    z1, z2 = pair_latents(adapter, n_pairs, seed, 0)
     with torch.inference_mode():
         y = gen(z1)
         donor = {}

@@ -5,7 +5,7 @@
 ``downstream_FLOPs`` is the work of one hybrid after the intervened layer (counted with
 ``torch.utils.flop_counter`` from the moment the layer has run to the output);
 ``throughput`` is the rate the influence computation actually achieves (GFLOP/s), measured
-on the DCGAN faces with the prefix/suffix split (``method="split"``: no linear shortcut, so
+on the DCGAN faces with the prefix/suffix split (``algorithm="split"``: no linear shortcut, so
 the counted downstream work is the work done). The script then builds BigGAN-deep-256 at
 full width (random weights, no download), counts the downstream FLOPs of Gblock 7's
 ``conv_1`` (the paper's Fig. 5 setting), times a few hybrids of it here, and projects
@@ -65,10 +65,10 @@ def measure_dcgan(device: torch.device, pairs: int) -> list[float]:
     for layer in ("main.5", "main.8"):
         c = ad.layer_channels(layer)
         f = downstream_flops(ad, layer, ad.sample_latents(1))
-        influence_maps(ad, layer, n_pairs=4, method="split", progress=False)  # warm-up
+        influence_maps(ad, layer, n_pairs=4, algorithm="split", progress=False)  # warm-up
         _sync(device)
         t = time.perf_counter()
-        influence_maps(ad, layer, n_pairs=pairs, method="split", progress=False)
+        influence_maps(ad, layer, n_pairs=pairs, algorithm="split", progress=False)
         _sync(device)
         s = time.perf_counter() - t
         rate = c * pairs * f / s / 1e9

@@ -19,7 +19,8 @@ import numpy as np
 
 from cfmodules import hybridize, zoo
 from cfmodules.analysis import template_location
-from cfmodules.influence import influence_maps, module_influence, pair_latents
+from cfmodules.influence import influence_maps, module_influence_maps
+from cfmodules.latents import pair_latents
 from cfmodules.modules import ModuleClustering, cluster_stability, module_sizes
 from cfmodules.plots import (
     plot_hybrid_grid,
@@ -51,7 +52,7 @@ def main() -> None:
     save_figure(plot_images(samples, title="Samples"), out / "samples.png")
 
     # 2. A counterfactual hybrid: Original 1 with 64 channels of main.8 from Original 2.
-    z1, z2 = pair_latents(adapter, seed=0, start=0, n=6)
+    z1, z2 = pair_latents(adapter, 6, seed=0)
     hybrid = hybridize(adapter, z1, z2, {args.layer: range(64)})
     print("hybrid batch:", tuple(hybrid.shape))
 
@@ -75,7 +76,7 @@ def main() -> None:
                                names=names, sizes=sizes), out / "templates.png")
 
     # 5. Hybrids of new pairs, one row per module (Fig. 4 of the paper).
-    z1, z2 = pair_latents(adapter, seed=1, start=0, n=8)
+    z1, z2 = pair_latents(adapter, 8, seed=1)
     hybrids = [adapter.to_unit(hybridize(adapter, z1, z2, {args.layer: m}))
                for m in clustering.modules_]
     fig = plot_hybrid_grid(adapter.to_unit(adapter.generate(z1)),
@@ -85,7 +86,7 @@ def main() -> None:
 
     # 6. Influence of each module (all its channels swapped at once) against its size.
     modules = {name: {args.layer: m} for name, m in zip(names, clustering.modules_) if len(m)}
-    mod = module_influence(adapter, modules, n_pairs=args.pairs, seed=0)
+    mod = module_influence_maps(adapter, modules, n_pairs=args.pairs, seed=0)
     save_figure(plot_module_influence(sizes, mod.influence, names=names),
                 out / "module_influence.png")
 

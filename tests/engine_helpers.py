@@ -197,6 +197,6 @@ def assert_paths_agree(ad: GeneratorAdapter, layer: str, n: int = 3, n_pairs: in
         torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
     res = influence_maps(ad, layer, chans, n_pairs=n_pairs, pairs_per_block=3, progress=False)
     ref = influence_maps(ad, layer, chans, n_pairs=n_pairs, pairs_per_block=3, progress=False,
-                         method="hook")
+                         algorithm="hook")
     scale = max(float(np.abs(ref.maps).max()), 1e-6)
     assert float(np.abs(res.maps - ref.maps).max()) / scale < 1e-5

@@ -12,7 +12,7 @@ from torch import nn
 
 from cfmodules.adapter import GeneratorAdapter
 from cfmodules.hybrid import hybridize
-from cfmodules.influence import pair_latents
+from cfmodules.latents import pair_latents
 
 __all__ = [
     "hand_adapter",
@@ -200,7 +200,7 @@ def nan_adapter(always: bool = False) -> GeneratorAdapter:
 def naive_maps(adapter: GeneratorAdapter, modules: list[dict], n_pairs: int, seed: int = 0
                ) -> np.ndarray:
     """Reference: the lead's hybridize() per module, then mean over pairs of |hybrid - Y|."""
-    z1, z2 = pair_latents(adapter, seed, 0, n_pairs)
+    z1, z2 = pair_latents(adapter, n_pairs, seed, 0)
     y = adapter.generate(z1)
     out = []
     for module in modules:

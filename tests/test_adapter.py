@@ -51,8 +51,10 @@ def test_layers_lists_shapes_and_channels(tiny):
 def test_layer_typo_suggests_names(tiny):
     ad = GeneratorAdapter(tiny, (2, 1, 1))
     with pytest.raises(LayerNotFoundError, match="Did you mean 'act'") as e:
-        ad.module("acts")
+        ad.submodule("acts")
     assert isinstance(e.value, KeyError)  # the family also inherits the builtin
+    with pytest.warns(DeprecationWarning, match="submodule"):
+        assert ad.module("act") is ad.submodule("act")
     with pytest.raises(LayerNotFoundError):
         with ad.trace(["act", "nope"]):
             pass

@@ -16,7 +16,7 @@ import torch
 
 from cfmodules import hybridize
 from cfmodules.errors import LayerCallError
-from cfmodules.influence import influence_maps, module_influence
+from cfmodules.influence import influence_maps, module_influence_maps
 from cfmodules.modules import ModuleClustering
 from cfmodules.zoo import biggan
 from families_helpers import run_doc_blocks
@@ -50,7 +50,7 @@ def run():
 
 def test_biggan_pipeline_maps_of_both_layers(run) -> None:
     maps_a, maps_b = run["maps"]
-    c = run["adapter"].module(run["layers"][0]).out_channels
+    c = run["adapter"].submodule(run["layers"][0]).out_channels
     assert maps_a.maps.shape == maps_b.maps.shape == (c, 64, 64)
     assert np.isfinite(maps_a.maps).all() and (maps_b.maps >= 0).all()
     assert maps_a.influence.max() > 0 and maps_b.influence.max() > 0
@@ -58,7 +58,7 @@ def test_biggan_pipeline_maps_of_both_layers(run) -> None:
 
 def test_biggan_pipeline_two_layer_modules_cover_both_layers(run) -> None:
     layer_a, layer_b = run["layers"]
-    c = run["adapter"].module(layer_a).out_channels
+    c = run["adapter"].submodule(layer_a).out_channels
     modules = run["modules"]
     assert len(modules) == 2 and all(set(m) <= {layer_a, layer_b} and m for m in modules)
     for layer in (layer_a, layer_b):
@@ -76,7 +76,7 @@ def test_biggan_pipeline_hybrids_across_classes(run) -> None:
 
 
 def test_biggan_pipeline_module_influence_of_two_layer_modules(run) -> None:
-    result = module_influence(run["adapter"], run["modules"], n_pairs=2, seed=1, progress=False)
+    result = module_influence_maps(run["adapter"], run["modules"], n_pairs=2, seed=1, progress=False)
     assert result.maps.shape == (2, 64, 64) and (result.influence > 0).all()
 
 
@@ -92,7 +92,7 @@ def test_biggan_pipeline_maps_of_one_call_of_the_shared_relu(run) -> None:
     block = biggan.gblock_path(adapter.generator, BLOCK)
     # call 2 is relu(bn_2(conv_1)): conv_1's channels, not the block's input channels
     maps = influence_maps(adapter, f"{block}.relu:2", n_pairs=1, progress=False)
-    assert maps.maps.shape[0] == adapter.module(f"{block}.conv_1").out_channels
+    assert maps.maps.shape[0] == adapter.submodule(f"{block}.conv_1").out_channels
 
 
 @pytest.mark.filterwarnings("ignore:.*all-zero map")

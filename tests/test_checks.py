@@ -32,3 +32,49 @@ def test_one_of_suggests_the_closest_choice():
     for bad in (0.0, -1, float("inf"), float("nan"), True):
         with pytest.raises(ConfigError):
             checks.positive_number(bad, "target_stderr")
+
+
+# ---------------------------------------------------------------------- modules
+def test_module_returns_json_ready_lists_from_any_integer_sequence():
+    import json
+
+    import torch
+
+    got = checks.module({"a": torch.tensor([3, 1]), "b": np.array([2], dtype=np.int32),
+                         "c": range(2), "d": []})
+    assert got == {"a": [3, 1], "b": [2], "c": [0, 1], "d": []}
+    assert json.loads(json.dumps(got)) == got
+    assert all(type(c) is int for chans in got.values() for c in chans)
+
+
+@pytest.mark.parametrize("value, words", [
+    ({}, "has no channels"),
+    ([0, 1], "maps layer names"),
+    ({"a": [0.5]}, "flat list of integers"),
+    ({"a": [[0, 1]]}, "flat list of integers"),
+    ({"a": [True]}, "flat list of integers"),
+    ({"a": [-2]}, "out of range"),
+    ({"a": [1, 1]}, "more than once"),
+    ({3: [1]}, "layer names are strings"),
+])
+def test_every_bad_module_raises_one_class_that_is_both_channel_and_config_error(value, words):
+    from cfmodules.errors import ChannelError, ModuleError
+
+    with pytest.raises(ModuleError, match=words) as e:
+        checks.module(value)
+    assert isinstance(e.value, ChannelError) and isinstance(e.value, ConfigError)
+
+
+def test_modules_names_a_list_like_every_figure_does():
+    from cfmodules.errors import ModuleError
+    from cfmodules.names import module_name
+
+    assert module_name(2) == "module 2" and module_name(0, "centre") == "module 0: centre"
+    assert list(checks.modules([{"a": [0]}, {"a": [1]}])) == ["module 0", "module 1"]
+    assert checks.modules({"eyes": {"a": [0]}}) == {"eyes": {"a": [0]}}
+    assert checks.modules({"a": [0, 1]}, allow_single=True) == {"module 0": {"a": [0, 1]}}
+    with pytest.raises(ModuleError, match="Module 'x' has no channels in layer 'a'"):
+        checks.modules({"x": {"a": []}}, allow_empty=False)
+    for bad in ([], "abc", None, {"a": [0, 1]}):  # a bare module only with allow_single
+        with pytest.raises(ModuleError):
+            checks.modules(bad)

@@ -54,8 +54,8 @@ def test_linear_shortcut_applies_on_a_partial_capture():
     ad = _cond()
     ex = ad.explain("main.2")
     assert ex.path == "linear shortcut" and ex.linear_cut == "main.4"
-    assert ex.limit > ad.explain("main.2", method="split").limit
-    assert ad.explain("main.2", method="hook").path == "hook"
+    assert ex.limit > ad.explain("main.2", algorithm="split").limit
+    assert ad.explain("main.2", algorithm="hook").path == "hook"
     assert_paths_agree(ad, "main.2")
     res = influence_maps(ad, "main.2", n_pairs=3, progress=False)
     assert res.settings["paths"] == {"main.2": "linear shortcut"}
@@ -242,13 +242,13 @@ def test_weight_change_within_a_run_is_followed():
     # the reference: pairs 0-1 with the old weights, 2-3 with the weights after one bump
     ref_gen = init(ConditionalDCGAN(), 0)
     ref_ad = GeneratorAdapter(ref_gen, ((6, 1, 1), (3,)))
-    a = influence_maps(ref_ad, "main.2", n_pairs=2, progress=False, method="hook").maps
+    a = influence_maps(ref_ad, "main.2", n_pairs=2, progress=False, algorithm="hook").maps
     with torch.no_grad():
         ref_gen.main[3].weight.mul_(2.0)
         ref_gen.main[4].running_var.mul_(0.5)
-    from cfmodules.influence import pair_latents
+    from cfmodules.latents import pair_latents
 
-    z1, z2 = pair_latents(ref_ad, 0, 2, 2)
+    z1, z2 = pair_latents(ref_ad, 2, seed=0, start=2)
     b = []
     for c in range(ref_ad.layer_channels("main.2")):
         h = hybridize(ref_ad, z1, z2, {"main.2": [c]})

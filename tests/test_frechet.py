@@ -190,7 +190,7 @@ def test_hybrid_distance_table_matches_a_naive_computation(tiny):
     t = hybrid_distance_table(ad, mods, n, real=real, features=_flat, seed=4, batch_size=13)
     t2 = hybrid_distance_table(ad, mods, n, real=[real[:50], real[50:]], features=_flat, seed=4,
                                batch_size=n)
-    np.testing.assert_allclose(t.distances, t2.distances, rtol=1e-9)
+    np.testing.assert_allclose(t.distances, t2.distances, rtol=1e-6)  # batched float32 convs: rounding only
     assert t.labels == ["R", "G", "A", "B"]
 
     def feats(x):
@@ -199,8 +199,8 @@ def test_hybrid_distance_table_matches_a_naive_computation(tiny):
     sets = {"R": feats(real[:n]),
             "G": feats(ad.to_unit(ad.generate(ad.sample_latents(n, seed=4))))}
     for k, (name, m) in enumerate(mods.items()):
-        z1 = ad.sample_latents(n, seed=4, start=(2 * k + 1) * n)
-        z2 = ad.sample_latents(n, seed=4, start=(2 * k + 2) * n)
+        z = ad.sample_latents(2 * n, seed=4, start=2 * (k + 1) * n)  # disjoint from G's
+        z1, z2 = z[0::2], z[1::2]
         sets[name] = feats(ad.to_unit(hybridize(ad, z1, z2, m)))
     for i, a in enumerate(t.labels):
         assert t.distances[i, i] == 0
@@ -210,7 +210,7 @@ def test_hybrid_distance_table_matches_a_naive_computation(tiny):
     assert t.normalized[0, 1] == pytest.approx(1.0)
     assert t.info["modules"]["A"] == {"act": [0, 1]}
     no_real = hybrid_distance_table(ad, [mods["A"]], n, features=_flat, seed=4)
-    assert no_real.labels == ["G", "C0"] and no_real.normalized is None
+    assert no_real.labels == ["G", "module 0"] and no_real.normalized is None
     assert "raw" in no_real.to_text()
 
 

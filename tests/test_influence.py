@@ -18,9 +18,9 @@ from cfmodules.influence import (
     InfluenceProgress,
     InfluenceResult,
     influence_maps,
-    module_influence,
-    pair_latents,
+    module_influence_maps,
 )
+from cfmodules.latents import pair_latents
 from influence_helpers import (
     conditional_adapter,
     convt_adapter,
@@ -44,18 +44,48 @@ def _close(a: np.ndarray, b: np.ndarray, rtol: float = 1e-5) -> None:
 def test_pairs_are_even_and_odd_samples_of_the_stream():
     ad = hand_adapter()
     z = ad.sample_latents(10, seed=3)
-    z1, z2 = pair_latents(ad, 3, 2, 3)  # pairs 2, 3, 4
+    z1, z2 = pair_latents(ad, 3, 3, 2)  # pairs 2, 3, 4
     assert torch.equal(z1, z[4:10:2]) and torch.equal(z2, z[5:10:2])
 
 
-@pytest.mark.parametrize("method", ["auto", "split", "hook"])
-def test_eims_of_hand_model_equal_hand_computed_values(method):
+def test_old_pair_latents_spelling_warns_and_gives_the_same_pairs():
+    from cfmodules import influence
+
+    ad = hand_adapter()
+    with pytest.warns(DeprecationWarning, match="cfmodules.latents.pair_latents"):
+        old = influence.pair_latents(ad, 3, 2, 3)  # (adapter, seed, start, n)
+    new = pair_latents(ad, 3, seed=3, start=2)
+    assert all(torch.equal(a, b) for a, b in zip(old, new))
+
+
+def test_old_influence_names_warn_and_agree():
+    from cfmodules import influence
+
+    ad = hand_adapter()
+    mods = [{"layer": [0]}]
+    new = module_influence_maps(ad, mods, n_pairs=3, algorithm="split", **KW)
+    with pytest.warns(DeprecationWarning, match="module_influence_maps"):
+        old = influence.module_influence(ad, mods, n_pairs=3, algorithm="split", **KW)
+    with pytest.warns(DeprecationWarning, match="algorithm="):
+        old_kw = module_influence_maps(ad, mods, n_pairs=3, method="split", **KW)
+    assert np.array_equal(old.maps, new.maps) and np.array_equal(old_kw.maps, new.maps)
+    assert new.settings["algorithm"] == "split"
+
+
+@pytest.mark.parametrize("n,start", [(0, 0), (2.0, 0), (2, -1)])
+def test_pair_latents_rejects_bad_counts(n, start):
+    with pytest.raises(ConfigError):
+        pair_latents(hand_adapter(), n, 0, start)
+
+
+@pytest.mark.parametrize("algorithm", ["auto", "split", "hook"])
+def test_eims_of_hand_model_equal_hand_computed_values(algorithm):
     # a = z; images (a0, a1, a0 + a1). Swapping channel c changes 2 of 3 colours by
     # z2_c - z1_c, so EIM_c = 2/3 * mean_p |z2_c - z1_c| per pixel.
     ad = hand_adapter()
     n = 7
-    res = influence_maps(ad, "layer", n_pairs=n, method=method, pairs_per_block=3, **KW)
-    z1, z2 = pair_latents(ad, 0, 0, n)
+    res = influence_maps(ad, "layer", n_pairs=n, algorithm=algorithm, pairs_per_block=3, **KW)
+    z1, z2 = pair_latents(ad, n, 0, 0)
     d = (z2 - z1).abs().double()
     expected = 2.0 / 3.0 * d.mean(0).numpy()  # (2, 2, 2)
     np.testing.assert_allclose(res.maps, expected, rtol=1e-6, atol=1e-7)
@@ -68,8 +98,8 @@ def test_eims_of_hand_model_equal_hand_computed_values(method):
 
 def test_module_of_all_channels_is_distance_between_originals():
     ad = hand_adapter()
-    res = module_influence(ad, {"all": {"layer": [0, 1]}}, n_pairs=5, **KW)
-    z1, z2 = pair_latents(ad, 0, 0, 5)
+    res = module_influence_maps(ad, {"all": {"layer": [0, 1]}}, n_pairs=5, **KW)
+    z1, z2 = pair_latents(ad, 5, 0, 0)
     expected = (ad.generate(z2) - ad.generate(z1)).abs().mean(1).double().mean(0).numpy()
     np.testing.assert_allclose(res.maps[0], expected, rtol=1e-6)
     assert res.names == ["all"] and res.layer is None
@@ -116,7 +146,7 @@ def test_fast_path_equals_naive(factory, layer, cut):
     ref = naive_maps(ad, [{layer: [c]} for c in range(n_ch)], n)
     assert res.maps.shape == ref.shape
     _close(res.maps, ref, 1e-5)
-    hook = influence_maps(ad, layer, n_pairs=n, method="hook", **KW)
+    hook = influence_maps(ad, layer, n_pairs=n, algorithm="hook", **KW)
     _close(hook.maps, ref, 1e-5)
     _close(res.stderr, hook.stderr, 1e-4)
     assert res.maps.max() > 0
@@ -126,7 +156,7 @@ def test_linear_shortcut_is_reported_in_settings():
     ad = convt_adapter()
     res = influence_maps(ad, "5", n_pairs=2, **KW)
     assert res.settings["linear_shortcut"] == {"5": "6"}
-    res = influence_maps(ad, "5", n_pairs=2, method="split", **KW)
+    res = influence_maps(ad, "5", n_pairs=2, algorithm="split", **KW)
     assert res.settings["linear_shortcut"] == {}
 
 
@@ -134,10 +164,10 @@ def test_conditional_hybrid_keeps_class_of_original_1():
     # Swapping all channels of a layer between pairs must not swap the class input:
     # the module of every channel differs from the distance between the two originals.
     ad = conditional_adapter()
-    res = module_influence(ad, [{"act2": list(range(5))}], n_pairs=6, **KW)
+    res = module_influence_maps(ad, [{"act2": list(range(5))}], n_pairs=6, **KW)
     ref = naive_maps(ad, [{"act2": list(range(5))}], 6)
     _close(res.maps, ref, 1e-5)
-    z1, z2 = pair_latents(ad, 0, 0, 6)
+    z1, z2 = pair_latents(ad, 6, 0, 0)
     full = (ad.generate(z2) - ad.generate(z1)).abs().mean(1).double().mean(0).numpy()
     assert not np.allclose(res.maps[0], full)
 
@@ -147,27 +177,27 @@ def test_modules_single_and_multi_layer_equal_naive():
     ad = convt_adapter()
     modules = {"a": {"5": [0, 3]}, "b": {"2": [1], "5": [2, 4]}, "c": {"7": [4]},
                "d": {"2": [0, 1, 2]}}
-    res = module_influence(ad, modules, n_pairs=5, pairs_per_block=2, **KW)
+    res = module_influence_maps(ad, modules, n_pairs=5, pairs_per_block=2, **KW)
     ref = naive_maps(ad, list(modules.values()), 5)
     _close(res.maps, ref, 1e-5)
     assert res.names == ["a", "b", "c", "d"]
     assert res.units[1] == {"2": [1], "5": [2, 4]}
     for method in ("split", "hook"):
-        other = module_influence(ad, list(modules.values()), n_pairs=5, method=method, **KW)
+        other = module_influence_maps(ad, list(modules.values()), n_pairs=5, algorithm=method, **KW)
         _close(other.maps, ref, 1e-5)
         assert other.names == ["module 0", "module 1", "module 2", "module 3"]
 
 
 def test_single_module_dict_is_one_module():
     ad = convt_adapter()
-    res = module_influence(ad, {"5": [0, 1]}, n_pairs=2, **KW)
+    res = module_influence_maps(ad, {"5": [0, 1]}, n_pairs=2, **KW)
     assert len(res) == 1 and res.units == [{"5": [0, 1]}]
 
 
 def test_eim_of_one_channel_equals_module_of_that_channel():
     ad = skip_adapter()
     a = influence_maps(ad, "r2", channels=[3], n_pairs=4, **KW)
-    b = module_influence(ad, [{"r2": [3]}], n_pairs=4, **KW)
+    b = module_influence_maps(ad, [{"r2": [3]}], n_pairs=4, **KW)
     np.testing.assert_array_equal(a.maps, b.maps)
 
 
@@ -235,7 +265,7 @@ def test_generator_left_in_train_mode_is_restored():
     ({"n_pairs": 2.5}, "n_pairs"),
     ({"pairs_per_block": 0}, "pairs_per_block"),
     ({"target_stderr": -1.0}, "target_stderr"),
-    ({"method": "fast"}, "method"),
+    ({"algorithm": "fast"}, "algorithm"),
     ({"dtype": "int8"}, "dtype"),
     ({"dtype": torch.bfloat16}, "CUDA"),
     ({"max_batch_bytes": 0}, "max_batch_bytes"),
@@ -250,7 +280,7 @@ def test_unknown_layer_suggests_names():
     with pytest.raises(LayerNotFoundError, match="Did you mean 'act' or 'act2'"):
         influence_maps(linear_head_adapter(), "act3", n_pairs=2, **KW)
     with pytest.raises(LayerNotFoundError, match="Did you mean"):
-        module_influence(linear_head_adapter(), [{"bn3": [0]}], n_pairs=2, **KW)
+        module_influence_maps(linear_head_adapter(), [{"bn3": [0]}], n_pairs=2, **KW)
 
 
 def test_bad_channels():
@@ -260,11 +290,11 @@ def test_bad_channels():
     with pytest.raises(ChannelError, match="no channels"):
         influence_maps(ad, "5", channels=[], n_pairs=2, **KW)
     with pytest.raises(ChannelError, match="Module 'empty'.*no channels"):
-        module_influence(ad, {"empty": {"5": []}}, n_pairs=2, **KW)
+        module_influence_maps(ad, {"empty": {"5": []}}, n_pairs=2, **KW)
     with pytest.raises(ChannelError, match="no channels"):
-        module_influence(ad, {"empty": {}}, n_pairs=2, **KW)
+        module_influence_maps(ad, {"empty": {}}, n_pairs=2, **KW)
     with pytest.raises(ConfigError, match="No modules"):
-        module_influence(ad, [], n_pairs=2, **KW)
+        module_influence_maps(ad, [], n_pairs=2, **KW)
     with pytest.raises(ConfigError, match="GeneratorAdapter"):
         influence_maps(ad.generator, "5", n_pairs=2, **KW)
 

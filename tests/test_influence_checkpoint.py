@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from cfmodules.errors import CheckpointError
-from cfmodules.influence import influence_maps, module_influence
+from cfmodules.influence import influence_maps, module_influence_maps
 from cfmodules.results import read_npz, write_npz
 from influence_helpers import convt_adapter, skip_adapter
 
@@ -54,13 +54,13 @@ def test_interrupted_twice_with_time_based_checkpoints(tmp_path):
     # checkpoint_every large: only the interruption writes the checkpoint.
     ad = skip_adapter()
     kw = {**KW, "checkpoint_every": 3600}
-    full = module_influence(ad, [{"r1": [0, 1]}, {"r2": [2]}], n_pairs=9, **KW)
+    full = module_influence_maps(ad, [{"r1": [0, 1]}, {"r2": [2]}], n_pairs=9, **KW)
     ck = tmp_path / "m.ckpt"
     for k in (1, 2):
         with pytest.raises(KeyboardInterrupt):
-            module_influence(ad, [{"r1": [0, 1]}, {"r2": [2]}], n_pairs=9, checkpoint=ck,
+            module_influence_maps(ad, [{"r1": [0, 1]}, {"r2": [2]}], n_pairs=9, checkpoint=ck,
                              callback=_interrupt_after(k), **kw)
-    resumed = module_influence(ad, [{"r1": [0, 1]}, {"r2": [2]}], n_pairs=9, checkpoint=ck, **kw)
+    resumed = module_influence_maps(ad, [{"r1": [0, 1]}, {"r2": [2]}], n_pairs=9, checkpoint=ck, **kw)
     np.testing.assert_array_equal(resumed.maps, full.maps)
 
 

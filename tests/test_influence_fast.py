@@ -223,7 +223,7 @@ def test_generator_built_under_inference_mode():
                                 torch.nn.ConvTranspose2d(32, 2, 4, 2, 1), torch.nn.Tanh())
         ad = GeneratorAdapter(g, (3, 2, 2))
         a = influence_maps(ad, "1", n_pairs=3, progress=False)
-    b = influence_maps(ad, "1", n_pairs=3, progress=False, method="hook")
+    b = influence_maps(ad, "1", n_pairs=3, progress=False, algorithm="hook")
     np.testing.assert_allclose(a.maps, b.maps, rtol=1e-5, atol=1e-7)
 
 

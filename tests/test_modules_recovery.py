@@ -7,7 +7,7 @@ import pytest
 from sklearn.metrics import adjusted_rand_score
 
 from cfmodules.hybrid import hybridize
-from cfmodules.influence import influence_maps, module_influence
+from cfmodules.influence import influence_maps, module_influence_maps
 from cfmodules.modules import ModuleClustering, cluster_stability
 from cfmodules.synthetic import load_planted_conv, load_planted_model1
 from modules_helpers import naive_influence_maps
@@ -65,7 +65,7 @@ def test_found_modules_hybridize_and_influence_only_their_own_region():
         changed = ((hybrid - original).abs().amax(dim=(0, 1)) > 0).numpy()
         assert changed.any() and not (changed & ~region).any()
     # Fig. 8 (right): each module's individual influence against its size
-    result = module_influence(adapter, clust.to_modules(), n_pairs=8, progress=False)
+    result = module_influence_maps(adapter, clust.to_modules(), n_pairs=8, progress=False)
     assert result.maps.shape == (3, 16, 16) and result.influence.shape == (3,)
     for k, region in enumerate(regions):
         assert result.maps[k][~region].max() == 0 and result.maps[k][region].max() > 0

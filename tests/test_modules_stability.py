@@ -101,7 +101,9 @@ def test_stable_at_true_k_and_result_shapes():
     assert (res.mean("cosine")[:, j3] > 0.95).all()
     assert res.suggest_k() == 3 and res.suggest_k("kmeans") == 3
     assert res.mean().shape == res.std("cosine").shape == (2, 4)
-    assert "nmf consistency" in repr(res) and "kmeans cosine" in res.table()
+    assert "nmf consistency" in repr(res) and "kmeans cosine" in res.to_text()
+    with pytest.warns(DeprecationWarning, match="to_text"):
+        assert res.table() == res.to_text()
 
 
 def test_deterministic_and_methods_independent():

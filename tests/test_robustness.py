@@ -126,10 +126,10 @@ def test_full_swap_follows_original2_and_result_is_batch_independent(adapter):
     res2 = classifier_robustness(adapter, {"b": clf}, mods, n_pairs=40, seed=3, batch_size=7)
     for c in ("b",):
         np.testing.assert_array_equal(res.predictions[c], res2.predictions[c])
-        np.testing.assert_allclose(res.entropy[c], res2.entropy[c], rtol=1e-12)
+        np.testing.assert_allclose(res.entropy[c], res2.entropy[c], rtol=1e-5)  # batched float32 convs: rounding only
     # the same pairs and hybrids as hybridize on the documented latents
-    z1 = adapter.sample_latents(40, seed=3, start=0)
-    z2 = adapter.sample_latents(40, seed=3, start=40)
+    z = adapter.sample_latents(80, seed=3)  # pair i is samples 2i and 2i + 1
+    z1, z2 = z[0::2], z[1::2]
     h = adapter.to_unit(hybridize(adapter, z1, z2, mods["one"]))
     np.testing.assert_array_equal(res.predictions["b"][1], clf(h).argmax(1).numpy())
     np.testing.assert_array_equal(res.labels2["b"], clf(adapter.to_unit(adapter.generate(z2))).argmax(1).numpy())
@@ -145,9 +145,9 @@ def test_given_labels_and_two_classifiers(adapter):
     res = classifier_robustness(
         adapter, {"b": Brightness(), "flip": lambda x: -Brightness()(x)},
         [{"act": [0, 1, 2, 3]}], n_pairs=30, seed=0, labels=labels)
-    z1 = adapter.sample_latents(30, seed=0)
+    z1 = adapter.sample_latents(60, seed=0)[0::2]  # Original 1 of pair i is sample 2i
     np.testing.assert_array_equal(res.labels1["flip"], labels(z1).numpy())
-    assert res.modules == ["C0"]
+    assert res.modules == ["module 0"]
     assert res.disagreement().shape == (1,)
     assert res.info["labels"] == "given"
 
@@ -189,7 +189,7 @@ def test_min_confidence_excludes_unsure_originals(adapter):
     mods = [{"act": [0, 1, 2, 3]}]
     all_ = classifier_robustness(adapter, Unsure(), mods, 40, seed=2)
     sure = classifier_robustness(adapter, Unsure(), mods, 40, seed=2, min_confidence=0.7)
-    z1 = adapter.sample_latents(40, seed=2)
+    z1 = adapter.sample_latents(80, seed=2)[0::2]
     with torch.no_grad():
         p = Unsure()(adapter.to_unit(adapter.generate(z1))).softmax(1)
     expected = np.where(p.max(1).values.numpy() >= 0.7, p.argmax(1).numpy(), -1)

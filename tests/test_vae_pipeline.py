@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from cfmodules import hybridize
-from cfmodules.influence import InfluenceResult, influence_maps, module_influence
+from cfmodules.influence import InfluenceResult, influence_maps, module_influence_maps
 from cfmodules.modules import ModuleClustering
 from cfmodules.zoo import vae_faces
 from families_helpers import run_doc_blocks
@@ -75,7 +75,7 @@ def test_vae_pipeline_hybrids_of_real_faces_are_local(run) -> None:
 
 def test_vae_pipeline_module_influence(run) -> None:
     modules = [{LAYER: m} for m in run["clustering"].modules_]
-    result = module_influence(run["adapter"], modules, n_pairs=4, seed=1, progress=False)
+    result = module_influence_maps(run["adapter"], modules, n_pairs=4, seed=1, progress=False)
     assert result.maps.shape == (3, 64, 64) and (result.influence > 0).all()
     # a module moves the image more than the average single channel of the layer
     assert result.influence.min() > run["maps"].influence.mean()

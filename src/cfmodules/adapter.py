@@ -17,6 +17,7 @@ import torch
 from torch import fx, nn
 
 from cfmodules import latents as L
+from cfmodules._deprecation import warn_renamed
 from cfmodules.engine.cut import Cut, Engine, Explanation
 from cfmodules.errors import (
     ChannelError,
@@ -340,9 +341,16 @@ class GeneratorAdapter:
         return ((images - lo) / (hi - lo)).clamp(0, 1)
 
     # ------------------------------------------------------------------ layers
-    def module(self, layer: str) -> nn.Module:
-        """The submodule named ``layer`` (a typo raises LayerNotFoundError with suggestions)."""
+    def submodule(self, layer: str) -> nn.Module:
+        """The ``nn.Module`` of the layer ``layer`` (a typo raises LayerNotFoundError with
+        suggestions). Not a *module* in the paper's sense (a group of channels, see
+        :data:`cfmodules.hybrid.Module`)."""
         return resolve_layer(self.generator, layer).module
+
+    def module(self, layer: str) -> nn.Module:
+        """Deprecated alias of :meth:`submodule`."""
+        warn_renamed("GeneratorAdapter.module(layer)", "GeneratorAdapter.submodule(layer)")
+        return self.submodule(layer)
 
     def layers(self) -> list[LayerInfo]:
         """Every named submodule with its output shape and channel count (one dry forward)."""
@@ -473,13 +481,13 @@ class GeneratorAdapter:
         """
         return self.engine.cut(layer)
 
-    def explain(self, layer: str, method: str = "auto") -> Explanation:
+    def explain(self, layer: str, algorithm: str = "auto") -> Explanation:
         """Which path counterfactuals at ``layer`` take, why, and the FLOPs of one hybrid.
 
         Parameters
         ----------
         layer : str
-        method : {"auto", "split", "hook"}
+        algorithm : {"auto", "split", "hook"}
             As for :func:`cfmodules.influence_maps` (``"auto"`` may use the linear shortcut).
 
         Returns
@@ -489,7 +497,7 @@ class GeneratorAdapter:
             capture tried with its error, ``flops_hybrid`` / ``flops_full`` and ``limit``
             (their ratio). ``print()`` it for a summary.
         """
-        return self.engine.explain(layer, method)
+        return self.engine.explain(layer, algorithm)
 
     def refresh(self) -> None:
         """Forget every captured graph and weight copy (the next use captures again).

@@ -28,6 +28,7 @@ from cfmodules.adapter import GeneratorAdapter
 from cfmodules.errors import ConfigError, ResultFileError, ShapeError, did_you_mean
 from cfmodules.hybrid import hybridize
 from cfmodules.influence.distributed import distributed_influence_maps, world
+from cfmodules.names import module_name, unit_name
 
 __all__ = [
     "AnalysisSettings",
@@ -251,7 +252,7 @@ class AnalysisResult:
     @property
     def unit_names(self) -> list[str]:
         """``"main.8[5]"`` for each unit."""
-        return [f"{la}[{int(c)}]" for la, c in zip(self.unit_layer, self.unit_channel)]
+        return [unit_name(la, c) for la, c in zip(self.unit_layer, self.unit_channel)]
 
     @property
     def locations(self) -> list[str]:
@@ -261,7 +262,7 @@ class AnalysisResult:
     @property
     def module_names(self) -> list[str]:
         """``"module k: <location>"`` for each module, used in every figure."""
-        return [f"module {k}: {loc}" for k, loc in enumerate(self.locations)]
+        return [module_name(k, loc) for k, loc in enumerate(self.locations)]
 
     def suggested_k(self, method: str | None = None) -> int | None:
         """K suggested by the stability sweep (None without a sweep)."""
@@ -474,11 +475,9 @@ def make_hybrids(
     original1, original2 : ndarray (n, C, H, W) uint8
     hybrids : ndarray (K, n, C, H, W) uint8
     """
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise ConfigError(f"The number of pairs must be a positive integer, got {n!r}.")
-    from cfmodules.influence import pair_latents
+    from cfmodules.latents import pair_latents
 
-    z1, z2 = pair_latents(adapter, seed, start, int(n))
+    z1, z2 = pair_latents(adapter, n, seed, start)
     y1, y2 = adapter.generate(z1), adapter.generate(z2)
     hy = []
     for module in modules:
@@ -630,9 +629,9 @@ def analyze(
     modules = partial.modules
 
     def module_maps() -> np.ndarray:
-        nonempty = {f"module {k}": m for k, m in enumerate(modules) if m}
-        res = influence_lib.module_influence(adapter, nonempty, n_pairs=s.n_pairs,
-                                             seed=s.seed, progress=progress)
+        nonempty = {module_name(k): m for k, m in enumerate(modules) if m}
+        res = influence_lib.module_influence_maps(adapter, nonempty, n_pairs=s.n_pairs,
+                                                  seed=s.seed, progress=progress)
         out = np.zeros((s.n_modules, *maps.shape[1:]), np.float32)
         for name, m in zip(res.names, res.maps):
             out[int(name.split()[-1])] = m

@@ -1,18 +1,29 @@
 """Argument checks shared by the whole package: one place for each rule.
 
-Each check returns the value normalised (a numpy integer becomes an ``int``) or raises
-:class:`~cfmodules.errors.ConfigError` saying what was wrong and what is accepted.
+Each check returns the value normalised (a numpy integer becomes an ``int``, a module's
+channels plain lists ready for JSON) or raises an error of the library's family saying
+what was wrong and what is accepted: :class:`~cfmodules.errors.ConfigError`, and
+:class:`~cfmodules.errors.ModuleError` for modules.
 """
 
 from __future__ import annotations
 
 import numbers
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from cfmodules.errors import ConfigError, did_you_mean
+import numpy as np
 
-__all__ = ["integer", "positive_int", "seed", "positive_number", "one_of", "SEED_LIMIT"]
+from cfmodules.errors import ConfigError, ModuleError, did_you_mean
+from cfmodules.names import module_name
+
+__all__ = ["integer", "positive_int", "seed", "positive_number", "one_of", "clustering_method",
+           "module", "modules", "SEED_LIMIT", "CLUSTERING_METHODS"]
+
+CLUSTERING_METHODS = ("nmf", "kmeans")
+"""The clustering methods of influence maps: NMF (the paper's) and k-means (its baseline)."""
+
+_MODULE_EXAMPLE = "e.g. {'main.8': [0, 5, 9]} (one or several layers)"
 
 SEED_LIMIT = 2**32
 """Seeds are integers in ``[0, 2**32)``: every one of them names its own latent stream."""
@@ -58,3 +69,104 @@ def one_of(value: Any, name: str, choices: Iterable[str]) -> str:
         raise ConfigError(f"{name} must be one of {', '.join(map(repr, options))}, got "
                           f"{value!r}.{hint}")
     return value
+
+
+def clustering_method(value: Any, name: str = "method") -> str:
+    """``"nmf"`` or ``"kmeans"``."""
+    return one_of(value, name, CLUSTERING_METHODS)
+
+
+def module(value: Any, name: str = "module", *, allow_empty: bool = True) -> dict[str, list[int]]:
+    """A module: a non-empty dict layer name -> channel indices, as plain lists (JSON-ready).
+
+    This is the one structural check of a module (the range of each channel needs the
+    generator: :func:`cfmodules.hybrid.module_channels`).
+
+    Parameters
+    ----------
+    value : Mapping[str, sequence of int]
+        Channels as a list, range, numpy array or 1-d integer tensor.
+    name : str
+        What to call the module in messages (``"module 0"``, a user's key).
+    allow_empty : bool, default True
+        Whether a layer may list no channel (a hybrid of no channel is Original 1).
+
+    Returns
+    -------
+    dict str -> list of int
+
+    Raises
+    ------
+    ModuleError
+        Not a non-empty mapping of layer names, channels that are not a flat list of
+        distinct non-negative integers, or (unless ``allow_empty``) a layer without channels.
+    """
+    if not isinstance(value, Mapping) or not value:
+        what = "has no channels" if isinstance(value, Mapping) else f"is {value!r}"
+        raise ModuleError(f"{_cap(name)} {what}: a module maps layer names to channel indices "
+                          f"(a dict layer -> channels), {_MODULE_EXAMPLE}.")
+    out: dict[str, list[int]] = {}
+    for layer, channels in value.items():
+        if not isinstance(layer, str):
+            raise ModuleError(f"{_cap(name)} has layer {layer!r}: layer names are strings, "
+                              f"{_MODULE_EXAMPLE}.")
+        out[layer] = _channel_list(channels, layer, name)
+        if not out[layer] and not allow_empty:
+            raise ModuleError(f"{_cap(name)} has no channels in layer '{layer}'; give at "
+                              "least one.")
+    return out
+
+
+def modules(value: Any, *, allow_empty: bool = True, allow_single: bool = False
+            ) -> dict[str, dict[str, list[int]]]:
+    """Named modules from a dict name -> module, a list of modules, or (with ``allow_single``)
+    one module.
+
+    A list's modules are named :func:`cfmodules.names.module_name` (``"module 0"``, ...);
+    with ``allow_single``, a single module (a dict whose values are channel lists) becomes
+    ``{"module 0": it}``.
+
+    Raises
+    ------
+    ModuleError
+        For no modules, or a malformed one (see :func:`module`).
+    """
+    if allow_single and isinstance(value, Mapping) and value and not any(
+            isinstance(v, Mapping) for v in value.values()):
+        items: list[tuple[str, Any]] = [(module_name(0), value)]
+    elif isinstance(value, Mapping):
+        items = [(str(k), v) for k, v in value.items()]
+    elif isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        items = [(module_name(k), v) for k, v in enumerate(value)]
+    else:
+        raise ModuleError(
+            "modules must be a list of modules or a dict name -> module, each module a dict "
+            f"layer -> channel indices, e.g. [{{'main.8': [0, 3]}}, {{'main.8': [1, 2]}}]; got "
+            f"{type(value).__name__}.")
+    if not items:
+        raise ModuleError("No modules given; pass at least one {layer: channels} module.")
+    return {key: module(m, f"module '{key}'", allow_empty=allow_empty) for key, m in items}
+
+
+def _cap(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def _channel_list(channels: Any, layer: str, name: str) -> list[int]:
+    raw = channels.tolist() if hasattr(channels, "tolist") else channels
+    if isinstance(raw, (str, bytes, Mapping)) or not isinstance(raw, Iterable):
+        raw = [raw] if isinstance(raw, numbers.Integral) and not isinstance(raw, bool) else None
+    arr = np.asarray(list(raw)) if raw is not None else None
+    if arr is None or arr.ndim != 1 or (arr.size and (
+            arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer))):
+        raise ModuleError(f"The channels of layer '{layer}' in {name} must be a flat list of "
+                          f"integers, got {channels!r}.")
+    if arr.size and int(arr.min()) < 0:
+        raise ModuleError(f"Channel(s) {sorted(int(c) for c in arr if c < 0)[:5]} out of range "
+                          f"for layer '{layer}' in {name}: channel indices are >= 0.")
+    values = [int(c) for c in arr]
+    if len(set(values)) != len(values):
+        dup = sorted({c for c in values if values.count(c) > 1})
+        raise ModuleError(f"Channel(s) {dup[:5]} of layer '{layer}' are listed more than once "
+                          f"in {name}.")
+    return values

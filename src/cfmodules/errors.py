@@ -16,6 +16,7 @@ __all__ = [
     "LayerNotFoundError",
     "LayerCallError",
     "ChannelError",
+    "ModuleError",
     "LatentError",
     "ShapeError",
     "ConfigError",
@@ -57,6 +58,14 @@ class ShapeError(CfModulesError, ValueError):
 
 class ConfigError(CfModulesError, ValueError):
     """An argument has a value outside what the operation accepts."""
+
+
+class ModuleError(ChannelError, ConfigError):
+    """A module (a dict layer name -> channel indices) is malformed, empty or out of range.
+
+    Every check of a module raises this one class (:func:`cfmodules.checks.module`); it is
+    both a :class:`ChannelError` and a :class:`ConfigError`, so either ``except`` catches it.
+    """
 
 
 class GeneratorOutputError(CfModulesError, RuntimeError):

@@ -12,29 +12,46 @@ from collections.abc import Mapping
 
 import torch
 
+from cfmodules import checks
 from cfmodules import latents as L
 from cfmodules.adapter import ChannelSpec, GeneratorAdapter, channel_index
-from cfmodules.errors import ConfigError, LatentError
+from cfmodules.errors import ChannelError, LatentError, ModuleError
 
-__all__ = ["hybridize", "Module"]
+__all__ = ["hybridize", "module_channels", "Module"]
 
 Module = Mapping[str, ChannelSpec]
-"""A module: layer name -> channel indices of that layer (one or several layers)."""
+"""A module: layer name -> channel indices of that layer (one or several layers).
+
+Not to be confused with ``torch.nn.Module``: a layer of the generator is a submodule
+(``adapter.submodule("main.8")``); a *module* in cfmodules is the paper's group of channels.
+"""
 
 
-def _check_module(adapter: GeneratorAdapter, module: Module) -> dict[str, torch.Tensor]:
-    if not isinstance(module, Mapping) or not module:
-        raise ConfigError(
-            "A module maps layer names to channel indices, e.g. {'main.8': [0, 5, 9]}; got "
-            f"{module!r}."
-        )
+def module_channels(adapter: GeneratorAdapter, module: Module, name: str = "module", *,
+                    allow_empty: bool = True) -> dict[str, torch.Tensor]:
+    """Check a module against the generator; return ``{layer: LongTensor of channels}``.
+
+    Every layer name is checked before any work (a typo gets "did you mean"), then every
+    channel index against its layer's width.
+
+    Raises
+    ------
+    ModuleError
+        A malformed module (:func:`cfmodules.checks.module`) or a channel out of range.
+    LayerNotFoundError
+        A layer name that is not a submodule of the generator.
+    """
     from cfmodules.hooks import resolve_layers
 
-    resolve_layers(adapter.generator, list(module))  # every name checked before any work
-    return {
-        layer: channel_index(ch, adapter.layer_channels(layer), layer)
-        for layer, ch in module.items()
-    }
+    lists = checks.module(module, name, allow_empty=allow_empty)
+    refs = resolve_layers(adapter.generator, list(lists))
+    out = {}
+    for ref, chans in zip(refs, lists.values()):
+        try:
+            out[ref.name] = channel_index(chans, adapter.layer_channels(ref.name), ref.name)
+        except ChannelError as e:
+            raise ModuleError(f"{name[:1].upper()}{name[1:]}: {e}") from e
+    return out
 
 
 def hybridize(
@@ -70,7 +87,7 @@ def hybridize(
         raise LatentError(
             f"z1 and z2 must have the same batch size (pair i is z1[i], z2[i]); got {n1} and {n2}."
         )
-    channels = _check_module(adapter, module)
+    channels = module_channels(adapter, module)
     z1 = L.to_device(z1, adapter.device)
     z2 = L.to_device(z2, adapter.device)
     step = batch_size or n1

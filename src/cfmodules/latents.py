@@ -8,11 +8,12 @@ so that selecting, concatenating or moving a batch moves every input of each sam
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Union
+from typing import Protocol, Union
 
 import numpy as np
 import torch
 
+from cfmodules import checks
 from cfmodules.errors import ConfigError, LatentError
 
 __all__ = [
@@ -25,6 +26,8 @@ __all__ = [
     "check_latent",
     "sample",
     "sample_seed",
+    "pair_latents",
+    "LatentSource",
 ]
 
 Latent = Union[torch.Tensor, tuple[torch.Tensor, ...]]
@@ -132,8 +135,7 @@ def sample(
     Each sample has its own generator seeded from ``(seed, index)``, so sample ``i`` is the
     same whatever ``n``, ``start`` or batch size it is drawn with.
     """
-    if not isinstance(n, int) or n < 1:
-        raise ConfigError(f"The number of samples must be a positive integer, got {n!r}.")
+    n = checks.positive_int(n, "The number of samples")
     if isinstance(prior, str) and prior not in ("normal", "uniform"):
         raise ConfigError(
             f"Unknown prior {prior!r}: use 'normal', 'uniform' or a callable(n, generator)."
@@ -150,3 +152,42 @@ def sample(
             check_latent(one, shapes, what="latent returned by the prior")
         draws.append(one)
     return concat(draws)
+
+
+class LatentSource(Protocol):
+    """Anything that draws latents like :meth:`cfmodules.GeneratorAdapter.sample_latents`."""
+
+    def sample_latents(self, n: int, seed: int = 0, start: int = 0) -> Latent: ...
+
+
+def pair_latents(source: LatentSource, n: int, seed: int = 0, start: int = 0
+                 ) -> tuple[Latent, Latent]:
+    """Latents of pairs ``start .. start+n-1``: pair ``p`` is (sample ``2p``, sample ``2p+1``).
+
+    The one pairing of Original 1 with Original 2 in cfmodules: influence maps, module
+    hybrids, classifier robustness, Fréchet distances and the figures all draw their pairs
+    here, so pair ``p`` of stream ``seed`` is the same two images everywhere, whatever the
+    batch size. The arguments are those of ``sample_latents(n, seed, start)``, counted in
+    pairs.
+
+    Parameters
+    ----------
+    source : GeneratorAdapter (or any object with ``sample_latents(n, seed=, start=)``)
+    n : int
+        Number of pairs.
+    seed : int, default 0
+        Latent stream.
+    start : int, default 0
+        First pair.
+
+    Returns
+    -------
+    z1, z2 : Latent
+        Original 1 and Original 2 of each pair: ``(n, *latent_shape)`` each (tuples of such
+        tensors for multi-input generators), on the source's device.
+    """
+    n = checks.positive_int(n, "The number of pairs")
+    start = checks.integer(start, "start", low=0)
+    z = source.sample_latents(2 * n, seed=seed, start=2 * start)
+    even = torch.arange(0, 2 * n, 2)
+    return select(z, even), select(z, even + 1)

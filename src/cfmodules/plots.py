@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cfmodules.errors import ShapeError
+from cfmodules.names import module_name
 from cfmodules.results import atomic_write
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -217,7 +218,7 @@ def plot_influence_maps(
             cap = names[row[i]] if names is not None else str(row[i])
             ax.set_title(cap, fontsize=6, pad=2)
         if labels is not None:
-            label = module_names[j] if module_names is not None else f"module {j}"
+            label = module_names[j] if module_names is not None else module_name(j)
             axes[j, 0].set_ylabel(f"{label}\n({int((lab == j).sum())} ch.)", fontsize=8,
                                   color=module_color(j), rotation=0, ha="right", va="center")
     if title:
@@ -272,7 +273,7 @@ def plot_templates(
     axes = fig.subplots(nrows, k, squeeze=False)
     for j in range(k):
         t = tm[j] / tm[j].max() if tm[j].max() > 0 else tm[j]
-        label = names[j] if names is not None else f"module {j}"
+        label = names[j] if names is not None else module_name(j)
         if sizes is not None:
             label += f"\n{int(sizes[j])} channels"
         ax = axes[0, j]
@@ -354,7 +355,7 @@ def plot_hybrid_grid(
         )
     k = len(hy)
     ids = list(range(k)) if module_ids is None else [int(i) for i in module_ids]
-    names = [f"module {i}" for i in ids] if module_names is None else list(module_names)
+    names = [module_name(i) for i in ids] if module_names is None else list(module_names)
     tm = None
     if templates is not None:
         tm = _maps(templates, "templates")
@@ -473,7 +474,7 @@ def plot_module_influence(
         raise ShapeError(f"sizes {x.shape} and influence {y.shape} need one value per module.")
     k = len(x)
     ids = list(range(k)) if module_ids is None else [int(i) for i in module_ids]
-    labels = [f"module {i}" for i in ids] if names is None else list(names)
+    labels = [module_name(i) for i in ids] if names is None else list(names)
     fig = _new_figure(5.0, 3.4 + (0.3 if title else 0))
     ax = fig.subplots()
     for j in range(k):

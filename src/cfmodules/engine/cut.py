@@ -359,13 +359,13 @@ class Engine:
             UserWarning, stacklevel=4)
 
     # ------------------------------------------------------------------ explain
-    def explain(self, layer: str, method: str = "auto") -> Explanation:
+    def explain(self, layer: str, algorithm: str = "auto") -> Explanation:
         """Which path counterfactuals at ``layer`` take, why, and what one hybrid costs.
 
         Parameters
         ----------
         layer : str
-        method : {"auto", "split", "hook"}
+        algorithm : {"auto", "split", "hook"}
             As for influence maps: ``"auto"`` may use the linear shortcut.
         """
         ad = self.adapter
@@ -380,12 +380,12 @@ class Engine:
             capture = ("graph of the forward" if entry.capture.kind == "graph"
                        else f"partial at '{entry.capture.where}'")
         linear_cut = None
-        if method == "hook" or entry.path == "hook":
+        if algorithm == "hook" or entry.path == "hook":
             hybrid = full
-            if method == "hook" and entry.path != "hook":
-                path, reason = "hook", "method='hook' asked for full forwards"
+            if algorithm == "hook" and entry.path != "hook":
+                path, reason = "hook", "algorithm='hook' asked for full forwards"
         else:
-            plan = self.linear_plan(ref.name) if method == "auto" else None
+            plan = self.linear_plan(ref.name) if algorithm == "auto" else None
             if plan is not None:
                 cut = self.cut(plan.cut)
                 state = cut.prefix(z)

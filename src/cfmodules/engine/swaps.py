@@ -9,7 +9,7 @@ ways, all exact up to float rounding, chosen by :func:`plan_swaps`:
   :mod:`cfmodules.engine.linear`); hybrids start after that module;
 - :class:`SplitSwaps`: prefix once per block, the (accelerated) suffix per hybrid;
 - :class:`HookSwaps`: one full forward per batch of hybrids with replacing hooks (groups
-  over several layers, ``method="hook"``, or no capture of the forward can be cut).
+  over several layers, ``algorithm="hook"``, or no capture of the forward can be cut).
 """
 
 from __future__ import annotations
@@ -242,19 +242,19 @@ class HookSwaps(Swaps):
             return self.adapter.generate(L.select(self.z1, rows))
 
 
-def plan_swaps(adapter, groups: list[Group], method: str,  # noqa: ANN001
+def plan_swaps(adapter, groups: list[Group], algorithm: str,  # noqa: ANN001
                what: str = "influence_maps") -> list[tuple[Swaps, list[int]]]:
     """Group ``groups`` by how their hybrids are computed; returns (swaps, group indices).
 
-    Single-layer groups share a :class:`LinearSwaps` (``method="auto"`` where the
+    Single-layer groups share a :class:`LinearSwaps` (``algorithm="auto"`` where the
     shortcut is exact) or :class:`SplitSwaps` per layer; the rest (and everything with
-    ``method="hook"``) one :class:`HookSwaps`. A layer that can only be run by full
+    ``algorithm="hook"``) one :class:`HookSwaps`. A layer that can only be run by full
     forwards warns once (``what`` names the caller).
     """
     by_layer: dict[str, list[int]] = {}
     multi: list[int] = []
     for i, g in enumerate(groups):
-        if method != "hook" and len(g) == 1:
+        if algorithm != "hook" and len(g) == 1:
             by_layer.setdefault(next(iter(g)), []).append(i)
         else:
             multi.append(i)
@@ -266,7 +266,7 @@ def plan_swaps(adapter, groups: list[Group], method: str,  # noqa: ANN001
             engine.warn_hook(layer, what)
             out.append((HookSwaps(adapter, group), rows))
             continue
-        plan = engine.linear_plan(layer) if method == "auto" else None
+        plan = engine.linear_plan(layer) if algorithm == "auto" else None
         swaps: Swaps = (LinearSwaps(adapter, plan, group) if plan is not None
                         else SplitSwaps(adapter, layer, group))
         out.append((swaps, rows))

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from cfmodules.errors import ConfigError
-
-__all__ = ["EvalNoGrad", "call_on", "named_modules", "module_as_lists"]
+__all__ = ["EvalNoGrad", "call_on"]
 
 
 def _owner(fn: Callable[..., Any]) -> nn.Module | None:
@@ -50,30 +47,3 @@ def call_on(fn: Callable[[torch.Tensor], Any], images: torch.Tensor) -> Any:
     if p is not None:
         images = images.to(p.device)
     return fn(images.float())
-
-
-def named_modules(modules: Mapping[str, Mapping[str, Any]] | Sequence[Mapping[str, Any]]
-                  ) -> dict[str, Mapping[str, Any]]:
-    """``{name: module}`` from a dict, or from a list (named ``C0``, ``C1``, ...)."""
-    if isinstance(modules, Mapping):
-        named = dict(modules)
-    elif isinstance(modules, Sequence) and not isinstance(modules, str):
-        named = {f"C{k}": m for k, m in enumerate(modules)}
-    else:
-        named = {}
-    if not named or not all(isinstance(m, Mapping) and m for m in named.values()):
-        raise ConfigError(
-            "modules must be a dict name -> module or a list of modules, each module a dict "
-            "layer -> channel indices, e.g. {'C0': {'main.8': [0, 3]}, 'C1': {'main.8': [1, 2]}}."
-        )
-    return named
-
-
-def module_as_lists(module: Mapping[str, Any]) -> dict[str, list[int]]:
-    """A module with its channel indices as plain lists (for JSON)."""
-    out = {}
-    for layer, ch in module.items():
-        if isinstance(ch, torch.Tensor):
-            ch = ch.tolist()
-        out[layer] = [int(c) for c in np.atleast_1d(np.asarray(ch))]
-    return out

@@ -31,8 +31,10 @@ import numpy as np
 import torch
 from scipy import linalg
 
+from cfmodules import checks
 from cfmodules.errors import ConfigError, ShapeError
-from cfmodules.evaluation._run import EvalNoGrad, call_on, module_as_lists, named_modules
+from cfmodules.evaluation._run import EvalNoGrad, call_on
+from cfmodules.latents import pair_latents
 
 __all__ = [
     "FeatureFn",
@@ -314,7 +316,7 @@ class DistanceTable:
     Attributes
     ----------
     labels : list of str
-        Set names, e.g. ``["R", "G", "C0", "C1", "C2"]``.
+        Set names, e.g. ``["R", "G", "module 0", "module 1"]``.
     distances : ndarray (S, S)
         Symmetric, zero diagonal: ``distances[i, j] = d(labels[i], labels[j])``.
     n_images : int
@@ -339,7 +341,7 @@ class DistanceTable:
         return self.distances / self.normalizer
 
     def distance(self, a: str, b: str, normalized: bool = False) -> float:
-        """The distance between sets ``a`` and ``b`` (e.g. ``table.distance("C0", "G")``)."""
+        """The distance between sets ``a`` and ``b`` (e.g. ``table.distance("module 0", "G")``)."""
         from cfmodules.errors import did_you_mean
 
         for name in (a, b):
@@ -404,15 +406,15 @@ def hybrid_distance_table(
 ) -> DistanceTable:
     """Table 2: Fréchet distances between real data, samples and hybrids of each module.
 
-    Every set has ``n_images`` images. G is generated from latents ``0 .. n-1`` of the
-    seed; the hybrids of module k use their own, disjoint latents for Original 1 and
-    Original 2 (so no two sets share a sample and the distances are not biased low by
-    shared images). Images are generated and featurized batch by batch, never all kept.
+    Every set has ``n_images`` images. G is generated from samples ``0 .. n-1`` of the
+    stream ``seed``; the hybrids of module k (0-based) use pairs ``(k + 1) n .. (k + 2) n - 1``
+    of :func:`cfmodules.latents.pair_latents`, i.e. samples ``2(k + 1) n .. 2(k + 2) n - 1``,
+    so no two sets share a sample and the distances are not biased low by shared images. Images are generated and featurized batch by batch, never all kept.
 
     Parameters
     ----------
     adapter : GeneratorAdapter
-    modules : dict name -> module, or list of modules (named ``C0``, ``C1``, ...)
+    modules : dict name -> module, or list of modules (named ``module 0``, ``module 1``, ...)
         A module is a dict ``layer -> channel indices``, as for :func:`cfmodules.hybrid.hybridize`.
     n_images : int
         Images per set (balanced); the paper used 10k. Use more images than feature
@@ -432,11 +434,13 @@ def hybrid_distance_table(
     DistanceTable
         Labels ``["R", "G", *module names]`` (``R`` only when ``real`` is given).
     """
-    from cfmodules.hybrid import hybridize
+    from cfmodules.hybrid import hybridize, module_channels
 
     if n_images < 2:
         raise ConfigError(f"n_images must be >= 2, got {n_images}.")
-    named = named_modules(modules)
+    named = checks.modules(modules)
+    for key, module in named.items():  # every layer and channel checked before any work
+        module_channels(adapter, module, f"module '{key}'")
     features = default_features() if features is None else features
     stats: dict[str, FeatureStatistics] = {}
 
@@ -453,13 +457,11 @@ def hybrid_distance_table(
 
     for k, (name, module) in enumerate(named.items()):
         st = FeatureStatistics()
-        base1 = (2 * k + 1) * n_images
-        base2 = (2 * k + 2) * n_images
+        first_pair = (k + 1) * n_images  # samples 2(k+1)n .. 2(k+2)n - 1: none shared
         with EvalNoGrad(features):
             for s in range(0, n_images, batch_size):
                 b = min(batch_size, n_images - s)
-                z1 = adapter.sample_latents(b, seed=seed, start=base1 + s)
-                z2 = adapter.sample_latents(b, seed=seed, start=base2 + s)
+                z1, z2 = pair_latents(adapter, b, seed, start=first_pair + s)
                 hyb = hybridize(adapter, z1, z2, module)
                 st.update(call_on(features, adapter.to_unit(hyb)))
         stats[name] = st
@@ -475,7 +477,7 @@ def hybrid_distance_table(
                           "in this feature space, so the table cannot be normalized by it.")
     info = {
         "seed": seed,
-        "modules": {n: module_as_lists(m) for n, m in named.items()},
+        "modules": named,
         "features": getattr(features, "__qualname__", type(features).__name__),
     }
     return DistanceTable(labels, dist, n_images, normalizer, info)

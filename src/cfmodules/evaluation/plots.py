@@ -151,14 +151,13 @@ def plot_disagreements(result: RobustnessResult, adapter: Any, module: str, limi
     import torch
 
     from cfmodules import latents as L
-    from cfmodules.evaluation.robustness import _pair_latents
 
     rows = result.disagreements(module, limit)
     if not rows:
         raise ConfigError(f"The classifiers agree on every hybrid of module '{module}'.")
     pairs = [r["pair"] for r in rows]
     idx = torch.as_tensor(pairs)
-    z1, z2 = _pair_latents(adapter, result.n_pairs, result.info["seed"])
+    z1, z2 = L.pair_latents(adapter, result.n_pairs, result.info["seed"])
     o1 = adapter.to_unit(adapter.generate(L.select(z1, idx))).cpu()
     o2 = adapter.to_unit(adapter.generate(L.select(z2, idx))).cpu()
     hyb = adapter.to_unit(result.hybrids(adapter, module, pairs)).cpu()

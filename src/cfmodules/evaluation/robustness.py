@@ -28,8 +28,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from cfmodules import checks
 from cfmodules.errors import ConfigError, ShapeError, did_you_mean
-from cfmodules.evaluation._run import EvalNoGrad, call_on, module_as_lists, named_modules
+from cfmodules.evaluation._run import EvalNoGrad, call_on
+from cfmodules.latents import pair_latents
 
 __all__ = [
     "Classifier",
@@ -299,7 +301,7 @@ class RobustnessResult:
             raise ConfigError("This result was not made by classifier_robustness(); "
                               "it cannot regenerate its hybrids.")
         self._mod(module)
-        z1, z2 = _pair_latents(adapter, self.n_pairs, self.info["seed"])
+        z1, z2 = pair_latents(adapter, self.n_pairs, self.info["seed"])
         idx = torch.as_tensor(list(pairs), dtype=torch.long)
         from cfmodules import latents as L
 
@@ -374,12 +376,6 @@ def _class_or_none(p: np.ndarray, min_confidence: float) -> np.ndarray:
     return np.where(p.max(1) >= min_confidence, p.argmax(1), -1)
 
 
-def _pair_latents(adapter: Any, n_pairs: int, seed: int) -> tuple[Any, Any]:
-    """Original 1 uses latents ``0..n-1`` of the seed, Original 2 latents ``n..2n-1``."""
-    return (adapter.sample_latents(n_pairs, seed=seed, start=0),
-            adapter.sample_latents(n_pairs, seed=seed, start=n_pairs))
-
-
 def _probabilities(clf: Classifier, images: torch.Tensor, outputs: str, name: str) -> np.ndarray:
     out = call_on(clf, images)
     if not isinstance(out, torch.Tensor):
@@ -424,14 +420,15 @@ def classifier_robustness(
     classifiers : dict name -> classifier, or one classifier
         ``classifier(images (N, C, H, W) in [0, 1]) -> (N, K)``. nn.Modules run in eval
         mode under no_grad on their own device. A ``classes`` attribute gives class names.
-    modules : dict name -> module, or list of modules (named ``C0``, ``C1``, ...)
+    modules : dict name -> module, or list of modules (named ``module 0``, ``module 1``, ...)
         A module maps layer -> channel indices, as for :func:`cfmodules.hybrid.hybridize`.
         Modules of several layers may be mixed; results are kept per module and
         summarised per layer by :meth:`RobustnessResult.rate_by_layer`.
     n_pairs : int
         Number of (Original 1, Original 2) pairs.
     seed : int
-        Original 1 is latent ``i`` of the seed, Original 2 latent ``n_pairs + i``.
+        Latent stream: pair ``i`` is :func:`cfmodules.latents.pair_latents` pair ``i``
+        (samples ``2i`` and ``2i + 1``), the same pairs as the influence maps use.
     labels : callable, optional
         ``labels(latent batch) -> (N,)`` true classes of generated images (a
         class-conditional generator's class, a synthetic generator's object). Default:
@@ -452,7 +449,7 @@ def classifier_robustness(
     -------
     RobustnessResult
     """
-    from cfmodules.hybrid import hybridize
+    from cfmodules.hybrid import hybridize, module_channels
 
     if outputs not in ("logits", "probabilities"):
         raise ConfigError(f"outputs must be 'logits' or 'probabilities', got {outputs!r}.")
@@ -463,8 +460,10 @@ def classifier_robustness(
     clfs = dict(classifiers) if isinstance(classifiers, Mapping) else {"classifier": classifiers}
     if not clfs or not all(callable(f) for f in clfs.values()):
         raise ConfigError("classifiers must be a callable or a dict name -> callable.")
-    named = named_modules(modules)
-    z1_all, z2_all = _pair_latents(adapter, n_pairs, seed)
+    named = checks.modules(modules)
+    for key, module in named.items():  # every layer and channel checked before any work
+        module_channels(adapter, module, f"module '{key}'")
+    z1_all, z2_all = pair_latents(adapter, n_pairs, seed)
 
     from cfmodules import latents as L
 
@@ -508,5 +507,5 @@ def classifier_robustness(
     result.info.update(seed=seed, n_pairs=n_pairs, top_k=top_k, outputs=outputs,
                        min_confidence=min_confidence,
                        labels="given" if labels is not None else "classifier on originals",
-                       module_channels={n: module_as_lists(m) for n, m in named.items()})
+                       module_channels=named)
     return result

@@ -1,26 +1,29 @@
 """Influence maps: how much each unit or module of a generator changes its output.
 
 :func:`influence_maps` computes the elementary influence maps (EIMs) of the channels of a
-layer, :func:`module_influence` the influence maps of modules (groups of channels of one or
-several layers), both as an :class:`~cfmodules.results.InfluenceResult`.
+layer, :func:`module_influence_maps` the influence maps of modules (groups of channels of
+one or several layers), both as an :class:`~cfmodules.influence.InfluenceResult`. Pairs
+of latents come from :func:`cfmodules.latents.pair_latents`.
 """
 
 from cfmodules.influence.maps import (
+    ALGORITHMS,
     DEFAULT_MAX_BATCH_BYTES,
     InfluenceProgress,
     InfluenceSettings,
     influence_maps,
-    module_influence,
-    pair_latents,
+    module_influence,  # deprecated alias of module_influence_maps
+    module_influence_maps,
+    pair_latents,  # deprecated: cfmodules.latents.pair_latents(adapter, n, seed, start)
 )
 from cfmodules.influence.result import InfluenceResult
 
 __all__ = [
     "influence_maps",
-    "module_influence",
-    "pair_latents",
+    "module_influence_maps",
     "InfluenceResult",
     "InfluenceSettings",
     "InfluenceProgress",
+    "ALGORITHMS",
     "DEFAULT_MAX_BATCH_BYTES",
 ]

@@ -32,17 +32,21 @@ from typing import Any
 
 import torch
 
+from cfmodules import checks
 from cfmodules import latents as L
+from cfmodules._deprecation import renamed_function, warn_renamed
 from cfmodules.adapter import ChannelSpec, GeneratorAdapter, channel_index
 from cfmodules.engine import Swaps, plan_swaps
-from cfmodules.errors import ChannelError, CheckpointError, ConfigError, GeneratorOutputError
-from cfmodules.hooks import resolve_layer, resolve_layers
+from cfmodules.errors import CheckpointError, ConfigError, GeneratorOutputError
+from cfmodules.hooks import resolve_layer
+from cfmodules.hybrid import module_channels
 from cfmodules.influence.checkpoint import load_checkpoint, model_fingerprint, save_checkpoint
 from cfmodules.influence.result import InfluenceResult
 from cfmodules.influence.stats import BlockSums, RunningStats
+from cfmodules.names import unit_name
 
-__all__ = ["InfluenceSettings", "InfluenceProgress", "influence_maps", "module_influence",
-           "pair_latents", "DEFAULT_MAX_BATCH_BYTES"]
+__all__ = ["InfluenceSettings", "InfluenceProgress", "influence_maps", "module_influence_maps",
+           "ALGORITHMS", "DEFAULT_MAX_BATCH_BYTES"]
 
 DEFAULT_MAX_BATCH_BYTES = {"cpu": 256 * 2**20, "cuda": 1024 * 2**20}
 """Default memory budget of one batch of hybrids per device type (other devices: CPU's).
@@ -57,7 +61,9 @@ _HYBRID_BATCH_BYTES = 32 * 2**20
 """On CPU, the batch of hybrid activations at the cut (reused buffers that every pass of
 the suffix reads) is kept this small so that it stays in the last-level cache: on the
 2-core benchmark machine (48 MiB L3) main.8 is ~10% faster at 32 MiB than at 64 MiB."""
-_METHODS = ("auto", "split", "hook")
+ALGORITHMS = ("auto", "split", "hook")
+"""How the hybrids are computed; all give the same maps up to float rounding (like
+scikit-learn's ``NearestNeighbors(algorithm=...)``)."""
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -77,7 +83,7 @@ class InfluenceSettings:
     target_stderr : float or None
         Stop after the first block at which the largest per-pixel standard error over all
         maps is at most this (same units as the images; at least 2 pairs are used).
-    method : str
+    algorithm : str
         ``"auto"`` (linear shortcut where exact, else prefix/suffix split), ``"split"``
         (never the shortcut) or ``"hook"`` (one full forward per unit with a replacing
         hook: the naive reference). All give the same maps up to float rounding.
@@ -89,7 +95,7 @@ class InfluenceSettings:
     seed: int = 0
     pairs_per_block: int = 32
     target_stderr: float | None = None
-    method: str = "auto"
+    algorithm: str = "auto"
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
@@ -108,8 +114,8 @@ class InfluenceSettings:
             raise ConfigError(
                 f"target_stderr must be a positive number or None, got {self.target_stderr!r}."
             )
-        if self.method not in _METHODS:
-            raise ConfigError(f"method must be one of {_METHODS}, got {self.method!r}.")
+        if self.algorithm not in ALGORITHMS:
+            raise ConfigError(f"algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}.")
         if self.dtype not in _DTYPES:
             raise ConfigError(
                 f"dtype must be one of {tuple(_DTYPES)} (or the torch dtype), got {self.dtype!r}."
@@ -155,10 +161,13 @@ def _dtype_name(dtype: torch.dtype | str | None) -> str:
 
 def pair_latents(adapter: GeneratorAdapter, seed: int, start: int, n: int
                  ) -> tuple[L.Latent, L.Latent]:
-    """Latents of pairs ``start .. start+n-1``: samples ``2p`` (z1) and ``2p+1`` (z2)."""
-    z = adapter.sample_latents(2 * n, seed=seed, start=2 * start)
-    even = torch.arange(0, 2 * n, 2)
-    return L.select(z, even), L.select(z, even + 1)
+    """Deprecated: use :func:`cfmodules.latents.pair_latents` ``(adapter, n, seed, start)``.
+
+    This old spelling takes ``(adapter, seed, start, n)``; it returns the same pairs.
+    """
+    warn_renamed("cfmodules.influence.pair_latents(adapter, seed, start, n)",
+                 "cfmodules.latents.pair_latents(adapter, n, seed, start)")
+    return L.pair_latents(adapter, n, seed, start)
 
 
 # ---------------------------------------------------------------------- runners
@@ -219,51 +228,20 @@ def _layer_units(adapter: GeneratorAdapter, layer: str, channels: ChannelSpec | 
     n = adapter.layer_channels(ref.name)
     idx = torch.arange(n) if channels is None else channel_index(channels, n, ref.name,
                                                                  allow_empty=False)
-    return ref.name, [_Unit(f"{ref.name}[{int(c)}]", {ref.name: idx[i:i + 1]})
+    return ref.name, [_Unit(unit_name(ref.name, c), {ref.name: idx[i:i + 1]})
                       for i, c in enumerate(idx)]
 
 
 def _module_units(adapter: GeneratorAdapter, modules: Any) -> list[_Unit]:
-    if isinstance(modules, Mapping) and modules and not any(
-        isinstance(v, Mapping) for v in modules.values()
-    ):
-        modules = [modules]  # one module {layer: channels}
-    if isinstance(modules, Mapping):
-        items = list(modules.items())
-    elif isinstance(modules, Sequence) and not isinstance(modules, str):
-        items = [(f"module {i}", m) for i, m in enumerate(modules)]
-    else:
-        raise ConfigError(
-            "modules must be a list of modules or a dict name -> module, where a module "
-            "maps layer names to channels, e.g. [{'main.8': [0, 5]}, {'main.5': [1]}]; got "
-            f"{type(modules).__name__}."
-        )
-    if not items:
-        raise ConfigError("No modules given; pass at least one {layer: channels} module.")
-    units = []
-    for name, module in items:
-        if not isinstance(module, Mapping) or not module:
-            raise ChannelError(
-                f"Module '{name}' has no channels; a module maps layer names to channel "
-                f"indices, e.g. {{'main.8': [0, 5, 9]}}, got {module!r}."
-            )
-        refs = resolve_layers(adapter.generator, list(module))
-        chans = {}
-        for ref in refs:
-            try:
-                chans[ref.name] = channel_index(module[ref.name],
-                                                adapter.layer_channels(ref.name), ref.name,
-                                                allow_empty=False)
-            except ChannelError as e:
-                raise ChannelError(f"Module '{name}': {e}") from e
-        units.append(_Unit(str(name), chans))
-    return units
+    named = checks.modules(modules, allow_empty=False, allow_single=True)
+    return [_Unit(name, module_channels(adapter, m, f"module '{name}'", allow_empty=False))
+            for name, m in named.items()]
 
 
-def _runners(adapter: GeneratorAdapter, units: list[_Unit], method: str
+def _runners(adapter: GeneratorAdapter, units: list[_Unit], algorithm: str
              ) -> list[tuple[_Runner, list[int]]]:
     """Group units by how the engine computes them; returns (runner, row indices)."""
-    planned = plan_swaps(adapter, [u.channels for u in units], method)
+    planned = plan_swaps(adapter, [u.channels for u in units], algorithm)
     return [(_Runner(swaps, [units[i] for i in rows]), rows) for swaps, rows in planned]
 
 
@@ -316,7 +294,7 @@ def _run(adapter: GeneratorAdapter, units: list[_Unit], settings: InfluenceSetti
         raise ConfigError(f"max_batch_bytes must be a positive integer, got {max_batch_bytes!r}.")
     if not (isinstance(checkpoint_every, (int, float)) and checkpoint_every >= 0):
         raise ConfigError(f"checkpoint_every must be seconds >= 0, got {checkpoint_every!r}.")
-    runners = _runners(adapter, units, settings.method)
+    runners = _runners(adapter, units, settings.algorithm)
     max_rows = _max_rows(adapter, runners, budget, torch.finfo(dtype).bits // 8)
     autocast = (torch.autocast("cuda", dtype=dtype) if dtype != torch.float32
                 else nullcontext())
@@ -369,7 +347,7 @@ def _run(adapter: GeneratorAdapter, units: list[_Unit], settings: InfluenceSetti
                         and max_stderr() <= settings.target_stderr):
                     break
                 n_p = min(settings.pairs_per_block, settings.n_pairs - n_done)
-                z1, z2 = pair_latents(adapter, settings.seed, n_done, n_p)
+                z1, z2 = L.pair_latents(adapter, n_p, settings.seed, n_done)
                 block = BlockSums(n_units)
                 for runner, rows in runners:
                     runner.begin_block(z1, z2, n_done)
@@ -465,6 +443,16 @@ def _find_non_finite(runner: _Runner, chunks: list[tuple[slice, slice]],
 
 
 # ---------------------------------------------------------------------- public API
+def _algorithm(algorithm: str, method: str | None) -> str:
+    """``algorithm``, or the deprecated ``method=`` keyword it replaced."""
+    if method is None:
+        return algorithm
+    warn_renamed("The method= argument of the influence functions",
+                 "algorithm= (method means the clustering method: 'nmf' or 'kmeans')",
+                 stacklevel=3)
+    return method
+
+
 def influence_maps(
     adapter: GeneratorAdapter,
     layer: str,
@@ -474,13 +462,14 @@ def influence_maps(
     seed: int = 0,
     pairs_per_block: int = 32,
     target_stderr: float | None = None,
-    method: str = "auto",
+    algorithm: str = "auto",
     dtype: torch.dtype | str | None = None,
     max_batch_bytes: int | None = None,
     progress: bool = True,
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: float = 60.0,
     callback: Callable[[InfluenceProgress], Any] | None = None,
+    method: str | None = None,
 ) -> InfluenceResult:
     """Elementary influence maps (EIMs) of the channels of one layer (sec. 3.3-3.4, eq. 2).
 
@@ -502,11 +491,12 @@ def influence_maps(
         Stop early, after the first block where the largest per-pixel standard error over
         all maps is <= this value (in image units), with at least 2 pairs. ``n_pairs`` is
         then the maximum.
-    method : {"auto", "split", "hook"}, default "auto"
-        ``"auto"`` uses the linear shortcut when the layer feeds only a Conv /
+    algorithm : {"auto", "split", "hook"}, default "auto"
+        How the hybrids are computed (the maps do not depend on it). ``"auto"`` uses the linear shortcut when the layer feeds only a Conv /
         ConvTranspose / Linear (+ eval BatchNorm), else the prefix/suffix split;
         ``"split"`` never uses the shortcut; ``"hook"`` runs one full forward per channel
         with a replacing hook (the naive reference). Same maps up to float rounding.
+        (Called ``method`` before 0.2; ``method=`` still works with a DeprecationWarning.)
     dtype : torch.dtype or str, optional
         float32 (default); bfloat16 / float16 run the generator under CUDA autocast
         (CUDA only, statistics stay float64).
@@ -538,14 +528,15 @@ def influence_maps(
     LayerNotFoundError, ChannelError, ConfigError, GeneratorOutputError, CheckpointError
     """
     settings = InfluenceSettings(n_pairs=n_pairs, seed=seed, pairs_per_block=pairs_per_block,
-                                 target_stderr=target_stderr, method=method,
+                                 target_stderr=target_stderr,
+                                 algorithm=_algorithm(algorithm, method),
                                  dtype=_dtype_name(dtype))
     name, units = _layer_units(_checked(adapter), layer, channels)
     return _run(adapter, units, settings, name, max_batch_bytes, progress, checkpoint,
                 checkpoint_every, callback)
 
 
-def module_influence(
+def module_influence_maps(
     adapter: GeneratorAdapter,
     modules: Sequence[Mapping[str, ChannelSpec]] | Mapping[str, Any],
     *,
@@ -553,13 +544,14 @@ def module_influence(
     seed: int = 0,
     pairs_per_block: int = 32,
     target_stderr: float | None = None,
-    method: str = "auto",
+    algorithm: str = "auto",
     dtype: torch.dtype | str | None = None,
     max_batch_bytes: int | None = None,
     progress: bool = True,
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: float = 60.0,
     callback: Callable[[InfluenceProgress], Any] | None = None,
+    method: str | None = None,
 ) -> InfluenceResult:
     """Influence maps of modules: groups of channels of one or several layers (eq. 2).
 
@@ -571,7 +563,7 @@ def module_influence(
         for two successive layers, ``{"main.5": [3], "main.8": [0, 5]}``. All channels of
         a module are swapped together (each layer takes Original 2's unintervened values,
         as in :func:`cfmodules.hybridize`).
-    n_pairs, seed, pairs_per_block, target_stderr, method, dtype, max_batch_bytes, progress, checkpoint, checkpoint_every, callback
+    n_pairs, seed, pairs_per_block, target_stderr, algorithm, dtype, max_batch_bytes, progress, checkpoint, checkpoint_every, callback
         As in :func:`influence_maps`. Single-layer modules use the prefix/suffix split
         (and the linear shortcut); multi-layer modules one full forward per module.
 
@@ -581,8 +573,13 @@ def module_influence(
         One row per module, named by the dict keys (or ``"module i"``).
     """
     settings = InfluenceSettings(n_pairs=n_pairs, seed=seed, pairs_per_block=pairs_per_block,
-                                 target_stderr=target_stderr, method=method,
+                                 target_stderr=target_stderr,
+                                 algorithm=_algorithm(algorithm, method),
                                  dtype=_dtype_name(dtype))
     units = _module_units(_checked(adapter), modules)
     return _run(adapter, units, settings, None, max_batch_bytes, progress, checkpoint,
                 checkpoint_every, callback)
+
+
+module_influence = renamed_function(module_influence_maps, "cfmodules.influence.module_influence",
+                                    "cfmodules.influence.module_influence_maps")

@@ -19,6 +19,7 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 from sklearn.utils import check_random_state
 
+from cfmodules._deprecation import warn_renamed
 from cfmodules.errors import ConfigError, ShapeError
 from cfmodules.modules.clustering import METHODS, cluster_features
 from cfmodules.modules.preprocess import (
@@ -200,7 +201,7 @@ class StabilityResult:
                              f"shape (n_methods, n_k, n_repeats) with (n_methods, n_k) = {want}.")
         return cls(ks, methods, cons, cos, dict(settings))
 
-    def table(self) -> str:
+    def to_text(self) -> str:
         """The mean +- std of both metrics as a text table, one row per K."""
         head = "   K  " + "  ".join(f"{m + ' consistency':>22}  {m + ' cosine':>18}"
                                      for m in self.methods)
@@ -214,10 +215,15 @@ class StabilityResult:
             lines.append(f"{int(k):>4}  {cells}")
         return "\n".join(lines)
 
+    def table(self) -> str:
+        """Deprecated alias of :meth:`to_text`."""
+        warn_renamed("StabilityResult.table()", "StabilityResult.to_text()")
+        return self.to_text()
+
     def __repr__(self) -> str:
         n_rep = self.consistency.shape[-1]
         return (f"StabilityResult(ks={[int(k) for k in self.ks]}, methods={list(self.methods)}, "
-                f"n_repeats={n_rep})\n{self.table()}")
+                f"n_repeats={n_rep})\n{self.to_text()}")
 
 
 def suggest_k(result: StabilityResult, method: str = "nmf", tolerance: float = 0.02) -> int:
