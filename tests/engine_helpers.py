@@ -42,12 +42,11 @@ class ConditionalDCGAN(nn.Module):
         )
 
     def forward(self, noise: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        noise = noise.squeeze()
-        if noise.dim() == 1:
-            noise = noise.unsqueeze(0)
-        batch = noise.shape[0]
-        x = torch.cat([noise, labels], 1)
-        return self.main(x.view(batch, -1, 1, 1))
+        z = noise.squeeze()
+        if z.dim() == 1:  # a batch of one was squeezed to a vector
+            z = z[None]
+        x = torch.cat((z, labels), dim=1)
+        return self.main(x.view(x.size(0), -1, 1, 1))
 
 
 class DictOut(nn.Module):

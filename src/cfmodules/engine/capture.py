@@ -367,7 +367,7 @@ def trace_partial(adapter, ref: LayerRef, where: str, args: tuple, kwargs: dict 
     names, tensors, frozen, var = _bind(module, args, kwargs)
     if not tensors:
         raise CaptureFailed("it takes no tensor input")
-    leaf = "gen." + ref.path[len(where) + 1:]
+    leaf = "gen." + (ref.path[len(where) + 1:] if where else ref.path)
     with adapter.eval_mode():
         gm = _trace(_Call(module, tuple(names), frozen, var), leaf, len(tensors))
     gm = _reroot(gm, where)
@@ -442,9 +442,9 @@ def capture_layer(adapter, ref: LayerRef) -> tuple[Capture | None, list[Attempt]
     for where in containers:
         label = where or "(the generator)"
         calls = probe.calls[where]
-        if found:  # M's output is the output: its suffix is the whole graph's
-            attempts.append(Attempt("partial", label, "not tried: the whole forward is "
-                                    "captured, and a submodule's suffix cannot be cheaper"))
+        if found:  # M's output is the output: its suffix is the outer capture's
+            attempts.append(Attempt("partial", label, "not tried: an outer capture works "
+                                    "and this one's suffix would be the same"))
             continue
         try:
             if len(calls) != 1:

@@ -102,22 +102,27 @@ def fingerprint(adapter) -> tuple[tuple, tuple]:  # noqa: ANN001 - GeneratorAdap
     return tuple(structure), tuple(weights)
 
 
-def _refs_alive(gen: nn.Module, gm: fx.GraphModule) -> bool:
-    """Whether every module and attribute ``gm`` refers to is still the generator's."""
+def graph_refs(gm: fx.GraphModule) -> tuple[tuple[str, str, Any], ...]:
+    """The generator's modules and attributes ``gm`` refers to: ``(op, target, object)``."""
+    refs = {}
     for node in gm.graph.nodes:
-        if node.op not in ("call_module", "get_attr"):
-            continue
         target = str(node.target)
-        if target.startswith("_cfmodules_"):
-            continue
-        try:
-            now = (gen.get_submodule(target) if node.op == "call_module"
-                   else _getattr_path(gen, target))
-            was = (gm.get_submodule(target) if node.op == "call_module"
-                   else _getattr_path(gm, target))
-        except AttributeError:
-            return False
-        if now is not was:
+        if node.op in ("call_module", "get_attr") and not target.startswith("_cfmodules_"):
+            refs[(node.op, target)] = (gm.get_submodule(target) if node.op == "call_module"
+                                       else _getattr_path(gm, target))
+    return tuple((op, t, obj) for (op, t), obj in refs.items())
+
+
+def _refs_alive(gen: nn.Module, refs: tuple[tuple[str, str, Any], ...],
+                modules: dict[str, nn.Module]) -> bool:
+    """Whether every module and attribute in ``refs`` is still the generator's."""
+    for op, target, obj in refs:
+        if op == "call_module":
+            now = modules.get(target)
+        else:
+            owner, _, attr = target.rpartition(".")
+            now = getattr(modules.get(owner), attr, None)
+        if now is not obj:
             return False
     return True
 
@@ -215,7 +220,7 @@ class _Entry:
     capture: Capture | None
     attempts: tuple[Attempt, ...]
     reason: str
-    graphs: list[fx.GraphModule] = field(default_factory=list)
+    refs: list[tuple] = field(default_factory=list)  # graph_refs of its captures
 
 
 class Engine:
@@ -243,9 +248,11 @@ class Engine:
     def check(self) -> None:
         """Drop captures the generator no longer matches; note weight changes."""
         structure, weights = fingerprint(self.adapter)
-        stale = structure != self._structure or any(
-            not _refs_alive(self.adapter.generator, g)
-            for e in self._entries.values() for g in e.graphs)
+        stale = structure != self._structure
+        if not stale and self._entries:
+            modules = dict(self.adapter.generator.named_modules())
+            stale = any(not _refs_alive(self.adapter.generator, r, modules)
+                        for e in self._entries.values() for r in e.refs)
         if stale:
             if self._entries:
                 self.generation += 1
@@ -295,12 +302,12 @@ class Engine:
         elif capture.kind == "graph":
             entry = _Entry(capture.split, "split", capture, tuple(attempts),
                            "the whole forward is captured as a graph; only what follows the "
-                           "layer runs per hybrid", [capture.graph])
+                           "layer runs per hybrid", [graph_refs(capture.graph)])
         else:
             entry = _Entry(PartialSplit(ad, ref, capture), "partial", capture, tuple(attempts),
                            f"the forward runs up to '{capture.where}' (whose output is the "
                            "generator's) once per batch; its graph runs what follows the "
-                           "layer per hybrid", [capture.graph])
+                           "layer per hybrid", [graph_refs(capture.graph)])
         self._entries[ref.name] = entry
         return entry
 
