@@ -284,15 +284,19 @@ def test_biggan_two_layer_modules_from_joint_labels(ad) -> None:
     g = ad.generator
     conv_1, conv_2 = biggan.gblock_layers(g, 4)  # 16 channels each
     labels = [0] * 8 + [1] * 8 + [1] * 4 + [0] * 12
-    mods = biggan.two_layer_modules(g, 4, labels)
+    from cfmodules.modules import modules_from_labels
+
+    mods = modules_from_labels(labels, {conv_1: 16, conv_2: 16})
+    with pytest.warns(DeprecationWarning, match="modules_from_labels"):
+        assert biggan.two_layer_modules(g, 4, labels) == mods
     assert mods == [
         {conv_1: list(range(8)), conv_2: list(range(4, 16))},
         {conv_1: list(range(8, 16)), conv_2: list(range(4))},
     ]
-    one_layer = biggan.two_layer_modules(g, 4, [0] * 16 + [1] * 16)
+    one_layer = modules_from_labels([0] * 16 + [1] * 16, {conv_1: 16, conv_2: 16})
     assert one_layer == [{conv_1: list(range(16))}, {conv_2: list(range(16))}]
-    with pytest.raises(ShapeError, match="16 \\+ 16"):
-        biggan.two_layer_modules(g, 4, labels[:-1])
+    with pytest.raises(ShapeError, match="31 labels but 32 units"):
+        modules_from_labels(labels[:-1], {conv_1: 16, conv_2: 16})
 
 
 def test_biggan_docs_example_runs() -> None:

@@ -17,7 +17,7 @@ import torch
 from cfmodules import hybridize
 from cfmodules.errors import LayerCallError
 from cfmodules.influence import influence_maps, module_influence_maps
-from cfmodules.modules import ModuleClustering
+from cfmodules.modules import ModuleClustering, modules_from_labels
 from cfmodules.zoo import biggan
 from families_helpers import run_doc_blocks
 
@@ -39,7 +39,7 @@ def run():
     maps_b = influence_maps(adapter, layer_b, n_pairs=4, seed=0, progress=False)
     joint = np.concatenate([maps_a.maps, maps_b.maps])  # conv_1's channels first
     clustering = ModuleClustering(n_modules=2, method="nmf", random_state=0).fit(joint)
-    modules = biggan.two_layer_modules(g, BLOCK, clustering.labels_)
+    modules = modules_from_labels(clustering.labels_, {layer_a: len(maps_a), layer_b: len(maps_b)})
     koala = biggan.class_latents(adapter, biggan.KOALA, 3, seed=0)
     teddy = biggan.class_latents(adapter, biggan.TEDDY, 3, seed=1)
     hybrids = [hybridize(adapter, koala, teddy, m) for m in modules]

@@ -13,7 +13,8 @@ from torch import nn
 
 from cfmodules import GeneratorAdapter
 from cfmodules.engine import Explanation
-from cfmodules.engine.split import FxSplit, HookSplit
+from cfmodules.engine.split import FxSplit
+from cfmodules.errors import NondeterministicForwardError
 from cfmodules.hybrid import hybridize
 from cfmodules.influence import influence_maps
 from conftest import no_hooks_left
@@ -119,9 +120,13 @@ def test_generator_that_draws_its_own_noise_is_not_captured():
             h = self.act(self.up(z))
             return h + torch.randn_like(h)
 
-    ad = GeneratorAdapter(init(Noisy(), 0), (4, 1, 1))
-    ex = ad.explain("up")
-    assert ex.path == "hook" and "differs" in ex.attempts[0].error
+    with pytest.raises(NondeterministicForwardError):
+        GeneratorAdapter(init(Noisy(), 0), (4, 1, 1)).explain("up")
+    ad = GeneratorAdapter(init(Noisy(), 0), (4, 1, 1), noise="per-sample")
+    ex = ad.explain("act")
+    assert ex.path == "hook" and "noise='per-sample'" in ex.reason and not ex.attempts
+    z1, z2 = ad.sample_latents(3, seed=1), ad.sample_latents(3, seed=2)
+    torch.testing.assert_close(hybridize(ad, z1, z2, {"act": []}), ad.generate(z1))
 
 
 def test_hook_fallback_warns_once_with_reason_and_cost():

@@ -14,6 +14,7 @@ from cfmodules.modules import (
     ModuleClustering,
     match_labels,
     module_sizes,
+    modules_from_labels,
     preprocess,
 )
 from modules_helpers import block_maps
@@ -191,7 +192,23 @@ def test_module_sizes():
         module_sizes(np.array([0.5, 1.0]))
 
 
-def test_to_modules():
+def test_modules_from_labels_for_one_layer_several_layers_and_explicit_units():
+    labels = np.array([1, 0, 1, 2, 0])
+    assert modules_from_labels(labels, "a") == [{"a": [1, 4]}, {"a": [0, 2]}, {"a": [3]}]
+    assert modules_from_labels(labels, {"a": 2, "b": 3}) == [
+        {"a": [1], "b": [2]}, {"a": [0], "b": [0]}, {"b": [1]}]
+    units = [("a", 7), ("a", 3), ("b", 0), ("b", 5), ("a", 1)]
+    assert modules_from_labels(labels, units, n_modules=4) == [
+        {"a": [3, 1]}, {"a": [7], "b": [0]}, {"b": [5]}, {}]
+    got = modules_from_labels(np.array([0, 0], dtype=np.int32), "x")
+    assert all(type(c) is int for c in got[0]["x"])  # JSON-ready
+    with pytest.raises(ShapeError, match="5 labels but 4 units"):
+        modules_from_labels(labels, {"a": 4})
+    with pytest.raises(ConfigError, match="n_modules"):
+        modules_from_labels(labels, "a", n_modules=2)
+
+
+def test_to_modules_is_a_deprecated_spelling_of_modules_from_labels():
     maps, _ = block_maps((2, 3), shape=(4, 6))
 
     class Result:
@@ -199,13 +216,14 @@ def test_to_modules():
             self.maps, self.layer = maps, "main.8"
 
     clust = ModuleClustering(2, random_state=0)
-    with pytest.raises(NotFittedError):
+    with pytest.raises(NotFittedError), pytest.warns(DeprecationWarning):
         clust.to_modules()
-    mods = clust.fit(Result(maps)).to_modules()
+    clust.fit(Result(maps))
+    with pytest.warns(DeprecationWarning, match="modules_from_labels"):
+        mods = clust.to_modules()
+    assert mods == modules_from_labels(clust.labels_, "main.8")
     assert mods == [{"main.8": clust.modules_[k].tolist()} for k in range(2)]
-    assert all(isinstance(c, int) for m in mods for c in m["main.8"])
-    assert clust.to_modules("x")[0] == {"x": clust.modules_[0].tolist()}
-    with pytest.raises(ConfigError, match="no layer name"):
+    with pytest.raises(ConfigError, match="no layer name"), pytest.warns(DeprecationWarning):
         ModuleClustering(2, random_state=0).fit(maps).to_modules()
 
 

@@ -79,7 +79,7 @@ def naive_protocol(maps, k, method, random_state, repeat=0, n_init=2):
 def test_protocol_matches_a_naive_implementation(method):
     maps, _ = block_maps((5, 6, 7), shape=(8, 9), seed=2, noise=0.8)
     res = cluster_stability(maps, ks=[2, 3, 4], methods=[method], n_repeats=2, n_init=2,
-                            random_state=3)
+                            seed=3)
     for j, k in enumerate([2, 3, 4]):
         for r in range(2):
             cons, cos = naive_protocol(maps, k, method, 3, repeat=r)
@@ -90,7 +90,7 @@ def test_protocol_matches_a_naive_implementation(method):
 
 def test_stable_at_true_k_and_result_shapes():
     maps, _ = block_maps((8, 8, 8), shape=(8, 12), seed=0, noise=0.1)
-    res = cluster_stability(maps, ks=range(2, 6), n_repeats=6, random_state=0)
+    res = cluster_stability(maps, ks=range(2, 6), n_repeats=6, seed=0)
     assert res.methods == ("nmf", "kmeans")
     assert res.ks.tolist() == [2, 3, 4, 5]
     assert res.consistency.shape == res.cosine.shape == (2, 4, 6)
@@ -108,20 +108,23 @@ def test_stable_at_true_k_and_result_shapes():
 
 def test_deterministic_and_methods_independent():
     maps, _ = block_maps((4, 5, 6), shape=(6, 9), seed=4, noise=0.5)
-    both = cluster_stability(maps, ks=[2, 3], n_repeats=3, random_state=5)
-    again = cluster_stability(maps, ks=[2, 3], n_repeats=3, random_state=5)
-    alone = cluster_stability(maps, ks=[2, 3], methods=["kmeans"], n_repeats=3, random_state=5)
+    both = cluster_stability(maps, ks=[2, 3], n_repeats=3, seed=5)
+    again = cluster_stability(maps, ks=[2, 3], n_repeats=3, seed=5)
+    alone = cluster_stability(maps, ks=[2, 3], methods=["kmeans"], n_repeats=3, seed=5)
     assert np.array_equal(both.consistency, again.consistency)
     assert np.array_equal(both.cosine, again.cosine)
     # a method's curve is the same whether or not the other method ran beside it
     assert np.array_equal(alone.consistency[0], both.consistency[1])
-    other = cluster_stability(maps, ks=[2, 3], n_repeats=3, random_state=6)
+    other = cluster_stability(maps, ks=[2, 3], n_repeats=3, seed=6)
+    with pytest.warns(DeprecationWarning, match="seed="):
+        old = cluster_stability(maps, ks=[2, 3], n_repeats=3, random_state=5)
+    np.testing.assert_array_equal(old.consistency, both.consistency)
     assert not np.array_equal(other.cosine, both.cosine)
 
 
 def test_to_dict_roundtrip_without_pickle(tmp_path):
     maps, _ = block_maps((4, 4, 4), shape=(6, 6))
-    res = cluster_stability(maps, ks=[2, 3], n_repeats=2, window=(1, 3), random_state=0)
+    res = cluster_stability(maps, ks=[2, 3], n_repeats=2, window=(1, 3), seed=0)
     d = res.to_dict()
     path = tmp_path / "stab.npz"
     np.savez(path, **{k: v for k, v in d.items() if k != "settings"},

@@ -163,6 +163,30 @@ def test_result_roundtrip_and_plain_numpy(tmp_path, planted):
         assert [str(x) for x in f["unit_layer"][:2]] == ["main.3", "main.3"]
 
 
+def test_every_field_round_trips_through_the_file(tmp_path):
+    """save/load/to_dict walk the dataclass fields: a field added later is saved too."""
+    import dataclasses
+
+    r = fake_result()
+    back = AnalysisResult.load(r.save(tmp_path / "r.npz"))
+    for f in dataclasses.fields(AnalysisResult):
+        a, b = getattr(r, f.name), getattr(back, f.name)
+        if isinstance(a, np.ndarray):
+            np.testing.assert_array_equal(a, b)
+            assert a.dtype.kind == b.dtype.kind, f.name
+        elif f.name == "stability":
+            assert a.to_dict().keys() == b.to_dict().keys()
+            np.testing.assert_array_equal(a.cosine, b.cosine)
+        else:
+            assert a == b, f.name
+    assert back.to_text() == str(back) == repr(back) == r.to_text()
+    d = r.to_dict()
+    assert {f.name for f in dataclasses.fields(AnalysisResult)} <= set(d)
+    assert d["modules"] == r.modules and d["module_names"] == r.module_names
+    no_sweep = fake_result(stability=False)
+    assert AnalysisResult.load(no_sweep.save(tmp_path / "n.npz")).stability is None
+
+
 def test_load_rejects_other_files(tmp_path):
     other = write_npz(tmp_path / "eim.npz", {"maps": np.zeros((1, 2, 2))}, {"kind": "influence"})
     with pytest.raises(ResultFileError, match="not 'analysis'"):

@@ -19,21 +19,30 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
 from cfmodules.adapter import GeneratorAdapter
-from cfmodules.errors import ConfigError, ResultFileError, ShapeError, did_you_mean
+from cfmodules.errors import ConfigError, ShapeError, did_you_mean
 from cfmodules.hybrid import hybridize
+from cfmodules.images import as_uint8
 from cfmodules.influence.distributed import distributed_influence_maps, world
 from cfmodules.names import module_name, unit_name
+from cfmodules.results import Result
 
 __all__ = [
     "AnalysisSettings",
     "AnalysisResult",
+    "UnitMaps",
     "analyze",
+    "check_layers",
+    "sample_images",
+    "unit_influence_maps",
+    "cluster_maps",
+    "module_maps",
+    "stability_sweep",
     "make_hybrids",
     "default_layer",
     "template_location",
@@ -141,9 +150,25 @@ def _settings(settings: AnalysisSettings | None, overrides: Mapping[str, Any]) -
 
 
 # ---------------------------------------------------------------------- result
-@dataclass
-class AnalysisResult:
-    """Everything one analysis computed (maps, modules, stability, images, timings).
+def _array(dtype: Any) -> Any:
+    """A field holding an array, stored in the file with ``dtype``."""
+    return field(metadata={"dtype": dtype})
+
+
+def _stability_from_dict(data: Mapping[str, Any]) -> Any:
+    from cfmodules.modules import StabilityResult
+
+    return StabilityResult.from_dict(data)
+
+
+@dataclass(repr=False)
+class AnalysisResult(Result):
+    """Everything one analysis computed: what was analysed, the numbers, images for display.
+
+    The fields below are the whole content, listed once: ``to_dict``, ``save`` and ``load``
+    (:class:`cfmodules.results.Result`) walk them, so the file holds exactly these (plus the
+    derived ``influence``, ``module_influence``, ``module_sizes``, ``modules``,
+    ``module_names`` and ``suggested_k`` for readers with numpy only).
 
     Attributes
     ----------
@@ -191,24 +216,32 @@ class AnalysisResult:
         ISO date and time of the run.
     """
 
+    kind: ClassVar[str] = KIND
+    nested: ClassVar[tuple[str, ...]] = ("stability",)
+    compress: ClassVar[bool] = True
+
+    # what was analysed, and how
     model: str
     model_spec: str
     layers: list[str]
-    settings: AnalysisSettings
-    maps: np.ndarray
-    stderr: np.ndarray
-    unit_layer: np.ndarray
-    unit_channel: np.ndarray
-    labels: np.ndarray
-    templates: np.ndarray
-    weights: np.ndarray
-    module_maps: np.ndarray
-    stability: Any | None
-    samples: np.ndarray
-    mean_image: np.ndarray
-    original1: np.ndarray
-    original2: np.ndarray
-    hybrids: np.ndarray
+    settings: AnalysisSettings = field(metadata={"from_dict": AnalysisSettings.from_dict})
+    # the numbers
+    maps: np.ndarray = _array(np.float32)
+    stderr: np.ndarray = _array(np.float32)
+    unit_layer: np.ndarray = _array(str)
+    unit_channel: np.ndarray = _array(np.int64)
+    labels: np.ndarray = _array(np.int64)
+    templates: np.ndarray = _array(np.float64)
+    weights: np.ndarray = _array(np.float64)
+    module_maps: np.ndarray = _array(np.float32)
+    stability: Any | None = field(metadata={"from_dict": _stability_from_dict})
+    # images for display
+    samples: np.ndarray = _array(np.uint8)
+    mean_image: np.ndarray = _array(np.float32)
+    original1: np.ndarray = _array(np.uint8)
+    original2: np.ndarray = _array(np.uint8)
+    hybrids: np.ndarray = _array(np.uint8)
+    # the run
     timings: dict[str, float] = field(default_factory=dict)
     model_options: dict[str, Any] = field(default_factory=dict)
     version: str = ""
@@ -223,16 +256,10 @@ class AnalysisResult:
     @property
     def modules(self) -> list[dict[str, list[int]]]:
         """The channels of each module, ``{layer: [channels]}``, ready for ``hybridize``."""
-        out = []
-        for k in range(self.n_modules):
-            rows = np.flatnonzero(self.labels == k)
-            module: dict[str, list[int]] = {}
-            for layer in self.layers:
-                chans = [int(self.unit_channel[r]) for r in rows if self.unit_layer[r] == layer]
-                if chans:
-                    module[layer] = chans
-            out.append(module)
-        return out
+        from cfmodules.modules import modules_from_labels
+
+        return modules_from_labels(self.labels, list(zip(self.unit_layer, self.unit_channel)),
+                                   self.n_modules)
 
     @property
     def module_sizes(self) -> np.ndarray:
@@ -273,85 +300,20 @@ class AnalysisResult:
             m = self.stability.methods[0]
         return int(self.stability.suggest_k(m))
 
-    # ------------------------------------------------------------------ files
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write everything to one ``.npz`` file (arrays + JSON header, no pickle).
-
-        See ``docs/file_format.md``; ``numpy.load(path, allow_pickle=False)`` opens it.
-        """
-        from cfmodules.results import write_npz
-
-        arrays: dict[str, np.ndarray] = {
-            "maps": self.maps.astype(np.float32),
-            "stderr": self.stderr.astype(np.float32),
+    # ------------------------------------------------------------------ dict, file, text
+    def _derived(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
             "influence": self.influence.astype(np.float32),
-            "unit_layer": np.asarray(self.unit_layer, dtype=str),
-            "unit_channel": np.asarray(self.unit_channel, dtype=np.int64),
-            "labels": np.asarray(self.labels, dtype=np.int64),
-            "templates": np.asarray(self.templates, dtype=np.float64),
-            "weights": np.asarray(self.weights, dtype=np.float64),
-            "module_maps": self.module_maps.astype(np.float32),
             "module_influence": self.module_influence.astype(np.float32),
             "module_sizes": self.module_sizes.astype(np.int64),
-            "samples": self.samples, "mean_image": self.mean_image.astype(np.float32),
-            "original1": self.original1, "original2": self.original2,
-            "hybrids": self.hybrids,
-        }
-        header: dict[str, Any] = {
-            "kind": KIND, "model": self.model, "model_spec": self.model_spec,
-            "layers": list(self.layers), "settings": self.settings.to_dict(),
             "modules": self.modules, "module_names": self.module_names,
-            "timings": {k: round(float(v), 3) for k, v in self.timings.items()},
-            "created": self.created, "model_options": self.model_options,
         }
-        if self.version:
-            header["version"] = self.version
         if self.stability is not None:
-            st = self.stability.to_dict()
-            arrays["stability_ks"] = st["ks"]
-            arrays["stability_methods"] = st["methods"]
-            arrays["stability_consistency"] = st["consistency"]
-            arrays["stability_cosine"] = st["cosine"]
-            header["stability_settings"] = st["settings"]
-            header["suggested_k"] = self.suggested_k()
-        return write_npz(path, arrays, header, compress=True)
+            out["suggested_k"] = self.suggested_k()
+        return out
 
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> AnalysisResult:
-        """Read a file written by :meth:`save` (raises ResultFileError if it is not one)."""
-        from cfmodules.modules import StabilityResult
-        from cfmodules.results import read_npz
-
-        arrays, header = read_npz(path, kind=KIND)
-        try:
-            stability = None
-            if "stability_ks" in arrays:
-                stability = StabilityResult.from_dict({
-                    "ks": arrays["stability_ks"], "methods": arrays["stability_methods"],
-                    "consistency": arrays["stability_consistency"],
-                    "cosine": arrays["stability_cosine"],
-                    "settings": header.get("stability_settings", {}),
-                })
-            return cls(
-                model=header["model"], model_spec=header.get("model_spec", header["model"]),
-                layers=list(header["layers"]),
-                settings=AnalysisSettings.from_dict(header.get("settings", {})),
-                maps=arrays["maps"], stderr=arrays["stderr"],
-                unit_layer=arrays["unit_layer"], unit_channel=arrays["unit_channel"],
-                labels=arrays["labels"], templates=arrays["templates"],
-                weights=arrays["weights"], module_maps=arrays["module_maps"],
-                stability=stability, samples=arrays["samples"],
-                mean_image=arrays["mean_image"], original1=arrays["original1"],
-                original2=arrays["original2"], hybrids=arrays["hybrids"],
-                timings=dict(header.get("timings", {})),
-                model_options=dict(header.get("model_options", {})), version=header.get("version", ""),
-                created=header.get("created", ""),
-            )
-        except (KeyError, ConfigError, ShapeError, TypeError) as e:
-            raise ResultFileError(f"'{path}' is an incomplete analysis result: missing or bad "
-                                  f"{e}.") from e
-
-    def __repr__(self) -> str:
+    def to_text(self) -> str:
+        """The analysis in a few lines: units, K, each module's size and influence."""
         c, h, w = self.maps.shape
         lines = [f"AnalysisResult(model={self.model!r}, layers={self.layers}, {c} units, "
                  f"maps {h}x{w}, n_pairs={self.settings.n_pairs}, "
@@ -365,6 +327,9 @@ class AnalysisResult:
         if self.timings:
             lines.append(f"  total {sum(self.timings.values()):.1f} s")
         return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return self.to_text()
 
 
 # ---------------------------------------------------------------------- helpers
@@ -442,11 +407,8 @@ def default_layer(adapter: GeneratorAdapter) -> str:
 
 
 def _display(adapter: GeneratorAdapter, images: torch.Tensor) -> np.ndarray:
-    """Images -> uint8 (N, C, H, W) for display (at most 3 colour channels kept)."""
-    unit = adapter.to_unit(images.detach().float()).cpu()
-    if unit.shape[1] > 3:
-        unit = unit[:, :3]
-    return (unit * 255).round().clamp(0, 255).to(torch.uint8).numpy()
+    """Images in the adapter's output range -> uint8 (N, C, H, W) for display."""
+    return as_uint8(adapter.to_unit(images.detach().float()))
 
 
 def make_hybrids(
@@ -458,8 +420,8 @@ def make_hybrids(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Hybrids of new pairs for each module, as display images.
 
-    Pair ``i`` is samples ``2(start + i)`` (Original 1) and ``2(start + i) + 1``
-    (Original 2) of the latent stream ``seed``.
+    Pair ``i`` is pair ``start + i`` of :func:`cfmodules.latents.pair_latents`: samples
+    ``2(start + i)`` (Original 1) and ``2(start + i) + 1`` (Original 2) of the stream ``seed``.
 
     Parameters
     ----------
@@ -503,6 +465,129 @@ class _Steps:
         return out
 
 
+# ---------------------------------------------------------------------- the steps
+@dataclass(frozen=True)
+class UnitMaps:
+    """The elementary influence maps of the units of one or several layers, stacked.
+
+    Attributes
+    ----------
+    maps, stderr : ndarray (C, H, W) float32
+    unit_layer : ndarray (C,) of str
+    unit_channel : ndarray (C,) of int64
+    """
+
+    maps: np.ndarray
+    stderr: np.ndarray
+    unit_layer: np.ndarray
+    unit_channel: np.ndarray
+
+
+def check_layers(adapter: GeneratorAdapter, layers: str | Sequence[str] | None,
+                 settings: AnalysisSettings) -> list[str]:
+    """The layer names an analysis will use, checked against the generator and the settings.
+
+    Raises
+    ------
+    LayerNotFoundError, ConfigError
+        A bad name, a repeated layer, or more modules (or sweep Ks) than units.
+    """
+    from cfmodules.hooks import resolve_layers
+
+    if layers is None:
+        layers = default_layer(adapter)
+    names = [layers] if isinstance(layers, str) else list(layers)
+    if not names or len(set(names)) != len(names):
+        raise ConfigError(f"Give one layer, or several distinct layers, got {layers!r}.")
+    names = [r.name for r in resolve_layers(adapter.generator, names)]
+    n_units = sum(adapter.layer_channels(la) for la in names)
+    if settings.n_modules > n_units:
+        raise ConfigError(f"K={settings.n_modules} modules is more than the {n_units} channels "
+                          f"of {' and '.join(names)}; use n_modules (--k) <= {n_units}.")
+    if settings.stability_ks and max(settings.stability_ks) > 2 * (n_units // 3):
+        raise ConfigError(
+            f"The stability sweep goes up to K={max(settings.stability_ks)}, more than the "
+            f"{2 * (n_units // 3)} channels of a two-thirds subset; use smaller Ks.")
+    return names
+
+
+def sample_images(adapter: GeneratorAdapter, settings: AnalysisSettings
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Samples of the model for display, and the mean image the templates are drawn over.
+
+    Returns
+    -------
+    samples : ndarray (n_samples, C, H, W) uint8
+    mean_image : ndarray (C, H, W) float32 in [0, 1]
+        Mean of the first ``max(n_samples, 64)`` samples of the stream ``seed``.
+    """
+    images = adapter.generate(adapter.sample_latents(max(settings.n_samples, 64),
+                                                     seed=settings.seed), batch_size=64)
+    display = _display(adapter, images)
+    return display[:settings.n_samples], display.astype(np.float32).mean(axis=0) / 255.0
+
+
+def unit_influence_maps(adapter: GeneratorAdapter, layers: Sequence[str],
+                        settings: AnalysisSettings, *, checkpoint_dir: Path | None = None,
+                        progress: bool = True) -> UnitMaps | None:
+    """The EIMs of every channel of ``layers``, stacked in layer order (eq. 2).
+
+    Under ``torch.distributed`` the channels are sharded across ranks; rank 0 gets the
+    maps and the other ranks None.
+    """
+    rank, _ = world()
+    results = []
+    for layer in layers:
+        path = None
+        if checkpoint_dir is not None:
+            path = checkpoint_dir / f"eim_{layer}_pairs{settings.n_pairs}_seed{settings.seed}.npz"
+        results.append(distributed_influence_maps(
+            adapter, layer, n_pairs=settings.n_pairs, seed=settings.seed,
+            progress=progress and rank == 0, checkpoint=path))
+    if rank != 0:  # under torch.distributed, rank 0 alone clusters and reports
+        return None
+    return UnitMaps(
+        maps=np.concatenate([r.maps for r in results]),
+        stderr=np.concatenate([r.stderr for r in results]),
+        unit_layer=np.array([la for r, la in zip(results, layers) for _ in range(len(r))],
+                            dtype=str),
+        unit_channel=np.concatenate([r.channels for r in results]).astype(np.int64))
+
+
+def cluster_maps(maps: np.ndarray, settings: AnalysisSettings) -> Any:
+    """The fitted :class:`~cfmodules.modules.ModuleClustering` of the maps (sec. 3.4)."""
+    from cfmodules.modules import ModuleClustering
+
+    return ModuleClustering(settings.n_modules, settings.method, window=settings.window,
+                            percentile=settings.percentile, n_init=settings.n_init,
+                            random_state=settings.seed).fit(maps)
+
+
+def module_maps(adapter: GeneratorAdapter, modules: Sequence[Mapping[str, Sequence[int]]],
+                settings: AnalysisSettings, *, progress: bool = True) -> np.ndarray:
+    """(K, H, W) float32: the influence map of each module (zeros for an empty module)."""
+    from cfmodules.influence import module_influence_maps
+
+    nonempty = {k: m for k, m in enumerate(modules) if m}
+    res = module_influence_maps(adapter, [nonempty[k] for k in nonempty],
+                                n_pairs=settings.n_pairs, seed=settings.seed,
+                                progress=progress)
+    out = np.zeros((len(modules), *res.maps.shape[1:]), np.float32)
+    out[list(nonempty)] = res.maps
+    return out
+
+
+def stability_sweep(maps: np.ndarray, settings: AnalysisSettings, *,
+                    progress: bool = True) -> Any:
+    """The :class:`~cfmodules.modules.StabilityResult` of the maps over K (Fig. 9)."""
+    from cfmodules.modules import cluster_stability
+
+    return cluster_stability(maps, ks=settings.stability_ks, methods=settings.stability_methods,
+                             n_repeats=settings.stability_repeats, window=settings.window,
+                             percentile=settings.percentile, seed=settings.seed,
+                             progress=progress)
+
+
 # ---------------------------------------------------------------------- analyze
 def analyze(
     adapter: GeneratorAdapter,
@@ -517,13 +602,20 @@ def analyze(
 ) -> AnalysisResult | None:
     """Run the whole analysis of sec. 3-4 of Besserve et al. (2020) on one or two layers.
 
+    latent pairs -> EIMs of the units (:func:`unit_influence_maps`) -> clustering into
+    modules (:func:`cluster_maps`) -> influence map of each module (:func:`module_maps`) ->
+    stability over K (:func:`stability_sweep`) -> hybrids of new pairs
+    (:func:`make_hybrids`); each step is its own function, and the result is built once
+    at the end.
+
     Parameters
     ----------
     adapter : GeneratorAdapter
     layers : str or list of str, optional
-        Default :func:`default_layer`. The layer whose channels are the units (e.g. ``"main.8"``), or two layers
-        (e.g. ``["main.5", "main.8"]``): the units of both are clustered together and a
-        module's hybrid intervenes on its channels in both layers at once.
+        Default :func:`default_layer`. The layer whose channels are the units (e.g.
+        ``"main.8"``), or two layers (e.g. ``["main.5", "main.8"]``): the units of both are
+        clustered together and a module's hybrid intervenes on its channels in both layers
+        at once.
     settings : AnalysisSettings, optional
         Default ``AnalysisSettings()``; keyword arguments (``n_pairs=16``, ``n_modules=4``,
         ...) override single fields.
@@ -551,110 +643,54 @@ def analyze(
     ConfigError, LayerNotFoundError, ChannelError, CheckpointError, ...
         Bad settings or layers fail before any computation.
     """
-    from cfmodules import influence as influence_lib
-    from cfmodules.hooks import resolve_layers
-    from cfmodules.modules import ModuleClustering, cluster_stability
-
     if not isinstance(adapter, GeneratorAdapter):
         raise ConfigError(f"analyze() takes a GeneratorAdapter, got {type(adapter).__name__}; "
                           "wrap your generator with cfmodules.GeneratorAdapter(generator, "
                           "latent_shape).")
     s = _settings(settings, overrides)
-    if layers is None:
-        layers = default_layer(adapter)
-    names = [layers] if isinstance(layers, str) else list(layers)
-    if not names or len(set(names)) != len(names):
-        raise ConfigError(f"Give one layer, or two distinct layers, got {layers!r}.")
-    names = [r.name for r in resolve_layers(adapter.generator, names)]
-    n_units = sum(adapter.layer_channels(la) for la in names)
-    if s.n_modules > n_units:
-        raise ConfigError(f"K={s.n_modules} modules is more than the {n_units} channels of "
-                          f"{' and '.join(names)}; use n_modules (--k) <= {n_units}.")
-    if s.stability_ks and max(s.stability_ks) > 2 * (n_units // 3):
-        raise ConfigError(
-            f"The stability sweep goes up to K={max(s.stability_ks)}, more than the "
-            f"{2 * (n_units // 3)} channels of a two-thirds subset; use smaller Ks.")
+    names = check_layers(adapter, layers, s)
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if ckpt is not None:
         ckpt.mkdir(parents=True, exist_ok=True)
-
-    steps = _Steps(progress, 5 + bool(s.stability_ks))
     created = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    steps = _Steps(progress, 5 + bool(s.stability_ks))
+    n_units = sum(adapter.layer_channels(la) for la in names)
 
-    def samples() -> tuple[np.ndarray, np.ndarray]:
-        imgs = adapter.generate(adapter.sample_latents(max(s.n_samples, 64), seed=s.seed),
-                                batch_size=64)
-        disp = _display(adapter, imgs)
-        return disp[:s.n_samples], disp.astype(np.float32).mean(axis=0) / 255.0
-
-    samp, mean_image = steps.run("samples", f"{s.n_samples} samples of {adapter.name}",
-                                 samples)
-
-    def eims() -> list[Any]:
-        out = []
-        for la in names:
-            path = None
-            if ckpt is not None:
-                path = ckpt / f"eim_{la}_pairs{s.n_pairs}_seed{s.seed}.npz"
-            out.append(distributed_influence_maps(
-                adapter, la, n_pairs=s.n_pairs, seed=s.seed, progress=progress and rank == 0,
-                checkpoint=path))
-        return out
-
-    rank, _ = world()
-    eim = steps.run("influence_maps", f"influence maps of {n_units} channels of "
-                    f"{' + '.join(names)}, {s.n_pairs} pairs", eims)
-    if rank != 0:  # under torch.distributed, rank 0 alone clusters and reports
+    samples, mean_image = steps.run("samples", f"{s.n_samples} samples of {adapter.name}",
+                                    lambda: sample_images(adapter, s))
+    units = steps.run("influence_maps", f"influence maps of {n_units} channels of "
+                      f"{' + '.join(names)}, {s.n_pairs} pairs",
+                      lambda: unit_influence_maps(adapter, names, s, checkpoint_dir=ckpt,
+                                                  progress=progress))
+    if units is None:  # a rank other than 0 under torch.distributed
         return None
-    maps = np.concatenate([r.maps for r in eim])
-    stderr = np.concatenate([r.stderr for r in eim])
-    unit_layer = np.array([la for r, la in zip(eim, names) for _ in range(len(r))], dtype=str)
-    unit_channel = np.concatenate([r.channels for r in eim]).astype(np.int64)
+    clustering = steps.run("clustering", f"{s.method} clustering into K={s.n_modules} modules",
+                           lambda: cluster_maps(units.maps, s))
+    from cfmodules.modules import modules_from_labels
 
-    clustering = steps.run(
-        "clustering", f"{s.method} clustering into K={s.n_modules} modules",
-        lambda: ModuleClustering(s.n_modules, s.method, window=s.window,
-                                 percentile=s.percentile, n_init=s.n_init,
-                                 random_state=s.seed).fit(maps))
-    labels = clustering.labels_
-
-    partial = AnalysisResult(
-        model=adapter.name, model_spec=model_spec or adapter.name, layers=names, settings=s,
-        maps=maps, stderr=stderr, unit_layer=unit_layer, unit_channel=unit_channel,
-        labels=labels, templates=clustering.templates_, weights=clustering.weights_,
-        module_maps=np.zeros((s.n_modules, *maps.shape[1:]), np.float32), stability=None,
-        samples=samp, mean_image=mean_image, original1=samp[:0], original2=samp[:0],
-        hybrids=samp[None, :0], version=_version(), created=created,
-        model_options=dict(model_options or {}))
-    modules = partial.modules
-
-    def module_maps() -> np.ndarray:
-        nonempty = {module_name(k): m for k, m in enumerate(modules) if m}
-        res = influence_lib.module_influence_maps(adapter, nonempty, n_pairs=s.n_pairs,
-                                                  seed=s.seed, progress=progress)
-        out = np.zeros((s.n_modules, *maps.shape[1:]), np.float32)
-        for name, m in zip(res.names, res.maps):
-            out[int(name.split()[-1])] = m
-        return out
-
-    partial.module_maps = steps.run("module_influence",
-                                    f"influence maps of the {s.n_modules} modules", module_maps)
-
+    modules = modules_from_labels(clustering.labels_,
+                                  list(zip(units.unit_layer, units.unit_channel)), s.n_modules)
+    maps_of_modules = steps.run("module_influence", f"influence maps of the {s.n_modules} "
+                                "modules", lambda: module_maps(adapter, modules, s,
+                                                               progress=progress))
+    stability = None
     if s.stability_ks:
-        partial.stability = steps.run(
+        stability = steps.run(
             "stability", f"stability sweep K={list(s.stability_ks)}, "
             f"{'/'.join(s.stability_methods)}, {s.stability_repeats} repeats",
-            lambda: cluster_stability(maps, ks=s.stability_ks, methods=s.stability_methods,
-                                      n_repeats=s.stability_repeats, window=s.window,
-                                      percentile=s.percentile, random_state=s.seed,
-                                      progress=progress))
-
-    o1, o2, hy = steps.run("hybrids", f"hybrids of {s.n_hybrids} new pairs per module",
-                           lambda: make_hybrids(adapter, modules, s.n_hybrids, s.seed,
-                                                start=s.n_pairs))
-    partial.original1, partial.original2, partial.hybrids = o1, o2, hy
-    partial.timings = steps.timings
-    return partial
+            lambda: stability_sweep(units.maps, s, progress=progress))
+    original1, original2, hybrids = steps.run(
+        "hybrids", f"hybrids of {s.n_hybrids} new pairs per module",
+        lambda: make_hybrids(adapter, modules, s.n_hybrids, s.seed, start=s.n_pairs))
+    return AnalysisResult(
+        model=adapter.name, model_spec=model_spec or adapter.name, layers=names, settings=s,
+        maps=units.maps, stderr=units.stderr, unit_layer=units.unit_layer,
+        unit_channel=units.unit_channel, labels=clustering.labels_,
+        templates=clustering.templates_, weights=clustering.weights_,
+        module_maps=maps_of_modules, stability=stability, samples=samples,
+        mean_image=mean_image, original1=original1, original2=original2, hybrids=hybrids,
+        timings=steps.timings, model_options=dict(model_options or {}), version=_version(),
+        created=created)
 
 
 def _version() -> str:

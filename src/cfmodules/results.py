@@ -30,15 +30,16 @@ import os
 import tempfile
 import zipfile
 from collections.abc import Callable, Mapping
+from dataclasses import fields
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, ClassVar, TypeVar
 
 import numpy as np
 
 from cfmodules._deprecation import moved_names
 from cfmodules.errors import ResultFileError, ShapeError
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "write_npz", "read_npz", "atomic_write"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "write_npz", "read_npz", "atomic_write", "Result"]
 
 FORMAT = "cfmodules"
 FORMAT_VERSION = 1
@@ -177,6 +178,113 @@ def read_npz(path: str | os.PathLike, kind: str | None = None) -> tuple[dict[str
             f"'{path}' holds a '{header.get('kind')}' result, not '{kind}'."
         )
     return arrays, header
+
+
+R = TypeVar("R", bound="Result")
+
+
+class Result:
+    """The verbs every cfmodules result answers: ``save`` / ``load``, ``to_dict`` /
+    ``from_dict``, ``to_text`` (also what ``str()`` prints).
+
+    A result is a dataclass deriving from this class. Its dataclass fields *are* its
+    content, listed once: :meth:`to_dict` walks them (arrays as numpy arrays, a field's
+    ``metadata["dtype"]`` fixing the array's dtype, nested results as their own dicts) and
+    adds the derived values of :meth:`_derived`; :meth:`from_dict` builds the object back from
+    the fields it finds (``metadata["from_dict"]`` converts a nested value) and ignores
+    everything else. :meth:`save` writes ``to_dict()`` with :func:`write_npz` (every numpy
+    array an array of the file, everything else the JSON header; a nested result named in
+    ``nested`` is stored flat, as ``<name>_<key>``), and :meth:`load` reads it back, so the
+    file format follows the fields without a second list.
+    """
+
+    kind: ClassVar[str] = ""
+    """The ``kind`` of the file (``read_npz`` checks it)."""
+    nested: ClassVar[tuple[str, ...]] = ()
+    """Fields that hold a nested result stored flat in the file."""
+    compress: ClassVar[bool] = False
+
+    # ------------------------------------------------------------------ dicts
+    def _derived(self) -> dict[str, Any]:
+        """Values computed from the fields that ``to_dict`` (and the file) also carry."""
+        return {}
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field (arrays as numpy arrays, nested results as dicts) and derived values."""
+        out: dict[str, Any] = {}
+        for f in fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if hasattr(value, "to_dict"):
+                value = value.to_dict()
+            elif "dtype" in f.metadata:
+                value = np.asarray(value, dtype=f.metadata["dtype"])
+            out[f.name] = value
+        out.update(self._derived())
+        return out
+
+    @classmethod
+    def from_dict(cls: type[R], data: Mapping[str, Any]) -> R:
+        """Inverse of :meth:`to_dict`; keys that are not fields are ignored."""
+        kw = {}
+        for f in fields(cls):  # type: ignore[arg-type]
+            if f.init and f.name in data:
+                value = data[f.name]
+                convert = f.metadata.get("from_dict")
+                kw[f.name] = convert(value) if convert is not None and value is not None else value
+        return cls(**kw)
+
+    # ------------------------------------------------------------------ files
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the result to one ``.npz`` file (arrays + JSON header, no pickle).
+
+        ``numpy.load(path, allow_pickle=False)`` opens it; see ``docs/file_format.md``.
+        """
+        arrays: dict[str, np.ndarray] = {}
+        header: dict[str, Any] = {}
+        for key, value in self.to_dict().items():
+            if key in self.nested and isinstance(value, Mapping):
+                for sub, v in value.items():
+                    (arrays if isinstance(v, np.ndarray) else header)[f"{key}_{sub}"] = v
+            else:
+                (arrays if isinstance(value, np.ndarray) else header)[key] = value
+        header = {k: _json_ready(v) for k, v in header.items()}
+        if not header.get("version"):
+            header.pop("version", None)  # write_npz writes this library's version
+        return write_npz(path, arrays, {**header, "kind": self.kind}, compress=self.compress)
+
+    @classmethod
+    def load(cls: type[R], path: str | os.PathLike) -> R:
+        """Read a file written by :meth:`save` (raises ResultFileError if it is not one)."""
+        arrays, header = read_npz(path, kind=cls.kind)
+        data: dict[str, Any] = {**header, **arrays}
+        for name in cls.nested:
+            prefix = f"{name}_"
+            parts = {k[len(prefix):]: v for k, v in data.items() if k.startswith(prefix)}
+            data[name] = parts or data.get(name)
+        try:
+            return cls.from_dict(data)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ResultFileError(f"'{path}' is an incomplete {cls.kind} result: missing or "
+                                  f"bad {e}") from e
+
+    # ------------------------------------------------------------------ text
+    def to_text(self) -> str:
+        """A plain-text summary (what ``print(result)`` shows)."""
+        raise NotImplementedError
+
+    def __str__(self) -> str:
+        return self.to_text()
+
+
+def _json_ready(value: Any) -> Any:
+    """numpy scalars and tuples as plain JSON values."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _json_ready(v) for k, v in value.items()}
+    return value
 
 
 __getattr__ = moved_names(__name__, {"InfluenceResult": "cfmodules.influence.result:InfluenceResult"})

@@ -259,15 +259,16 @@ def _probe(adapter, ref: LayerRef, containers: list[str]) -> _Probe:  # noqa: AN
     def record(module: nn.Module, args: tuple, out: Any) -> None:
         got.append(out.detach().clone() if isinstance(out, torch.Tensor) else out)
 
-    try:
-        for c in containers:
-            handles.append(gen.get_submodule(c).register_forward_hook(make(c), with_kwargs=True))
-        handles.append(gen.get_submodule(ref.path).register_forward_hook(record))
-        with adapter.eval_mode():
+    with adapter.eval_mode():  # the adapter's first-use checks run before any hook
+        try:
+            for c in containers:
+                handles.append(gen.get_submodule(c).register_forward_hook(make(c),
+                                                                          with_kwargs=True))
+            handles.append(gen.get_submodule(ref.path).register_forward_hook(record))
             raw = adapter._raw(z)
-    finally:
-        for h in handles:
-            h.remove()
+        finally:
+            for h in handles:
+                h.remove()
     k = ref.call or 0
     if ref.call is None and len(got) > 1:
         raise LayerCallError(
@@ -499,14 +500,14 @@ def record_call(adapter, where: str, latent: L.Latent) -> tuple[tuple, dict]:  #
         got.append((args, dict(kwargs)))
         raise StopForward
 
-    h = module.register_forward_pre_hook(stop, with_kwargs=True)
-    try:
-        with adapter.eval_mode():
+    with adapter.eval_mode():  # the adapter's first-use checks run before the hook
+        h = module.register_forward_pre_hook(stop, with_kwargs=True)
+        try:
             adapter._raw(latent)
-    except StopForward:
-        pass
-    finally:
-        h.remove()
+        except StopForward:
+            pass
+        finally:
+            h.remove()
     if not got:
         raise CaptureFailed(f"submodule '{where}' did not run in the forward")
     return got[0]

@@ -269,14 +269,17 @@ class Engine:
 
         ad = self.adapter
         if getattr(ad, "noise", None) is not None:
-            return ("the adapter holds the forward's own noise fixed per sample (noise=...); "
-                    "only full forwards through the adapter are exact")
+            return ("the adapter holds the forward's own noise fixed per sample "
+                    f"(noise={ad.noise!r}); a cut would change the position of the draws after "
+                    "the layer, so every hybrid is a full forward")
         cls = type(ad)
         if cls.generate is not GeneratorAdapter.generate:
             return (f"{cls.__name__} overrides generate(); every counterfactual runs through "
                     "it (a graph cannot see what it does)")
-        if cls._raw is not GeneratorAdapter._raw:
-            return (f"{cls.__name__} overrides _raw(); every counterfactual runs through it")
+        for name in ("_raw", "_call"):
+            if getattr(cls, name) is not getattr(GeneratorAdapter, name):
+                return (f"{cls.__name__} overrides {name}(); every counterfactual runs "
+                        "through it")
         return None
 
     def _entry(self, layer: str) -> _Entry:
@@ -466,8 +469,7 @@ class Cut:
     def prefix(self, z: L.Latent) -> SplitState:
         """The layer's output and what the suffix needs, for the latent batch ``z``."""
         ad = self.engine.adapter
-        ad.check_latent(z)
-        z = L.to_device(z, ad.device)
+        z = ad.as_latent(z)
         self.engine.check()
         with ad.eval_mode(), ad._one_forward():
             return self.inner.prefix(z)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -35,6 +35,7 @@ from cfmodules import checks
 from cfmodules.errors import ConfigError, ShapeError
 from cfmodules.evaluation._run import EvalNoGrad, call_on
 from cfmodules.latents import pair_latents
+from cfmodules.results import Result
 
 __all__ = [
     "FeatureFn",
@@ -310,7 +311,7 @@ def default_features(device: str | torch.device | None = None) -> FeatureFn:
 
 
 @dataclass
-class DistanceTable:
+class DistanceTable(Result):
     """Pairwise Fréchet distances between labelled image sets (the paper's Table 2).
 
     Attributes
@@ -326,6 +327,8 @@ class DistanceTable:
     info : dict
         How the table was made (layer(s), seed, features).
     """
+
+    kind: ClassVar[str] = "distance_table"
 
     labels: list[str]
     distances: np.ndarray
@@ -364,6 +367,12 @@ class DistanceTable:
             "info": dict(self.info),
         }
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DistanceTable:
+        """Inverse of :meth:`to_dict` (``normalized`` is recomputed)."""
+        return cls(list(data["labels"]), np.asarray(data["distances"], dtype=np.float64),
+                   int(data["n_images"]), data.get("normalizer"), dict(data.get("info", {})))
+
     def _matrix_rows(self, normalized: bool, digits: int) -> tuple[list[str], list[list[str]]]:
         m = self.normalized if (normalized and self.normalizer is not None) else self.distances
         rows = []
@@ -390,9 +399,6 @@ class DistanceTable:
         for r in rows:
             lines.append("| " + " | ".join(r + [""] * (n - len(r))) + " |")
         return "\n".join(lines)
-
-    def __str__(self) -> str:
-        return self.to_text()
 
 
 def hybrid_distance_table(

@@ -2,26 +2,20 @@
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
-from cfmodules.errors import ResultFileError, ShapeError
-from cfmodules.results import _library_version, read_npz, write_npz
+from cfmodules import checks
+from cfmodules.errors import ShapeError
+from cfmodules.results import Result, _library_version
 
 __all__ = ["InfluenceResult"]
 
 
-def _unit_json(channels: Mapping[str, Sequence[int]]) -> dict[str, list[int]]:
-    return {str(layer): [int(c) for c in chs] for layer, chs in channels.items()}
-
-
-@dataclass
-class InfluenceResult:
+@dataclass(repr=False)
+class InfluenceResult(Result):
     """Influence maps of units or modules (Besserve et al. 2020, eq. 2, sec. 3.3-3.4).
 
     Row ``i`` is the influence map of ``units[i]``: the mean over latent pairs of
@@ -60,7 +54,7 @@ class InfluenceResult:
     settings: dict[str, Any] = field(default_factory=dict)
     version: str = ""
 
-    kind = "influence"
+    kind: ClassVar[str] = "influence"
 
     def __post_init__(self) -> None:
         self.maps = np.asarray(self.maps, dtype=np.float32)
@@ -75,7 +69,7 @@ class InfluenceResult:
                 f"{self.maps.shape[0]} maps but {len(self.units)} units and "
                 f"{len(self.names)} names."
             )
-        self.units = [_unit_json(u) for u in self.units]
+        self.units = [checks.module(u, f"unit '{n}'") for u, n in zip(self.units, self.names)]
         self.names = [str(n) for n in self.names]
         if not self.version:
             self.version = _library_version()
@@ -96,44 +90,20 @@ class InfluenceResult:
     def __len__(self) -> int:
         return int(self.maps.shape[0])
 
-    # ------------------------------------------------------------------ files
-    def header(self) -> dict[str, Any]:
-        """The JSON header written to the file."""
-        return {
-            "kind": self.kind,
-            "n_pairs": int(self.n_pairs),
-            "units": self.units,
-            "names": self.names,
-            "layer": self.layer,
-            "model": self.model,
-            "settings": self.settings,
-            "version": self.version,
-        }
-
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write ``maps``, ``stderr``, ``influence`` (and ``channels`` for EIMs) to ``path``.
-
-        The file opens with ``numpy.load(path, allow_pickle=False)``; see the module
-        docstring for its keys.
-        """
-        arrays = {"maps": self.maps, "stderr": self.stderr, "influence": self.influence}
+    # ------------------------------------------------------------------ files, text
+    def _derived(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"influence": self.influence.astype(np.float32)}
         if self.channels is not None:
-            arrays["channels"] = self.channels
-        return write_npz(path, arrays, self.header())
+            out["channels"] = self.channels
+        return out
 
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> InfluenceResult:
-        """Read a file written by :meth:`save`."""
-        arrays, header = read_npz(path, kind=cls.kind)
-        try:
-            return cls(
-                maps=arrays["maps"], stderr=arrays["stderr"], n_pairs=int(header["n_pairs"]),
-                units=header["units"], names=header["names"], layer=header.get("layer"),
-                model=header.get("model", ""), settings=header.get("settings", {}),
-                version=header.get("version", ""),
-            )
-        except (KeyError, ShapeError) as e:
-            raise ResultFileError(f"'{path}' is an incomplete influence result: {e}") from e
+    def to_text(self, top: int = 10) -> str:
+        """The summary line and the ``top`` rows of largest influence."""
+        lines = [repr(self)]
+        infl = self.influence
+        for i in np.argsort(-infl, kind="stable")[:top]:
+            lines.append(f"  {self.names[i]:<24} influence {infl[i]:.4g}")
+        return "\n".join(lines)
 
     def __repr__(self) -> str:
         u, h, w = self.maps.shape

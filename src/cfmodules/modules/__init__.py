@@ -6,6 +6,7 @@ cluster maps that came from anywhere.
 
 >>> clust = ModuleClustering(n_modules=3, method="nmf", random_state=0).fit(maps)
 >>> clust.labels_, clust.templates_, clust.modules_
+>>> modules = modules_from_labels(clust.labels_, "main.8")   # [{"main.8": [..]}, ...]
 >>> result = cluster_stability(maps, ks=range(2, 7))   # data of Fig. 9, NMF and k-means
 >>> result.suggest_k()
 """
@@ -14,6 +15,7 @@ from cfmodules.modules.clustering import (
     METHODS,
     ModuleClustering,
     module_sizes,
+    modules_from_labels,
 )
 from cfmodules.modules.preprocess import as_maps, preprocess, smooth, threshold
 from cfmodules.modules.stability import (
@@ -29,6 +31,7 @@ __all__ = [
     "ModuleClustering",
     "METHODS",
     "module_sizes",
+    "modules_from_labels",
     "as_maps",
     "smooth",
     "threshold",

@@ -11,6 +11,7 @@ Both wrap scikit-learn's public estimators (``sklearn.decomposition.NMF``,
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -20,6 +21,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import check_random_state
 from threadpoolctl import threadpool_limits
 
+from cfmodules._deprecation import warn_renamed
 from cfmodules.errors import ConfigError, NotFittedError, ShapeError
 from cfmodules.modules.preprocess import (
     DEFAULT_PERCENTILE,
@@ -31,7 +33,7 @@ from cfmodules.modules.preprocess import (
     preprocess,
 )
 
-__all__ = ["ModuleClustering", "module_sizes", "METHODS"]
+__all__ = ["ModuleClustering", "module_sizes", "modules_from_labels", "METHODS"]
 
 METHODS = ("nmf", "kmeans")
 
@@ -72,7 +74,7 @@ class ModuleClustering:
     weights_ : ndarray (C, K)
         Contribution of each template to each channel's map (for k-means, one-hot).
     modules_ : list of K ndarrays of int
-        The channels of each module (see :meth:`to_modules` for ``{layer: channels}``).
+        The channels of each module (:func:`modules_from_labels` gives ``{layer: channels}``).
     layer_ : str or None
         The layer of the maps, when they came from an influence result (its ``.layer``).
     features_ : ndarray (C, H, W)
@@ -231,24 +233,23 @@ class ModuleClustering:
         return w.argmax(axis=1)
 
     def to_modules(self, layer: str | None = None) -> list[dict[str, list[int]]]:
-        """The modules as ``{layer: channels}`` dicts, one per module.
-
-        That is the form ``cfmodules.hybridize`` and ``cfmodules.influence.module_influence``
-        take; the latter's ``.influence`` is each module's individual influence, which
-        against :func:`module_sizes` gives Fig. 8 (right) of the paper.
+        """Deprecated: use ``modules_from_labels(clust.labels_, layer)``.
 
         Parameters
         ----------
         layer : str, optional
             Default: ``layer_``, the layer of the influence result that was fitted.
         """
+        warn_renamed("ModuleClustering.to_modules()",
+                     "cfmodules.modules.modules_from_labels(clust.labels_, layer)")
         self._check_fitted()
         name = layer if layer is not None else self.layer_
         if not isinstance(name, str):
             raise ConfigError(
-                "These maps carried no layer name; give it: clust.to_modules('main.8')."
+                "These maps carried no layer name; give it: "
+                "modules_from_labels(clust.labels_, 'main.8')."
             )
-        return [{name: [int(c) for c in channels]} for channels in self.modules_]
+        return modules_from_labels(self.labels_, name, self.n_modules)
 
     # ------------------------------------------------------------------ helpers
     def _check_params(self) -> None:
@@ -367,3 +368,61 @@ def module_sizes(labels: Any, n_modules: int | None = None) -> np.ndarray:
     if k <= lab.max():
         raise ConfigError(f"labels go up to {int(lab.max())} but n_modules={k}.")
     return np.bincount(lab, minlength=k)
+
+
+def modules_from_labels(labels: Any, units: str | Mapping[str, int] | Sequence[tuple[str, int]],
+                        n_modules: int | None = None) -> list[dict[str, list[int]]]:
+    """Turn the module label of each unit into modules ``{layer: channels}``, for one or
+    several layers.
+
+    The one way from a clustering to the modules that :func:`cfmodules.hybridize` and
+    :func:`cfmodules.influence.module_influence_maps` take. Clustering the maps of two
+    successive layers together (the paper's "channels from the same cluster in two
+    successive layers") gives modules that span both.
+
+    Parameters
+    ----------
+    labels : array (C,) of int
+        Module of each unit, 0..K-1 (e.g. ``ModuleClustering.labels_``).
+    units : str, dict layer -> number of channels, or sequence of (layer, channel)
+        What row ``i`` of the clustered maps was: a layer name (row ``i`` is its channel
+        ``i``); layers with their channel counts in the order their maps were stacked
+        (``{"conv_1": 256, "conv_2": 256}``: rows 0..255 are ``conv_1``); or one
+        ``(layer, channel)`` per row.
+    n_modules : int, optional
+        K; default ``max(labels) + 1``.
+
+    Returns
+    -------
+    list of K dicts layer -> list of int
+        Module ``k`` holds the units labelled ``k``; a layer where it has no channel is
+        left out (a label no unit has gives ``{}``).
+
+    Raises
+    ------
+    ShapeError
+        When ``units`` does not describe one unit per label.
+    """
+    sizes = module_sizes(labels, n_modules)
+    lab = np.asarray(labels)
+    if isinstance(units, str):
+        rows = [(units, c) for c in range(lab.size)]
+    elif isinstance(units, Mapping):
+        rows = [(str(layer), c) for layer, n in units.items() for c in range(int(n))]
+    else:
+        rows = [(str(layer), int(c)) for layer, c in units]
+    if len(rows) != lab.size:
+        raise ShapeError(f"{lab.size} labels but {len(rows)} units ({_describe(units)}); give "
+                         "one label per unit, in the order the maps were stacked.")
+    modules: list[dict[str, list[int]]] = [{} for _ in range(len(sizes))]
+    for (layer, channel), k in zip(rows, lab.tolist()):
+        modules[k].setdefault(layer, []).append(int(channel))
+    return modules
+
+
+def _describe(units: Any) -> str:
+    if isinstance(units, str):
+        return f"layer '{units}'"
+    if isinstance(units, Mapping):
+        return " + ".join(f"{n} of {layer}" for layer, n in units.items())
+    return "(layer, channel) rows"

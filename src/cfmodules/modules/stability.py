@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
@@ -31,6 +31,7 @@ from cfmodules.modules.preprocess import (
     check_window,
     preprocess,
 )
+from cfmodules.results import Result
 
 __all__ = [
     "StabilityResult",
@@ -114,7 +115,7 @@ def template_similarity(templates_a: Any, templates_b: Any, match: Any | None = 
 
 
 @dataclass(frozen=True)
-class StabilityResult:
+class StabilityResult(Result):
     """Label consistency and template similarity across K and methods (data of Fig. 9).
 
     Attributes
@@ -130,6 +131,8 @@ class StabilityResult:
     settings : dict
         The protocol's settings (JSON-serialisable).
     """
+
+    kind: ClassVar[str] = "stability"
 
     ks: np.ndarray
     methods: tuple[str, ...]
@@ -283,8 +286,9 @@ def cluster_stability(
     percentile: float | None = DEFAULT_PERCENTILE,
     n_init: int = 3,
     max_iter: int = 300,
-    random_state: Any = 0,
+    seed: Any = 0,
     progress: bool = False,
+    random_state: Any = None,
 ) -> StabilityResult:
     """Run the paper's cluster stability protocol (sec. 4.1) over K and methods.
 
@@ -307,8 +311,9 @@ def cluster_stability(
     n_init, max_iter : int
         Restarts and iterations of each clustering (fewer restarts than
         :class:`ModuleClustering`'s default, as the protocol runs many clusterings).
-    random_state : int, numpy RandomState or None, default 0
-        Seed of the splits and of the clusterings.
+    seed : int, numpy RandomState or None, default 0
+        Seed of the splits and of the clusterings (``random_state=`` before 0.2; that
+        keyword still works with a DeprecationWarning).
     progress : bool, default False
         Show a tqdm progress bar over repetitions.
 
@@ -316,6 +321,9 @@ def cluster_stability(
     -------
     StabilityResult
     """
+    if random_state is not None:
+        warn_renamed("cluster_stability(random_state=...)", "cluster_stability(seed=...)")
+        seed = random_state
     methods = tuple(methods) if not isinstance(methods, str) else (methods,)
     if not methods or any(m not in METHODS for m in methods) or len(set(methods)) != len(methods):
         raise ConfigError(f"methods must be distinct names among {METHODS}, got {methods!r}.")
@@ -339,10 +347,10 @@ def cluster_stability(
     if "nmf" in methods and (feats < 0).any():
         raise ConfigError("NMF needs non-negative maps; threshold them (percentile=75).")
     flat = feats.reshape(n, -1)
-    # Splits depend only on (random_state, repetition); each clustering's seed only on
-    # (random_state, repetition, method, K): a method's curve is the same run alone or
+    # Splits depend only on (seed, repetition); each clustering's seed only on
+    # (seed, repetition, method, K): a method's curve is the same run alone or
     # side by side with the other.
-    base = check_random_state(random_state)
+    base = check_random_state(seed)
     split_seed, cluster_seed = (int(s) for s in base.randint(np.iinfo(np.int32).max, size=2))
     split_rng = np.random.RandomState(split_seed)
     shape = (len(methods), len(k_arr), n_repeats)
@@ -376,7 +384,6 @@ def cluster_stability(
         "n_channels": n, "map_shape": list(arr.shape[1:]), "n_repeats": int(n_repeats),
         "window": [h, w], "percentile": None if percentile is None else float(percentile),
         "n_init": int(n_init), "max_iter": int(max_iter),
-        "random_state": (int(random_state) if isinstance(random_state, (int, np.integer))
-                         else None),
+        "seed": int(seed) if isinstance(seed, (int, np.integer)) else None,
     }
     return StabilityResult(k_arr, methods, consistency, cosine, settings)

@@ -491,47 +491,28 @@ def two_layer_module(
 
 
 def two_layer_modules(model: nn.Module, block: int, labels: Sequence[int]) -> list[dict[str, list[int]]]:
-    """Split a joint clustering of both layers of Gblock ``block`` into two-layer modules.
+    """Deprecated: ``modules_from_labels(labels, {conv_1: C1, conv_2: C2})``.
 
-    Cluster the influence maps of ``conv_1`` and ``conv_2`` together (stack the two
-    ``(C, H, W)`` map arrays, ``conv_1`` first); module ``k`` is then the channels of
-    either layer labelled ``k``: "channels from the same cluster in two successive layers".
-
-    Parameters
-    ----------
-    model : nn.Module
-        The BigGAN (``adapter.generator``).
-    block : int
-        Gblock number, from 1.
-    labels : sequence of int, length ``C1 + C2``
-        Module of each channel, ``conv_1``'s channels first (e.g. ``clustering.labels_``).
-
-    Returns
-    -------
-    list of dict
-        One ``{conv_1 name: channels, conv_2 name: channels}`` per label, in label order
-        (a layer where the module has no channel is left out), ready for
-        :func:`cfmodules.hybrid.hybridize` and ``cfmodules.influence.module_influence``.
+    :func:`cfmodules.modules.modules_from_labels` turns labels into modules for one or
+    several layers; :func:`gblock_layers` gives the two layers of Gblock ``block``. This
+    old helper keeps only the labels some channel has, in label order.
 
     Raises
     ------
     ShapeError
         If ``labels`` does not have one entry per channel of the two layers.
     """
+    from cfmodules._deprecation import warn_renamed
+    from cfmodules.modules import modules_from_labels
+
+    warn_renamed("cfmodules.zoo.biggan.two_layer_modules(model, block, labels)",
+                 "cfmodules.modules.modules_from_labels(labels, {conv_1: C1, conv_2: C2})")
     layer_a, layer_b = gblock_layers(model, block)
     modules = dict(model.named_modules())
     n_a, n_b = modules[layer_a].out_channels, modules[layer_b].out_channels
-    lab = [int(x) for x in labels]
-    if len(lab) != n_a + n_b:
+    if len(labels) != n_a + n_b:
         raise ShapeError(
-            f"labels has {len(lab)} entries; Gblock {block} has {n_a} + {n_b} channels in "
+            f"labels has {len(labels)} entries; Gblock {block} has {n_a} + {n_b} channels in "
             f"{layer_a} and {layer_b} (stack the maps of {layer_a} first)."
         )
-    modules = []
-    for k in sorted(set(lab)):
-        module = {
-            layer_a: [c for c in range(n_a) if lab[c] == k],
-            layer_b: [c for c in range(n_b) if lab[n_a + c] == k],
-        }
-        modules.append({layer: chs for layer, chs in module.items() if chs})
-    return modules
+    return [m for m in modules_from_labels(labels, {layer_a: n_a, layer_b: n_b}) if m]
