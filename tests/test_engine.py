@@ -51,7 +51,7 @@ def test_dim_control_flow_cat_view_is_captured_below_the_forward():
     assert no_hooks_left(ad.generator)
 
 
-def test_linear_shortcut_applies_on_a_partial_capture():
+def test_linear_shortcut_applies_on_a_partial_capture(tmp_path):
     ad = _cond()
     ex = ad.explain("main.2")
     assert ex.path == "linear shortcut" and ex.linear_cut == "main.4"
@@ -61,6 +61,8 @@ def test_linear_shortcut_applies_on_a_partial_capture():
     res = influence_maps(ad, "main.2", n_pairs=3, progress=False)
     assert res.settings["paths"] == {"main.2": "linear shortcut"}
     assert res.settings["linear_shortcut"] == {"main.2": "main.4"}
+    res.save(tmp_path / "r.npz")  # the result file records the path
+    assert type(res).load(tmp_path / "r.npz").settings["paths"] == {"main.2": "linear shortcut"}
 
 
 def test_forward_function_is_captured_with_the_generator():

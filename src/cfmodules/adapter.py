@@ -304,10 +304,9 @@ class GeneratorAdapter:
 
     def _drop_captures(self) -> None:
         """Forget everything derived from the generator's code path (graphs, splits)."""
-        self._graph = None
-        self._graph_error = None
-        self._traced = False
-        self._splits = {}
+        engine = getattr(self, "_engine", None)  # the noise setter runs in __init__ too
+        if engine is not None:
+            engine.refresh()
 
     # ------------------------------------------------------------------ running
     @contextmanager
