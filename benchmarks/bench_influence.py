@@ -41,7 +41,6 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from cfmodules import GeneratorAdapter
-
 from cfmodules.influence import influence_maps
 from cfmodules.latents import pair_latents
 from cfmodules.zoo.dcgan import load_dcgan_faces

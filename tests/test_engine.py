@@ -8,7 +8,6 @@ import warnings
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from cfmodules import GeneratorAdapter
@@ -149,9 +148,9 @@ def test_hook_fallback_warns_once_with_reason_and_cost():
 def test_partial_prefix_leaves_no_hook_after_an_error():
     ad = _cond()
     ad.split("main.5")
-    bad = (torch.zeros(2, 6, 1, 1), torch.zeros(2, 4))  # wrong class width: cat fails in torch
-    with pytest.raises(Exception):
-        ad.split("main.5").inner.prefix(bad)
+    bad = (torch.zeros(2, 6, 1, 1), torch.zeros(2, 4))  # wrong class width: the conv refuses
+    with pytest.raises(RuntimeError, match="channels"):
+        ad.split("main.5").inner.prefix(bad)  # the generator's own error, through the hook
     assert no_hooks_left(ad.generator)
 
 

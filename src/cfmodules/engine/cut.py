@@ -47,15 +47,15 @@ from cfmodules import latents as L
 from cfmodules.engine.capture import (
     Attempt,
     Capture,
+    _getattr_path,
+    _trace,
+    _WholeForward,
     capture_layer,
     count_flops,
     frozen_key,
     partial_inputs,
     record_call,
     trace_partial,
-    _getattr_path,
-    _trace,
-    _WholeForward,
 )
 from cfmodules.engine.split import FxSplit, HookSplit, Split, SplitState
 from cfmodules.errors import ShapeError
