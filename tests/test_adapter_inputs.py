@@ -68,8 +68,14 @@ def test_integer_bool_and_complex_latents_are_refused(dtype):
 
 def test_meta_latents_and_generators_and_devices_are_refused():
     ad = adapter()
+    ad.generator.train()
     with pytest.raises(LatentError, match="meta tensor"):
         ad.generate(torch.empty(2, 2, 1, 1, device="meta"))
+    with pytest.raises(LatentError, match="meta tensor"):
+        with ad.trace("act"):
+            hybridize(ad, torch.empty(2, 2, 1, 1, device="meta"), ad.sample_latents(2),
+                      {"act": [0]})
+    assert_clean(ad)
     with torch.device("meta"):
         gen = nn.Sequential(nn.Linear(3, 4))
     with pytest.raises(ConfigError, match="meta device.*to_empty"):
@@ -96,6 +102,10 @@ def test_output_range_must_be_two_increasing_numbers(bad):
 
 def test_output_range_accepts_numpy_numbers():
     assert adapter(output_range=(np.float32(0), np.int64(1))).output_range == (0.0, 1.0)
+    assert adapter(output_range=np.array([0, 255])).output_range == (0.0, 255.0)
+    assert adapter(output_range=torch.tensor([-1.0, 1.0])).output_range == (-1.0, 1.0)
+    with pytest.raises(ConfigError, match="output_range"):
+        adapter(output_range=np.array([[0, 1]]))
 
 
 @pytest.mark.parametrize("bad", [-1, 0, 2.5, True, "2", np.float64(2.0)])
