@@ -192,8 +192,8 @@ def test_per_sample_noise_does_not_touch_the_global_random_stream():
 def test_the_engine_runs_full_forwards_with_per_sample_noise(tiny):
     ad = GeneratorAdapter(NoisyGenerator(), 4, noise="per-sample")
     assert ad.noise == "per-sample"
-    assert ad.graph() is None and "noise='per-sample'" in ad._graph_error
-    assert not ad.split("act").exact_graph
+    assert ad.graph() is None and "noise='per-sample'" in ad.explain("act").reason
+    assert not ad.split("act").exact_graph and ad.explain("act").path == "hook"
     plain = GeneratorAdapter(tiny, (2, 1, 1))
     assert plain.graph() is not None and plain.split("act").exact_graph
     plain.noise = "per-sample"  # set later: captured graphs and splits are dropped
