@@ -11,6 +11,7 @@ from torch import nn
 
 from cfmodules import GeneratorAdapter
 from cfmodules.engine import linear as linear_mod
+from cfmodules.engine import swaps as swaps_mod
 from cfmodules.engine.fast import (
     FastSplit,
     GemmConvTranspose2d,
@@ -182,7 +183,7 @@ def test_overflowing_hybrid_is_reported_even_where_add_and_relu_are_fused(monkey
     with pytest.raises(GeneratorOutputError, match="contains NaN or inf"):
         influence_maps(ad, "layer", channels=[1], n_pairs=4, progress=False)
     # the guard is what reports it: the fused kernel alone would clamp inf to a finite value
-    monkeypatch.setattr(maps_mod, "fused_add_relu_is_exact", lambda *a: True)
+    monkeypatch.setattr(swaps_mod, "fused_add_relu_is_exact", lambda *a: True)
     res = influence_maps(ad, "layer", channels=[1], n_pairs=4, progress=False)
     assert np.isfinite(res.maps).all()
 
@@ -237,8 +238,8 @@ def test_cpu_batches_keep_hybrids_and_fresh_suffix_tensors_small():
         shapes = {i.name: i.shape for i in ad.layers_cached()}
         rows = maps_mod._max_rows(ad, runners, 2**40, 4)  # no budget limit
         (runner, _), = runners
-        cut = int(np.prod(shapes[runner.plan.cut])) * 4
-        fresh = max(int(np.prod(shapes[name])) * 4 for name in runner.cut_split.suffix_layers)
+        cut = int(np.prod(shapes[runner.swaps.cut])) * 4
+        fresh = max(int(np.prod(shapes[name])) * 4 for name in runner.swaps.suffix_layers)
         assert rows == min(maps_mod._HYBRID_BATCH_BYTES // cut,
                            maps_mod._FRESH_TENSOR_BYTES // fresh)
         assert rows * cut <= maps_mod._HYBRID_BATCH_BYTES
@@ -300,7 +301,7 @@ def test_channels_last_hybrids_equal_the_naive_maps():
     ad = _dcgan_like()
     units = maps_mod._layer_units(ad, "2", None)[1]
     (runner, _), = maps_mod._runners(ad, units, "auto")
-    assert runner.channels_last and runner.cut_split.starts_with_relu
+    assert runner.swaps.channels_last and runner.swaps.cut_split.starts_with_relu
     res = influence_maps(ad, "2", n_pairs=5, pairs_per_block=3, progress=False)
     ref = naive_maps(ad, [{"2": [c]} for c in range(16)], 5)
     assert float(np.abs(res.maps - ref).max() / np.abs(ref).max()) < 1e-5

@@ -94,6 +94,12 @@ class AnalysisSettings:
         Pairs hybridized per module for the report; they are pairs ``n_pairs ..
         n_pairs + n_hybrids - 1`` of the latent stream ``seed``, so none was used to
         compute the maps.
+    backend : {"fast", "sklearn"}, default "fast"
+        Engine of the clustering and the sweep; ``"sklearn"`` is the reference, ``"fast"``
+        gives the same fits up to float rounding (:func:`cfmodules.modules.clustering.cluster_features`).
+    stability_pool : int, default 1
+        NMF of the sweep on maps averaged over pool x pool pixel blocks (faster, an
+        approximation: see :func:`cfmodules.modules.cluster_stability`); 1: exact.
     """
 
     n_pairs: int = 64
@@ -108,14 +114,18 @@ class AnalysisSettings:
     stability_repeats: int = 10
     n_samples: int = 16
     n_hybrids: int = 8
+    backend: str = "fast"
+    stability_pool: int = 1
 
     def __post_init__(self) -> None:
         for name in ("n_pairs", "n_modules", "n_init", "stability_repeats", "n_samples",
-                     "n_hybrids"):  # numpy integers are stored as int (JSON headers)
+                     "n_hybrids", "stability_pool"):  # numpy integers stored as int (JSON)
             object.__setattr__(self, name, checks.positive_int(getattr(self, name), name))
         object.__setattr__(self, "seed", checks.seed(self.seed))
         if self.method not in ("nmf", "kmeans"):
             raise ConfigError(f"method must be 'nmf' or 'kmeans', got {self.method!r}.")
+        if self.backend not in ("fast", "sklearn"):
+            raise ConfigError(f"backend must be 'fast' or 'sklearn', got {self.backend!r}.")
         object.__setattr__(self, "stability_ks", tuple(checks.positive_int(k, "stability_ks")
                                                        for k in self.stability_ks))
         object.__setattr__(self, "stability_methods", tuple(self.stability_methods))
@@ -302,6 +312,20 @@ class AnalysisResult(Result):
         if m not in self.stability.methods:
             m = self.stability.methods[0]
         return int(self.stability.suggest_k(m))
+
+    def _html_figures(self) -> dict[str, Callable[[], Any]]:
+        from cfmodules import plots
+
+        names = self.module_names
+        return {
+            "Templates of the modules over the mean sample": lambda: plots.plot_templates(
+                self.templates, background=self.mean_image, names=names,
+                sizes=self.module_sizes),
+            "Original 1, Original 2 and the hybrid of each module (first 4 pairs)":
+                lambda: plots.plot_hybrid_grid(
+                    self.original1[:4] / 255.0, self.original2[:4] / 255.0,
+                    self.hybrids[:, :4] / 255.0, module_names=names, templates=self.templates),
+        }
 
     # ------------------------------------------------------------------ dict, file, text
     def _derived(self) -> dict[str, Any]:
@@ -613,7 +637,7 @@ def cluster_maps(maps: np.ndarray, settings: AnalysisSettings) -> Any:
 
     return ModuleClustering(settings.n_modules, settings.method, window=settings.window,
                             percentile=settings.percentile, n_init=settings.n_init,
-                            random_state=settings.seed).fit(maps)
+                            random_state=settings.seed, backend=settings.backend).fit(maps)
 
 
 def module_maps(adapter: GeneratorAdapter, modules: Sequence[Mapping[str, Sequence[int]]],
@@ -638,7 +662,8 @@ def stability_sweep(maps: np.ndarray, settings: AnalysisSettings, *,
     return cluster_stability(maps, ks=settings.stability_ks, methods=settings.stability_methods,
                              n_repeats=settings.stability_repeats, window=settings.window,
                              percentile=settings.percentile, seed=settings.seed,
-                             progress=progress)
+                             progress=progress, backend=settings.backend,
+                             nmf_pool=settings.stability_pool)
 
 
 # ---------------------------------------------------------------------- analyze

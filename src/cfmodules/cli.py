@@ -11,6 +11,8 @@ Examples::
     cfmodules analyze --out out                      # the pretrained DCGAN faces, main.8
     cfmodules analyze --model my_gan.py:make_generator --latent-shape 128 --layer block3 --out out
     cfmodules hybrids --modules out/results.npz --pairs 12 --out out/new_hybrids.png
+    cfmodules scan dcgan-faces --out scan            # which layer, which K
+    cfmodules explore out/results.npz
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from typing import Any, NoReturn
 from cfmodules import checks
 from cfmodules.errors import CfModulesError, ConfigError
 
-__all__ = ["main", "load_model", "parse_latent_shape", "build_parser"]
+__all__ = ["main", "load_model", "load_model_for", "read_modules", "parse_latent_shape", "build_parser"]
 
 PROG = "cfmodules"
 EXIT_USAGE = 2
@@ -216,7 +218,7 @@ def _writable_dir(path: str) -> Path:
     return out
 
 
-def _parse_ks(text: str) -> tuple[int, ...]:
+def _parse_ks(text: str, flag: str = "--stability-ks") -> tuple[int, ...]:
     try:
         if "-" in text:
             lo, hi = (int(x) for x in text.split("-"))
@@ -226,7 +228,7 @@ def _parse_ks(text: str) -> tuple[int, ...]:
     except ValueError:
         ks = ()
     if not ks or min(ks) < 1:
-        raise ConfigError(f"--stability-ks takes a range such as 2-6 or a list such as 2,3,5; "
+        raise ConfigError(f"{flag} takes a range such as 2-6 or a list such as 2,3,5; "
                           f"got {text!r}.")
     return ks
 
@@ -262,7 +264,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         n_pairs=args.pairs, n_modules=args.k, method=args.method, seed=args.seed,
         n_init=args.n_init, stability_ks=ks, stability_methods=methods,
         stability_repeats=args.stability_repeats, n_samples=args.samples,
-        n_hybrids=args.hybrids)
+        n_hybrids=args.hybrids, backend=args.backend, stability_pool=args.stability_pool)
     if args.layer and len(args.layer) > 2:
         raise ConfigError(f"--layer is given {len(args.layer)} times; give one layer, or two "
                           "for a two-layer intervention.")
@@ -311,6 +313,34 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_scan(args: argparse.Namespace) -> int:
+    from cfmodules.plots import plot_scan, save_figure
+    from cfmodules.scan import ScanSettings, scan_layers
+
+    settings = ScanSettings(ks=_parse_ks(args.ks, "--ks"), n_pairs=args.pairs,
+                            max_units=args.max_units,
+                            target_stderr=args.target_stderr, method=args.method,
+                            n_repeats=args.repeats, seed=args.seed)
+    adapter = load_model(args.model, args.device, args.latent_shape)
+    layers = None
+    if args.layers:
+        from cfmodules.hooks import resolve_layers
+
+        layers = [la.strip() for la in args.layers.split(",") if la.strip()]
+        resolve_layers(adapter.generator, layers)  # a typo fails before the folder is made
+    out = _writable_dir(args.out)
+    t0 = time.perf_counter()
+    result = scan_layers(adapter, layers, settings, progress=not args.quiet)
+    path = result.save(out / "scan.npz")
+    fig = save_figure(plot_scan(result, title=f"scan of {adapter.name}"), out / "scan.png")
+    print(result.to_text())
+    if not args.quiet:
+        print(f"total {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    print(f"Figure:  {fig}")
+    print(f"Results: {path}")
+    return 0
+
+
 def _portable_spec(spec: str) -> str:
     factory = _split_factory(spec)
     if factory is None:
@@ -318,30 +348,80 @@ def _portable_spec(spec: str) -> str:
     return f"{Path(factory[0]).resolve()}:{factory[1]}"
 
 
+def read_modules(path: str, model: str | None = None, device: str = "auto",
+                 latent_shape: str | None = None) -> tuple[Any, Any, int]:
+    """The modules of ``path`` (a ``results.npz`` or a module ``.json``) and their model.
+
+    Returns
+    -------
+    (ModuleFile, GeneratorAdapter, int)
+        The modules, the model they were found in (``model`` overrides the recorded spec),
+        checked to have the same layers and channel counts, and the analysis seed (0 for
+        a module file).
+    """
+    from cfmodules.module_file import ModuleFile
+
+    if str(path).lower().endswith(".json"):
+        modules, seed = ModuleFile.load(path), 0
+    else:
+        from cfmodules.analysis import AnalysisResult
+
+        result = AnalysisResult.load(path)
+        modules, seed = ModuleFile.from_result(result), result.settings.seed
+    return modules, load_model_for(modules, path, model, device, latent_shape), seed
+
+
+def load_model_for(modules: Any, path: str, model: str | None = None, device: str = "auto",
+                   latent_shape: str | None = None) -> Any:
+    """Load the model of ``modules`` (a ModuleFile read from ``path``) and check it matches.
+
+    ``model`` and ``latent_shape`` override the spec and options recorded in the file.
+
+    Raises
+    ------
+    ConfigError
+        The model cannot be loaded, or lacks the layers or channel counts of the modules.
+    """
+    spec = model or modules.model_spec
+    shape = latent_shape or modules.model_options.get("latent_shape")
+    adapter = load_model(spec, device, shape)
+    try:
+        modules.check_model(adapter, spec)
+    except ConfigError as e:
+        raise ConfigError(f"'{path}': {e}") from None
+    return adapter
+
+
 def _cmd_hybrids(args: argparse.Namespace) -> int:
-    from cfmodules.analysis import AnalysisResult, make_hybrids
+    from cfmodules.analysis import make_hybrids
     from cfmodules.plots import plot_hybrid_grid, save_figure
 
-    result = AnalysisResult.load(args.modules)
-    spec = args.model or result.model_spec
-    shape = args.latent_shape or result.model_options.get("latent_shape")
-    adapter = load_model(spec, args.device, shape)
-    for layer in result.layers:
-        n = adapter.layer_channels(layer)
-        top = int(result.unit_channel[result.unit_layer == layer].max()) + 1
-        if n != top:
-            raise ConfigError(f"The modules of '{args.modules}' have {top} channels in layer "
-                              f"'{layer}', but {spec} has {n} there: not the same model.")
-    seed = result.settings.seed + 1 if args.seed is None else args.seed
-    o1, o2, hy = make_hybrids(adapter, result.modules, args.pairs, seed, args.start)
-    fig = plot_hybrid_grid(o1 / 255.0, o2 / 255.0, hy / 255.0, module_names=result.module_names)
+    modules, adapter, analysis_seed = read_modules(args.modules, args.model, args.device,
+                                                   args.latent_shape)
+    seed = analysis_seed + 1 if args.seed is None else args.seed
+    o1, o2, hy = make_hybrids(adapter, list(modules.modules.values()), args.pairs, seed,
+                              args.start)
+    fig = plot_hybrid_grid(o1 / 255.0, o2 / 255.0, hy / 255.0, module_names=modules.names)
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         out = _writable_dir(str(out)) / "hybrids_new.png"
     else:
         _writable_dir(str(out.parent))
     save_figure(fig, out)
-    print(f"Hybrids: {out}  ({args.pairs} pairs of seed {seed}, {result.n_modules} modules)")
+    print(f"Hybrids: {out}  ({args.pairs} pairs of seed {seed}, {len(modules.names)} modules)")
+    return 0
+
+
+def _cmd_explore(args: argparse.Namespace) -> int:
+    from cfmodules.analysis import AnalysisResult
+    from cfmodules.explorer import Explorer, serve
+    from cfmodules.module_file import ModuleFile
+
+    result = AnalysisResult.load(args.results)
+    adapter = load_model_for(ModuleFile.from_result(result), args.results, args.model,
+                             args.device, args.latent_shape)
+    explorer = Explorer(result, adapter)
+    serve(explorer, host=args.host, port=args.port, open_browser=not args.no_browser)
     return 0
 
 
@@ -351,11 +431,13 @@ _EPILOG = """examples:
   cfmodules analyze --out out                  # pretrained DCGAN faces, layer main.8, K=3
   cfmodules analyze --model my_gan.py:make_generator --latent-shape 128 --layer block3 --out out
   cfmodules hybrids --modules out/results.npz --pairs 12 --out out/new_hybrids.png
+  cfmodules scan dcgan-faces --out scan         # which layer, which K (scan.png, scan.npz)
+  cfmodules explore out/results.npz           # paint on the image, see the hybrids live
 
 `cfmodules COMMAND --help` describes each command."""
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``cfmodules`` (subcommands analyze, layers, hybrids)."""
+    """The argument parser of ``cfmodules`` (subcommands analyze, layers, scan, hybrids)."""
     from cfmodules import __version__
 
     p = _Parser(prog=PROG, description="Counterfactual discovery of the modules of a deep "
@@ -407,6 +489,12 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--stability-methods", default="nmf,kmeans", metavar="METHODS",
                    help="methods compared in the sweep: nmf, kmeans or nmf,kmeans (default)")
     a.add_argument("--no-stability", action="store_true", help="skip the stability sweep")
+    a.add_argument("--stability-pool", type=int, default=1, metavar="P",
+                   help="NMF of the sweep on P x P pixel blocks: P^2 times fewer pixels, an "
+                        "approximation (default 1: exact)")
+    a.add_argument("--backend", choices=("fast", "sklearn"), default="fast",
+                   help="clustering engine: fast (default) or sklearn (the reference; the "
+                        "same fits up to float rounding, slower)")
     a.add_argument("--samples", type=int, default=16, metavar="N", help="samples shown (default 16)")
     a.add_argument("--hybrids", type=int, default=8, metavar="N",
                    help="new pairs hybridized per module (default 8)")
@@ -424,11 +512,40 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(la, positional=True)
     la.set_defaults(func=_cmd_layers)
 
+    sc = sub.add_parser("scan", help="which layer, which K: modularity of every layer and K",
+                        description="Measure the influence maps of every candidate layer "
+                        "(nonlinearities with >= 8 channels), score each (layer, K) by "
+                        "label consistency x template similarity x locality, and suggest a "
+                        "layer and K. Writes scan.png and scan.npz to --out.")
+    model_args(sc, positional=True)
+    sc.add_argument("--layers", metavar="L1,L2,...",
+                    help="layers to scan, comma-separated (default: the candidates)")
+    sc.add_argument("--ks", default="2-6", metavar="KS",
+                    help="numbers of modules: a range 2-6 or a list 2,3,5 (default 2-6)")
+    sc.add_argument("--pairs", type=int, default=16, metavar="N",
+                    help="most latent pairs per influence map (default 16)")
+    sc.add_argument("--max-units", type=int, default=64, metavar="N",
+                    help="channels scanned per layer, drawn at random from larger layers "
+                         "(default 64)")
+    sc.add_argument("--target-stderr", type=float, default=0.05, metavar="E",
+                    help="stop a layer's maps once every pixel's standard error is <= E "
+                         "(default 0.05)")
+    sc.add_argument("--method", choices=("nmf", "kmeans"), default="nmf",
+                    help="clustering of the maps (default nmf)")
+    sc.add_argument("--repeats", type=int, default=4, metavar="R",
+                    help="stability splits per layer and K (default 4)")
+    sc.add_argument("--seed", type=int, default=0, metavar="S")
+    sc.add_argument("--out", default="cfmodules-scan", metavar="DIR",
+                    help="output folder (default ./cfmodules-scan)")
+    sc.add_argument("--quiet", action="store_true", help="no progress lines")
+    sc.set_defaults(func=_cmd_scan)
+
     h = sub.add_parser("hybrids", help="a hybrid grid of new pairs from saved modules",
                        description="Hybridize new pairs with the modules of a results.npz "
                        "written by `cfmodules analyze` (no influence maps are recomputed).")
     h.add_argument("--modules", required=True, metavar="RESULTS",
-                   help="results.npz written by cfmodules analyze")
+                   help="results.npz written by cfmodules analyze, or a module .json "
+                        "downloaded from cfmodules explore")
     h.add_argument("--model", metavar="MODEL", help="model spec (default: the one stored in RESULTS)")
     h.add_argument("--pairs", type=int, default=8, metavar="N", help="pairs (columns, default 8)")
     h.add_argument("--seed", type=int, default=None, metavar="S",
@@ -437,14 +554,31 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--out", default="hybrids_new.png", metavar="PATH", help="PNG file or folder")
     model_args(h)
     h.set_defaults(func=_cmd_hybrids)
+
+    e = sub.add_parser("explore", help="a local web page to paint on the image and see the "
+                       "hybrids of the channels under the brush",
+                       description="Serve the explorer of an analysis on http://HOST:PORT "
+                       "(needs flask: pip install 'cfmodules[explore]'). Ctrl-C stops it.")
+    e.add_argument("results", metavar="RESULTS", help="results.npz written by cfmodules analyze")
+    e.add_argument("--model", metavar="MODEL", help="model spec (default: the one stored in RESULTS)")
+    e.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only)")
+    e.add_argument("--port", type=int, default=8050, help="port (default 8050; 0: any free port)")
+    e.add_argument("--no-browser", action="store_true", help="do not open a web browser")
+    model_args(e)
+    e.set_defaults(func=_cmd_explore)
     return p
 
 
 def _check_numbers(args: argparse.Namespace) -> None:
-    for name in ("pairs", "k", "n_init", "stability_repeats", "samples", "hybrids", "threads"):
+    for name in ("pairs", "k", "n_init", "stability_repeats", "samples", "hybrids", "threads",
+                 "repeats", "stability_pool", "max_units"):
         v = getattr(args, name, None)
         if v is not None and v < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {v}.")
+    port = getattr(args, "port", None)
+    if port is not None and not 0 <= port <= 65535:
+        raise ConfigError(f"--port must be between 0 and 65535, got {port}.")
     if getattr(args, "start", 0) < 0:
         raise ConfigError(f"--start must be >= 0, got {args.start}.")
 

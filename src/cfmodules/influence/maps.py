@@ -36,19 +36,7 @@ from cfmodules import checks
 from cfmodules import latents as L
 from cfmodules._deprecation import renamed_function, warn_renamed
 from cfmodules.adapter import ChannelSpec, GeneratorAdapter, channel_index
-from cfmodules.engine.fast import FastSplit
-from cfmodules.engine.linear import (
-    LinearPlan,
-    add_base_,
-    channels_last_supported,
-    find_linear_plan,
-    fused_add_relu_is_exact,
-    group_contribution,
-    prepare_weight,
-    single_channel_contributions,
-)
-from cfmodules.engine.split import SplitState
-from cfmodules.engine.workspace import Workspace
+from cfmodules.engine import Swaps, plan_swaps
 from cfmodules.errors import CheckpointError, ConfigError, GeneratorOutputError
 from cfmodules.hooks import resolve_layer
 from cfmodules.hybrid import module_channels
@@ -182,16 +170,19 @@ def pair_latents(adapter: GeneratorAdapter, seed: int, start: int, n: int
 
 # ---------------------------------------------------------------------- runners
 class _Runner:
-    """Computes |hybrid - Original 1| (averaged over colour) for a set of units."""
+    """|hybrid - Original 1| (averaged over colour) for a set of units, from the engine."""
 
-    units: list[_Unit]
+    def __init__(self, swaps: Swaps, units: list[_Unit]):
+        self.swaps, self.units = swaps, units
 
     def begin_block(self, z1: L.Latent, z2: L.Latent, first_pair: int) -> None:
-        raise NotImplementedError
+        self.y = self.swaps.begin_block(z1, z2)
+        self._check_y(self.y, first_pair)
 
     def diffs(self, units: slice, pairs: slice) -> torch.Tensor:
         """``(u, p, H, W)`` for units ``units`` (of this runner) and pairs ``pairs`` of the block."""
-        raise NotImplementedError
+        out = self.swaps.hybrids(units, pairs)
+        return _abs_diff(out, self.y[pairs], len(range(len(self.units))[units]))
 
     def _check_y(self, y: torch.Tensor, first_pair: int) -> None:
         if y.dim() != 4:
@@ -208,10 +199,6 @@ class _Runner:
             )
 
 
-def _rows(n_units: int, pairs: slice, device: torch.device) -> torch.Tensor:
-    return torch.arange(pairs.start, pairs.stop, device=device).repeat(n_units)
-
-
 def _abs_diff(out: torch.Tensor, y: torch.Tensor, n_units: int) -> torch.Tensor:
     """``|out - y|`` averaged over colour channels, as ``(u, p, H, W)``.
 
@@ -221,150 +208,6 @@ def _abs_diff(out: torch.Tensor, y: torch.Tensor, n_units: int) -> torch.Tensor:
     y = y.unsqueeze(0)
     diff = out.sub_(y) if out.is_contiguous() else out - y
     return diff.abs_().mean(dim=2)
-
-
-def _state_rows(split: FastSplit, state: SplitState, n_units: int, pairs: slice,
-                activation: torch.Tensor) -> SplitState:
-    """State of rows ``u * P + p`` (pair ``p`` of ``pairs``) with a row-expanded activation."""
-    need_latent = split.needs_latent and state.latent is not None
-    if not state.frontier and not need_latent:
-        return SplitState(activation=activation)
-    rows = _rows(n_units, pairs, activation.device)
-    return SplitState(
-        activation=activation,
-        frontier=tuple(f.index_select(0, rows.to(f.device)) for f in state.frontier),
-        latent=L.select(state.latent, rows) if need_latent else None,
-    )
-
-
-class _SplitRunner(_Runner):
-    """Units on one layer: prefix once per block, suffix on channel-swapped activations."""
-
-    def __init__(self, adapter: GeneratorAdapter, layer: str, units: list[_Unit]):
-        self.adapter, self.layer, self.units = adapter, layer, units
-        self.split = FastSplit(adapter, layer)
-        self.idx = [u.channels[layer].to(adapter.device) for u in units]
-        self.single = all(i.numel() == 1 for i in self.idx)
-        if self.single:
-            self.channels = torch.cat(self.idx)
-
-    def begin_block(self, z1: L.Latent, z2: L.Latent, first_pair: int) -> None:
-        self.state = self.split.prefix(z1)
-        self.a2 = self.split.prefix(z2).activation
-        self.y = self.split.suffix(self.state, self.state.activation, owned=False)
-        self._check_y(self.y, first_pair)
-
-    def diffs(self, units: slice, pairs: slice) -> torch.Tensor:
-        ids = range(len(self.units))[units]
-        n_p = pairs.stop - pairs.start
-        rows = _rows(len(ids), pairs, self.state.activation.device)
-        act = self.state.activation.index_select(0, rows)
-        a2 = self.a2[pairs]
-        if self.single:  # one indexing op: act[u, :, c_u] = a2[:, c_u]
-            ch = self.channels[units]
-            view = act.view(len(ids), n_p, *act.shape[1:])
-            view[torch.arange(len(ids), device=act.device), :, ch] = a2[:, ch].transpose(0, 1)
-        else:
-            for k, u in enumerate(ids):
-                idx = self.idx[u]
-                act[k * n_p:(k + 1) * n_p, idx] = a2[:, idx]
-        out = self.split.suffix(_state_rows(self.split, self.state, len(ids), pairs, act), act,
-                                owned=True)
-        return _abs_diff(out, self.y[pairs], len(ids))
-
-
-class _LinearRunner(_Runner):
-    """Units on one layer feeding a linear module: start the hybrid after that module."""
-
-    def __init__(self, adapter: GeneratorAdapter, plan: LinearPlan, units: list[_Unit]):
-        self.adapter, self.plan, self.units = adapter, plan, units
-        self.layer_split = adapter.split(plan.layer)
-        self.cut_split = FastSplit(adapter, plan.cut)
-        self.weight = plan.weight().to(adapter.device)
-        self.idx = [u.channels[plan.layer].to(adapter.device) for u in units]
-        self.single = all(i.numel() == 1 for i in self.idx)
-        if self.single:
-            self.channels = torch.cat(self.idx) if self.idx else torch.zeros(0, dtype=torch.long)
-            self.prepared = prepare_weight(plan, self.weight)
-        self.workspace = Workspace()
-        # PyTorch's CPU convolutions after the cut run faster on channels-last input, which
-        # the contributions can be written in at no cost (the same values, another layout)
-        self.channels_last = (self.single and adapter.device.type == "cpu"
-                              and channels_last_supported(plan)
-                              and self.cut_split.runs_native_conv2d)
-
-    def begin_block(self, z1: L.Latent, z2: L.Latent, first_pair: int) -> None:
-        n = L.batch_size(z1)
-        a = self.layer_split.prefix(L.concat([z1, z2])).activation
-        self.delta = a[n:] - a[:n]
-        if self.cut_split.n_frontier == 0:  # the cut's value is op(+BN) of the layer's
-            with self.adapter.eval_mode():
-                self.state = SplitState(self.plan.pre_activation(a[:n]), (), z1)
-        else:
-            self.state = self.cut_split.prefix(z1)
-        if self.channels_last and self.state.activation.dim() == 4:
-            self.state.activation = self.state.activation.contiguous(
-                memory_format=torch.channels_last)  # Y in the hybrids' layout
-        self.y = self.cut_split.suffix(self.state, self.state.activation, owned=False)
-        self._check_y(self.y, first_pair)
-        self.fuse_relu = (self.cut_split.starts_with_relu and self.single
-                          and fused_add_relu_is_exact(self.prepared, self.delta,
-                                                      self.state.activation))
-
-    def diffs(self, units: slice, pairs: slice) -> torch.Tensor:
-        ids = range(len(self.units))[units]
-        delta = self.delta[pairs]
-        pre = self.state.activation[pairs]
-        if self.single:
-            hyb = single_channel_contributions(self.plan, self.prepared, delta,
-                                               self.channels[units], workspace=self.workspace,
-                                               channels_last=self.channels_last)
-        else:
-            hyb = torch.stack([group_contribution(self.plan, self.weight, delta, self.idx[u])
-                               for u in ids])
-        add_base_(hyb, pre.unsqueeze(0), relu=self.fuse_relu)
-        hyb = hyb.reshape(-1, *pre.shape[1:])
-        state = _state_rows(self.cut_split, self.state, len(ids), pairs, hyb)
-        out = self.cut_split.suffix(state, hyb, owned=True, rectified=self.fuse_relu)
-        return _abs_diff(out, self.y[pairs], len(ids))
-
-
-class _HookRunner(_Runner):
-    """Any units (several layers too): one full forward per unit with replacing hooks."""
-
-    def __init__(self, adapter: GeneratorAdapter, units: list[_Unit]):
-        self.adapter, self.units = adapter, units
-        self.layers = sorted({layer for u in units for layer in u.channels})
-        self.idx = [{k: v.to(adapter.device) for k, v in u.channels.items()} for u in units]
-
-    def begin_block(self, z1: L.Latent, z2: L.Latent, first_pair: int) -> None:
-        self.z1 = z1
-        self.y = self.adapter.generate(z1)
-        self._check_y(self.y, first_pair)
-        with self.adapter.trace(self.layers) as acts:
-            self.adapter.generate(z2)
-        self.a2 = dict(acts)
-
-    def diffs(self, units: slice, pairs: slice) -> torch.Tensor:
-        ids = range(len(self.units))[units]
-        n_p = pairs.stop - pairs.start
-        rows = _rows(len(ids), pairs, torch.device("cpu"))
-
-        def make(layer: str) -> Callable[[torch.Tensor], torch.Tensor]:
-            src = self.a2[layer][pairs]
-
-            def edit(out: torch.Tensor) -> torch.Tensor:
-                new = out.clone()
-                for k, u in enumerate(ids):
-                    idx = self.idx[u].get(layer)
-                    if idx is not None:
-                        new[k * n_p:(k + 1) * n_p, idx] = src[:, idx].to(out.dtype)
-                return new
-            return edit
-
-        with self.adapter.intervene({layer: make(layer) for layer in self.layers}):
-            out = self.adapter.generate(L.select(self.z1, rows))
-        return _abs_diff(out, self.y[pairs], len(ids))
 
 
 # ---------------------------------------------------------------------- units
@@ -395,24 +238,9 @@ def _module_units(adapter: GeneratorAdapter, modules: Any) -> list[_Unit]:
 
 def _runners(adapter: GeneratorAdapter, units: list[_Unit], algorithm: str
              ) -> list[tuple[_Runner, list[int]]]:
-    """Group units by how they are computed; returns (runner, row indices)."""
-    by_layer: dict[str, list[int]] = {}
-    multi: list[int] = []
-    for i, u in enumerate(units):
-        if algorithm != "hook" and len(u.channels) == 1:
-            by_layer.setdefault(next(iter(u.channels)), []).append(i)
-        else:
-            multi.append(i)
-    out: list[tuple[_Runner, list[int]]] = []
-    for layer, rows in by_layer.items():
-        group = [units[i] for i in rows]
-        plan = find_linear_plan(adapter, layer) if algorithm == "auto" else None
-        runner: _Runner = (_LinearRunner(adapter, plan, group) if plan is not None
-                           else _SplitRunner(adapter, layer, group))
-        out.append((runner, rows))
-    if multi:
-        out.append((_HookRunner(adapter, [units[i] for i in multi]), multi))
-    return out
+    """Group units by how the engine computes them; returns (runner, row indices)."""
+    planned = plan_swaps(adapter, [u.channels for u in units], algorithm)
+    return [(_Runner(swaps, [units[i] for i in rows]), rows) for swaps, rows in planned]
 
 
 def _numel(shape: tuple[int, ...] | None) -> int:
@@ -436,13 +264,11 @@ def _max_rows(adapter: GeneratorAdapter, runners: list[tuple[_Runner, list[int]]
     rows = max(1, budget // (4 * largest * itemsize))
     if adapter.device.type == "cpu":
         for runner, _ in runners:
-            split = getattr(runner, "cut_split", None) or getattr(runner, "split", None)
-            layers = list(shapes) if split is None else split.suffix_layers
-            for layer in layers:
+            layers = runner.swaps.suffix_layers
+            for layer in list(shapes) if layers is None else layers:
                 per_row = _numel(shapes.get(layer)) * itemsize
                 rows = min(rows, max(1, _FRESH_TENSOR_BYTES // max(per_row, 1)))
-            cut = getattr(getattr(runner, "plan", None), "cut", None) or getattr(
-                runner, "layer", None)
+            cut = runner.swaps.cut
             if cut is not None:
                 per_row = _numel(shapes.get(cut.split(":")[0])) * itemsize
                 rows = min(rows, max(1, _HYBRID_BATCH_BYTES // max(per_row, 1)))
@@ -582,8 +408,19 @@ def _run(adapter: GeneratorAdapter, units: list[_Unit], settings: InfluenceSetti
         layer=layer,
         model=adapter.name,
         settings={**asdict(settings), "linear_shortcut": {
-            r.plan.layer: r.plan.cut for r, _ in runners if isinstance(r, _LinearRunner)}},
+            r.swaps.layer: r.swaps.cut for r, _ in runners if r.swaps.path == "linear shortcut"},
+            "paths": _paths(runners, units)},
     )
+
+
+def _paths(runners: list[tuple[_Runner, list[int]]], units: list[_Unit]) -> dict[str, str]:
+    """How each layer's (or multi-layer module's) hybrids were computed, for the result file."""
+    out: dict[str, str] = {}
+    for runner, rows in runners:
+        for i in rows:
+            key = next(iter(units[i].channels)) if len(units[i].channels) == 1 else "modules"
+            out[key] = runner.swaps.path
+    return out
 
 
 def _index(rows: list[int], us: slice) -> slice | torch.Tensor:
