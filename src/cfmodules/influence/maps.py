@@ -40,7 +40,9 @@ from cfmodules.engine import Swaps, plan_swaps
 from cfmodules.errors import CheckpointError, ConfigError, GeneratorOutputError
 from cfmodules.hooks import resolve_layer
 from cfmodules.hybrid import module_channels
-from cfmodules.influence.checkpoint import load_checkpoint, model_fingerprint, save_checkpoint
+from cfmodules.influence.checkpoint import load_checkpoint, save_checkpoint
+from cfmodules.influence.identity import adapter_fingerprints, model_fingerprint
+from cfmodules.influence.interrupt import save_on_signals
 from cfmodules.influence.result import InfluenceResult
 from cfmodules.influence.stats import BlockSums, RunningStats
 from cfmodules.names import unit_name
@@ -99,15 +101,11 @@ class InfluenceSettings:
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        if isinstance(self.n_pairs, bool) or not isinstance(self.n_pairs, int) or self.n_pairs < 1:
-            raise ConfigError(f"n_pairs must be a positive integer, got {self.n_pairs!r}.")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ConfigError(f"seed must be an integer, got {self.seed!r}.")
-        if (isinstance(self.pairs_per_block, bool) or not isinstance(self.pairs_per_block, int)
-                or self.pairs_per_block < 1):
-            raise ConfigError(
-                f"pairs_per_block must be a positive integer, got {self.pairs_per_block!r}."
-            )
+        # numpy integers are accepted and stored as int (as in AnalysisSettings)
+        object.__setattr__(self, "n_pairs", checks.positive_int(self.n_pairs, "n_pairs"))
+        object.__setattr__(self, "seed", checks.seed(self.seed))
+        object.__setattr__(self, "pairs_per_block",
+                           checks.positive_int(self.pairs_per_block, "pairs_per_block"))
         if self.target_stderr is not None and not (
             isinstance(self.target_stderr, (int, float)) and self.target_stderr > 0
         ):
@@ -281,7 +279,8 @@ def _max_rows(adapter: GeneratorAdapter, runners: list[tuple[_Runner, list[int]]
 def _run(adapter: GeneratorAdapter, units: list[_Unit], settings: InfluenceSettings,
          layer: str | None, max_batch_bytes: int | None, progress: bool,
          checkpoint: str | os.PathLike | None, checkpoint_every: float,
-         callback: Callable[[InfluenceProgress], Any] | None) -> InfluenceResult:
+         callback: Callable[[InfluenceProgress], Any] | None,
+         assume_same: bool = False) -> InfluenceResult:
     dtype = _DTYPES[settings.dtype]
     if dtype != torch.float32 and adapter.device.type != "cuda":
         raise ConfigError(
@@ -290,8 +289,7 @@ def _run(adapter: GeneratorAdapter, units: list[_Unit], settings: InfluenceSetti
         )
     budget = (DEFAULT_MAX_BATCH_BYTES.get(adapter.device.type, DEFAULT_MAX_BATCH_BYTES["cpu"])
               if max_batch_bytes is None else max_batch_bytes)
-    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
-        raise ConfigError(f"max_batch_bytes must be a positive integer, got {max_batch_bytes!r}.")
+    budget = checks.positive_int(budget, "max_batch_bytes")
     if not (isinstance(checkpoint_every, (int, float)) and checkpoint_every >= 0):
         raise ConfigError(f"checkpoint_every must be seconds >= 0, got {checkpoint_every!r}.")
     runners = _runners(adapter, units, settings.algorithm)
@@ -303,48 +301,55 @@ def _run(adapter: GeneratorAdapter, units: list[_Unit], settings: InfluenceSetti
         "model": adapter.name,
         "state_dict_sha256": model_fingerprint(adapter.generator),
         "latent_shapes": [list(s) for s in adapter.latent_shapes],
-        "prior": adapter.prior if isinstance(adapter.prior, str) else "callable",
         "units": [{k: v.tolist() for k, v in u.channels.items()} for u in units],
         "seed": settings.seed,
         "pairs_per_block": settings.pairs_per_block,
         "dtype": settings.dtype,
+        "algorithm": settings.algorithm,
+        **adapter_fingerprints(adapter),  # generator, forward, output_transform, prior, ...
     }))
 
-    stats: RunningStats | None = None
-    n_done = 0
+    # (pairs done, their statistics) are published together in one assignment, so an
+    # interrupt between any two bytecodes sees either the old pair or the new one
+    done: tuple[int, RunningStats | None] = (0, None)
     if checkpoint is not None:
-        found = load_checkpoint(checkpoint, identity)
+        found = load_checkpoint(checkpoint, identity, n_units=n_units, assume_same=assume_same)
         if found is not None:
-            n_done, count, mean, m2 = found
-            if n_done > settings.n_pairs:
+            n_found, count, mean, m2 = found
+            if n_found > settings.n_pairs:
                 raise CheckpointError(
-                    f"The checkpoint '{checkpoint}' already holds {n_done} pairs, more than "
-                    f"n_pairs={settings.n_pairs}; pass n_pairs >= {n_done}."
+                    f"The checkpoint '{checkpoint}' already holds {n_found} pairs, more than "
+                    f"n_pairs={settings.n_pairs}; pass n_pairs >= {n_found}."
                 )
-            stats = RunningStats(n_units, tuple(mean.shape[1:]), adapter.device)
-            stats.count.copy_(torch.from_numpy(count))
-            stats.mean.copy_(torch.from_numpy(mean))
-            stats.m2.copy_(torch.from_numpy(m2))
+            resumed = RunningStats(n_units, tuple(mean.shape[1:]), adapter.device)
+            resumed.count.copy_(torch.from_numpy(count))
+            resumed.mean.copy_(torch.from_numpy(mean))
+            resumed.m2.copy_(torch.from_numpy(m2))
+            done = (n_found, resumed)
 
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=settings.n_pairs * n_units, initial=n_done * n_units, unit="hybrid",
+        bar = tqdm(total=settings.n_pairs * n_units, initial=done[0] * n_units, unit="hybrid",
                    desc=f"influence {layer or f'{n_units} modules'}", leave=False)
     t0 = last_save = time.perf_counter()
-    saved_at = n_done
+    saved_at = done[0]
 
-    def max_stderr() -> float:
+    def max_stderr(n_done: int, stats: RunningStats | None) -> float:
         if stats is None or n_done < 2:
             return float("nan")
         return float(torch.nan_to_num(stats.stderr(), nan=0.0).max()) if n_units else 0.0
 
+    def save(n_done: int, stats: RunningStats) -> None:
+        save_checkpoint(checkpoint, identity, n_done, stats.count, stats.mean, stats.m2)
+
     try:
-        with torch.inference_mode(), autocast:
-            while n_done < settings.n_pairs:
+        with torch.inference_mode(), autocast, save_on_signals():
+            while done[0] < settings.n_pairs:
+                n_done, stats = done
                 if (settings.target_stderr is not None and n_done >= 2
-                        and max_stderr() <= settings.target_stderr):
+                        and max_stderr(n_done, stats) <= settings.target_stderr):
                     break
                 n_p = min(settings.pairs_per_block, settings.n_pairs - n_done)
                 z1, z2 = L.pair_latents(adapter, n_p, settings.seed, n_done)
@@ -365,26 +370,34 @@ def _run(adapter: GeneratorAdapter, units: list[_Unit], settings: InfluenceSetti
                     if not block.is_finite(_index(rows, slice(None))):
                         _find_non_finite(runner, chunks, n_done)
                 if stats is None:
-                    stats = RunningStats(n_units, block.shape, adapter.device)
-                block.merge_into(stats, n_p)
-                n_done += n_p
+                    merged = RunningStats(n_units, block.shape, adapter.device)
+                elif tuple(stats.mean.shape[1:]) != block.shape:
+                    raise CheckpointError(
+                        f"The checkpoint '{checkpoint}' holds maps of shape "
+                        f"{tuple(stats.mean.shape[1:])}, but this generator's images give "
+                        f"{block.shape}; delete the file or pass another checkpoint path.")
+                else:
+                    merged = stats.copy()  # the published statistics are never modified
+                block.merge_into(merged, n_p)
+                done = (n_done + n_p, merged)
                 if callback is not None:
-                    callback(InfluenceProgress(n_done, settings.n_pairs, max_stderr(),
+                    callback(InfluenceProgress(done[0], settings.n_pairs, max_stderr(*done),
                                                time.perf_counter() - t0))
                 if checkpoint is not None and (
                         time.perf_counter() - last_save >= checkpoint_every):
-                    save_checkpoint(checkpoint, identity, n_done, stats.count, stats.mean,
-                                    stats.m2)
-                    last_save, saved_at = time.perf_counter(), n_done
+                    save(*done)
+                    last_save, saved_at = time.perf_counter(), done[0]
     except BaseException:
-        if checkpoint is not None and stats is not None and n_done > saved_at:
-            save_checkpoint(checkpoint, identity, n_done, stats.count, stats.mean, stats.m2)
+        final = done  # one read: a consistent pair even if another signal lands here
+        if checkpoint is not None and final[1] is not None and final[0] > saved_at:
+            save(*final)
         raise
     finally:
         if bar is not None:
             bar.close()
+    n_done, stats = done
     if checkpoint is not None and stats is not None and n_done > saved_at:
-        save_checkpoint(checkpoint, identity, n_done, stats.count, stats.mean, stats.m2)
+        save(n_done, stats)
     assert stats is not None
     return InfluenceResult(
         maps=stats.mean.float().cpu().numpy(),
@@ -470,6 +483,7 @@ def influence_maps(
     checkpoint_every: float = 60.0,
     callback: Callable[[InfluenceProgress], Any] | None = None,
     method: str | None = None,
+    assume_same: bool = False,
 ) -> InfluenceResult:
     """Elementary influence maps (EIMs) of the channels of one layer (sec. 3.3-3.4, eq. 2).
 
@@ -510,13 +524,20 @@ def influence_maps(
         Show a tqdm progress bar (counted in hybrids).
     checkpoint : path, optional
         Checkpoint file: written every ``checkpoint_every`` seconds (at block boundaries),
-        on interruption (Ctrl-C, errors) and at the end; an existing checkpoint of the same
-        run is resumed, giving the same final maps as an uninterrupted run. One made with
-        another model, layer, channels or settings raises CheckpointError.
+        on interruption (Ctrl-C, SIGTERM, SIGHUP, errors) and at the end; an existing
+        checkpoint of the same run is resumed, giving the same final maps as an
+        uninterrupted run. One made with another model, layer, channels, settings or code
+        (the generator's class and forward, ``forward``, ``output_transform``, a callable
+        prior, an adapter subclass's methods: see :mod:`cfmodules.influence.identity`)
+        raises CheckpointError naming what differs.
     checkpoint_every : float, default 60
         Seconds between checkpoint writes (0: after every block).
     callback : callable, optional
         ``callback(InfluenceProgress)`` after each block.
+    assume_same : bool, default False
+        Resume a checkpoint even where cfmodules cannot verify that it was made by the
+        same code (e.g. an ``output_transform`` that calls an object of an arbitrary
+        class): you state that the run is the same. What can be verified still is.
 
     Returns
     -------
@@ -533,7 +554,7 @@ def influence_maps(
                                  dtype=_dtype_name(dtype))
     name, units = _layer_units(_checked(adapter), layer, channels)
     return _run(adapter, units, settings, name, max_batch_bytes, progress, checkpoint,
-                checkpoint_every, callback)
+                checkpoint_every, callback, assume_same)
 
 
 def module_influence_maps(
@@ -552,6 +573,7 @@ def module_influence_maps(
     checkpoint_every: float = 60.0,
     callback: Callable[[InfluenceProgress], Any] | None = None,
     method: str | None = None,
+    assume_same: bool = False,
 ) -> InfluenceResult:
     """Influence maps of modules: groups of channels of one or several layers (eq. 2).
 
@@ -563,7 +585,7 @@ def module_influence_maps(
         for two successive layers, ``{"main.5": [3], "main.8": [0, 5]}``. All channels of
         a module are swapped together (each layer takes Original 2's unintervened values,
         as in :func:`cfmodules.hybridize`).
-    n_pairs, seed, pairs_per_block, target_stderr, algorithm, dtype, max_batch_bytes, progress, checkpoint, checkpoint_every, callback
+    n_pairs, seed, pairs_per_block, target_stderr, algorithm, dtype, max_batch_bytes, progress, checkpoint, checkpoint_every, callback, assume_same
         As in :func:`influence_maps`. Single-layer modules use the prefix/suffix split
         (and the linear shortcut); multi-layer modules one full forward per module.
 
@@ -578,7 +600,7 @@ def module_influence_maps(
                                  dtype=_dtype_name(dtype))
     units = _module_units(_checked(adapter), modules)
     return _run(adapter, units, settings, None, max_batch_bytes, progress, checkpoint,
-                checkpoint_every, callback)
+                checkpoint_every, callback, assume_same)
 
 
 module_influence = renamed_function(module_influence_maps, "cfmodules.influence.module_influence",
