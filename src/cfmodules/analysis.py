@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from cfmodules import checks
 from cfmodules.adapter import GeneratorAdapter
 from cfmodules.errors import ConfigError, ShapeError, did_you_mean
 from cfmodules.hybrid import hybridize
@@ -105,21 +106,16 @@ class AnalysisSettings:
     def __post_init__(self) -> None:
         for name in ("n_pairs", "n_modules", "n_init", "stability_repeats", "n_samples",
                      "n_hybrids"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {v!r}.")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)):
-            raise ConfigError(f"seed must be an integer, got {self.seed!r}.")
-        if self.method not in ("nmf", "kmeans"):
-            raise ConfigError(f"method must be 'nmf' or 'kmeans', got {self.method!r}.")
-        object.__setattr__(self, "stability_ks", tuple(int(k) for k in self.stability_ks))
-        object.__setattr__(self, "stability_methods", tuple(self.stability_methods))
-        bad = [m for m in self.stability_methods if m not in ("nmf", "kmeans")]
-        if bad or not self.stability_methods:
-            raise ConfigError(f"stability_methods must name 'nmf' and/or 'kmeans', got "
-                              f"{self.stability_methods!r}.")
-        if any(k < 1 for k in self.stability_ks):
-            raise ConfigError(f"stability_ks must be positive, got {self.stability_ks!r}.")
+            object.__setattr__(self, name, checks.positive_int(getattr(self, name), name))
+        object.__setattr__(self, "seed", checks.integer(self.seed, "seed"))
+        checks.clustering_method(self.method)
+        object.__setattr__(self, "stability_ks", tuple(
+            checks.positive_int(k, "each of stability_ks") for k in self.stability_ks))
+        object.__setattr__(self, "stability_methods", tuple(
+            checks.clustering_method(m, "each of stability_methods")
+            for m in self.stability_methods))
+        if not self.stability_methods:
+            raise ConfigError("stability_methods must name 'nmf' and/or 'kmeans', got ().")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable settings."""

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from cfmodules import checks
 from cfmodules.errors import CfModulesError, ConfigError
 
 __all__ = ["main", "load_model", "parse_latent_shape", "build_parser"]
@@ -256,7 +257,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 
     ks = () if args.no_stability else _parse_ks(args.stability_ks)
     methods = tuple(m.strip() for m in args.stability_methods.split(",") if m.strip())
-    if not methods or any(m not in ("nmf", "kmeans") for m in methods):
+    if not methods or any(m not in checks.CLUSTERING_METHODS for m in methods):
         raise ConfigError(f"--stability-methods takes nmf, kmeans or nmf,kmeans; got "
                           f"{args.stability_methods!r}.")
     settings = AnalysisSettings(
@@ -392,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--pairs", type=int, default=64, metavar="N",
                    help="latent pairs per influence map (default 64)")
     a.add_argument("--k", type=int, default=3, metavar="K", help="number of modules K (default 3)")
-    a.add_argument("--method", choices=("nmf", "kmeans"), default="nmf",
+    a.add_argument("--method", choices=checks.CLUSTERING_METHODS, default="nmf",
                    help="clustering of the maps (default nmf)")
     a.add_argument("--seed", type=int, default=0, metavar="S",
                    help="latent stream and clustering seed (default 0)")

@@ -111,15 +111,9 @@ class InfluenceSettings:
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        if isinstance(self.n_pairs, bool) or not isinstance(self.n_pairs, int) or self.n_pairs < 1:
-            raise ConfigError(f"n_pairs must be a positive integer, got {self.n_pairs!r}.")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ConfigError(f"seed must be an integer, got {self.seed!r}.")
-        if (isinstance(self.pairs_per_block, bool) or not isinstance(self.pairs_per_block, int)
-                or self.pairs_per_block < 1):
-            raise ConfigError(
-                f"pairs_per_block must be a positive integer, got {self.pairs_per_block!r}."
-            )
+        for name in ("n_pairs", "pairs_per_block"):
+            object.__setattr__(self, name, checks.positive_int(getattr(self, name), name))
+        object.__setattr__(self, "seed", checks.integer(self.seed, "seed"))
         if self.target_stderr is not None and not (
             isinstance(self.target_stderr, (int, float)) and self.target_stderr > 0
         ):
@@ -464,8 +458,7 @@ def _run(adapter: GeneratorAdapter, units: list[_Unit], settings: InfluenceSetti
         )
     budget = (DEFAULT_MAX_BATCH_BYTES.get(adapter.device.type, DEFAULT_MAX_BATCH_BYTES["cpu"])
               if max_batch_bytes is None else max_batch_bytes)
-    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
-        raise ConfigError(f"max_batch_bytes must be a positive integer, got {max_batch_bytes!r}.")
+    checks.positive_int(budget, "max_batch_bytes")
     if not (isinstance(checkpoint_every, (int, float)) and checkpoint_every >= 0):
         raise ConfigError(f"checkpoint_every must be seconds >= 0, got {checkpoint_every!r}.")
     runners = _runners(adapter, units, settings.algorithm)
