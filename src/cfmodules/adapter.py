@@ -7,16 +7,20 @@ the user's mode is restored afterwards.
 
 from __future__ import annotations
 
+import math
+import numbers
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Union
 
 import torch
 from torch import fx, nn
 
+from cfmodules import checks
 from cfmodules import latents as L
+from cfmodules import noise as N
 from cfmodules._deprecation import warn_renamed
 from cfmodules.engine.split import FxSplit, HookSplit, Split, fx_split
 from cfmodules.errors import (
@@ -25,6 +29,7 @@ from cfmodules.errors import (
     GeneratorOutputError,
     LayerCallError,
     LayerNotFoundError,
+    NondeterministicForwardError,
     ShapeError,
 )
 from cfmodules.hooks import HookSession, hooked, resolve_layer, resolve_layers
@@ -131,8 +136,29 @@ class GeneratorAdapter:
         of real images.
     device : str or torch.device, optional
         Where latents and computations go. Default: the device of the generator's parameters.
+        Use :meth:`to` to move the generator and the adapter together later.
     name : str, optional
         A name for reports and result files.
+    noise : None or "per-sample", default None
+        What to do with random numbers the generator draws inside its forward (StyleGAN's
+        per-layer noise, ``torch.randn`` in ``forward``, hard-coded train-mode dropout).
+        ``None``: such a forward is refused at first use with a
+        :class:`~cfmodules.errors.NondeterministicForwardError`, since hybrids and influence
+        maps would sit on a noise floor. ``"per-sample"``: every draw is held fixed per
+        sample (a function of the sample's latent and the draw's position in the forward,
+        see :mod:`cfmodules.noise`), so the same latent always gives the same image, in any
+        batch, and a hybrid sees Original 1's noise. Every forward then runs in full (the
+        generator is not cut into a prefix and a suffix) and pays for a dispatch mode: see
+        ``docs/own_generator.md`` for the measured cost.
+
+    Notes
+    -----
+    At first use (the first forward it runs, or the first ``trace``/``intervene`` block) the
+    adapter runs the generator on two samples three times (the same batch twice, then in
+    swapped order) and compares the images: a forward whose output changes with the run or
+    with the sample's position in the batch draws its own noise. Latents are validated
+    (integer and bool latents are refused) and floating ones cast to the generator's
+    parameter dtype (:attr:`dtype`), with a warning when the cast loses precision.
     """
 
     def __init__(
@@ -147,6 +173,7 @@ class GeneratorAdapter:
         encoder: Callable[[torch.Tensor], L.Latent] | None = None,
         device: str | torch.device | None = None,
         name: str | None = None,
+        noise: str | None = None,
     ):
         if not isinstance(generator, nn.Module):
             raise ConfigError(
@@ -157,22 +184,21 @@ class GeneratorAdapter:
             raise ConfigError(
                 f"Unknown prior {prior!r}: use 'normal', 'uniform' or a callable(n, generator)."
             )
-        lo, hi = output_range
-        if not hi > lo:
-            raise ConfigError(f"output_range must be (low, high) with low < high, got {output_range}.")
         self.generator = generator
         self.latent_shapes = shapes
         self.prior = prior
         self.forward_fn = forward
         self.output_transform = output_transform
-        self.output_range = (float(lo), float(hi))
+        self.output_range = _output_range(output_range)
         self.encoder = encoder
         self.name = name or type(generator).__name__
-        if device is None:
-            p = next(iter(generator.parameters()), None)
-            device = p.device if p is not None else torch.device("cpu")
-        self.device = torch.device(device)
+        self.device = _resolve_device(device, generator)
+        self._noise: str | None = None
+        self._noise_checked = False
+        self._shared_draws: frozenset[int] = frozenset()
+        self.noise = noise
         self._warned_train = False
+        self._warned_cast: set[torch.dtype] = set()
         self._graph: fx.GraphModule | None = None
         self._graph_error: str | None = None
         self._traced = False
@@ -185,20 +211,90 @@ class GeneratorAdapter:
         """The per-sample latent shape (a tuple of shapes for multi-input generators)."""
         return self.latent_shapes[0] if len(self.latent_shapes) == 1 else tuple(self.latent_shapes)
 
+    @property
+    def dtype(self) -> torch.dtype | None:
+        """The dtype of the generator's first floating parameter or buffer (None: it has none).
+
+        Floating latents are cast to it before every forward.
+        """
+        for t in (*self.generator.parameters(), *self.generator.buffers()):
+            if t.is_floating_point():
+                return t.dtype
+        return None
+
+    @property
+    def noise(self) -> str | None:
+        """How random draws inside the forward are handled: None (refused) or "per-sample".
+
+        The engine reads it: with ``"per-sample"`` every hybrid is a full forward.
+        Setting it drops captured graphs and repeats the first-use check.
+        """
+        return self._noise
+
+    @noise.setter
+    def noise(self, value: str | None) -> None:
+        if value is not None:
+            checks.one_of(value, "noise", N.NOISE_MODES)
+        self._noise = value
+        self._noise_checked = False
+        self._drop_captures()
+
     def sample_latents(self, n: int, seed: int = 0, start: int = 0) -> L.Latent:
-        """Draw ``n`` latents from the prior, on the adapter's device.
+        """Draw ``n`` latents from the prior, on the adapter's device and :attr:`dtype`.
 
         Sample ``i`` depends only on ``(seed, start + i)``: the same whatever the batch size.
+        ``n``, ``seed`` (in ``[0, 2**32)``) and ``start`` may be Python or numpy integers.
 
         Returns
         -------
         Tensor (n, *latent_shape), or a tuple of such tensors for multi-input generators.
         """
-        return L.to_device(L.sample(self.prior, self.latent_shapes, n, seed, start), self.device)
+        z = L.sample(self.prior, self.latent_shapes, n, seed, start)
+        return L.to_device(z, self.device, self.dtype)
 
     def check_latent(self, z: object, what: str = "latent") -> int:
         """Validate a latent batch; return its batch size (raises LatentError)."""
         return L.check_latent(z, self.latent_shapes, what)
+
+    def as_latent(self, z: object, what: str = "latent") -> L.Latent:
+        """Validate a latent batch and put it on the adapter's device and :attr:`dtype`.
+
+        float64 or float16 latents are cast to the generator's dtype; a cast that loses
+        precision (float64 -> float32) warns once per adapter and source dtype. Integer,
+        bool, complex and meta tensors raise :class:`~cfmodules.errors.LatentError`.
+        """
+        self.check_latent(z, what)
+        dtype = self.dtype
+        if dtype is not None:
+            for p in (z if isinstance(z, tuple) else (z,)):  # type: ignore[union-attr]
+                if (p.dtype != dtype and _loses_precision(p.dtype, dtype)
+                        and p.dtype not in self._warned_cast):
+                    self._warned_cast.add(p.dtype)
+                    warnings.warn(
+                        f"The {what} has dtype {p.dtype}; cfmodules casts it to {dtype}, the "
+                        f"dtype of {self.name}'s parameters, so its values are rounded to "
+                        f"{dtype} precision (the generator computes in {dtype} anyway).",
+                        UserWarning, stacklevel=3)
+        return L.to_device(z, self.device, dtype)  # type: ignore[arg-type]
+
+    def to(self, device: str | torch.device) -> GeneratorAdapter:
+        """Move the generator to ``device`` and make it the adapter's device; returns ``self``.
+
+        Captured graphs and splits are dropped (they are rebuilt on the new device at next
+        use). Latents given later are moved to ``device`` automatically.
+        """
+        dev = _resolve_device(device, self.generator, check_generator=False)
+        self.generator.to(dev)
+        self.device = dev
+        self._drop_captures()
+        return self
+
+    def _drop_captures(self) -> None:
+        """Forget everything derived from the generator's code path (graphs, splits)."""
+        self._graph = None
+        self._graph_error = None
+        self._traced = False
+        self._splits = {}
 
     # ------------------------------------------------------------------ running
     @contextmanager
@@ -225,17 +321,89 @@ class GeneratorAdapter:
             self.generator.eval()
         try:
             with torch.no_grad():
+                if not self._noise_checked and not self._sessions:
+                    self._check_noise()
                 yield
         finally:
             for m, t in modes:
                 m.training = t
 
+    def _call(self, z: L.Latent) -> Any:
+        """The generator's forward on ``z``, as the user defined it (nothing else)."""
+        if self.forward_fn is not None:
+            return self.forward_fn(self.generator, z)
+        return self.generator(*z) if isinstance(z, tuple) else self.generator(z)
+
     def _raw(self, z: L.Latent) -> Any:
-        """One forward of the generator, with the call counts of open hook blocks reset."""
-        with self._one_forward():
-            if self.forward_fn is not None:
-                return self.forward_fn(self.generator, z)
-            return self.generator(*z) if isinstance(z, tuple) else self.generator(z)
+        """One forward of the generator, with the call counts of open hook blocks reset.
+
+        With ``noise="per-sample"`` the forward's random draws are held fixed per sample.
+        """
+        with self._one_forward(), self._noise_scope(z):
+            return self._call(z)
+
+    def _noise_scope(self, z: L.Latent) -> Any:
+        if self._noise is None:
+            return nullcontext()
+        return N.PerSampleNoise(N.row_keys(z), self._shared_draws)
+
+    def _check_noise(self) -> None:
+        """The first-use check: does the forward give the same images for the same latents?
+
+        Runs two samples three times (inside ``eval_mode``, no hooks open, the global random
+        state forked so that the user's stream is untouched). Raises
+        NondeterministicForwardError when the images change between runs or with the
+        samples' order in the batch (unless ``noise="per-sample"`` holds them fixed). A
+        generator that fails on this probe is left to fail on the real call instead.
+        """
+        devices = [self.device] if self.device.type == "cuda" else []
+        try:
+            with torch.random.fork_rng(devices=devices, device_type=self.device.type
+                                       if devices else "cuda"):
+                z = self.sample_latents(2, seed=0)
+                swapped = L.select(z, torch.tensor([1, 0]))
+                rec = N.DrawRecorder()
+                with rec:
+                    y1 = self.images(self._call(z), 2)
+                    n_draws = len(rec.draws)
+                    y2 = self.images(self._call(z), 2)
+                y3 = self.images(self._call(swapped), 2).flip(0)
+                self._shared_draws = frozenset(
+                    i for i, d in enumerate(rec.draws[:n_draws]) if d.leading != 2)
+                problem = _nondeterminism(y1, y2, y3)
+                if problem is not None and self._noise is None:
+                    raise NondeterministicForwardError(_noise_message(self.name, problem,
+                                                                      rec.draws[:n_draws]))
+                if self._noise is not None:
+                    if problem is None and not rec.draws:
+                        warnings.warn(
+                            f"{self.name} draws no random numbers in its forward; "
+                            "noise='per-sample' changes nothing but makes every hybrid a "
+                            "full forward. Pass noise=None.", UserWarning, stacklevel=5)
+                    self._check_per_sample(z, swapped)
+        except NondeterministicForwardError:
+            raise
+        except Exception:  # the real call will raise the generator's own error
+            return
+        self._noise_checked = True
+
+    def _check_per_sample(self, z: L.Latent, swapped: L.Latent) -> None:
+        """With ``noise="per-sample"``: the held noise must not depend on run, order or batch."""
+        def run(x: L.Latent) -> torch.Tensor:
+            with self._noise_scope(x):
+                return self.images(self._call(x), L.batch_size(x))
+
+        y1, y2, y3 = run(z), run(z), run(swapped).flip(0)
+        y4 = torch.cat([run(L.select(z, slice(i, i + 1))) for i in range(2)])
+        problem = _nondeterminism(y1, y2, y3) or _nondeterminism(y1, y1, y4, "batch size")
+        if problem is not None:
+            raise NondeterministicForwardError(
+                f"{self.name}'s forward is not deterministic even with noise='per-sample': "
+                f"{problem}. cfmodules holds fixed the random draws of torch operators; "
+                "randomness from numpy, Python's random module or state kept between "
+                "calls cannot be held. Make the forward deterministic, or pass the noise as "
+                "a per-sample input (latent_shape with one shape per input)."
+            )
 
     @contextmanager
     def _one_forward(self) -> Iterator[None]:
@@ -247,6 +415,9 @@ class GeneratorAdapter:
 
     @contextmanager
     def _session(self, edits: Mapping[str, Any]) -> Iterator[HookSession]:
+        if not self._noise_checked and not self._sessions:
+            with self.eval_mode():  # the first-use check runs before any hook is registered
+                pass
         with hooked(self.generator, edits) as session:
             self._sessions.append(session)
             try:
@@ -287,9 +458,9 @@ class GeneratorAdapter:
         Tensor (N, C, H, W)
             Images after ``output_transform``, on the adapter's device.
         """
-        n = self.check_latent(z)
-        z = L.to_device(z, self.device)
-        step = batch_size or n
+        z = self.as_latent(z)
+        n = L.batch_size(z)
+        step = n if batch_size is None else checks.positive_int(batch_size, "batch_size")
         outs = []
         with self.eval_mode():
             for s in range(0, n, step):
@@ -353,14 +524,14 @@ class GeneratorAdapter:
             return hook
 
         z = self.sample_latents(1, seed=0)
-        try:
-            for n in names:
-                handles.append(modules[n].register_forward_hook(make(n)))
-            with self.eval_mode():
+        with self.eval_mode():  # entered first: its first-use check runs without these hooks
+            try:
+                for n in names:
+                    handles.append(modules[n].register_forward_hook(make(n)))
                 self.images(self._raw(z), 1)
-        finally:
-            for h in handles:
-                h.remove()
+            finally:
+                for h in handles:
+                    h.remove()
         return [
             LayerInfo(n, type(modules[n]).__name__, shapes[n][0],
                       (shapes[n][0][0] if shapes[n][0] else None), len(shapes[n]),
@@ -451,7 +622,10 @@ class GeneratorAdapter:
         """The generator traced by ``torch.fx`` (None when it cannot be traced)."""
         if not self._traced:
             self._traced = True
-            if self.forward_fn is None:
+            if self._noise is not None:  # a cut would renumber the suffix's random draws
+                self._graph_error = ("noise='per-sample': every forward runs in full so that "
+                                     "each random draw keeps its position")
+            elif self.forward_fn is None:
                 try:
                     self._graph = fx.symbolic_trace(self.generator)
                 except Exception as e:  # fx raises many types; the fallback is exact
@@ -501,8 +675,7 @@ class _AdapterSplit(Split):
         self.exact_graph = isinstance(inner, FxSplit)
 
     def prefix(self, z: L.Latent):  # type: ignore[override]
-        self.adapter.check_latent(z)
-        z = L.to_device(z, self.adapter.device)
+        z = self.adapter.as_latent(z)
         with self.adapter.eval_mode(), self.adapter._one_forward():
             return self.inner.prefix(z)
 
@@ -536,20 +709,92 @@ def _replace_channels(layer: str, idx: torch.Tensor, values: torch.Tensor) -> Ca
 
 
 def _latent_shapes(latent_shape: object) -> list[tuple[int, ...]]:
-    def is_shape(s: object) -> bool:
-        return isinstance(s, (tuple, list, torch.Size)) and all(
-            isinstance(d, int) and d > 0 for d in s
-        )
+    def is_dim(d: object) -> bool:  # numpy integers too, bools not
+        return isinstance(d, numbers.Integral) and not isinstance(d, bool) and int(d) > 0
 
-    if isinstance(latent_shape, int) and latent_shape > 0:
-        return [(latent_shape,)]
+    def is_shape(s: object) -> bool:
+        return isinstance(s, (tuple, list, torch.Size)) and all(is_dim(d) for d in s)
+
+    def shape(s: Any) -> tuple[int, ...]:
+        return (int(s),) if is_dim(s) else tuple(int(d) for d in s)
+
+    if is_dim(latent_shape):
+        return [shape(latent_shape)]
     if is_shape(latent_shape) and len(latent_shape) > 0:  # type: ignore[arg-type]
-        return [tuple(latent_shape)]  # type: ignore[arg-type]
+        return [shape(latent_shape)]
     if isinstance(latent_shape, (tuple, list)) and latent_shape and all(
-        is_shape(s) or (isinstance(s, int) and s > 0) for s in latent_shape
+        is_shape(s) and len(s) > 0 or is_dim(s) for s in latent_shape
     ):
-        return [tuple(s) if not isinstance(s, int) else (s,) for s in latent_shape]
+        return [shape(s) for s in latent_shape]
     raise ConfigError(
         f"latent_shape must be a per-sample shape such as (100, 1, 1), or a tuple of shapes "
         f"for a generator with several inputs, got {latent_shape!r}."
     )
+
+
+def _output_range(value: object) -> tuple[float, float]:
+    """``(low, high)`` as floats, finite, low < high (raises ConfigError)."""
+    ok = (isinstance(value, (tuple, list)) and len(value) == 2 and all(
+        isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(float(v))
+        for v in value))
+    if not ok or not float(value[1]) > float(value[0]):  # type: ignore[index]
+        raise ConfigError(
+            f"output_range must be (low, high), two finite numbers with low < high, e.g. "
+            f"(-1, 1) for tanh outputs or (0, 1) for sigmoid ones; got {value!r}."
+        )
+    return float(value[0]), float(value[1])  # type: ignore[index]
+
+
+def _resolve_device(device: object, generator: nn.Module,
+                    check_generator: bool = True) -> torch.device:
+    """The adapter's device: ``device`` checked to exist here, or the generator's own."""
+    tensors = [*generator.parameters(), *generator.buffers()]
+    if check_generator and any(t.is_meta for t in tensors):
+        raise ConfigError(
+            f"{type(generator).__name__}'s parameters are on the meta device (shapes without "
+            "values), so it cannot run. Materialise it first, e.g. "
+            "generator.to_empty(device='cpu') then generator.load_state_dict(weights)."
+        )
+    if device is None:
+        return tensors[0].device if tensors else torch.device("cpu")
+    return checks.device(device)
+
+
+def _loses_precision(src: torch.dtype, dst: torch.dtype) -> bool:
+    """Whether casting floating ``src`` to ``dst`` can change a value."""
+    a, b = torch.finfo(src), torch.finfo(dst)
+    return b.bits < a.bits or b.eps > a.eps or b.max < a.max
+
+
+def _nondeterminism(y1: torch.Tensor, y2: torch.Tensor, y3: torch.Tensor,
+                    what: str = "order in the batch") -> str | None:
+    """Why three images of the same two samples disagree (None: they agree).
+
+    ``y1``, ``y2``: the same batch twice (must agree bitwise). ``y3``: the same samples run
+    another way (must agree to float rounding).
+    """
+    same = (y1 == y2) | (y1.isnan() & y2.isnan())
+    if not bool(same.all()):
+        diff = float((y1 - y2).abs().nan_to_num(0).max())
+        return f"two forwards of the same latents differ by up to {diff:.3g}"
+    scale = float(y1.abs().nan_to_num(0).max()) or 1.0
+    diff = float((y1 - y3).abs().nan_to_num(0).max())
+    if diff > 1e-4 * scale + 1e-6:
+        return f"a sample's image changes by up to {diff:.3g} with its {what}"
+    return None
+
+
+def _noise_message(name: str, problem: str, draws: Sequence[N.Draw]) -> str:
+    ops = sorted({d.op for d in draws})
+    seen = (f"It calls {', '.join(ops)} ({len(draws)} random draw(s) per forward). "
+            if ops else "No torch random operator was seen, so the randomness comes from "
+            "elsewhere (numpy, Python's random module, state kept between calls)"
+            + (", or the forward mixes the samples of a batch. " if "order" in problem
+               else ". "))
+    fix = ("Pass GeneratorAdapter(..., noise='per-sample') to hold every draw fixed per "
+           "sample (same latent, same noise, in any batch; hybrids keep Original 1's noise), "
+           "or make the noise an input of the generator (a per-sample latent input)."
+           if ops else "Make the forward deterministic or pass the noise as a per-sample "
+           "latent input.")
+    return (f"{name}'s forward is not deterministic: {problem}. {seen}Hybrids and influence "
+            f"maps would sit on a noise floor, so cfmodules refuses. {fix}")

@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from cfmodules.errors import ConfigError, ModuleError, did_you_mean
 from cfmodules.names import module_name
 
+if TYPE_CHECKING:
+    import torch
+
 __all__ = ["integer", "positive_int", "seed", "positive_number", "one_of", "clustering_method",
-           "module", "modules", "SEED_LIMIT", "CLUSTERING_METHODS"]
+           "module", "modules", "device", "SEED_LIMIT", "CLUSTERING_METHODS"]
 
 CLUSTERING_METHODS = ("nmf", "kmeans")
 """The clustering methods of influence maps: NMF (the paper's) and k-means (its baseline)."""
@@ -174,3 +177,46 @@ def _channel_list(channels: Any, layer: str, name: str) -> list[int]:
         raise ModuleError(f"Channel(s) {dup[:5]} of layer '{layer}' are listed more than once "
                           f"in {name}.")
     return values
+
+
+def _available_devices() -> str:
+    import torch
+
+    names = ["'cpu'"]
+    if torch.cuda.is_available():
+        names += [f"'cuda:{i}'" for i in range(torch.cuda.device_count())]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        names.append("'mps'")
+    return ", ".join(names)
+
+
+def device(value: Any, name: str = "device") -> torch.device:
+    """``value`` as a ``torch.device`` that exists on this machine (not ``meta``).
+
+    Raises ConfigError for unknown names (``"gpu"``), ``"cuda:3"`` on a machine without
+    that device, and ``"meta"``, listing the devices available here.
+    """
+    import torch
+
+    try:
+        dev = torch.device(value)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise ConfigError(f"Unknown {name} {value!r}. Devices available here: "
+                          f"{_available_devices()}.") from e
+    if dev.type == "meta":
+        raise ConfigError(f"{name}='meta' has no values to compute with; choose one of the "
+                          f"devices available here: {_available_devices()}.")
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (dev.index is not None and dev.index >= count):
+            have = f"this machine has {count} CUDA device(s)" if count else "CUDA is not available"
+            raise ConfigError(f"{name}={str(dev)!r}, but {have}. Devices available here: "
+                              f"{_available_devices()}.")
+    elif dev.type != "cpu":
+        backend = getattr(torch.backends, dev.type, None) or getattr(torch, dev.type, None)
+        is_available = getattr(backend, "is_available", None)
+        if callable(is_available) and not is_available():
+            raise ConfigError(f"{name}={str(dev)!r}, but {dev.type} is not available here. "
+                              f"Devices available here: {_available_devices()}.")
+    return dev

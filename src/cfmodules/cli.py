@@ -71,12 +71,7 @@ def _resolve_device(device: str) -> str:
 
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise ConfigError(f"Unknown device {device!r}; use cpu, cuda, cuda:1, mps or auto.") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device}: CUDA is not available here; use --device cpu.")
+    checks.device(device, "--device")  # 'auto' is the CLI's own choice
     return device
 
 
@@ -269,8 +264,6 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         raise ConfigError(f"--layer is given {len(args.layer)} times; give one layer, or two "
                           "for a two-layer intervention.")
     adapter = load_model(args.model, args.device, args.latent_shape)
-    import torch
-
     from cfmodules.hooks import resolve_layers
     from cfmodules.influence.distributed import init_from_env, world
 
@@ -280,8 +273,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     if init_from_env(adapter.device):  # under torchrun: each rank takes a shard of channels
         local = os.environ.get("LOCAL_RANK")
         if adapter.device.type == "cuda" and local is not None:
-            adapter.generator.to(f"cuda:{local}")
-            adapter.device = torch.device(f"cuda:{local}")
+            adapter.to(f"cuda:{local}")
     rank, _ = world()
     out = _writable_dir(args.out) if rank == 0 else Path(args.out)
     ckpt = out / "checkpoints"

@@ -21,6 +21,7 @@ __all__ = [
     "ShapeError",
     "ConfigError",
     "GeneratorOutputError",
+    "NondeterministicForwardError",
     "ModelNotAvailableError",
     "NotFittedError",
     "CheckpointError",
@@ -70,6 +71,10 @@ class ModuleError(ChannelError, ConfigError):
 
 class GeneratorOutputError(CfModulesError, RuntimeError):
     """The generator returned something that is not a usable image batch (tuple, NaN, ...)."""
+
+
+class NondeterministicForwardError(GeneratorOutputError):
+    """The generator's forward gives different images for the same latent (it draws noise)."""
 
 
 class ModelNotAvailableError(CfModulesError, RuntimeError):

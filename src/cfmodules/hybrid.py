@@ -81,16 +81,15 @@ def hybridize(
         The hybrids, on the adapter's device. With no channel in the module they equal
         Original 1; with every channel of a layer they equal Original 2 downstream of it.
     """
-    n1 = adapter.check_latent(z1, "latent z1")
-    n2 = adapter.check_latent(z2, "latent z2")
+    z1 = adapter.as_latent(z1, "latent z1")
+    z2 = adapter.as_latent(z2, "latent z2")
+    n1, n2 = L.batch_size(z1), L.batch_size(z2)
     if n1 != n2:
         raise LatentError(
             f"z1 and z2 must have the same batch size (pair i is z1[i], z2[i]); got {n1} and {n2}."
         )
+    step = n1 if batch_size is None else checks.positive_int(batch_size, "batch_size")
     channels = module_channels(adapter, module)
-    z1 = L.to_device(z1, adapter.device)
-    z2 = L.to_device(z2, adapter.device)
-    step = batch_size or n1
     out = []
     for s in range(0, n1, step):
         sl = slice(s, s + step)

@@ -68,9 +68,10 @@ def concat(zs: Sequence[Latent]) -> Latent:
     return _rebuild(first, [torch.cat([_parts(z)[i] for z in zs]) for i in range(n_parts)])
 
 
-def to_device(z: Latent, device: torch.device) -> Latent:
-    """Move every input of the batch to ``device``."""
-    return _rebuild(z, [p.to(device) for p in _parts(z)])
+def to_device(z: Latent, device: torch.device, dtype: torch.dtype | None = None) -> Latent:
+    """Move every input of the batch to ``device`` (and its floating inputs to ``dtype``)."""
+    return _rebuild(z, [p.to(device, dtype) if dtype is not None and p.is_floating_point()
+                        else p.to(device) for p in _parts(z)])
 
 
 def check_latent(z: object, shapes: Sequence[tuple[int, ...]], what: str = "latent") -> int:
@@ -102,8 +103,20 @@ def check_latent(z: object, shapes: Sequence[tuple[int, ...]], what: str = "late
     parts = _parts(z)  # type: ignore[arg-type]
     sizes = set()
     for i, (p, shape) in enumerate(zip(parts, shapes)):
+        which = f" input {i}" if multi else ""
+        if not p.is_floating_point():
+            raise LatentError(
+                f"The {what}{which} has dtype {p.dtype}; latents are floating-point tensors "
+                "(float32, or float64/float16, which are cast to the generator's dtype). "
+                "Pass class labels and other integers as float one-hot vectors, or convert "
+                "them in a forward=... function."
+            )
+        if p.is_meta:
+            raise LatentError(
+                f"The {what}{which} is a meta tensor (a shape without values); pass a latent "
+                "with values, e.g. adapter.sample_latents(n)."
+            )
         if p.dim() != len(shape) + 1 or tuple(p.shape[1:]) != tuple(shape):
-            which = f" input {i}" if multi else ""
             raise LatentError(
                 f"The {what}{which} has shape {tuple(p.shape)}; expected (N, "
                 f"{', '.join(map(str, shape))}) with the batch first."
@@ -122,8 +135,12 @@ def check_latent(z: object, shapes: Sequence[tuple[int, ...]], what: str = "late
 
 
 def sample_seed(seed: int, index: int) -> int:
-    """A 63-bit seed for sample ``index`` of the stream ``seed`` (independent streams)."""
-    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(index)]).generate_state(2)
+    """A 63-bit seed for sample ``index`` of the stream ``seed`` (independent streams).
+
+    ``seed`` is in ``[0, 2**32)`` and ``index`` >= 0 (:func:`sample` checks both): no two
+    streams share a seed.
+    """
+    state = np.random.SeedSequence([int(seed), int(index)]).generate_state(2)
     return int((int(state[0]) << 31) ^ int(state[1])) & 0x7FFFFFFFFFFFFFFF
 
 
@@ -133,9 +150,12 @@ def sample(
     """Draw samples ``start .. start+n-1`` of the stream ``seed`` from ``prior``.
 
     Each sample has its own generator seeded from ``(seed, index)``, so sample ``i`` is the
-    same whatever ``n``, ``start`` or batch size it is drawn with.
+    same whatever ``n``, ``start`` or batch size it is drawn with. ``n``, ``seed`` and
+    ``start`` may be Python or numpy integers; ``seed`` is in ``[0, 2**32)``.
     """
     n = checks.positive_int(n, "The number of samples")
+    seed = checks.seed(seed)
+    start = checks.integer(start, "start", low=0)
     if isinstance(prior, str) and prior not in ("normal", "uniform"):
         raise ConfigError(
             f"Unknown prior {prior!r}: use 'normal', 'uniform' or a callable(n, generator)."
