@@ -650,8 +650,6 @@ class GeneratorAdapter:
                     split = fx_split(gm, ref)
                 except LayerNotFoundError:
                     split = None
-                except LayerCallError:
-                    raise
             if split is None:
                 split = HookSplit(self.generator, self._raw, layer)
             self._splits[layer] = _AdapterSplit(self, split)

@@ -16,8 +16,6 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import inspect
 import os
 import shlex
 import sys
@@ -25,12 +23,13 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import NoReturn
 
-from cfmodules import checks
+from cfmodules import checks, models
+from cfmodules._deprecation import moved_names
 from cfmodules.errors import CfModulesError, ConfigError
 
-__all__ = ["main", "load_model", "parse_latent_shape", "build_parser"]
+__all__ = ["main", "build_parser"]
 
 PROG = "cfmodules"
 EXIT_USAGE = 2
@@ -42,164 +41,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-# ---------------------------------------------------------------------- models
-def parse_latent_shape(text: str) -> tuple[int, ...] | tuple[tuple[int, ...], ...]:
-    """``"100,1,1"`` -> ``(100, 1, 1)``; ``"128;1000"`` -> ``((128,), (1000,))``.
-
-    Dimensions are separated by ``,`` or ``x``; the inputs of a multi-input generator by
-    ``;``.
-    """
-    try:
-        shapes = []
-        for part in text.split(";"):
-            dims = tuple(int(d) for d in part.replace("x", ",").split(",") if d.strip())
-            if not dims or any(d < 1 for d in dims):
-                raise ValueError
-            shapes.append(dims)
-    except ValueError:
-        raise ConfigError(
-            f"--latent-shape must be positive integers separated by commas, e.g. 100,1,1 (and "
-            f"';' between the inputs of a multi-input generator, e.g. 128;1000); got {text!r}."
-        ) from None
-    return shapes[0] if len(shapes) == 1 else tuple(shapes)
-
-
-def _resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    checks.device(device, "--device")  # 'auto' is the CLI's own choice
-    return device
-
-
-def _split_factory(spec: str) -> tuple[str, str] | None:
-    """``"path/file.py:factory"`` -> (path, factory); None for a zoo name."""
-    path, sep, name = spec.rpartition(":")
-    if sep and path.endswith(".py"):
-        return path, name
-    if spec.endswith(".py") or os.sep in spec or "/" in spec:
-        raise ConfigError(
-            f"--model {spec!r}: give a zoo name or path/to/file.py:factory, where factory is a "
-            "function of that file returning an nn.Module or a GeneratorAdapter."
-        )
-    return None
-
-
-def _call_factory(path: str, name: str, device: str) -> Any:
-    file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"--model: no file '{path}'.")
-    if not name.isidentifier():
-        raise ConfigError(f"--model: '{name}' is not a function name; use {path}:make_generator.")
-    mod_name = f"_cfmodules_user_{abs(hash(str(file.resolve())))}"
-    spec = importlib.util.spec_from_file_location(mod_name, file)
-    if spec is None or spec.loader is None:
-        raise ConfigError(f"--model: cannot import '{path}' as a Python file.")
-    module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(file.resolve().parent))  # the file may import its neighbours
-    try:
-        spec.loader.exec_module(module)
-        factory = getattr(module, name, None)
-        if not callable(factory):
-            public = [n for n, v in vars(module).items() if callable(v) and not n.startswith("_")
-                      and getattr(v, "__module__", None) == mod_name]
-            from cfmodules.errors import did_you_mean
-
-            raise ConfigError(f"--model: '{path}' has no function '{name}'."
-                              f"{did_you_mean(name, public)}"
-                              + (f" Functions: {', '.join(public[:8])}." if public else ""))
-        try:
-            takes_device = "device" in inspect.signature(factory).parameters
-        except (TypeError, ValueError):
-            takes_device = False
-        return factory(device=device) if takes_device else factory()
-    except CfModulesError:
-        raise
-    except Exception as e:
-        raise ConfigError(f"--model {path}:{name} failed: {type(e).__name__}: "
-                          f"{_first_line(e)}") from e
-    finally:
-        sys.path.remove(str(file.resolve().parent))
-
-
-def load_model(spec: str, device: str = "auto", latent_shape: str | None = None):
-    """Load ``spec`` (a zoo name or ``path/to/file.py:factory``) as a GeneratorAdapter.
-
-    Parameters
-    ----------
-    spec : str
-        Zoo name (``cfmodules.zoo.available()``) or ``file.py:factory``. The factory
-        returns a GeneratorAdapter, or an nn.Module (then ``latent_shape`` is needed); it
-        receives ``device=`` if it has such a parameter.
-    device : str, default "auto"
-        ``"auto"``: CUDA when available, else CPU.
-    latent_shape : str, optional
-        For a factory returning an nn.Module, e.g. ``"100,1,1"``.
-
-    Returns
-    -------
-    GeneratorAdapter
-        Checked by one forward pass of a single sample.
-
-    Raises
-    ------
-    ConfigError, ModelNotAvailableError
-    """
-    import torch
-    from torch import nn
-
-    from cfmodules import zoo
-    from cfmodules.adapter import GeneratorAdapter
-
-    dev = _resolve_device(device)
-    factory = _split_factory(spec)
-    if factory is None:
-        if latent_shape is not None:
-            raise ConfigError(f"--latent-shape is for models given as file.py:factory; the zoo "
-                              f"model '{spec}' knows its own.")
-        adapter = zoo.load(spec, device=dev)
-    else:
-        obj = _call_factory(*factory, dev)
-        if isinstance(obj, GeneratorAdapter):
-            if latent_shape is not None:
-                raise ConfigError(f"{spec} returned a GeneratorAdapter, which has its own latent "
-                                  "shape; drop --latent-shape.")
-            adapter = obj
-            if device != "auto" and adapter.device != torch.device(dev):
-                raise ConfigError(
-                    f"{spec} returned an adapter on {adapter.device}, not {dev}; give the "
-                    "factory a device parameter (it is then called with device=...).")
-        elif isinstance(obj, nn.Module):
-            if latent_shape is None:
-                raise ConfigError(
-                    f"{spec} returned an nn.Module ({type(obj).__name__}); give its per-sample "
-                    "latent shape with --latent-shape (e.g. 100,1,1), or return a "
-                    "cfmodules.GeneratorAdapter from the factory.")
-            shape = parse_latent_shape(latent_shape)
-            adapter = GeneratorAdapter(obj.to(dev), shape, device=dev,
-                                       name=Path(factory[0]).stem)
-        else:
-            raise ConfigError(f"{spec} returned {type(obj).__name__}, not an nn.Module or a "
-                              "GeneratorAdapter.")
-    try:
-        adapter.layers_cached()  # one forward of one sample: fail now, not mid-analysis
-    except CfModulesError:
-        raise
-    except Exception as e:
-        raise ConfigError(
-            f"Running {spec} on one latent of shape {adapter.latent_shape} failed: "
-            f"{type(e).__name__}: {_first_line(e)}. Check the latent shape (--latent-shape) "
-            "or pass forward=/output_transform= to the GeneratorAdapter your factory returns."
-        ) from e
-    return adapter
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else ""
 
 
 def _writable_dir(path: str) -> Path:
@@ -233,7 +74,7 @@ def _parse_ks(text: str) -> tuple[int, ...]:
 def _cmd_layers(args: argparse.Namespace) -> int:
     from cfmodules.analysis import default_layer
 
-    adapter = load_model(args.model, args.device, args.latent_shape)
+    adapter = models.load_model(args.model, args.device, args.latent_shape)
     try:
         default = default_layer(adapter)
     except ConfigError:
@@ -263,7 +104,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     if args.layer and len(args.layer) > 2:
         raise ConfigError(f"--layer is given {len(args.layer)} times; give one layer, or two "
                           "for a two-layer intervention.")
-    adapter = load_model(args.model, args.device, args.latent_shape)
+    adapter = models.load_model(args.model, args.device, args.latent_shape)
     from cfmodules.hooks import resolve_layers
     from cfmodules.influence.distributed import init_from_env, world
 
@@ -305,7 +146,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def _portable_spec(spec: str) -> str:
-    factory = _split_factory(spec)
+    factory = models.split_spec(spec)
     if factory is None:
         return spec
     return f"{Path(factory[0]).resolve()}:{factory[1]}"
@@ -318,7 +159,7 @@ def _cmd_hybrids(args: argparse.Namespace) -> int:
     result = AnalysisResult.load(args.modules)
     spec = args.model or result.model_spec
     shape = args.latent_shape or result.model_options.get("latent_shape")
-    adapter = load_model(spec, args.device, shape)
+    adapter = models.load_model(spec, args.device, shape)
     for layer in result.layers:
         n = adapter.layer_channels(layer)
         top = int(result.unit_channel[result.unit_layer == layer].max()) + 1
@@ -472,3 +313,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
+
+
+# the model loading moved to cfmodules.models (one home, usable without the command line)
+__getattr__ = moved_names(__name__, {"load_model": "cfmodules.models:load_model",
+                                     "parse_latent_shape": "cfmodules.models:parse_latent_shape"})

@@ -17,6 +17,7 @@ split is used unchanged.
 from __future__ import annotations
 
 import copy
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,9 @@ from cfmodules import latents as L
 from cfmodules.engine.split import SplitState, fx_split
 from cfmodules.engine.workspace import Workspace
 from cfmodules.hooks import resolve_layer
+
+if TYPE_CHECKING:  # the adapter imports the engine; annotations only
+    from cfmodules.adapter import GeneratorAdapter
 
 __all__ = ["FastSplit", "GemmConvTranspose2d", "accelerate", "fold_batchnorm", "strip_leading_relu"]
 
@@ -285,7 +289,7 @@ class FastSplit:
     layer : str
     """
 
-    def __init__(self, adapter, layer: str):  # noqa: ANN001 - GeneratorAdapter (no cycle)
+    def __init__(self, adapter: GeneratorAdapter, layer: str):
         self.adapter = adapter
         self.base = adapter.split(layer)
         self.suffix_module: fx.GraphModule | None = None
