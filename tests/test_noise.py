@@ -266,3 +266,17 @@ def test_a_draw_that_cannot_be_split_by_sample_is_refused_by_name():
     with pytest.raises(NondeterministicForwardError, match="cannot hold the draw.*rrelu"):
         ad.generate(z_batch())
     assert_clean(gen, train=True)
+
+
+def test_a_deterministic_generator_is_checked_without_a_dispatch_mode(tiny, monkeypatch):
+    import cfmodules.noise as noise
+
+    def no_mode(*a, **k):
+        raise AssertionError("a dispatch mode was entered for a deterministic generator")
+
+    monkeypatch.setattr(noise, "DrawRecorder", no_mode)
+    monkeypatch.setattr(noise, "PerSampleNoise", no_mode)
+    ad = GeneratorAdapter(tiny, (2, 1, 1))
+    z = ad.sample_latents(3)
+    hybridize(ad, z, z.flip(0), {"act": [1]})
+    assert ad._noise_checked

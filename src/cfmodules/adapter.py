@@ -351,7 +351,8 @@ class GeneratorAdapter:
         """The first-use check: does the forward give the same images for the same latents?
 
         Runs two samples three times (inside ``eval_mode``, no hooks open, the global random
-        state forked so that the user's stream is untouched). Raises
+        state forked so that the user's stream is untouched); only when the images differ,
+        or with ``noise="per-sample"``, once more to name the random draws. Raises
         NondeterministicForwardError when the images change between runs or with the
         samples' order in the batch (unless ``noise="per-sample"`` holds them fixed). A
         generator that fails on this probe is left to fail on the real call instead.
@@ -362,25 +363,29 @@ class GeneratorAdapter:
                                        if devices else "cuda"):
                 z = self.sample_latents(2, seed=0)
                 swapped = L.select(z, torch.tensor([1, 0]))
+                y1 = self.images(self._call(z), 2)
+                y2 = self.images(self._call(z), 2)
+                y3 = self.images(self._call(swapped), 2).flip(0)
+                problem = _nondeterminism(y1, y2, y3)
+                if problem is None and self._noise is None:
+                    self._noise_checked = True  # the common case: no dispatch mode needed
+                    return
+                # name the draws (and learn which are shared by the batch): a dispatch mode,
+                # whose first use in a process costs an import of a few seconds
                 rec = N.DrawRecorder()
                 with rec:
-                    y1 = self.images(self._call(z), 2)
-                    n_draws = len(rec.draws)
-                    y2 = self.images(self._call(z), 2)
-                y3 = self.images(self._call(swapped), 2).flip(0)
+                    self._call(z)
                 self._shared_draws = frozenset(
-                    i for i, d in enumerate(rec.draws[:n_draws]) if d.leading != 2)
-                problem = _nondeterminism(y1, y2, y3)
-                if problem is not None and self._noise is None:
-                    raise NondeterministicForwardError(_noise_message(self.name, problem,
-                                                                      rec.draws[:n_draws]))
-                if self._noise is not None:
-                    if problem is None and not rec.draws:
-                        warnings.warn(
-                            f"{self.name} draws no random numbers in its forward; "
-                            "noise='per-sample' changes nothing but makes every hybrid a "
-                            "full forward. Pass noise=None.", UserWarning, stacklevel=5)
-                    self._check_per_sample(z, swapped)
+                    i for i, d in enumerate(rec.draws) if d.leading != 2)
+                if self._noise is None:
+                    raise NondeterministicForwardError(
+                        _noise_message(self.name, problem, rec.draws))  # type: ignore[arg-type]
+                if problem is None and not rec.draws:
+                    warnings.warn(
+                        f"{self.name} draws no random numbers in its forward; "
+                        "noise='per-sample' changes nothing but makes every hybrid a "
+                        "full forward. Pass noise=None.", UserWarning, stacklevel=5)
+                self._check_per_sample(z, swapped)
         except NondeterministicForwardError:
             raise
         except Exception:  # the real call will raise the generator's own error
