@@ -17,8 +17,8 @@ import torch
 import cfmodules
 from cfmodules.analysis import AnalysisResult
 from cfmodules.cli import main
-from cfmodules.models import parse_latent_shape
 from cfmodules.errors import ConfigError, LayerNotFoundError
+from cfmodules.models import parse_latent_shape
 from cfmodules.report import FIGURES
 from report_helpers import factory_file
 

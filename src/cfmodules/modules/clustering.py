@@ -342,11 +342,8 @@ def _cluster_features(
         weights, templates, err, converged = _nmf(flat, k, n_init, max_iter, rng)
         labels = weights.argmax(axis=1)
     else:
-        km = KMeans(n_clusters=k, n_init=n_init, max_iter=max_iter,
-                    random_state=rng.randint(np.iinfo(np.int32).max))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            labels = km.fit_predict(flat)
+        km = KMeans(n_clusters=k, n_init=n_init, max_iter=max_iter, random_state=_draw(rng))
+        labels = _quietly(km.fit_predict, flat)
         templates = km.cluster_centers_
         weights = np.eye(k)[labels]
         err = float(np.sqrt(max(km.inertia_, 0.0)))
@@ -365,11 +362,8 @@ def _nmf(
     best: tuple[float, np.ndarray, np.ndarray, bool] | None = None
     for i in range(n_init):
         init = "nndsvda" if i == 0 else "random"
-        model = NMF(n_components=k, init=init, max_iter=max_iter,
-                    random_state=rng.randint(np.iinfo(np.int32).max))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            w = model.fit_transform(flat)
+        model = NMF(n_components=k, init=init, max_iter=max_iter, random_state=_draw(rng))
+        w = _quietly(model.fit_transform, flat)
         h = model.components_
         err = float(model.reconstruction_err_)
         if best is None or err < best[0] - 1e-12:
@@ -381,6 +375,19 @@ def _nmf(
     scale = h.max(axis=1)
     scale[scale <= 0] = 1.0
     return w * scale, h / scale[:, None], err, converged
+
+
+def _draw(rng: np.random.RandomState) -> int:
+    """A seed for one scikit-learn fit, drawn from the clustering's stream."""
+    return int(rng.randint(np.iinfo(np.int32).max))
+
+
+def _quietly(fit: Any, flat: np.ndarray) -> Any:
+    """``fit(flat)`` without scikit-learn's per-restart ConvergenceWarning (the best fit's
+    convergence is reported once, by ModuleClustering.fit)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return fit(flat)
 
 
 def module_sizes(labels: Any, n_modules: int | None = None) -> np.ndarray:
