@@ -4,9 +4,11 @@ it mentions imports (the reference cannot drift from the code unnoticed)."""
 from __future__ import annotations
 
 import builtins
+import functools
 import importlib
 import inspect
 import keyword
+import pkgutil
 import re
 from pathlib import Path
 
@@ -18,6 +20,41 @@ _INDEX = re.compile(r"^(cfmodules(?:\.\w+)*)\s{2,}(.+)$", re.M)
 _CALL = re.compile(r"`(?:(cfmodules(?:\.\w+)+)\.)?([A-Za-z_]\w*)\(")  # `name(` or `mod.name(`
 _CLASS = re.compile(r"`([A-Z]\w+)`")
 _SKIP = {"main"}  # `cfmodules` the command's own words, not Python names
+
+
+@functools.lru_cache(maxsize=1)
+def _all_classes() -> dict[str, object]:
+    """Every public class of every cfmodules module."""
+    import cfmodules
+
+    out: dict[str, object] = {}
+    for info in pkgutil.walk_packages(cfmodules.__path__, "cfmodules."):
+        if info.name.endswith("__main__"):  # runs the command line
+            continue
+        try:
+            mod = importlib.import_module(info.name)
+        except ImportError:  # an optional dependency that is not installed
+            continue
+        out.update({n: v for n, v in vars(mod).items()
+                    if inspect.isclass(v) and not n.startswith("_")})
+    return out
+
+
+def _resolves(dotted: str) -> bool:
+    """Whether ``cfmodules.a.B.c`` names something: the longest importable module, then
+    attributes."""
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:cut]))
+        except ModuleNotFoundError:
+            continue
+        for attr in parts[cut:]:
+            if not hasattr(obj, attr):
+                return False
+            obj = getattr(obj, attr)
+        return True
+    return False
 
 
 def _sections() -> list[tuple[str, str]]:
@@ -62,15 +99,13 @@ def test_every_module_and_name_of_the_index_imports():
 
 @pytest.mark.parametrize("module_name, body", _sections(), ids=[m for m, _ in _sections()])
 def test_every_function_named_in_a_section_exists(module_name, body):
-    names = _namespace(module_name)
-    for other, _ in _sections():  # a class may be named in another module's section
-        names.update({n: v for n, v in _namespace(other).items() if inspect.isclass(v)})
+    names = {**_all_classes(), **_namespace(module_name)}  # a class may be named anywhere
     missing = []
     for qualified, name in _CALL.findall(body):
         if name in _SKIP or name in dir(builtins) or keyword.iskeyword(name):
             continue
         if qualified:
-            if not hasattr(importlib.import_module(qualified), name):
+            if not _resolves(f"{qualified}.{name}"):
                 missing.append(f"{qualified}.{name}")
         elif name not in names and not hasattr(importlib.import_module("cfmodules"), name):
             missing.append(name)

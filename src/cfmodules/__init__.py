@@ -3,7 +3,14 @@
 The method of Besserve et al., "Counterfactuals uncover the modular structure of deep
 generative models", ICLR 2020: hybridize the hidden channels of a generator between two
 latent samples, measure the influence map of each channel, and cluster the maps into
-modules. Nothing heavy runs at import time; submodules load on first attribute access.
+modules. Nothing heavy runs at import time; submodules load on first attribute access,
+so the main verbs are at the top level without making ``import cfmodules`` slow::
+
+    import cfmodules
+    adapter = cfmodules.zoo.load("dcgan-faces")
+    result = cfmodules.analyze(adapter)      # in a notebook: table, templates, hybrids
+    cfmodules.show(result.hybrids)           # a batch of images as a grid
+    cfmodules.explore(result)                # paint a region, see its hybrids live
 """
 
 from __future__ import annotations
@@ -14,24 +21,46 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 # name -> submodule that defines it; resolved lazily so `import cfmodules` stays cheap.
-_EXPORTS = {
+# A value of None means the name is itself a subpackage (``cfmodules.zoo``).
+_EXPORTS: dict[str, str | None] = {
     "GeneratorAdapter": "cfmodules.adapter",
     "LayerInfo": "cfmodules.adapter",
     "hybridize": "cfmodules.hybrid",
     "CfModulesError": "cfmodules.errors",
+    "zoo": None,
+    "analyze": "cfmodules.analysis",
+    "AnalysisResult": "cfmodules.analysis",
+    "influence_maps": "cfmodules.influence",
+    "module_influence_maps": "cfmodules.influence",
+    "ModuleClustering": "cfmodules.modules",
+    "cluster_stability": "cfmodules.modules",
+    "show": "cfmodules.display",
+    "explore": "cfmodules.explorer",
 }
+
+# Old names, still resolved (they warn when used) but not advertised.
+_DEPRECATED = {"module_influence": "cfmodules.influence"}
 
 __all__ = ["__version__", *_EXPORTS]
 
 if TYPE_CHECKING:  # pragma: no cover
+    from cfmodules import zoo
     from cfmodules.adapter import GeneratorAdapter, LayerInfo
+    from cfmodules.analysis import AnalysisResult, analyze
+    from cfmodules.display import show
     from cfmodules.errors import CfModulesError
+    from cfmodules.explorer import explore
     from cfmodules.hybrid import hybridize
+    from cfmodules.influence import influence_maps, module_influence_maps
+    from cfmodules.modules import ModuleClustering, cluster_stability
 
 
 def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    if name in _EXPORTS or name in _DEPRECATED:
+        home = _EXPORTS.get(name) or _DEPRECATED.get(name)
+        if home is None:
+            return importlib.import_module(f"cfmodules.{name}")
+        return getattr(importlib.import_module(home), name)
     raise AttributeError(f"module 'cfmodules' has no attribute '{name}'")
 
 

@@ -632,7 +632,10 @@ class GeneratorAdapter:
                                      "each random draw keeps its position")
             elif self.forward_fn is None:
                 try:
-                    self._graph = fx.symbolic_trace(self.generator)
+                    # traced in eval mode: fx bakes `self.training` (e.g. functional dropout's
+                    # training=self.training) into the graph as a constant
+                    with self.eval_mode():
+                        self._graph = fx.symbolic_trace(self.generator)
                 except Exception as e:  # fx raises many types; the fallback is exact
                     self._graph_error = f"{type(e).__name__}: {e}"
             else:

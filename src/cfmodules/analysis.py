@@ -296,6 +296,20 @@ class AnalysisResult(Result):
             m = self.stability.methods[0]
         return int(self.stability.suggest_k(m))
 
+    def _html_figures(self) -> dict[str, Callable[[], Any]]:
+        from cfmodules import plots
+
+        names = self.module_names
+        return {
+            "Templates of the modules over the mean sample": lambda: plots.plot_templates(
+                self.templates, background=self.mean_image, names=names,
+                sizes=self.module_sizes),
+            "Original 1, Original 2 and the hybrid of each module (first 4 pairs)":
+                lambda: plots.plot_hybrid_grid(
+                    self.original1[:4] / 255.0, self.original2[:4] / 255.0,
+                    self.hybrids[:, :4] / 255.0, module_names=names, templates=self.templates),
+        }
+
     # ------------------------------------------------------------------ dict, file, text
     def _derived(self) -> dict[str, Any]:
         out: dict[str, Any] = {

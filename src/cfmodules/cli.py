@@ -11,6 +11,7 @@ Examples::
     cfmodules analyze --out out                      # the pretrained DCGAN faces, main.8
     cfmodules analyze --model my_gan.py:make_generator --latent-shape 128 --layer block3 --out out
     cfmodules hybrids --modules out/results.npz --pairs 12 --out out/new_hybrids.png
+    cfmodules explore out/results.npz
 """
 
 from __future__ import annotations
@@ -23,13 +24,13 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from cfmodules import checks, models
 from cfmodules._deprecation import moved_names
 from cfmodules.errors import CfModulesError, ConfigError
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "load_model_for", "read_modules", "build_parser"]
 
 PROG = "cfmodules"
 EXIT_USAGE = 2
@@ -152,30 +153,80 @@ def _portable_spec(spec: str) -> str:
     return f"{Path(factory[0]).resolve()}:{factory[1]}"
 
 
+def read_modules(path: str, model: str | None = None, device: str = "auto",
+                 latent_shape: str | None = None) -> tuple[Any, Any, int]:
+    """The modules of ``path`` (a ``results.npz`` or a module ``.json``) and their model.
+
+    Returns
+    -------
+    (ModuleFile, GeneratorAdapter, int)
+        The modules, the model they were found in (``model`` overrides the recorded spec),
+        checked to have the same layers and channel counts, and the analysis seed (0 for
+        a module file).
+    """
+    from cfmodules.module_file import ModuleFile
+
+    if str(path).lower().endswith(".json"):
+        modules, seed = ModuleFile.load(path), 0
+    else:
+        from cfmodules.analysis import AnalysisResult
+
+        result = AnalysisResult.load(path)
+        modules, seed = ModuleFile.from_result(result), result.settings.seed
+    return modules, load_model_for(modules, path, model, device, latent_shape), seed
+
+
+def load_model_for(modules: Any, path: str, model: str | None = None, device: str = "auto",
+                   latent_shape: str | None = None) -> Any:
+    """Load the model of ``modules`` (a ModuleFile read from ``path``) and check it matches.
+
+    ``model`` and ``latent_shape`` override the spec and options recorded in the file.
+
+    Raises
+    ------
+    ConfigError
+        The model cannot be loaded, or lacks the layers or channel counts of the modules.
+    """
+    spec = model or modules.model_spec
+    shape = latent_shape or modules.model_options.get("latent_shape")
+    adapter = models.load_model(spec, device, shape)
+    try:
+        modules.check_model(adapter, spec)
+    except ConfigError as e:
+        raise ConfigError(f"'{path}': {e}") from None
+    return adapter
+
+
 def _cmd_hybrids(args: argparse.Namespace) -> int:
-    from cfmodules.analysis import AnalysisResult, make_hybrids
+    from cfmodules.analysis import make_hybrids
     from cfmodules.plots import plot_hybrid_grid, save_figure
 
-    result = AnalysisResult.load(args.modules)
-    spec = args.model or result.model_spec
-    shape = args.latent_shape or result.model_options.get("latent_shape")
-    adapter = models.load_model(spec, args.device, shape)
-    for layer in result.layers:
-        n = adapter.layer_channels(layer)
-        top = int(result.unit_channel[result.unit_layer == layer].max()) + 1
-        if n != top:
-            raise ConfigError(f"The modules of '{args.modules}' have {top} channels in layer "
-                              f"'{layer}', but {spec} has {n} there: not the same model.")
-    seed = result.settings.seed + 1 if args.seed is None else args.seed
-    o1, o2, hy = make_hybrids(adapter, result.modules, args.pairs, seed, args.start)
-    fig = plot_hybrid_grid(o1 / 255.0, o2 / 255.0, hy / 255.0, module_names=result.module_names)
+    modules, adapter, analysis_seed = read_modules(args.modules, args.model, args.device,
+                                                   args.latent_shape)
+    seed = analysis_seed + 1 if args.seed is None else args.seed
+    o1, o2, hy = make_hybrids(adapter, list(modules.modules.values()), args.pairs, seed,
+                              args.start)
+    fig = plot_hybrid_grid(o1 / 255.0, o2 / 255.0, hy / 255.0, module_names=modules.names)
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         out = _writable_dir(str(out)) / "hybrids_new.png"
     else:
         _writable_dir(str(out.parent))
     save_figure(fig, out)
-    print(f"Hybrids: {out}  ({args.pairs} pairs of seed {seed}, {result.n_modules} modules)")
+    print(f"Hybrids: {out}  ({args.pairs} pairs of seed {seed}, {len(modules.names)} modules)")
+    return 0
+
+
+def _cmd_explore(args: argparse.Namespace) -> int:
+    from cfmodules.analysis import AnalysisResult
+    from cfmodules.explorer import Explorer, serve
+    from cfmodules.module_file import ModuleFile
+
+    result = AnalysisResult.load(args.results)
+    adapter = load_model_for(ModuleFile.from_result(result), args.results, args.model,
+                             args.device, args.latent_shape)
+    explorer = Explorer(result, adapter)
+    serve(explorer, host=args.host, port=args.port, open_browser=not args.no_browser)
     return 0
 
 
@@ -185,6 +236,7 @@ _EPILOG = """examples:
   cfmodules analyze --out out                  # pretrained DCGAN faces, layer main.8, K=3
   cfmodules analyze --model my_gan.py:make_generator --latent-shape 128 --layer block3 --out out
   cfmodules hybrids --modules out/results.npz --pairs 12 --out out/new_hybrids.png
+  cfmodules explore out/results.npz           # paint on the image, see the hybrids live
 
 `cfmodules COMMAND --help` describes each command."""
 
@@ -259,7 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Hybridize new pairs with the modules of a results.npz "
                        "written by `cfmodules analyze` (no influence maps are recomputed).")
     h.add_argument("--modules", required=True, metavar="RESULTS",
-                   help="results.npz written by cfmodules analyze")
+                   help="results.npz written by cfmodules analyze, or a module .json "
+                        "downloaded from cfmodules explore")
     h.add_argument("--model", metavar="MODEL", help="model spec (default: the one stored in RESULTS)")
     h.add_argument("--pairs", type=int, default=8, metavar="N", help="pairs (columns, default 8)")
     h.add_argument("--seed", type=int, default=None, metavar="S",
@@ -268,6 +321,19 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--out", default="hybrids_new.png", metavar="PATH", help="PNG file or folder")
     model_args(h)
     h.set_defaults(func=_cmd_hybrids)
+
+    e = sub.add_parser("explore", help="a local web page to paint on the image and see the "
+                       "hybrids of the channels under the brush",
+                       description="Serve the explorer of an analysis on http://HOST:PORT "
+                       "(needs flask: pip install 'cfmodules[explore]'). Ctrl-C stops it.")
+    e.add_argument("results", metavar="RESULTS", help="results.npz written by cfmodules analyze")
+    e.add_argument("--model", metavar="MODEL", help="model spec (default: the one stored in RESULTS)")
+    e.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only)")
+    e.add_argument("--port", type=int, default=8050, help="port (default 8050; 0: any free port)")
+    e.add_argument("--no-browser", action="store_true", help="do not open a web browser")
+    model_args(e)
+    e.set_defaults(func=_cmd_explore)
     return p
 
 
@@ -276,6 +342,9 @@ def _check_numbers(args: argparse.Namespace) -> None:
         v = getattr(args, name, None)
         if v is not None and v < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {v}.")
+    port = getattr(args, "port", None)
+    if port is not None and not 0 <= port <= 65535:
+        raise ConfigError(f"--port must be between 0 and 65535, got {port}.")
     if getattr(args, "start", 0) < 0:
         raise ConfigError(f"--start must be >= 0, got {args.start}.")
 

@@ -34,6 +34,8 @@ __all__ = [
     "plot_hybrid_grid",
     "plot_stability",
     "plot_module_influence",
+    "plot_modularity_curves",
+    "plot_template_strip",
     "figure_to_png",
     "save_figure",
 ]
@@ -498,6 +500,148 @@ def plot_module_influence(
 
 
 # ---------------------------------------------------------------------- output
+
+
+# ---------------------------------------------------------------------- training
+def _history_arrays(history: Any) -> dict[str, np.ndarray]:
+    keys = ("steps", "stability", "stability_chance", "locality", "label_agreement",
+            "template_shift", "influence", "sizes")
+    get = history.get if isinstance(history, Mapping) else (lambda k: getattr(history, k, None))
+    out = {}
+    for k in keys:
+        v = get(k)
+        if v is None:
+            raise ShapeError(f"The monitor history lacks '{k}'; pass a MonitorHistory "
+                             "(monitor.history() or MonitorHistory.load(log_dir)).")
+        out[k] = _array(v, k)
+    t = len(out["steps"])
+    if out["steps"].ndim != 1 or t == 0:
+        raise ShapeError(f"steps must have shape (T,) with T >= 1, got {out['steps'].shape}.")
+    for k in ("stability", "stability_chance", "locality", "label_agreement"):
+        if out[k].shape != (t,):
+            raise ShapeError(f"{k} must have shape ({t},), got {out[k].shape}.")
+    for k in ("template_shift", "influence", "sizes"):
+        if out[k].ndim != 2 or out[k].shape[0] != t:
+            raise ShapeError(f"{k} must have shape ({t}, K), got {out[k].shape}.")
+    return out
+
+
+def plot_modularity_curves(history: Any, *, title: str | None = None) -> Figure:
+    """The curves of a :class:`~cfmodules.monitor.ModularityMonitor` over training.
+
+    Parameters
+    ----------
+    history : MonitorHistory, or a mapping with the same arrays
+        ``steps`` (T,), ``stability``, ``stability_chance``, ``label_agreement``,
+        ``locality`` (T,), and
+        ``template_shift``, ``influence``, ``sizes`` (T, K).
+    title : str, optional
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        Four panels: stability at K (with its chance level) and the fraction of
+        channels that kept their module; how far each template moved since the previous
+        check; each module's influence; its size, and the locality of the maps.
+    """
+    h = _history_arrays(history)
+    steps, k = h["steps"], h["sizes"].shape[1]
+    fig = _new_figure(11.0, 6.4 + (0.3 if title else 0))
+    ax = fig.subplots(2, 2, squeeze=False)
+    a = ax[0, 0]
+    a.plot(steps, h["stability"], marker="o", ms=3, color="#333333",
+           label=f"stability at K={k} (label consistency)")
+    a.plot(steps, h["label_agreement"], marker=".", ms=3, color="#9467bd",
+           label="channels that kept their module")
+    a.plot(steps, h["stability_chance"], color="#999999", linestyle=":", linewidth=1.5,
+           label="stability of random modules (chance)")
+    a.set_ylim(0, 1.02)
+    a.set_ylabel("fraction")
+    a.legend(fontsize=7, loc="lower right")
+    panels = ((ax[0, 1], "template_shift", "template shift (1 - cosine)"),
+              (ax[1, 0], "influence", "module influence (mean |hybrid - original|)"),
+              (ax[1, 1], "sizes", "module size (channels)"))
+    for a, key, label in panels:
+        for j in range(k):
+            a.plot(steps, h[key][:, j], marker=".", ms=3, color=module_color(j),
+                   label=f"module {j}")
+        a.set_ylabel(label, fontsize=8)
+    ax[0, 1].set_ylim(bottom=0)
+    ax[0, 1].legend(fontsize=7)
+    loc = ax[1, 1].twinx()
+    loc.plot(steps, h["locality"], color="#777777", linestyle="--", linewidth=1)
+    loc.set_ylabel("locality: influence share of top 10% pixels (dashed)", fontsize=8,
+                   color="#555555")
+    loc.set_ylim(0, 1.02)
+    for a in ax.flat:
+        a.set_xlabel("training step")
+        a.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def plot_template_strip(
+    templates: Any,
+    steps: Sequence[int] | Any | None = None,
+    *,
+    max_columns: int = 12,
+    cmap: str = "viridis",
+    size: float = 1.1,
+    title: str | None = None,
+) -> Figure:
+    """The templates of the modules over training: one row per module, one column per check.
+
+    Parameters
+    ----------
+    templates : array (T, K, H, W), or a MonitorHistory
+        Module ``j`` of every check is matched to module ``j`` of the previous one.
+    steps : array (T,) of int, optional
+        Column titles (taken from a MonitorHistory).
+    max_columns : int, default 12
+        At most this many checks, evenly spaced, the first and last included.
+    cmap : str, default "viridis"
+    size : float, default 1.1
+        Inches per panel.
+    title : str, optional
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    if hasattr(templates, "templates") and not isinstance(templates, np.ndarray):
+        if steps is None:
+            steps = templates.steps
+        templates = templates.templates
+    tm = _array(templates, "templates")
+    if tm.ndim != 4 or tm.shape[0] == 0:
+        raise ShapeError(f"templates must have shape (T, K, H, W), got {tm.shape}.")
+    t, k = tm.shape[:2]
+    st = np.arange(t) if steps is None else _array(steps, "steps").astype(int)
+    if st.shape != (t,):
+        raise ShapeError(f"steps must have shape ({t},), got {st.shape}.")
+    if isinstance(max_columns, bool) or not isinstance(max_columns, int) or max_columns < 1:
+        raise ShapeError(f"max_columns must be a positive integer, got {max_columns!r}.")
+    cols = np.unique(np.linspace(0, t - 1, min(t, max_columns)).round().astype(int))
+    fig = _new_figure(len(cols) * size + 0.8, k * size + 0.5 + (0.3 if title else 0))
+    axes = fig.subplots(k, len(cols), squeeze=False)
+    for c, i in enumerate(cols):
+        for j in range(k):
+            a = axes[j, c]
+            _blank(a)
+            m = tm[i, j]
+            a.imshow(m / m.max() if m.max() > 0 else m, cmap=cmap, vmin=0, vmax=1,
+                     interpolation="nearest")
+            _frame(a, module_color(j), 2.0)
+            if j == 0:
+                a.set_title(f"step {int(st[i])}", fontsize=7)
+            if c == 0:
+                a.set_ylabel(f"module {j}", fontsize=8, color=module_color(j))
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
 def figure_to_png(fig: Figure, dpi: int = 100) -> bytes:
     """The figure as PNG bytes (e.g. for a ``data:image/png;base64`` URL)."""
     buf = io.BytesIO()

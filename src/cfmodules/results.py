@@ -37,6 +37,7 @@ from typing import Any, BinaryIO, ClassVar, TypeVar
 import numpy as np
 
 from cfmodules._deprecation import moved_names
+from cfmodules.display import HtmlRepr
 from cfmodules.errors import ResultFileError, ShapeError
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "write_npz", "read_npz", "atomic_write", "Result"]
@@ -183,9 +184,11 @@ def read_npz(path: str | os.PathLike, kind: str | None = None) -> tuple[dict[str
 R = TypeVar("R", bound="Result")
 
 
-class Result:
+class Result(HtmlRepr):
     """The verbs every cfmodules result answers: ``save`` / ``load``, ``to_dict`` /
-    ``from_dict``, ``to_text`` (also what ``str()`` prints).
+    ``from_dict``, ``to_text`` (also what ``str()`` prints), and ``_repr_html_`` (a
+    notebook shows ``to_text()`` and the figures a subclass names in ``_html_figures``,
+    see :class:`cfmodules.display.HtmlRepr`).
 
     A result is a dataclass deriving from this class. Its dataclass fields *are* its
     content, listed once: :meth:`to_dict` walks them (arrays as numpy arrays, a field's

@@ -390,6 +390,12 @@ class DistanceTable(Result):
         lines.append(f"({scale}; {self.n_images} images per set)")
         return "\n".join(lines)
 
+    def _html_figures(self) -> dict[str, Any]:
+        from cfmodules.evaluation.plots import plot_distance_table
+
+        return {"Fréchet distances between the image sets (Table 2)":
+                lambda: plot_distance_table(self)}
+
     def to_markdown(self, normalized: bool = True, digits: int = 3) -> str:
         """The same table in Markdown."""
         header, rows = self._matrix_rows(normalized, digits)

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from cfmodules import checks
+from cfmodules.display import HtmlRepr
 from cfmodules.errors import ConfigError, ShapeError, did_you_mean
 from cfmodules.evaluation._run import EvalNoGrad, call_on
 from cfmodules.latents import pair_latents
@@ -95,7 +96,7 @@ def _outcomes(pred: np.ndarray, l1: np.ndarray, l2: np.ndarray) -> np.ndarray:
 
 
 @dataclass
-class RobustnessResult:
+class RobustnessResult(HtmlRepr):
     """How classifiers answer on the hybrids of each module.
 
     Attributes
@@ -288,6 +289,12 @@ class RobustnessResult:
 
     def __str__(self) -> str:
         return self.to_text()
+
+    def _html_figures(self) -> dict[str, Any]:
+        from cfmodules.evaluation.plots import plot_recognition
+
+        return {"Share of hybrids given Original 1's / Original 2's class (Fig. 6)":
+                lambda: plot_recognition(self)}
 
     def hybrids(self, adapter: Any, module: str, pairs: Sequence[int]) -> torch.Tensor:
         """Regenerate the hybrids of ``module`` for the given pair indices (for figures).

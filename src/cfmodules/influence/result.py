@@ -90,6 +90,14 @@ class InfluenceResult(Result):
     def __len__(self) -> int:
         return int(self.maps.shape[0])
 
+    def _html_figures(self) -> dict[str, Any]:
+        from cfmodules.plots import plot_influence_maps
+
+        order = np.argsort(-self.influence, kind="stable")[:40]
+        return {f"The {len(order)} most influential of {len(self)} influence maps":
+                lambda: plot_influence_maps(self.maps[order],
+                                            names=[self.names[i] for i in order])}
+
     # ------------------------------------------------------------------ files, text
     def _derived(self) -> dict[str, Any]:
         out: dict[str, Any] = {"influence": self.influence.astype(np.float32)}

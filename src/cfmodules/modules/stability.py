@@ -205,6 +205,12 @@ class StabilityResult(Result):
                              f"shape (n_methods, n_k, n_repeats) with (n_methods, n_k) = {want}.")
         return cls(ks, methods, cons, cos, dict(settings))
 
+    def _html_figures(self) -> dict[str, Any]:
+        from cfmodules.plots import plot_stability
+
+        return {"Label consistency and template similarity against K (Fig. 9)":
+                lambda: plot_stability(self)}
+
     def to_text(self) -> str:
         """The mean +- std of both metrics as a text table, one row per K."""
         head = "   K  " + "  ".join(f"{m + ' consistency':>22}  {m + ' cosine':>18}"
