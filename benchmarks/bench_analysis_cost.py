@@ -12,16 +12,29 @@ Measures, on this machine's CPU (or ``--device cuda``), the wall time of each st
 
 Each time is the best of several runs (the machine may be shared; a busy machine still
 inflates single numbers, so compare rows of one table, measured together). Prints one
-Markdown table per step, ready for docs/cost.md::
+Markdown table per step, ready for docs/cost.md.
+
+Then, side by side in this process, the whole default ``cfmodules analyze`` with the
+reference clustering engine (``--backend sklearn``, the implementation before the fast
+engine) and with the default one, each from scratch (no checkpoint), and
+``cfmodules scan dcgan-faces`` over the four conv stages. The output ends with::
+
+    RESULT job=analyze speedup=...x ours_s=... reference_s=... same_k=True
+    RESULT job=scan layers=4 scan_s=... reference_analyze_s=...
+
+Run it alone on the machine (``flock /tmp/cfmodules-bench.lock ...``)::
 
     PYTHONPATH=src python benchmarks/bench_analysis_cost.py --threads 1 [--repeats 2] [--device cpu]
+    PYTHONPATH=src python benchmarks/bench_analysis_cost.py --threads 1 --only-result
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -64,6 +77,41 @@ def table(head: list[str], rows: list[list[str]]) -> None:
     print(flush=True)
 
 
+def side_by_side(rounds: int, threads: int | None) -> None:
+    """The RESULT lines: default analyze, reference against ours; then the scan."""
+    from cfmodules import cli
+    from cfmodules.analysis import AnalysisResult
+
+    extra = ["--threads", str(threads)] if threads is not None else []
+    times: dict[str, list[float]] = {"sklearn": [], "fast": []}
+    ks: dict[str, int | None] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(rounds):
+            # alternate, so both engines see the same machine load
+            for backend in ("sklearn", "fast") if r % 2 == 0 else ("fast", "sklearn"):
+                out = Path(tmp) / f"{backend}{r}"
+                t = time.perf_counter()
+                code = cli.main(["analyze", "--out", str(out), "--quiet", "--backend", backend,
+                                 *extra])
+                times[backend].append(time.perf_counter() - t)
+                if code != 0:
+                    raise SystemExit(f"cfmodules analyze --backend {backend} failed ({code})")
+                ks[backend] = AnalysisResult.load(out / "results.npz").suggested_k()
+                print(f"analyze --backend {backend}: {times[backend][-1]:.1f} s, suggested "
+                      f"K={ks[backend]}, load average {os.getloadavg()[0]:.1f}", flush=True)
+        t = time.perf_counter()
+        code = cli.main(["scan", "dcgan-faces", "--layers", "main.2,main.5,main.8,main.11",
+                         "--out", str(Path(tmp) / "scan"), "--quiet", *extra])
+        scan_s = time.perf_counter() - t
+        if code != 0:
+            raise SystemExit(f"cfmodules scan failed ({code})")
+    ours, ref = min(times["fast"]), min(times["sklearn"])
+    print(f"load average at the end {os.getloadavg()[0]:.1f}")
+    print(f"RESULT job=analyze speedup={ref / ours:.1f}x ours_s={ours:.1f} "
+          f"reference_s={ref:.1f} same_k={ks['fast'] == ks['sklearn']}")
+    print(f"RESULT job=scan layers=4 scan_s={scan_s:.1f} reference_analyze_s={ref:.1f}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=2, help="runs per DCGAN measurement")
@@ -71,11 +119,18 @@ def main() -> None:
                    help="runs per planted-conv measurement (they take under a second)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--only-result", action="store_true",
+                   help="skip the tables, measure only the RESULT lines")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="analyze runs per engine for the RESULT line (best is kept)")
     args = p.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, "
           f"load average {os.getloadavg()[0]:.1f}\n")
+    if args.only_result:
+        side_by_side(args.rounds, args.threads)
+        return
 
     dcgan = zoo.load("dcgan-faces", device=args.device)
     rows = []
@@ -117,6 +172,7 @@ def main() -> None:
     print("planted-conv, 48 channels of the last hidden layer, 16 pairs: output resolution")
     table(["output", "EIM s", "NMF fit s", "stability s/repeat"], rows)
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
+    side_by_side(args.rounds, args.threads)
 
 
 if __name__ == "__main__":

@@ -259,3 +259,27 @@ def test_model_loading_lives_in_models_and_the_old_cli_names_warn():
         assert cli.parse_latent_shape("2,1,1") == (2, 1, 1)
     assert models.split_spec("gen.py:make") == ("gen.py", "make")
     assert models.split_spec("dcgan-faces") is None
+
+
+# ---------------------------------------------------------------------- scan
+def test_scan_writes_figure_and_results(capsys, tmp_path):
+    from cfmodules.scan import ScanResult
+
+    code, out, err = run(capsys, "scan", "planted-conv", "--pairs", "4", "--ks", "2-4",
+                         "--repeats", "2", "--out", str(tmp_path / "s"), "--quiet")
+    assert code == 0, err
+    assert "Suggestion:" in out and "K=3" in out
+    res = ScanResult.load(tmp_path / "s" / "scan.npz")
+    assert res.layers == ["main.1", "main.3", "main.5"] and res.suggested_k == 3
+    assert (tmp_path / "s" / "scan.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["scan", "planted-conv", "--layers", "main.1,main.33"], ["'main.33' not found"]),
+    (["scan", "planted-conv", "--ks", "x"], ["--ks takes a range"]),
+    (["scan", "planted-conv", "--repeats", "0"], ["--repeats must be at least 1"]),
+])
+def test_bad_scan_command_lines(capsys, tmp_path, argv, needles):
+    code, _, err = run(capsys, *argv, "--out", str(tmp_path / "o"))
+    one_line_error(code, err, *needles)
+    assert not (tmp_path / "o").exists()

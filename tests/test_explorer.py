@@ -266,3 +266,26 @@ def test_cli_explore_serves_the_results_file(planted, tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_a_two_layer_analysis(planted):
+    import torch
+
+    from cfmodules.analysis import analyze
+    from cfmodules.hybrid import hybridize
+    from cfmodules.images import as_uint8
+    from cfmodules.latents import pair_latents
+
+    adapter = planted[0]
+    result = analyze(adapter, ["main.1", "main.3"], n_pairs=2, stability_ks=(), n_init=1,
+                     n_hybrids=1, n_samples=1, progress=False)
+    ex = Explorer(result, adapter, n_pairs=2)
+    assert [la["name"] for la in ex.info()["layers"]] == ["main.1", "main.3"]
+    sel = ex.select_region(adapter.generator.regions[1].astype(int))["selection"]
+    assert sel == {"main.1": group(1), "main.3": group(1)}
+    z1, z2 = pair_latents(adapter, 2, ex.seed, 0)
+    with torch.no_grad():
+        ref = as_uint8(adapter.to_unit(hybridize(adapter, z1, z2, sel))).astype(int)
+    assert np.abs(ex.hybrids(sel, 0).astype(int) - ref).max() <= 1
+    with pytest.raises(LayerNotFoundError, match="main.1, main.3"):
+        ex.map_image("main.2", 0)

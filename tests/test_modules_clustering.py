@@ -116,7 +116,7 @@ def test_sklearn_conventions():
     clust = ModuleClustering(2, "kmeans", window=5, percentile=60.0, random_state=1)
     assert clust.get_params() == {
         "n_modules": 2, "method": "kmeans", "window": 5, "percentile": 60.0, "n_init": 10,
-        "max_iter": 500, "random_state": 1}
+        "max_iter": 500, "random_state": 1, "backend": "fast"}
     assert clust.set_params(n_modules=3) is clust and clust.n_modules == 3
     with pytest.raises(ValueError, match="Invalid parameter 'k'"):  # scikit-learn's own
         clust.set_params(k=3)
@@ -284,13 +284,13 @@ def test_clustering_runs_with_one_blas_thread_and_restores_it(monkeypatch):
     before = [(p["internal_api"], p["num_threads"]) for p in threadpool_info()
               if p["user_api"] == "blas"]
     seen = []
-    real = clustering._cluster_features
+    real = clustering._sklearn_fit
 
     def spy(*args):
         seen.extend(p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas")
         return real(*args)
 
-    monkeypatch.setattr(clustering, "_cluster_features", spy)
+    monkeypatch.setattr(clustering, "_sklearn_fit", spy)
     rng = np.random.default_rng(0)
     clustering.cluster_features(rng.random((12, 30)), 3, "nmf", 1, 50, 0)
     assert seen and set(seen) == {1}

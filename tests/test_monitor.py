@@ -336,3 +336,26 @@ def test_a_generator_wrapped_in_train_mode_is_traced_in_eval_mode():
         hook = influence_maps(adapter, "act", n_pairs=4, algorithm="hook", progress=False)
     np.testing.assert_allclose(split.maps, hook.maps, rtol=1e-5, atol=1e-7)
     assert g.training
+
+
+def test_curves_and_template_strip_figures():
+    from cfmodules import plots
+
+    adapter = load_planted_conv(n_modules=2, channels_per_module=3)
+    monitor = ModularityMonitor(adapter, adapter.generator.layer, n_modules=2, every=1, **FAST)
+    for step in range(3):
+        monitor.step(step)
+    hist = monitor.history()
+    fig = plots.plot_modularity_curves(hist, title="t")
+    assert len(fig.axes) == 5  # four panels and the locality axis
+    black = fig.axes[0].lines[0]
+    np.testing.assert_allclose(black.get_ydata(), hist.stability)
+    strip = plots.plot_template_strip(hist, max_columns=2)
+    assert len(strip.axes) == 2 * 2  # K rows, first and last check
+    assert strip.axes[1].get_title() == "step 2"
+    with pytest.raises(ShapeError, match="stability_chance"):
+        plots.plot_modularity_curves({"steps": hist.steps, "stability": hist.stability})
+    with pytest.raises(ShapeError, match="T, K, H, W"):
+        plots.plot_template_strip(np.zeros((2, 16, 16)))
+    with pytest.raises(ShapeError, match="steps"):
+        plots.plot_template_strip(hist.templates, steps=[1])

@@ -88,6 +88,12 @@ class AnalysisSettings:
         Pairs hybridized per module for the report; they are pairs ``n_pairs ..
         n_pairs + n_hybrids - 1`` of the latent stream ``seed``, so none was used to
         compute the maps.
+    backend : {"fast", "sklearn"}, default "fast"
+        Engine of the clustering and the sweep; ``"sklearn"`` is the reference, ``"fast"``
+        gives the same fits up to float rounding (:func:`cfmodules.modules.clustering.cluster_features`).
+    stability_pool : int, default 1
+        NMF of the sweep on maps averaged over pool x pool pixel blocks (faster, an
+        approximation: see :func:`cfmodules.modules.cluster_stability`); 1: exact.
     """
 
     n_pairs: int = 64
@@ -102,13 +108,16 @@ class AnalysisSettings:
     stability_repeats: int = 10
     n_samples: int = 16
     n_hybrids: int = 8
+    backend: str = "fast"
+    stability_pool: int = 1
 
     def __post_init__(self) -> None:
         for name in ("n_pairs", "n_modules", "n_init", "stability_repeats", "n_samples",
-                     "n_hybrids"):
+                     "n_hybrids", "stability_pool"):
             object.__setattr__(self, name, checks.positive_int(getattr(self, name), name))
         object.__setattr__(self, "seed", checks.integer(self.seed, "seed"))
         checks.clustering_method(self.method)
+        checks.one_of(self.backend, "backend", ("fast", "sklearn"))
         object.__setattr__(self, "stability_ks", tuple(
             checks.positive_int(k, "each of stability_ks") for k in self.stability_ks))
         object.__setattr__(self, "stability_methods", tuple(
@@ -570,7 +579,7 @@ def cluster_maps(maps: np.ndarray, settings: AnalysisSettings) -> Any:
 
     return ModuleClustering(settings.n_modules, settings.method, window=settings.window,
                             percentile=settings.percentile, n_init=settings.n_init,
-                            random_state=settings.seed).fit(maps)
+                            random_state=settings.seed, backend=settings.backend).fit(maps)
 
 
 def module_maps(adapter: GeneratorAdapter, modules: Sequence[Mapping[str, Sequence[int]]],
@@ -595,7 +604,8 @@ def stability_sweep(maps: np.ndarray, settings: AnalysisSettings, *,
     return cluster_stability(maps, ks=settings.stability_ks, methods=settings.stability_methods,
                              n_repeats=settings.stability_repeats, window=settings.window,
                              percentile=settings.percentile, seed=settings.seed,
-                             progress=progress)
+                             progress=progress, backend=settings.backend,
+                             nmf_pool=settings.stability_pool)
 
 
 # ---------------------------------------------------------------------- analyze

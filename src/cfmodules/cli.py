@@ -11,7 +11,11 @@ Examples::
     cfmodules analyze --out out                      # the pretrained DCGAN faces, main.8
     cfmodules analyze --model my_gan.py:make_generator --latent-shape 128 --layer block3 --out out
     cfmodules hybrids --modules out/results.npz --pairs 12 --out out/new_hybrids.png
+<<<<<<< HEAD
+  cfmodules scan dcgan-faces --out scan         # which layer, which K (scan.png, scan.npz)
+=======
     cfmodules explore out/results.npz
+>>>>>>> main
 """
 
 from __future__ import annotations
@@ -56,7 +60,7 @@ def _writable_dir(path: str) -> Path:
     return out
 
 
-def _parse_ks(text: str) -> tuple[int, ...]:
+def _parse_ks(text: str, flag: str = "--stability-ks") -> tuple[int, ...]:
     try:
         if "-" in text:
             lo, hi = (int(x) for x in text.split("-"))
@@ -66,7 +70,7 @@ def _parse_ks(text: str) -> tuple[int, ...]:
     except ValueError:
         ks = ()
     if not ks or min(ks) < 1:
-        raise ConfigError(f"--stability-ks takes a range such as 2-6 or a list such as 2,3,5; "
+        raise ConfigError(f"{flag} takes a range such as 2-6 or a list such as 2,3,5; "
                           f"got {text!r}.")
     return ks
 
@@ -101,7 +105,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         n_pairs=args.pairs, n_modules=args.k, method=args.method, seed=args.seed,
         n_init=args.n_init, stability_ks=ks, stability_methods=methods,
         stability_repeats=args.stability_repeats, n_samples=args.samples,
-        n_hybrids=args.hybrids)
+        n_hybrids=args.hybrids, backend=args.backend, stability_pool=args.stability_pool)
     if args.layer and len(args.layer) > 2:
         raise ConfigError(f"--layer is given {len(args.layer)} times; give one layer, or two "
                           "for a two-layer intervention.")
@@ -143,6 +147,34 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
               file=sys.stderr)
     print(f"Report:  {out / 'report.html'}")
     print(f"Results: {results_path}")
+    return 0
+
+
+def _cmd_scan(args: argparse.Namespace) -> int:
+    from cfmodules.plots import plot_scan, save_figure
+    from cfmodules.scan import ScanSettings, scan_layers
+
+    settings = ScanSettings(ks=_parse_ks(args.ks, "--ks"), n_pairs=args.pairs,
+                            max_units=args.max_units,
+                            target_stderr=args.target_stderr, method=args.method,
+                            n_repeats=args.repeats, seed=args.seed)
+    adapter = models.load_model(args.model, args.device, args.latent_shape)
+    layers = None
+    if args.layers:
+        from cfmodules.hooks import resolve_layers
+
+        layers = [la.strip() for la in args.layers.split(",") if la.strip()]
+        resolve_layers(adapter.generator, layers)  # a typo fails before the folder is made
+    out = _writable_dir(args.out)
+    t0 = time.perf_counter()
+    result = scan_layers(adapter, layers, settings, progress=not args.quiet)
+    path = result.save(out / "scan.npz")
+    fig = save_figure(plot_scan(result, title=f"scan of {adapter.name}"), out / "scan.png")
+    print(result.to_text())
+    if not args.quiet:
+        print(f"total {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    print(f"Figure:  {fig}")
+    print(f"Results: {path}")
     return 0
 
 
@@ -236,12 +268,16 @@ _EPILOG = """examples:
   cfmodules analyze --out out                  # pretrained DCGAN faces, layer main.8, K=3
   cfmodules analyze --model my_gan.py:make_generator --latent-shape 128 --layer block3 --out out
   cfmodules hybrids --modules out/results.npz --pairs 12 --out out/new_hybrids.png
+<<<<<<< HEAD
+  cfmodules scan dcgan-faces --out scan         # which layer, which K (scan.png, scan.npz)
+=======
   cfmodules explore out/results.npz           # paint on the image, see the hybrids live
+>>>>>>> main
 
 `cfmodules COMMAND --help` describes each command."""
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``cfmodules`` (subcommands analyze, layers, hybrids)."""
+    """The argument parser of ``cfmodules`` (subcommands analyze, layers, scan, hybrids)."""
     from cfmodules import __version__
 
     p = _Parser(prog=PROG, description="Counterfactual discovery of the modules of a deep "
@@ -293,6 +329,12 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--stability-methods", default="nmf,kmeans", metavar="METHODS",
                    help="methods compared in the sweep: nmf, kmeans or nmf,kmeans (default)")
     a.add_argument("--no-stability", action="store_true", help="skip the stability sweep")
+    a.add_argument("--stability-pool", type=int, default=1, metavar="P",
+                   help="NMF of the sweep on P x P pixel blocks: P^2 times fewer pixels, an "
+                        "approximation (default 1: exact)")
+    a.add_argument("--backend", choices=("fast", "sklearn"), default="fast",
+                   help="clustering engine: fast (default) or sklearn (the reference; the "
+                        "same fits up to float rounding, slower)")
     a.add_argument("--samples", type=int, default=16, metavar="N", help="samples shown (default 16)")
     a.add_argument("--hybrids", type=int, default=8, metavar="N",
                    help="new pairs hybridized per module (default 8)")
@@ -306,6 +348,34 @@ def build_parser() -> argparse.ArgumentParser:
                         description="List the layers of MODEL to choose --layer from.")
     model_args(la, positional=True)
     la.set_defaults(func=_cmd_layers)
+
+    sc = sub.add_parser("scan", help="which layer, which K: modularity of every layer and K",
+                        description="Measure the influence maps of every candidate layer "
+                        "(nonlinearities with >= 8 channels), score each (layer, K) by "
+                        "label consistency x template similarity x locality, and suggest a "
+                        "layer and K. Writes scan.png and scan.npz to --out.")
+    model_args(sc, positional=True)
+    sc.add_argument("--layers", metavar="L1,L2,...",
+                    help="layers to scan, comma-separated (default: the candidates)")
+    sc.add_argument("--ks", default="2-6", metavar="KS",
+                    help="numbers of modules: a range 2-6 or a list 2,3,5 (default 2-6)")
+    sc.add_argument("--pairs", type=int, default=16, metavar="N",
+                    help="most latent pairs per influence map (default 16)")
+    sc.add_argument("--max-units", type=int, default=64, metavar="N",
+                    help="channels scanned per layer, drawn at random from larger layers "
+                         "(default 64)")
+    sc.add_argument("--target-stderr", type=float, default=0.05, metavar="E",
+                    help="stop a layer's maps once every pixel's standard error is <= E "
+                         "(default 0.05)")
+    sc.add_argument("--method", choices=("nmf", "kmeans"), default="nmf",
+                    help="clustering of the maps (default nmf)")
+    sc.add_argument("--repeats", type=int, default=4, metavar="R",
+                    help="stability splits per layer and K (default 4)")
+    sc.add_argument("--seed", type=int, default=0, metavar="S")
+    sc.add_argument("--out", default="cfmodules-scan", metavar="DIR",
+                    help="output folder (default ./cfmodules-scan)")
+    sc.add_argument("--quiet", action="store_true", help="no progress lines")
+    sc.set_defaults(func=_cmd_scan)
 
     h = sub.add_parser("hybrids", help="a hybrid grid of new pairs from saved modules",
                        description="Hybridize new pairs with the modules of a results.npz "
@@ -338,7 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_numbers(args: argparse.Namespace) -> None:
-    for name in ("pairs", "k", "n_init", "stability_repeats", "samples", "hybrids", "threads"):
+    for name in ("pairs", "k", "n_init", "stability_repeats", "samples", "hybrids", "threads",
+                 "repeats", "stability_pool", "max_units"):
         v = getattr(args, name, None)
         if v is not None and v < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {v}.")

@@ -34,6 +34,7 @@ __all__ = [
     "plot_hybrid_grid",
     "plot_stability",
     "plot_module_influence",
+    "plot_scan",
     "plot_modularity_curves",
     "plot_template_strip",
     "figure_to_png",
@@ -637,6 +638,77 @@ def plot_template_strip(
                 a.set_title(f"step {int(st[i])}", fontsize=7)
             if c == 0:
                 a.set_ylabel(f"module {j}", fontsize=8, color=module_color(j))
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def plot_scan(scan: Any, *, title: str | None = None) -> Figure:
+    """Modularity of each (layer, K) of a scan, and the templates of each layer's K.
+
+    Parameters
+    ----------
+    scan : ScanResult
+        From :func:`cfmodules.scan.scan_layers` (or ``ScanResult.load``): ``layers`` (L),
+        ``ks`` (n_k,), ``score`` (L, n_k), ``layer_k`` (L,), ``templates`` (L arrays
+        (K_l, h, w)), ``suggested_layer``.
+    title : str, optional
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        Left: heatmap of the modularity (rows: layers, columns: K), each layer's K boxed,
+        the suggested (layer, K) boxed in black. Right: one row per layer, its K templates
+        in the module colours.
+    """
+    layers = list(scan.layers)
+    ks = np.asarray(scan.ks).astype(int)
+    score = _array(scan.score, "score")
+    if score.shape != (len(layers), len(ks)):
+        raise ShapeError(f"score must have shape (layers, K) = ({len(layers)}, {len(ks)}), "
+                         f"got {score.shape}.")
+    layer_k = np.asarray(scan.layer_k).astype(int)
+    n_cols = max(int(layer_k.max()), 1)
+    fig = _new_figure(3.0 + 0.55 * len(ks) + 1.1 * n_cols,
+                      1.0 + 1.1 * len(layers) + (0.3 if title else 0))
+    left, right = fig.subfigures(1, 2, width_ratios=[1.0 + 0.55 * len(ks), 1.1 * n_cols])
+    ax = left.subplots()
+    masked = np.ma.masked_invalid(score)
+    im = ax.imshow(masked, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+    for i in range(len(layers)):
+        for j in range(len(ks)):
+            if np.isfinite(score[i, j]):
+                ax.text(j, i, f"{score[i, j]:.2f}", ha="center", va="center", fontsize=8,
+                        color="white" if score[i, j] < 0.6 else "black")
+    best = int(np.argmax([score[i, list(ks).index(k)] for i, k in enumerate(layer_k)]))
+    from matplotlib.patches import Rectangle
+
+    for i, k in enumerate(layer_k):
+        j = list(ks).index(int(k))
+        ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False,
+                               edgecolor="black" if i == best else "#dddddd",
+                               linewidth=3 if i == best else 1.5))
+    ax.set_xticks(range(len(ks)), [str(k) for k in ks])
+    ax.set_yticks(range(len(layers)),
+                  [f"{la} ({int(c)})" for la, c in zip(layers, scan.channels)])
+    ax.set_xlabel("number of modules K")
+    ax.set_title("modularity = consistency x similarity x locality", fontsize=9)
+    left.colorbar(im, ax=ax, shrink=0.8)
+    axes = right.subplots(len(layers), n_cols, squeeze=False)
+    for i, tm in enumerate(scan.templates):
+        tm = _array(tm, "templates")
+        for j in range(n_cols):
+            a = axes[i, j]
+            _blank(a)
+            if j < len(tm):
+                a.imshow(tm[j], cmap="gray", vmin=0, vmax=max(float(tm[j].max()), 1e-12))
+                _frame(a, module_color(j), 2.0)
+                if i == 0 or j == 0:
+                    a.set_title(f"{layers[i]} K={int(layer_k[i])}" if j == 0 else "",
+                                fontsize=8, loc="left")
+            elif j == 0:
+                a.set_visible(False)
+    right.suptitle("templates at each layer's K", fontsize=9)
     if title:
         fig.suptitle(title)
     return fig

@@ -77,6 +77,8 @@ class ModuleClustering(ClusterMixin, BaseEstimator):
         Iterations per start.
     random_state : int, numpy Generator/RandomState or None, default None
         Seed of the restarts; an int makes :meth:`fit` reproducible.
+    backend : {"fast", "sklearn"}, default "fast"
+        Engine (see :func:`cluster_features`); both give the same fit up to float rounding.
 
     Attributes
     ----------
@@ -109,6 +111,7 @@ class ModuleClustering(ClusterMixin, BaseEstimator):
         n_init: int = 10,
         max_iter: int = 500,
         random_state: Any = None,
+        backend: str = "fast",
     ):
         self.n_modules = n_modules
         self.method = method
@@ -117,6 +120,7 @@ class ModuleClustering(ClusterMixin, BaseEstimator):
         self.n_init = n_init
         self.max_iter = max_iter
         self.random_state = random_state
+        self.backend = backend
 
     def __getattr__(self, name: str) -> Any:
         # a learned attribute read before fit: the library's NotFittedError, not a bare
@@ -183,7 +187,7 @@ class ModuleClustering(ClusterMixin, BaseEstimator):
             )
         flat = feats.reshape(len(feats), -1)
         fit = cluster_features(flat, k, self.method, self.n_init, self.max_iter,
-                               self.random_state)
+                               self.random_state, self.backend)
         labels, weights, templates, err, converged = fit
         if not converged:
             warnings.warn(
@@ -275,6 +279,7 @@ class ModuleClustering(ClusterMixin, BaseEstimator):
             check_percentile(self.percentile)
         checks.integer(self.n_init, "n_init", low=1)
         checks.integer(self.max_iter, "max_iter", low=1)
+        checks.one_of(self.backend, "backend", BACKENDS)
 
     def _maps(self, maps: Any) -> np.ndarray:
         """(C, H, W) maps; a 2-D ``(C, P)`` array is P features per channel (one row)."""
@@ -313,10 +318,29 @@ class ModuleClustering(ClusterMixin, BaseEstimator):
         return f"ModuleClustering({params}){fitted}"
 
 
+BACKENDS = ("fast", "sklearn")
+"""Engines of the clustering: ``"fast"`` (default) and ``"sklearn"`` (the reference)."""
+
+
 def cluster_features(
-    flat: np.ndarray, k: int, method: str, n_init: int, max_iter: int, random_state: Any
+    flat: np.ndarray, k: int, method: str, n_init: int, max_iter: int, random_state: Any,
+    backend: str = "fast",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, bool]:
     """Cluster the rows of a (C x P) feature matrix; the engine of :class:`ModuleClustering`.
+
+    Parameters
+    ----------
+    flat : ndarray (C, P)
+    k, n_init, max_iter : int
+    method : {"nmf", "kmeans"}
+    random_state : int, RandomState or None
+    backend : {"fast", "sklearn"}, default "fast"
+        ``"sklearn"``: scikit-learn's ``NMF`` and ``KMeans`` on float64 features (the
+        reference). ``"fast"``: the same algorithms, starts, seeds and stopping rules, so
+        the same fits up to float rounding, computed faster: k-means on the Gram matrix of
+        the channels (:mod:`cfmodules.modules.batched`), NMF by scikit-learn's solver on
+        float32 features (the features are 0/1 or smoothed maps, exact in float32; the
+        products read half the memory).
 
     Returns
     -------
@@ -330,30 +354,78 @@ def cluster_features(
     matrices (C x pixels by pixels x K) thousands of times, where threaded BLAS only adds
     synchronisation (NMF was 14x slower with 2 threads on a busy 2-core machine).
     """
+    return cluster_many([flat], k, method, n_init, max_iter, [random_state], backend)[0]
+
+
+def cluster_many(
+    flats: list[np.ndarray], k: int, method: str, n_init: int, max_iter: int,
+    random_states: list[Any], backend: str = "fast", gram: tuple[np.ndarray, list] | None = None,
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, float, bool]]:
+    """:func:`cluster_features` of several matrices (same K and method) at once.
+
+    ``gram``, optional, is ``(G, rows)``: the Gram matrix ``X X^T`` of a matrix X whose
+    rows ``rows[i]`` are ``flats[i]``, so that k-means need not compute it again.
+    """
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend must be one of {BACKENDS}, got {backend!r}.")
     with threadpool_limits(limits=1, user_api="blas"):
-        return _cluster_features(flat, k, method, n_init, max_iter, random_state)
+        if backend == "sklearn" or method == "nmf":
+            dtype = np.float64 if backend == "sklearn" else np.float32
+            fits = [_sklearn_fit(f.astype(dtype, copy=False), k, method, n_init, max_iter, rs)
+                    for f, rs in zip(flats, random_states)]
+            fits = [(w.astype(np.float64), h.astype(np.float64), err, conv)
+                    for w, h, err, conv in fits]
+        else:
+            from cfmodules.modules.batched import kmeans_many
+
+            if gram is None:
+                rows = [np.arange(len(f)) for f in flats] if len(flats) == 1 else None
+                if rows is None:
+                    stacked = np.concatenate(flats)
+                    edges = np.cumsum([0] + [len(f) for f in flats])
+                    rows = [np.arange(a, b) for a, b in zip(edges[:-1], edges[1:])]
+                else:
+                    stacked = flats[0]
+                gram = (stacked @ stacked.T, rows)
+            fits = []
+            for f, (labels, cw, inertia, conv) in zip(flats, kmeans_many(
+                    gram[0], gram[1], flats[0].shape[1], k, random_states, n_init, max_iter)):
+                fits.append((np.eye(k)[labels], cw @ f, float(np.sqrt(max(inertia, 0.0))),
+                             conv))
+    return [_ordered(w, h, err, conv, k) for w, h, err, conv in fits]
 
 
-def _cluster_features(
-    flat: np.ndarray, k: int, method: str, n_init: int, max_iter: int, random_state: Any
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, bool]:
+def _sklearn_fit(flat: np.ndarray, k: int, method: str, n_init: int, max_iter: int,
+                 random_state: Any) -> tuple[np.ndarray, np.ndarray, float, bool]:
+    """One fit with scikit-learn's estimators: weights (C, K), templates (K, P), err, converged."""
     rng = check_random_state(random_state)
     if method == "nmf":
         weights, templates, err, converged = _nmf(flat, k, n_init, max_iter, rng)
-        labels = weights.argmax(axis=1)
-    else:
-        km = KMeans(n_clusters=k, n_init=n_init, max_iter=max_iter, random_state=_draw(rng))
-        labels = _quietly(km.fit_predict, flat)
-        templates = km.cluster_centers_
-        weights = np.eye(k)[labels]
-        err = float(np.sqrt(max(km.inertia_, 0.0)))
-        converged = km.n_iter_ < max_iter
+        return weights, templates, err, converged
+    km = KMeans(n_clusters=k, n_init=n_init, max_iter=max_iter, random_state=_draw(rng))
+    labels = _quietly(km.fit_predict, flat)
+    return (np.eye(k)[labels], km.cluster_centers_, float(np.sqrt(max(km.inertia_, 0.0))),
+            bool(km.n_iter_ < max_iter))
+
+
+def _ordered(weights: np.ndarray, templates: np.ndarray, err: float, converged: bool, k: int
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, bool]:
+    """Labels = argmax of the weights; modules renumbered by decreasing size."""
+    labels = weights.argmax(axis=1)
     sizes = np.bincount(labels, minlength=k)
     order = np.lexsort((np.arange(k), -sizes))  # largest module first
     rank = np.empty(k, dtype=int)
     rank[order] = np.arange(k)
     return (rank[labels].astype(np.int64), weights[:, order], templates[order], float(err),
             bool(converged))
+
+
+def _scaled(w: np.ndarray, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Fix NMF's scale ambiguity: each template peaks at 1, the weights carry the scale, so
+    weights of different templates are comparable when taking the argmax."""
+    scale = h.max(axis=1)
+    scale[scale <= 0] = 1.0
+    return w * scale, h / scale[:, None]
 
 
 def _nmf(
@@ -370,11 +442,7 @@ def _nmf(
             best = (err, w, h, model.n_iter_ < max_iter)
     assert best is not None
     err, w, h, converged = best
-    # Fix NMF's scale ambiguity: each template peaks at 1, the weights carry the scale, so
-    # weights of different templates are comparable when taking the argmax.
-    scale = h.max(axis=1)
-    scale[scale <= 0] = 1.0
-    return w * scale, h / scale[:, None], err, converged
+    return (*_scaled(w, h), err, converged)
 
 
 def _draw(rng: np.random.RandomState) -> int:

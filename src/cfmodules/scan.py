@@ -1,0 +1,525 @@
+"""Which layer, which K: modularity across the layers of a generator and numbers of modules.
+
+The paper finds modules at several depths (sec. 4); :func:`cfmodules.analysis.analyze`
+looks at the one layer it is given. :func:`scan_layers` looks at all candidates: for each
+layer it measures the elementary influence maps (stopping early once they are precise
+enough), runs a short stability sweep over K (sec. 4.1) and scores every (layer, K):
+
+``modularity = label consistency x template similarity x locality``
+
+- **label consistency** and **template similarity**: the stability protocol's two numbers
+  (two clusterings of overlapping two-thirds of the channels agree on the shared third,
+  and find the same templates), in [0, 1];
+- **locality**: how much of the image a module leaves alone: ``1 - a`` with ``a`` the
+  fraction of the image where the module's mean influence map (the mean of the smoothed
+  maps of its channels, in a clustering of all channels) exceeds half its maximum,
+  averaged over the K modules. Modules in the paper's
+  sense are channels that act on one region together; a layer whose channels each act on
+  the whole image has no such regions, however reproducible its clustering. (The maps are
+  taken before the threshold: a threshold keeps a quarter of every map, which looks local
+  whatever the channel does.)
+
+Each layer's K is the :func:`cfmodules.modules.suggest_k` rule applied to its modularity
+(the largest K within ``tolerance`` of the layer's best); the suggested layer is the one
+whose modularity at its K is highest. :class:`ScanResult` holds the table, the templates,
+the suggestion with its reason in words, and saves to ``.npz`` + JSON like every result.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cfmodules.adapter import GeneratorAdapter
+from cfmodules.display import HtmlRepr
+from cfmodules.errors import ConfigError, ResultFileError, ShapeError
+
+__all__ = ["ScanSettings", "ScanResult", "scan_layers", "candidate_layers", "locality",
+           "module_locality", "KIND"]
+
+KIND = "scan"
+MIN_CHANNELS = 8
+"""Fewest channels a candidate layer must have (the stability sweep splits them in three)."""
+
+
+@dataclass(frozen=True)
+class ScanSettings:
+    """Settings of a scan (everything that decides its numbers).
+
+    Attributes
+    ----------
+    ks : tuple of int, default (2, 3, 4, 5, 6)
+        Numbers of modules tried (capped per layer at two thirds of its units).
+    max_units : int, default 64
+        A layer with more channels is scanned on this many of them, drawn at random
+        (seeded by ``seed``): the cost of a channel's influence map grows with the depth
+        of the generator after the layer, and the stability protocol itself measures
+        whether modules are found again in subsets of the channels.
+    n_pairs : int, default 16
+        Most latent pairs per influence map.
+    target_stderr : float or None, default 0.05
+        Stop a layer's influence maps once every pixel's standard error is at most this
+        (image units), checked every ``pairs_per_block`` pairs (at least 2 pairs).
+    pairs_per_block : int, default 8
+    method : {"nmf", "kmeans"}, default "nmf"
+    n_repeats : int, default 4
+        Repetitions of the stability protocol per layer and K.
+    n_init : int, default 2
+        Restarts per clustering.
+    nmf_pool : int or None, default None
+        Pixel blocks NMF averages over (see :func:`cfmodules.modules.cluster_stability`);
+        None: 2 for maps of 32 pixels or more a side, else 1.
+    window, percentile : pre-processing of the maps (as in the analysis)
+    tolerance : float, default 0.02
+        Of the K rule (:func:`cfmodules.modules.suggest_k`).
+    seed : int, default 0
+        Latent pairs and clustering seeds.
+    """
+
+    ks: tuple[int, ...] = (2, 3, 4, 5, 6)
+    max_units: int = 64
+    n_pairs: int = 16
+    target_stderr: float | None = 0.05
+    pairs_per_block: int = 8
+    method: str = "nmf"
+    n_repeats: int = 4
+    n_init: int = 2
+    nmf_pool: int | None = None
+    window: int = 3
+    percentile: float = 75.0
+    tolerance: float = 0.02
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        from cfmodules import checks
+
+        try:
+            object.__setattr__(self, "ks", tuple(checks.positive_int(k, "ks") for k in self.ks))
+        except TypeError:
+            object.__setattr__(self, "ks", ())
+        if not self.ks or len(set(self.ks)) != len(self.ks):
+            raise ConfigError(f"ks must be distinct positive integers, got {self.ks!r}.")
+        for name in ("max_units", "n_pairs", "pairs_per_block", "n_repeats", "n_init"):
+            object.__setattr__(self, name, checks.positive_int(getattr(self, name), name))
+        checks.clustering_method(self.method)
+        if self.target_stderr is not None:
+            checks.positive_number(self.target_stderr, "target_stderr")
+        if self.nmf_pool is not None:
+            checks.positive_int(self.nmf_pool, "nmf_pool")
+        if not 0 <= self.tolerance < 1:
+            raise ConfigError(f"tolerance must be in [0, 1), got {self.tolerance!r}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable settings."""
+        d = {f: getattr(self, f) for f in self.__dataclass_fields__}
+        d["ks"] = list(self.ks)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ScanSettings:
+        """Inverse of :meth:`to_dict`; unknown keys are ignored."""
+        kw = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        if "ks" in kw:
+            kw["ks"] = tuple(kw["ks"])
+        return cls(**kw)
+
+
+def locality(maps: Any) -> np.ndarray:
+    """How local each map is: 1 - the fraction of the image where it exceeds half its maximum.
+
+    The area at half maximum (as in a full width at half maximum) ignores a low, broad base
+    that every influence map of a real generator has and measures where the map is
+    strong: 0 for a map constant over the image, ``1 - f`` for one constant on a fraction
+    ``f`` of it and zero elsewhere. A map that is zero everywhere has locality 0.
+
+    Parameters
+    ----------
+    maps : array (K, H, W) or (K, P), non-negative
+
+    Returns
+    -------
+    ndarray (K,)
+    """
+    t = np.asarray(maps, dtype=np.float64)
+    if t.ndim < 2:
+        raise ShapeError(f"maps must have shape (K, H, W) or (K, P), got {t.shape}.")
+    t = np.clip(t.reshape(len(t), -1), 0, None)
+    peak = t.max(axis=1, keepdims=True)
+    area = (t > 0.5 * peak).mean(axis=1)
+    return np.where(peak[:, 0] > 0, 1.0 - area, 0.0)
+
+
+def module_locality(maps: Any, labels: Any, n_modules: int) -> float:
+    """Mean :func:`locality` of the modules' mean influence maps.
+
+    Parameters
+    ----------
+    maps : array (C, H, W) or (C, P)
+        Influence maps (smoothed, not thresholded: a threshold keeps a quarter of every
+        map, so thresholded maps look local whether or not the channel's influence is).
+    labels : array (C,) of int
+        Module of each channel.
+    n_modules : int
+
+    Returns
+    -------
+    float
+        Mean over the non-empty modules of the locality of the mean map of its channels.
+    """
+    m = np.asarray(maps, dtype=np.float64)
+    m = m.reshape(len(m), -1)
+    lab = np.asarray(labels)
+    means = [m[lab == k].mean(axis=0) for k in range(n_modules) if (lab == k).any()]
+    return float(locality(np.stack(means)).mean())
+
+
+def candidate_layers(adapter: GeneratorAdapter, all_spatial: bool = False) -> list[str]:
+    """Layers a scan looks at: spatial feature maps (C, H, W) with >= 8 channels.
+
+    By default the outputs of the nonlinearities (``torch.nn`` activation modules: ReLU,
+    LeakyReLU, GELU, Tanh, ...): a convolution, the normalization after it and the
+    activation give the same hybrids (they act on each channel alone), so one of the three
+    is enough. When the generator has no such module (activations called as functions),
+    or with ``all_spatial=True``, every leaf module with a spatial output of >= 8 channels.
+    Modules that run more than once per forward are left out (give them as ``name:k``).
+
+    Returns
+    -------
+    list of str, in the order of the forward pass
+    """
+    modules = dict(adapter.generator.named_modules())
+    spatial = [i for i in adapter.layers_cached()
+               if i.calls == 1 and i.shape is not None and len(i.shape) == 3
+               and (i.channels or 0) >= MIN_CHANNELS and i.shape[1] * i.shape[2] > 1
+               and not list(modules[i.name].children())]
+    acts = [i.name for i in spatial
+            if type(modules[i.name]).__module__ == "torch.nn.modules.activation"]
+    return [i.name for i in spatial] if all_spatial or not acts else acts
+
+
+@dataclass
+class ScanResult(HtmlRepr):
+    """Modularity of every (layer, K) of a scan, and the suggested layer and K.
+
+    Attributes
+    ----------
+    model : str
+    layers : list of str
+        The layers scanned (L).
+    ks : ndarray (n_k,) of int
+    consistency, cosine, locality : ndarray (L, n_k)
+        Mean label consistency and template similarity of the stability sweep, and the
+        mean locality of the modules (:func:`module_locality`; NaN where K is too large
+        for the layer).
+    channels : ndarray (L,) of int
+        Channels of each layer.
+    units : list of L int arrays
+        The channels that were scanned (all, or ``max_units`` of them at random).
+    n_pairs : ndarray (L,) of int
+        Latent pairs the layer's influence maps average over (early stopping).
+    max_stderr : ndarray (L,)
+        Largest per-pixel standard error of the layer's influence maps.
+    templates : list of L ndarrays (K_l, h, w)
+        Templates of each layer at its K (at the resolution NMF ran at).
+    settings : ScanSettings
+    timings : dict layer -> seconds
+    version, created : str
+    """
+
+    model: str
+    layers: list[str]
+    ks: np.ndarray
+    consistency: np.ndarray
+    cosine: np.ndarray
+    locality: np.ndarray
+    channels: np.ndarray
+    units: list[np.ndarray]
+    n_pairs: np.ndarray
+    max_stderr: np.ndarray
+    templates: list[np.ndarray]
+    settings: ScanSettings = field(default_factory=ScanSettings)
+    timings: dict[str, float] = field(default_factory=dict)
+    version: str = ""
+    created: str = ""
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def score(self) -> np.ndarray:
+        """Modularity (L, n_k): consistency x template similarity x locality (NaN: not run)."""
+        return self.consistency * self.cosine * self.locality
+
+    @property
+    def layer_k(self) -> np.ndarray:
+        """(L,) K of each layer: the largest K whose modularity is within ``tolerance`` of
+        the layer's best (the rule of :func:`cfmodules.modules.suggest_k`)."""
+        out = []
+        for row in self.score:
+            ok = np.isfinite(row) & (self.ks > 1)
+            if not ok.any():
+                ok = np.isfinite(row)
+            best = row[ok].max()
+            out.append(int(self.ks[ok & (row >= best - self.settings.tolerance)].max()))
+        return np.array(out, dtype=np.int64)
+
+    def layer_score(self) -> np.ndarray:
+        """(L,) modularity of each layer at its K."""
+        idx = [int(np.flatnonzero(self.ks == k)[0]) for k in self.layer_k]
+        return self.score[np.arange(len(self.layers)), idx]
+
+    @property
+    def suggested_layer(self) -> str:
+        """The layer whose modularity at its K is highest."""
+        return self.layers[int(np.argmax(self.layer_score()))]
+
+    @property
+    def suggested_k(self) -> int:
+        """K of :attr:`suggested_layer`."""
+        return int(self.layer_k[int(np.argmax(self.layer_score()))])
+
+    def reason(self) -> str:
+        """Why this layer and this K, in words."""
+        i = int(np.argmax(self.layer_score()))
+        j = int(np.flatnonzero(self.ks == self.layer_k[i])[0])
+        k = int(self.ks[j])
+        layer_scores = self.layer_score()
+        others = [f"{la} {s:.2f} (K={int(kk)})" for la, s, kk in
+                  zip(self.layers, layer_scores, self.layer_k) if la != self.layers[i]]
+        text = (f"{self.layers[i]} with K={k}: its channels form {k} modules that two "
+                f"clusterings of overlapping thirds agree on (label consistency "
+                f"{self.consistency[i, j]:.2f}, template similarity {self.cosine[i, j]:.2f}), "
+                f"and each module acts mostly on about {100 * (1 - self.locality[i, j]):.0f}% "
+                f"of the image (locality {self.locality[i, j]:.2f}); modularity "
+                f"{layer_scores[i]:.2f}, the highest of the {len(self.layers)} layers")
+        text += f" (others: {', '.join(others)})." if others else "."
+        row = self.score[i]
+        finer = [int(kk) for kk, s in zip(self.ks, row) if kk > k and np.isfinite(s)]
+        if finer:
+            text += (f" More modules are less reproducible: modularity "
+                     f"{row[j + 1]:.2f} at K={finer[0]}.")
+        if layer_scores[i] < 0.5:
+            text += (" The modularity is low everywhere: the generator may have no clear "
+                     "modules at these layers; try more pairs (n_pairs) or look at the "
+                     "templates.")
+        return text
+
+    # ------------------------------------------------------------------ text, dict, files
+    def _html_figures(self) -> dict[str, Any]:
+        from cfmodules.plots import plot_scan
+
+        return {"Modularity of each layer and K, and the templates of each layer":
+                lambda: plot_scan(self)}
+
+    def to_text(self) -> str:
+        """The table of modularity per (layer, K) and the suggestion, as text."""
+        head = f"{'layer':<14}{'units':>9}{'pairs':>6}  " + "".join(
+            f"{'K=' + str(int(k)):>7}" for k in self.ks) + "   K  cons   sim   loc"
+        lines = [f"Scan of {self.model}: modularity = consistency x template similarity x "
+                 "locality", head]
+        for i, la in enumerate(self.layers):
+            j = int(np.flatnonzero(self.ks == self.layer_k[i])[0])
+            cells = "".join(f"{s:>7.2f}" if np.isfinite(s) else f"{'-':>7}"
+                            for s in self.score[i])
+            units = f"{len(self.units[i])}/{int(self.channels[i])}"
+            lines.append(f"{la:<14}{units:>9}{int(self.n_pairs[i]):>6}  "
+                         f"{cells}  {int(self.layer_k[i]):>2}  {self.consistency[i, j]:.2f}  "
+                         f"{self.cosine[i, j]:.2f}  {self.locality[i, j]:.2f}")
+        lines.append(f"Suggestion: {self.reason()}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return self.to_text()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain arrays and JSON-serialisable values (the content of the saved file)."""
+        return {
+            "kind": KIND, "model": self.model, "layers": list(self.layers),
+            "ks": np.asarray(self.ks, dtype=np.int64),
+            "consistency": np.asarray(self.consistency, dtype=np.float64),
+            "cosine": np.asarray(self.cosine, dtype=np.float64),
+            "locality": np.asarray(self.locality, dtype=np.float64),
+            "score": np.asarray(self.score, dtype=np.float64),
+            "channels": np.asarray(self.channels, dtype=np.int64),
+            "units": [np.asarray(u, dtype=np.int64) for u in self.units],
+            "n_pairs": np.asarray(self.n_pairs, dtype=np.int64),
+            "max_stderr": np.asarray(self.max_stderr, dtype=np.float64),
+            "layer_k": self.layer_k,
+            "templates": [np.asarray(t, dtype=np.float64) for t in self.templates],
+            "suggested_layer": self.suggested_layer, "suggested_k": self.suggested_k,
+            "reason": self.reason(), "settings": self.settings.to_dict(),
+            "timings": {k: round(float(v), 3) for k, v in self.timings.items()},
+            "version": self.version, "created": self.created,
+        }
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write to one ``.npz`` file (arrays + JSON header, no pickle; atomic)."""
+        from cfmodules.results import write_npz
+
+        d = self.to_dict()
+        arrays = {k: d[k] for k in ("ks", "consistency", "cosine", "locality", "score",
+                                    "channels", "n_pairs", "max_stderr", "layer_k")}
+        for i, (t, u) in enumerate(zip(d["templates"], d["units"])):
+            arrays[f"templates_{i}"] = t
+            arrays[f"units_{i}"] = u
+        header = {k: d[k] for k in ("model", "layers", "suggested_layer", "suggested_k",
+                                    "reason", "settings", "timings", "created")}
+        header["kind"] = KIND
+        return write_npz(path, arrays, header, compress=True)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> ScanResult:
+        """Read a file written by :meth:`save` (ResultFileError if it is not one)."""
+        from cfmodules.results import read_npz
+
+        arrays, header = read_npz(path, kind=KIND)
+        try:
+            layers = list(header["layers"])
+            return cls(
+                model=header["model"], layers=layers, ks=arrays["ks"],
+                consistency=arrays["consistency"], cosine=arrays["cosine"],
+                locality=arrays["locality"], channels=arrays["channels"],
+                units=[arrays[f"units_{i}"] for i in range(len(layers))],
+                n_pairs=arrays["n_pairs"], max_stderr=arrays["max_stderr"],
+                templates=[arrays[f"templates_{i}"] for i in range(len(layers))],
+                settings=ScanSettings.from_dict(header.get("settings", {})),
+                timings=dict(header.get("timings", {})), version=header.get("version", ""),
+                created=header.get("created", ""))
+        except (KeyError, ConfigError, TypeError) as e:
+            raise ResultFileError(f"'{path}' is an incomplete scan result: missing or bad "
+                                  f"{e}.") from e
+
+
+def _pool_for(shape: Sequence[int], pool: int | None) -> int:
+    if pool is not None:
+        return int(pool)
+    return 2 if min(shape) >= 32 else 1
+
+
+def scan_layers(
+    adapter: GeneratorAdapter,
+    layers: Sequence[str] | None = None,
+    settings: ScanSettings | None = None,
+    *,
+    progress: bool = True,
+    **overrides: Any,
+) -> ScanResult:
+    """Score the modularity of every candidate layer and K, and suggest one of each.
+
+    Parameters
+    ----------
+    adapter : GeneratorAdapter
+    layers : list of str, optional
+        Default :func:`candidate_layers` (the nonlinearities' outputs with >= 8 channels).
+    settings : ScanSettings, optional
+        Keyword arguments (``n_pairs=16``, ``ks=(2, 3)``, ...) override single fields.
+    progress : bool, default True
+        One line per layer on stderr.
+
+    Returns
+    -------
+    ScanResult
+        ``to_text()`` for the table, ``suggested_layer``, ``suggested_k``, ``reason()``;
+        :func:`cfmodules.plots.plot_scan` draws it.
+
+    Raises
+    ------
+    ConfigError
+        No candidate layer, a layer with fewer than 3 channels, bad settings.
+    LayerNotFoundError
+        A misspelt layer (before anything runs).
+    """
+    import datetime
+    import sys
+
+    from cfmodules.hooks import resolve_layers
+    from cfmodules.influence import influence_maps
+    from cfmodules.modules import cluster_stability
+    from cfmodules.modules.clustering import cluster_features
+    from cfmodules.modules.preprocess import preprocess, smooth
+    from cfmodules.modules.stability import _pool
+
+    if not isinstance(adapter, GeneratorAdapter):
+        raise ConfigError(f"scan_layers() takes a GeneratorAdapter, got "
+                          f"{type(adapter).__name__}.")
+    base = settings if settings is not None else ScanSettings()
+    try:
+        s = ScanSettings(**{**base.to_dict(), **overrides})
+    except TypeError as e:
+        raise ConfigError(f"Unknown scan setting: {e}. Settings: "
+                          f"{', '.join(ScanSettings.__dataclass_fields__)}.") from None
+    if layers is None:
+        names = candidate_layers(adapter)
+        if not names:
+            raise ConfigError(
+                f"{adapter.name} has no spatial layer with >= {MIN_CHANNELS} channels to "
+                "scan; give layers=[...] (see `cfmodules layers MODEL`).")
+    else:
+        names = [layers] if isinstance(layers, str) else list(layers)
+        if not names or len(set(names)) != len(names):
+            raise ConfigError(f"Give distinct layer names, got {layers!r}.")
+        names = [r.name for r in resolve_layers(adapter.generator, names)]
+    n_channels = [adapter.layer_channels(la) for la in names]
+    for la, c in zip(names, n_channels):
+        if c < 3:
+            raise ConfigError(f"{la} has {c} channel(s); the stability protocol needs >= 3.")
+    created = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    ks = np.array(sorted(s.ks), dtype=np.int64)
+    shape = (len(names), len(ks))
+    cons, cos, loc = (np.full(shape, np.nan) for _ in range(3))
+    pairs, stderr, templates, timings, scanned = [], [], [], {}, []
+    for li, (la, n_ch) in enumerate(zip(names, n_channels)):
+        t0 = time.perf_counter()
+        units = np.arange(n_ch)
+        if n_ch > s.max_units:
+            # the subset depends on (seed, layer name) only, not on the other layers
+            rng = np.random.default_rng([s.seed, zlib.crc32(la.encode())])
+            units = np.sort(rng.choice(n_ch, s.max_units, replace=False))
+        scanned.append(units)
+        c = len(units)
+        if progress:
+            print(f"[{li + 1}/{len(names)}] {la}: influence maps of {c} of {n_ch} channels, "
+                  f"stability K={ks.tolist()}", file=sys.stderr, flush=True)
+        eim = influence_maps(adapter, la, [int(u) for u in units], n_pairs=s.n_pairs,
+                             seed=s.seed, pairs_per_block=s.pairs_per_block,
+                             target_stderr=s.target_stderr, progress=False)
+        pairs.append(int(eim.n_pairs))
+        stderr.append(float(np.nanmax(eim.stderr)) if eim.n_pairs > 1 else float("nan"))
+        ok = ks[ks <= 2 * (c // 3)]
+        pool = _pool_for(eim.maps.shape[1:], s.nmf_pool) if s.method == "nmf" else 1
+        stab = cluster_stability(eim.maps, ks=ok, methods=(s.method,), n_repeats=s.n_repeats,
+                                 window=s.window, percentile=s.percentile, n_init=s.n_init,
+                                 nmf_pool=pool, seed=s.seed)
+        feats = _pool(preprocess(eim.maps, s.window, s.percentile), pool)
+        flat = feats.reshape(c, -1)
+        smoothed = smooth(eim.maps, s.window).reshape(c, -1)
+        best_tmpl = {}
+        for k in ok:
+            j = int(np.flatnonzero(ks == k)[0])
+            cons[li, j] = stab.mean("consistency")[0, list(ok).index(k)]
+            cos[li, j] = stab.mean("cosine")[0, list(ok).index(k)]
+            labels, _, tm, _, _ = cluster_features(flat, int(k), s.method, s.n_init, 300,
+                                                   s.seed)
+            loc[li, j] = module_locality(smoothed, labels, int(k))
+            best_tmpl[int(k)] = tm.reshape(int(k), *feats.shape[1:])
+        templates.append(best_tmpl)
+        timings[la] = time.perf_counter() - t0
+    result = ScanResult(
+        model=adapter.name, layers=names, ks=ks, consistency=cons, cosine=cos, locality=loc,
+        channels=np.array(n_channels, dtype=np.int64), units=scanned,
+        n_pairs=np.array(pairs, np.int64),
+        max_stderr=np.array(stderr), templates=[], settings=s, timings=timings,
+        version=_version(), created=created)
+    result.templates = [tm[int(k)] for tm, k in zip(templates, result.layer_k)]
+    return result
+
+
+def _version() -> str:
+    from cfmodules import __version__
+
+    return __version__
