@@ -15,20 +15,32 @@ Run::
 
     PYTHONPATH=src python benchmarks/bench_influence.py [--device cuda] [--pairs 64]
 
+Besides the pretrained DCGAN (``--models dcgan``), two generators whose forward
+``torch.fx`` cannot trace as a whole: ``cond`` (:class:`ConditionalDCGAN`, a
+class-conditional DCGAN of this file, at the ReLU three blocks before the output) and
+``biggan`` (the ``biggan-deep-random`` zoo entry at a small resolution, at a Gblock in
+the middle; its adapter needs ``forward=`` for the truncation).
+
 It ends with one line per layer::
 
-    RESULT layer=main.8 speedup=12.3x max_rel_diff=2.1e-06 ours_s=... naive_s=... gflops=... peak_gflops=...
+    RESULT layer=main.8 speedup=12.3x limit=8.1x max_rel_diff=2.1e-06 ours_s=... naive_s=... gflops=... peak_gflops=... model=... path=...
+
+``limit`` is the FLOP ratio of one naive hybrid (a full forward) to one hybrid on the
+path cfmodules takes (``adapter.explain(layer)``); ``load`` the machine's load average.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
 import torch
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from cfmodules import GeneratorAdapter
 from cfmodules.influence import influence_maps
 from cfmodules.latents import pair_latents
 from cfmodules.zoo.dcgan import load_dcgan_faces
@@ -60,17 +72,23 @@ def best_time(fn, repeats: int, device: torch.device):
 def naive_maps(adapter, layer: str, n_pairs: int, seed: int = 0) -> torch.Tensor:
     """One full forward per channel with a hook replacing it, batched over the pairs.
 
-    Returns (C, H, W): mean over pairs of |hybrid - Original 1|, averaged over colours.
+    The forward is the adapter's own raw call (its ``forward=`` function, e.g. BigGAN's
+    truncation) and output transform. Returns (C, H, W): mean over pairs of
+    |hybrid - Original 1|, averaged over colours.
     """
     gen = adapter.generator.eval()
     module = adapter.submodule(layer)
     z1, z2 = pair_latents(adapter, n_pairs, seed, 0)
+
+    def run(z):
+        return adapter.images(adapter._raw(z))
+
     with torch.inference_mode():
-        y = gen(z1)
+        y = run(z1)
         donor = {}
         h = module.register_forward_hook(lambda m, i, o: donor.setdefault("a", o.clone()))
         try:
-            gen(z2)
+            run(z2)
         finally:
             h.remove()
         a2 = donor["a"]
@@ -82,11 +100,73 @@ def naive_maps(adapter, layer: str, n_pairs: int, seed: int = 0) -> torch.Tensor
                 return o
             h = module.register_forward_hook(replace)
             try:
-                out = gen(z1)
+                out = run(z1)
             finally:
                 h.remove()
             maps.append((out - y).abs().mean(1).mean(0))
+        del gen
         return torch.stack(maps)
+
+
+class ConditionalDCGAN(nn.Module):
+    """A class-conditional DCGAN written the way published code writes its forward.
+
+    ``forward(noise, labels)``: ``squeeze``, ``if noise.dim() == 1``, ``cat``, ``.view``,
+    then an ``nn.Sequential`` of six ConvTranspose2d + BatchNorm + ReLU blocks (4x4 up to
+    128x128), a Dropout and a 3x3 output convolution with Tanh. ``torch.fx`` cannot trace
+    the forward; cfmodules captures ``main`` (a partial capture). Random weights (seed 0)
+    and BatchNorm statistics of 64 random samples.
+    """
+
+    def __init__(self, nz: int = 100, n_classes: int = 8, ngf: int = 16):
+        super().__init__()
+        chans = [nz + n_classes, ngf * 16, ngf * 8, ngf * 4, ngf * 2, ngf, ngf // 2]
+        layers: list[nn.Module] = []
+        for i in range(6):
+            stride, pad = (1, 0) if i == 0 else (2, 1)
+            layers += [nn.ConvTranspose2d(chans[i], chans[i + 1], 4, stride, pad, bias=False),
+                       nn.BatchNorm2d(chans[i + 1]), nn.ReLU(True)]
+        layers += [nn.Dropout(0.2), nn.Conv2d(chans[-1], 3, 3, 1, 1), nn.Tanh()]
+        self.main = nn.Sequential(*layers)
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for m in self.modules():
+                if isinstance(m, (nn.ConvTranspose2d, nn.Conv2d)):
+                    fan_in = m.weight[0].numel() if isinstance(m, nn.Conv2d) else (
+                        m.in_channels * 4 if m.stride == (2, 2) else m.in_channels * 16)
+                    m.weight.copy_(torch.randn(m.weight.shape, generator=g) / fan_in ** 0.5)
+                if isinstance(m, nn.BatchNorm2d):
+                    m.weight.copy_(1 + 0.1 * torch.randn(m.weight.shape, generator=g))
+                    m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
+                    m.momentum = None  # running statistics: the average over the batches
+            self.train()
+            for _ in range(4):  # statistics of real activations, as after training
+                noise = torch.randn(16, nz, 1, 1, generator=g)
+                labels = torch.eye(n_classes)[torch.randint(n_classes, (16,), generator=g)]
+                self(noise, labels)
+        self.eval()
+
+    def forward(self, noise: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        noise = noise.squeeze()
+        if noise.dim() == 1:
+            noise = noise.unsqueeze(0)
+        batch = noise.shape[0]
+        x = torch.cat([noise, labels], 1)
+        return self.main(x.view(batch, -1, 1, 1))
+
+
+def _one_hot_prior(n_classes: int):
+    def prior(n: int, g: torch.Generator):
+        noise = torch.randn(n, 100, 1, 1, generator=g)
+        labels = torch.eye(n_classes)[torch.randint(n_classes, (n,), generator=g)]
+        return noise, labels
+    return prior
+
+
+def conditional_dcgan(device: torch.device) -> GeneratorAdapter:
+    """The benchmark's class-conditional DCGAN, wrapped."""
+    return GeneratorAdapter(ConditionalDCGAN().to(device), ((100, 1, 1), (8,)),
+                            prior=_one_hot_prior(8), device=device, name="cond-dcgan")
 
 
 def peak_gflops(device: torch.device, repeats: int) -> float:
@@ -106,10 +186,40 @@ def peak_gflops(device: torch.device, repeats: int) -> float:
     return max(mm, conv) / 1e9
 
 
+def _cases(args, device: torch.device) -> list[tuple[str, object, str, int]]:
+    """(model, adapter, layer, pairs) for every RESULT line asked for."""
+    cases = []
+    if "dcgan" in args.models:
+        adapter = load_dcgan_faces(device=device)
+        cases += [("dcgan-faces", adapter, layer, args.pairs) for layer in args.layers]
+    if "cond" in args.models:
+        # the ReLU three blocks before the output (blocks 4-6 and the output conv follow)
+        cases.append(("cond-dcgan", conditional_dcgan(device), "main.8", args.cond_pairs))
+    if "biggan" in args.models:
+        from cfmodules.zoo.biggan import gblock_path, load_random
+
+        adapter = load_random(device=device, resolution=args.biggan_resolution,
+                              channel_width=args.biggan_width)
+        n_blocks = sum(1 for m in adapter.generator.generator.layers
+                       if type(m).__name__ == "GenBlock")
+        layer = gblock_path(adapter.generator, (n_blocks + 1) // 2)  # a middle Gblock
+        cases.append((f"biggan-deep-{args.biggan_resolution}-random", adapter, layer,
+                      args.biggan_pairs))
+    return cases
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--layers", nargs="+", default=["main.8", "main.5"])
-    ap.add_argument("--pairs", type=int, default=64)
+    ap.add_argument("--models", nargs="+", default=["dcgan", "cond", "biggan"],
+                    choices=["dcgan", "cond", "biggan"])
+    ap.add_argument("--layers", nargs="+", default=["main.8", "main.5"],
+                    help="dcgan-faces layers")
+    ap.add_argument("--pairs", type=int, default=64, help="pairs for dcgan-faces")
+    ap.add_argument("--cond-pairs", type=int, default=16)
+    ap.add_argument("--biggan-pairs", type=int, default=4)
+    ap.add_argument("--biggan-resolution", type=int, default=64)
+    ap.add_argument("--biggan-width", type=int, default=16,
+                    help="BigGAN channel_width (the real model has 128)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None,
@@ -119,29 +229,32 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     try:
-        adapter = load_dcgan_faces(device=device)
-    except Exception as e:  # the zoo package may be missing
-        print(f"cannot load dcgan-faces: {e}", file=sys.stderr)
+        cases = _cases(args, device)
+    except Exception as e:  # a zoo package may be missing
+        print(f"cannot load a benchmark model: {e}", file=sys.stderr)
         return 2
-    print(f"device={device} threads={torch.get_num_threads()} pairs={args.pairs} "
-          f"repeats={args.repeats}", flush=True)
+    print(f"device={device} threads={torch.get_num_threads()} repeats={args.repeats} "
+          f"load={_load()}", flush=True)
     peak = peak_gflops(device, args.repeats)
     print(f"peak {peak:.1f} GFLOP/s", flush=True)
     lines = []
-    for layer in args.layers:
-        def ours(layer: str = layer):
-            return influence_maps(adapter, layer, n_pairs=args.pairs, progress=False)
+    for model, adapter, layer, pairs in cases:
+        def ours(adapter=adapter, layer: str = layer, pairs: int = pairs):
+            return influence_maps(adapter, layer, n_pairs=pairs, progress=False)
 
-        def naive(layer: str = layer):
-            return naive_maps(adapter, layer, args.pairs)
+        def naive(adapter=adapter, layer: str = layer, pairs: int = pairs):
+            return naive_maps(adapter, layer, pairs)
 
-        ours()  # warm up: graph tracing, layer shapes, allocator
+        ours()  # warm up: graph capture, layer shapes, allocator
+        explanation = adapter.explain(layer)
+        print(explanation, flush=True)
         ours_s = naive_s = float("inf")
         for r in range(args.repeats):  # interleaved, so both see the same machine load
             t_ours, res = timed(ours, device)
             t_naive, ref = timed(naive, device)
             ours_s, naive_s = min(ours_s, t_ours), min(naive_s, t_naive)
-            print(f"  {layer} repeat {r}: ours {t_ours:.3f}s naive {t_naive:.3f}s", flush=True)
+            print(f"  {model} {layer} repeat {r}: ours {t_ours:.3f}s naive {t_naive:.3f}s "
+                  f"load={_load()}", flush=True)
         ref = ref.double().cpu()
         mine = torch.from_numpy(res.maps).double()
         rel = float((mine - ref).abs().max() / ref.abs().max())
@@ -149,15 +262,23 @@ def main(argv: list[str] | None = None) -> int:
             ours()
         flops = counter.get_total_flops()
         gflops = flops / ours_s / 1e9
-        shortcut = res.settings.get("linear_shortcut", {})
-        print(f"{layer}: ours {ours_s:.3f}s naive {naive_s:.3f}s, {flops / 1e9:.1f} GFLOP, "
-              f"shortcut {shortcut or 'none'}", flush=True)
+        print(f"{model} {layer}: ours {ours_s:.3f}s naive {naive_s:.3f}s, "
+              f"{flops / 1e9:.1f} GFLOP, paths {res.settings.get('paths')}", flush=True)
         lines.append(f"RESULT layer={layer} speedup={naive_s / ours_s:.1f}x "
-                     f"max_rel_diff={rel:.1e} ours_s={ours_s:.3f} naive_s={naive_s:.3f} "
-                     f"gflops={gflops:.1f} peak_gflops={peak:.1f}")
+                     f"limit={explanation.limit:.1f}x max_rel_diff={rel:.1e} "
+                     f"ours_s={ours_s:.3f} naive_s={naive_s:.3f} gflops={gflops:.1f} "
+                     f"peak_gflops={peak:.1f} model={model} path={explanation.path!r}")
     for line in lines:
         print(line)
     return 0
+
+
+def _load() -> str:
+    """The machine's 1-minute load average (others' work shares the cores)."""
+    try:
+        return f"{os.getloadavg()[0]:.1f}"
+    except OSError:
+        return "?"
 
 
 if __name__ == "__main__":

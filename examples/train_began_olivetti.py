@@ -11,7 +11,7 @@ Writes to ``--out`` (default ``runs/began-olivetti``): ``monitor.jsonl`` and ``m
 ``modularity_curves.png``, ``template_strip.png``, ``samples.png``, ``generator.pt`` (a
 state dict: ``torch.load(path, weights_only=True)``) and ``report/report.html``.
 
-    PYTHONPATH=src python examples/train_began_olivetti.py --steps 3000 --every 250
+    PYTHONPATH=src python examples/train_began_olivetti.py --steps 1500 --every 100
 
 The last lines are ``RESULT ...`` lines with the times (training, monitor, analysis).
 """
@@ -39,8 +39,8 @@ from cfmodules.zoo.vae_faces import olivetti_faces
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=3000, help="training steps (default 3000)")
-    p.add_argument("--every", type=int, default=250, help="steps between monitor checks")
+    p.add_argument("--steps", type=int, default=1500, help="training steps (default 1500)")
+    p.add_argument("--every", type=int, default=100, help="steps between monitor checks")
     p.add_argument("--layer", default="block16.elu2", help="generator layer to monitor")
     p.add_argument("--k", type=int, default=3, help="number of modules K")
     p.add_argument("--pairs", type=int, default=32, help="latent pairs per check")

@@ -24,6 +24,7 @@ from conftest import no_hooks_left, tiny_sequential
 def test_samples_do_not_depend_on_batch_size_and_are_seeded(tiny):
     ad = GeneratorAdapter(tiny, (2, 1, 1))
     a = ad.sample_latents(10, seed=3)
+    # exact by design: sample i is drawn by its own generator seeded from (seed, i)
     torch.testing.assert_close(ad.sample_latents(4, seed=3), a[:4], rtol=0, atol=0)
     torch.testing.assert_close(ad.sample_latents(3, seed=3, start=7), a[7:], rtol=0, atol=0)
     assert not torch.equal(ad.sample_latents(10, seed=4), a)
@@ -85,20 +86,23 @@ def test_intervene_checks_value_shape(tiny):
     assert no_hooks_left(tiny)
 
 
+@pytest.mark.numerics
 def test_fx_split_and_hook_split_give_the_same_numbers(skip):
     fast = GeneratorAdapter(skip, (3, 1, 1))
-    slow = GeneratorAdapter(skip, (3, 1, 1), forward=lambda g, z: g(z))
+    # untraceable (bool of a tensor) and post-processed after the generator: hooks only
+    slow = GeneratorAdapter(skip, (3, 1, 1),
+                            forward=lambda g, z: g(z) * 1.0 if bool(z.isfinite().all()) else None)
     assert isinstance(fast.split("act").inner, FxSplit)
     assert isinstance(slow.split("act").inner, HookSplit)
     z = fast.sample_latents(5)
     for ad in (fast, slow):
         s = ad.split("act")
         state = s.prefix(z)
-        torch.testing.assert_close(s.suffix(state, state.activation), skip(z), rtol=0, atol=1e-6)
+        torch.testing.assert_close(s.suffix(state, state.activation), skip(z), rtol=1e-5, atol=1e-6)
     sf, ss = fast.split("act"), slow.split("act")
     stf, sts = sf.prefix(z), ss.prefix(z)
     edited = stf.activation * torch.tensor([1.0, 0.0, 2.0, 1.0])[None, :, None, None]
-    torch.testing.assert_close(sf.suffix(stf, edited), ss.suffix(sts, edited), rtol=0, atol=1e-6)
+    torch.testing.assert_close(sf.suffix(stf, edited), ss.suffix(sts, edited), rtol=1e-5, atol=1e-6)
     # select() repeats samples with every frontier value (the skip) and latent
     idx = torch.tensor([4, 4, 0])
     torch.testing.assert_close(sf.suffix(stf.select(idx), stf.activation[idx]), skip(z[idx]))

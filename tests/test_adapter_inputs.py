@@ -68,8 +68,14 @@ def test_integer_bool_and_complex_latents_are_refused(dtype):
 
 def test_meta_latents_and_generators_and_devices_are_refused():
     ad = adapter()
+    ad.generator.train()
     with pytest.raises(LatentError, match="meta tensor"):
         ad.generate(torch.empty(2, 2, 1, 1, device="meta"))
+    with pytest.raises(LatentError, match="meta tensor"):
+        with ad.trace("act"):
+            hybridize(ad, torch.empty(2, 2, 1, 1, device="meta"), ad.sample_latents(2),
+                      {"act": [0]})
+    assert_clean(ad)
     with torch.device("meta"):
         gen = nn.Sequential(nn.Linear(3, 4))
     with pytest.raises(ConfigError, match="meta device.*to_empty"):
@@ -96,6 +102,10 @@ def test_output_range_must_be_two_increasing_numbers(bad):
 
 def test_output_range_accepts_numpy_numbers():
     assert adapter(output_range=(np.float32(0), np.int64(1))).output_range == (0.0, 1.0)
+    assert adapter(output_range=np.array([0, 255])).output_range == (0.0, 255.0)
+    assert adapter(output_range=torch.tensor([-1.0, 1.0])).output_range == (-1.0, 1.0)
+    with pytest.raises(ConfigError, match="output_range"):
+        adapter(output_range=np.array([[0, 1]]))
 
 
 @pytest.mark.parametrize("bad", [-1, 0, 2.5, True, "2", np.float64(2.0)])
@@ -164,9 +174,9 @@ def test_to_moves_the_generator_and_returns_the_adapter():
     ad = adapter()
     z = ad.sample_latents(3)
     y = hybridize(ad, z, z.flip(0), {"act": [2]})
-    assert ad._splits
+    assert ad.engine._entries
     assert ad.to("cpu") is ad and ad.device == torch.device("cpu")
-    assert not ad._splits and ad._graph is None  # captures are rebuilt on the new device
+    assert not ad.engine._entries  # captures are rebuilt on the new device
     torch.testing.assert_close(hybridize(ad, z, z.flip(0), {"act": [2]}), y)
     assert ad.to(torch.device("cpu")) is ad
 

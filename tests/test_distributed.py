@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import datetime
 import os
-import socket
 import subprocess
 import sys
 
@@ -26,29 +26,31 @@ from cfmodules.influence.result import InfluenceResult
 SETTINGS = dict(n_pairs=6, seed=3, pairs_per_block=4, progress=False)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# Robust on a loaded machine: the ranks meet through a file (no port to find free and lose
+# to another process), every wait has minutes of margin, and no rank leaves the group
+# while another may still talk to it (a barrier before destroy_process_group).
+TIMEOUT = datetime.timedelta(minutes=5)
 
 
-def _worker(rank: int, world_size: int, port: int, out: str, channels, ckpt) -> None:
+def _worker(rank: int, world_size: int, store: str, out: str, channels, ckpt) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
-                            rank=rank, world_size=world_size)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
+                            world_size=world_size, timeout=TIMEOUT)
     try:
         ad = zoo.load("planted-conv")
         res = distributed_influence_maps(ad, "main.3", channels, checkpoint=ckpt, **SETTINGS)
         if rank == 0:
             res.save(out)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
 def _run(world_size, tmp_path, channels=None, ckpt=None) -> InfluenceResult:
     out = str(tmp_path / f"maps{world_size}.npz")
-    mp.spawn(_worker, args=(world_size, _free_port(), out, channels, ckpt),
-             nprocs=world_size, join=True)
+    store = str(tmp_path / f"store{world_size}")  # a fresh rendezvous file per run
+    mp.spawn(_worker, args=(world_size, store, out, channels, ckpt), nprocs=world_size,
+             join=True)
     return InfluenceResult.load(out)
 
 
@@ -80,17 +82,19 @@ def test_distributed_channel_subset_with_more_ranks_than_channels(tmp_path):
     np.testing.assert_allclose(three.maps, single.maps, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.numerics
 def test_without_a_process_group_it_is_influence_maps():
     ad = zoo.load("planted-conv")
     a = distributed_influence_maps(ad, "main.3", [0, 2], **SETTINGS)
     b = influence_maps(ad, "main.3", [0, 2], **SETTINGS)
-    np.testing.assert_array_equal(a.maps, b.maps)
+    np.testing.assert_array_equal(a.maps, b.maps)  # exact: the very same call in one process
 
 
 @pytest.mark.slow
 def test_distributed_analyze_runs_under_torchrun(tmp_path):
     """`cfmodules analyze` under torchrun with 2 gloo ranks writes one set of results."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # --standalone: the rendezvous store binds port 0 itself (a free port, no race)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
            "-m", "cfmodules", "analyze", "--model", "planted-conv", "--layer", "main.3",
            "--pairs", "4", "--k", "3", "--stability-repeats", "2", "--out", str(tmp_path / "o")]

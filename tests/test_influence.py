@@ -32,6 +32,8 @@ from influence_helpers import (
     skip_adapter,
 )
 
+pytestmark = pytest.mark.numerics  # compares results across chunkings and code paths
+
 KW = {"progress": False}
 
 
@@ -88,10 +90,10 @@ def test_eims_of_hand_model_equal_hand_computed_values(algorithm):
     z1, z2 = pair_latents(ad, n, 0, 0)
     d = (z2 - z1).abs().double()
     expected = 2.0 / 3.0 * d.mean(0).numpy()  # (2, 2, 2)
-    np.testing.assert_allclose(res.maps, expected, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(res.maps, expected, rtol=1e-5, atol=1e-7)
     se = 2.0 / 3.0 * d.std(0, unbiased=True).numpy() / np.sqrt(n)
     np.testing.assert_allclose(res.stderr, se, rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(res.influence, expected.mean(axis=(1, 2)), rtol=1e-6)
+    np.testing.assert_allclose(res.influence, expected.mean(axis=(1, 2)), rtol=1e-5)
     assert res.n_pairs == n and res.layer == "layer" and res.names == ["layer[0]", "layer[1]"]
     assert list(res.channels) == [0, 1]
 
@@ -101,7 +103,7 @@ def test_module_of_all_channels_is_distance_between_originals():
     res = module_influence_maps(ad, {"all": {"layer": [0, 1]}}, n_pairs=5, **KW)
     z1, z2 = pair_latents(ad, 5, 0, 0)
     expected = (ad.generate(z2) - ad.generate(z1)).abs().mean(1).double().mean(0).numpy()
-    np.testing.assert_allclose(res.maps[0], expected, rtol=1e-6)
+    np.testing.assert_allclose(res.maps[0], expected, rtol=1e-5)
     assert res.names == ["all"] and res.layer is None
 
 
@@ -198,7 +200,8 @@ def test_eim_of_one_channel_equals_module_of_that_channel():
     ad = skip_adapter()
     a = influence_maps(ad, "r2", channels=[3], n_pairs=4, **KW)
     b = module_influence_maps(ad, [{"r2": [3]}], n_pairs=4, **KW)
-    np.testing.assert_array_equal(a.maps, b.maps)
+    # two entry points, possibly other kernels: float32 rounding, not bits
+    np.testing.assert_allclose(a.maps, b.maps, rtol=1e-5, atol=1e-7)
 
 
 # ---------------------------------------------------------------------- chunking
@@ -210,7 +213,7 @@ def test_result_does_not_depend_on_chunking(factory, layer):
     tiny = influence_maps(ad, layer, n_pairs=9, max_batch_bytes=1, pairs_per_block=2, **KW)
     mid = influence_maps(ad, layer, n_pairs=9, max_batch_bytes=60_000, pairs_per_block=4, **KW)
     for other in (tiny, mid):
-        np.testing.assert_allclose(other.maps, base.maps, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(other.maps, base.maps, rtol=1e-5, atol=1e-7)
         np.testing.assert_allclose(other.stderr, base.stderr, rtol=1e-5, atol=1e-7)
 
 
@@ -218,7 +221,7 @@ def test_channels_subset_and_order():
     ad = convt_adapter()
     full = influence_maps(ad, "2", n_pairs=4, **KW)
     sub = influence_maps(ad, "2", channels=[5, 1], n_pairs=4, **KW)
-    np.testing.assert_allclose(sub.maps, full.maps[[5, 1]], rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(sub.maps, full.maps[[5, 1]], rtol=1e-5, atol=1e-8)
     assert list(sub.channels) == [5, 1] and sub.names == ["2[5]", "2[1]"]
 
 

@@ -16,6 +16,8 @@ from cfmodules.influence import influence_maps, module_influence_maps
 from cfmodules.results import read_npz, write_npz
 from influence_helpers import convt_adapter, skip_adapter
 
+pytestmark = pytest.mark.numerics  # compares results across chunkings and code paths
+
 KW = {"progress": False, "pairs_per_block": 3, "checkpoint_every": 0}
 
 
@@ -41,6 +43,8 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, exc):
     arrays, header = read_npz(ck, kind="influence-checkpoint")
     assert header["n_pairs_done"] == 6
     resumed = influence_maps(ad, "5", n_pairs=10, checkpoint=ck, **KW)
+    # exact by design: the resumed run computes the same blocks of 3 pairs by the same code
+    # path as the uninterrupted one, and the checkpoint holds the float64 statistics' bits
     np.testing.assert_array_equal(resumed.maps, full.maps)
     np.testing.assert_array_equal(resumed.stderr, full.stderr)
     assert resumed.n_pairs == 10
@@ -69,6 +73,7 @@ def test_checkpoint_can_be_extended_with_more_pairs(tmp_path):
     ck = tmp_path / "run.ckpt"
     influence_maps(ad, "5", n_pairs=6, checkpoint=ck, **KW)
     longer = influence_maps(ad, "5", n_pairs=9, checkpoint=ck, **KW)
+    # exact by design: 6 is a whole number of blocks of 3, so both runs do the same blocks
     np.testing.assert_array_equal(longer.maps, influence_maps(ad, "5", n_pairs=9, **KW).maps)
     with pytest.raises(CheckpointError, match="already holds 9 pairs"):
         influence_maps(ad, "5", n_pairs=6, checkpoint=ck, **KW)

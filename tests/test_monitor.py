@@ -359,3 +359,12 @@ def test_curves_and_template_strip_figures():
         plots.plot_template_strip(np.zeros((2, 16, 16)))
     with pytest.raises(ShapeError, match="steps"):
         plots.plot_template_strip(hist.templates, steps=[1])
+
+
+def test_a_generator_moved_after_wrapping_is_refused(tiny):
+    adapter = GeneratorAdapter(tiny, latent_shape=(2, 1, 1))
+    monitor = ModularityMonitor(adapter, "act", n_modules=2, errors="raise", **FAST)
+    tiny.to("meta")  # another device than the adapter's
+    with pytest.raises(ConfigError, match="wrap the generator after moving it"):
+        monitor.check(0)
+    assert monitor.checks == [] and no_hooks_left(tiny)

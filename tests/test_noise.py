@@ -50,6 +50,8 @@ class NoisyGenerator(nn.Module):
             n2 = torch.randn_like(h[:, :1])
         elif self.style == "normal_":
             n2 = torch.empty(h.shape[0], 1, 4, 4).normal_()
+        elif self.style == "new_empty":  # rosinality's StyleGAN2 NoiseInjection
+            n2 = h.new_empty(h.shape[0], 1, 4, 4).normal_()
         elif self.style == "shared":  # one noise image for the whole batch (and each sample)
             n2 = torch.randn(1, 1, 4, 4).expand(h.shape[0], 1, 4, 4)
         elif self.style == "dropout":  # hard-coded train-mode dropout
@@ -83,7 +85,7 @@ def assert_clean(gen: nn.Module, train: bool) -> None:
 
 
 # ---------------------------------------------------------------------- detection
-@pytest.mark.parametrize("style", ["randn_like", "normal_", "shared", "dropout", "reseeded"])
+@pytest.mark.parametrize("style", ["randn_like", "normal_", "new_empty", "shared", "dropout", "reseeded"])
 def test_a_forward_that_draws_noise_is_refused_at_first_use(style):
     gen = NoisyGenerator(style).train()
     ad = GeneratorAdapter(gen, 4)
@@ -155,7 +157,7 @@ def test_per_sample_on_a_deterministic_generator_warns_that_it_only_costs(tiny):
 
 
 # ---------------------------------------------------------------------- per-sample noise
-@pytest.mark.parametrize("style", ["randn_like", "normal_", "shared", "dropout", "reseeded"])
+@pytest.mark.parametrize("style", ["randn_like", "normal_", "new_empty", "shared", "dropout", "reseeded"])
 def test_per_sample_noise_is_fixed_and_batch_independent(style):
     gen = NoisyGenerator(style)
     ad = GeneratorAdapter(gen, 4, noise="per-sample")
@@ -190,8 +192,8 @@ def test_per_sample_noise_does_not_touch_the_global_random_stream():
 def test_the_engine_runs_full_forwards_with_per_sample_noise(tiny):
     ad = GeneratorAdapter(NoisyGenerator(), 4, noise="per-sample")
     assert ad.noise == "per-sample"
-    assert ad.graph() is None and "noise='per-sample'" in ad._graph_error
-    assert not ad.split("act").exact_graph
+    assert ad.graph() is None and "noise='per-sample'" in ad.explain("act").reason
+    assert not ad.split("act").exact_graph and ad.explain("act").path == "hook"
     plain = GeneratorAdapter(tiny, (2, 1, 1))
     assert plain.graph() is not None and plain.split("act").exact_graph
     plain.noise = "per-sample"  # set later: captured graphs and splits are dropped
@@ -280,3 +282,14 @@ def test_a_deterministic_generator_is_checked_without_a_dispatch_mode(tiny, monk
     z = ad.sample_latents(3)
     hybridize(ad, z, z.flip(0), {"act": [1]})
     assert ad._noise_checked
+
+
+def test_a_whole_analysis_of_a_noisy_generator():
+    from cfmodules.analysis import AnalysisSettings, analyze
+
+    ad = GeneratorAdapter(NoisyGenerator(), 4, noise="per-sample", name="noisy")
+    res = analyze(ad, "act", AnalysisSettings(n_pairs=4, n_modules=2, stability_repeats=2,
+                                              stability_ks=(2,), n_samples=2, n_hybrids=2),
+                  progress=False)
+    assert res.maps[DEAD].max() < 1e-6
+    assert res.maps.shape == (8, 4, 4) and set(np.unique(res.labels)) == {0, 1}

@@ -109,3 +109,18 @@ def test_own_generator_prior_with_wrong_shapes_is_refused(guide) -> None:
                           forward=guide["my_forward"], output_transform=lambda o: o["image"])
     with pytest.raises(LatentError, match="prior"):
         ad.sample_latents(2)
+
+
+def test_own_generator_subclasses_are_honoured(guide) -> None:
+    """The guide's subclasses: a mirrored generate() and a forward_fn method."""
+    layer = guide["layer"]
+    mirrored, half, ad = guide["mirrored"], guide["half"], guide["adapter"]
+    z1, z2 = ad.sample_latents(3, seed=1), ad.sample_latents(3, seed=2)
+    torch.testing.assert_close(hybridize(mirrored, z1, z2, {layer: []}), mirrored.generate(z1))
+    torch.testing.assert_close(hybridize(mirrored, z1, z2, {layer: [0, 3]}),
+                               hybridize(ad, z1, z2, {layer: [0, 3]}).flip(-1))
+    assert mirrored.explain(layer).path == "hook"
+    torch.testing.assert_close(hybridize(half, z1, z2, {layer: []}), half.generate(z1))
+    assert half.explain(layer).path != "hook"
+    with_half = (0.5 * z1[0], z1[1], z1[2])
+    torch.testing.assert_close(half.generate(z1), ad.generate(with_half))

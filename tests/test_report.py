@@ -109,7 +109,7 @@ def test_checkpoints_make_a_rerun_resume(tmp_path):
     files = list(tmp_path.glob("eim_*.npz"))
     assert len(files) == 1
     second = analyze(adapter, progress=False, checkpoint_dir=tmp_path, **SMALL)
-    np.testing.assert_array_equal(first.maps, second.maps)
+    np.testing.assert_array_equal(first.maps, second.maps)  # exact: read back from the checkpoint
 
 
 def test_default_layer():
@@ -122,11 +122,14 @@ def test_default_layer():
         default_layer(GeneratorAdapter(gen, (2, 1, 1)))
 
 
+@pytest.mark.numerics
 def test_make_hybrids_empty_module_gives_original1():
     adapter = zoo.load("planted-conv")
     o1, o2, hy = make_hybrids(adapter, [{}, {"main.3": list(range(24))}], n=2, seed=3)
     np.testing.assert_array_equal(hy[0], o1)
-    np.testing.assert_array_equal(hy[1], o2)  # every channel of the last hidden layer
+    # every channel of the last hidden layer: Original 2 up to float rounding, which may
+    # move a pixel across a uint8 rounding boundary
+    assert np.abs(hy[1].astype(int) - o2.astype(int)).max() <= 1
     with pytest.raises(ConfigError):
         make_hybrids(adapter, [{}], n=0)
 

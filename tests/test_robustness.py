@@ -115,6 +115,7 @@ def adapter(tiny):
     return GeneratorAdapter(tiny, latent_shape=(2, 1, 1))
 
 
+@pytest.mark.numerics
 def test_full_swap_follows_original2_and_result_is_batch_independent(adapter):
     clf = Brightness().train()
     mods = {"all": {"act": [0, 1, 2, 3]}, "one": {"act": [1]}}
@@ -126,7 +127,9 @@ def test_full_swap_follows_original2_and_result_is_batch_independent(adapter):
     res2 = classifier_robustness(adapter, {"b": clf}, mods, n_pairs=40, seed=3, batch_size=7)
     for c in ("b",):
         np.testing.assert_array_equal(res.predictions[c], res2.predictions[c])
-        np.testing.assert_allclose(res.entropy[c], res2.entropy[c], rtol=1e-5)  # batched float32 convs: rounding only
+        # float32 generator and classifier in batches of 40 vs 7: rounding (3e-6 relative
+        # on an AMD EPYC), and entropies of confident predictions are tiny (hence atol)
+        np.testing.assert_allclose(res.entropy[c], res2.entropy[c], rtol=1e-5, atol=1e-7)
     # the same pairs and hybrids as hybridize on the documented latents
     z = adapter.sample_latents(80, seed=3)  # pair i is samples 2i and 2i + 1
     z1, z2 = z[0::2], z[1::2]

@@ -15,6 +15,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Union
 
+import numpy as np
 import torch
 from torch import fx, nn
 
@@ -22,7 +23,7 @@ from cfmodules import checks
 from cfmodules import latents as L
 from cfmodules import noise as N
 from cfmodules._deprecation import warn_renamed
-from cfmodules.engine.split import FxSplit, HookSplit, Split, fx_split
+from cfmodules.engine.cut import Cut, Engine, Explanation
 from cfmodules.errors import (
     ChannelError,
     ConfigError,
@@ -113,6 +114,18 @@ def channel_index(spec: ChannelSpec, n_channels: int, layer: str,
 class GeneratorAdapter:
     """Wrap a generator for counterfactual interventions on its hidden channels.
 
+    Subclasses may override these (docs/own_generator.md), and every cfmodules path
+    honours them:
+
+    - ``forward_fn(self, generator, latent)`` (a method instead of ``forward=``): the raw
+      call. Captured graphs trace through it together with the generator.
+    - ``images(self, raw, n)``: raw output -> images; applied after every path.
+    - ``generate(self, z, batch_size=None)``: if overridden, every counterfactual
+      (hybrids, influence maps, evaluation) runs full forwards through it with a hook
+      at the layer, so e.g. a mirrored output is mirrored in hybrids too (slower:
+      ``explain()`` says so).
+    - ``sample_latents``, ``encode``, ``to_unit``: as documented.
+
     Parameters
     ----------
     generator : nn.Module
@@ -161,6 +174,9 @@ class GeneratorAdapter:
     parameter dtype (:attr:`dtype`), with a warning when the cast loses precision.
     """
 
+    forward_fn: Callable[[nn.Module, L.Latent], Any] | None = None
+    """The raw call ``forward_fn(generator, latent)`` (None: ``generator(latent)``)."""
+
     def __init__(
         self,
         generator: nn.Module,
@@ -187,7 +203,8 @@ class GeneratorAdapter:
         self.generator = generator
         self.latent_shapes = shapes
         self.prior = prior
-        self.forward_fn = forward
+        if forward is not None:  # a subclass may define forward_fn as a method instead
+            self.forward_fn = forward
         self.output_transform = output_transform
         self.output_range = _output_range(output_range)
         self.encoder = encoder
@@ -198,11 +215,8 @@ class GeneratorAdapter:
         self._shared_draws: frozenset[int] = frozenset()
         self.noise = noise
         self._warned_train = False
+        self._engine: Engine | None = None
         self._warned_cast: set[torch.dtype] = set()
-        self._graph: fx.GraphModule | None = None
-        self._graph_error: str | None = None
-        self._traced = False
-        self._splits: dict[str, Split] = {}
         self._sessions: list[HookSession] = []  # open trace/intervene blocks
 
     # ------------------------------------------------------------------ latents
@@ -291,10 +305,9 @@ class GeneratorAdapter:
 
     def _drop_captures(self) -> None:
         """Forget everything derived from the generator's code path (graphs, splits)."""
-        self._graph = None
-        self._graph_error = None
-        self._traced = False
-        self._splits = {}
+        engine = getattr(self, "_engine", None)  # the noise setter runs in __init__ too
+        if engine is not None:
+            engine.refresh()
 
     # ------------------------------------------------------------------ running
     @contextmanager
@@ -623,45 +636,52 @@ class GeneratorAdapter:
             yield
 
     # ------------------------------------------------------------------ prefix / suffix
-    def graph(self) -> fx.GraphModule | None:
-        """The generator traced by ``torch.fx`` (None when it cannot be traced)."""
-        if not self._traced:
-            self._traced = True
-            if self._noise is not None:  # a cut would renumber the suffix's random draws
-                self._graph_error = ("noise='per-sample': every forward runs in full so that "
-                                     "each random draw keeps its position")
-            elif self.forward_fn is None:
-                try:
-                    # traced in eval mode: fx bakes `self.training` (e.g. functional dropout's
-                    # training=self.training) into the graph as a constant
-                    with self.eval_mode():
-                        self._graph = fx.symbolic_trace(self.generator)
-                except Exception as e:  # fx raises many types; the fallback is exact
-                    self._graph_error = f"{type(e).__name__}: {e}"
-            else:
-                self._graph_error = "a custom forward function is used"
-        return self._graph
+    @property
+    def engine(self) -> Engine:
+        """The :class:`~cfmodules.engine.Engine` that cuts this generator at layers."""
+        if self._engine is None:
+            self._engine = Engine(self)
+        return self._engine
 
-    def split(self, layer: str) -> Split:
+    def graph(self) -> fx.GraphModule | None:
+        """The whole forward (with ``forward``) traced by ``torch.fx`` in eval mode, or None."""
+        return self.engine.whole_graph()
+
+    def split(self, layer: str) -> Cut:
         """Cut the generator at ``layer``: ``prefix(z)`` once, ``suffix(state, act)`` often.
 
-        Uses the ``torch.fx`` graph where possible, else a full forward with a replacing
-        hook; both give the same numbers. The suffix returns images (after
-        ``output_transform``).
+        The engine picks the fastest exact path (a captured graph of the forward, a
+        captured submodule, or a full forward with a replacing hook); all give the same
+        numbers up to float rounding. The suffix returns images (after
+        ``output_transform``). :meth:`explain` says which path runs.
         """
-        ref = resolve_layer(self.generator, layer)
-        if layer not in self._splits:
-            split: Split | None = None
-            gm = self.graph()
-            if gm is not None:
-                try:
-                    split = fx_split(gm, ref)
-                except LayerNotFoundError:
-                    split = None
-            if split is None:
-                split = HookSplit(self.generator, self._raw, layer)
-            self._splits[layer] = _AdapterSplit(self, split)
-        return self._splits[layer]
+        return self.engine.cut(layer)
+
+    def explain(self, layer: str, algorithm: str = "auto") -> Explanation:
+        """Which path counterfactuals at ``layer`` take, why, and the FLOPs of one hybrid.
+
+        Parameters
+        ----------
+        layer : str
+        algorithm : {"auto", "split", "hook"}
+            As for :func:`cfmodules.influence_maps` (``"auto"`` may use the linear shortcut).
+
+        Returns
+        -------
+        Explanation
+            ``path`` ("linear shortcut", "split", "partial" or "hook"), the reason, every
+            capture tried with its error, ``flops_hybrid`` / ``flops_full`` and ``limit``
+            (their ratio). ``print()`` it for a summary.
+        """
+        return self.engine.explain(layer, algorithm)
+
+    def refresh(self) -> None:
+        """Forget every captured graph and weight copy (the next use captures again).
+
+        Changes are detected without this (see :mod:`cfmodules.engine.cut`); call it after
+        editing weights through ``.data`` while a callback runs inside an influence run.
+        """
+        self.engine.refresh()
 
     def __repr__(self) -> str:
         shape = self.latent_shape
@@ -670,30 +690,6 @@ class GeneratorAdapter:
 
 
 _MODE_DEPENDENT = (nn.modules.batchnorm._NormBase, nn.modules.dropout._DropoutNd)
-
-
-class _AdapterSplit(Split):
-    """A split run the adapter's way: device, eval mode, no_grad, output transform."""
-
-    def __init__(self, adapter: GeneratorAdapter, inner: Split):
-        self.adapter, self.inner = adapter, inner
-        self.layer = inner.layer
-        self.exact_graph = isinstance(inner, FxSplit)
-
-    def prefix(self, z: L.Latent):  # type: ignore[override]
-        z = self.adapter.as_latent(z)
-        with self.adapter.eval_mode(), self.adapter._one_forward():
-            return self.inner.prefix(z)
-
-    def suffix(self, state, activation: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        n = activation.shape[0]
-        if activation.shape[1:] != state.activation.shape[1:] or n != state.activation.shape[0]:
-            raise ShapeError(
-                f"The new activation of layer '{self.layer}' has shape {tuple(activation.shape)};"
-                f" expected {tuple(state.activation.shape)} (one row per sample of the state)."
-            )
-        with self.adapter.eval_mode(), self.adapter._one_forward():
-            return self.adapter.images(self.inner.suffix(state, activation), n)
 
 
 def _replace_channels(layer: str, idx: torch.Tensor, values: torch.Tensor) -> Callable:
@@ -740,6 +736,8 @@ def _latent_shapes(latent_shape: object) -> list[tuple[int, ...]]:
 
 def _output_range(value: object) -> tuple[float, float]:
     """``(low, high)`` as floats, finite, low < high (raises ConfigError)."""
+    if isinstance(value, (np.ndarray, torch.Tensor)) and value.ndim == 1:
+        value = tuple(value.tolist())
     ok = (isinstance(value, (tuple, list)) and len(value) == 2 and all(
         isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(float(v))
         for v in value))

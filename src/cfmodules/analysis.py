@@ -26,7 +26,13 @@ import torch
 
 from cfmodules import checks
 from cfmodules.adapter import GeneratorAdapter
-from cfmodules.errors import ConfigError, ShapeError, did_you_mean
+from cfmodules.errors import (
+    CheckpointError,
+    ConfigError,
+    ResultFileError,
+    ShapeError,
+    did_you_mean,
+)
 from cfmodules.hybrid import hybridize
 from cfmodules.images import as_uint8
 from cfmodules.influence.distributed import distributed_influence_maps, world
@@ -115,7 +121,7 @@ class AnalysisSettings:
         for name in ("n_pairs", "n_modules", "n_init", "stability_repeats", "n_samples",
                      "n_hybrids", "stability_pool"):
             object.__setattr__(self, name, checks.positive_int(getattr(self, name), name))
-        object.__setattr__(self, "seed", checks.integer(self.seed, "seed"))
+        object.__setattr__(self, "seed", checks.seed(self.seed))
         checks.clustering_method(self.method)
         checks.one_of(self.backend, "backend", ("fast", "sklearn"))
         object.__setattr__(self, "stability_ks", tuple(
@@ -331,6 +337,14 @@ class AnalysisResult(Result):
             out["suggested_k"] = self.suggested_k()
         return out
 
+    @classmethod
+    def _validate(cls, path: Any, arrays: Mapping[str, np.ndarray],
+                  header: Mapping[str, Any]) -> None:
+        from cfmodules.results import check_folder
+
+        check_folder(Path(path).parent, Path(path).name)  # a report folder: all of a piece
+        _check_file(path, arrays, header)
+
     def to_text(self) -> str:
         """The analysis in a few lines: units, K, each module's size and influence."""
         c, h, w = self.maps.shape
@@ -349,6 +363,48 @@ class AnalysisResult(Result):
 
     def __repr__(self) -> str:
         return self.to_text()
+
+
+def _check_file(path: Any, arrays: Mapping[str, np.ndarray], header: Mapping[str, Any]) -> None:
+    """Refuse an analysis file whose arrays do not fit together (edited or damaged)."""
+    def bad(what: str) -> ResultFileError:
+        return ResultFileError(f"'{path}' is a damaged analysis result: {what}. Write it again "
+                               "with cfmodules analyze.")
+
+    for key in ("maps", "labels", "unit_layer", "unit_channel", "templates", "weights",
+                "module_maps", "samples", "mean_image", "original1", "original2", "hybrids"):
+        if key not in arrays:
+            raise ResultFileError(f"'{path}' is an incomplete analysis result: the array "
+                                  f"'{key}' is missing. Write it again with cfmodules analyze.")
+    layers = header.get("layers")
+    if not isinstance(layers, list) or not layers or not all(isinstance(x, str) for x in layers):
+        raise bad(f"'layers' in the header is {layers!r}, not a list of layer names")
+    if not isinstance(header.get("settings", {}), dict):
+        raise bad("'settings' in the header is not a dict")
+    maps, templates = arrays["maps"], arrays["templates"]
+    if maps.ndim != 3 or maps.dtype.kind != "f":
+        raise bad(f"maps have shape {maps.shape} and dtype {maps.dtype}, not (C, H, W) floats")
+    c = maps.shape[0]
+    if templates.ndim != 3 or templates.shape[1:] != maps.shape[1:]:
+        raise bad(f"templates have shape {templates.shape}, not (K, {maps.shape[1]}, "
+                  f"{maps.shape[2]})")
+    k = templates.shape[0]
+    for key, kind in (("labels", "iu"), ("unit_channel", "iu"), ("unit_layer", "U")):
+        a = arrays[key]
+        if a.shape != (c,) or a.dtype.kind not in kind:
+            raise bad(f"'{key}' has shape {a.shape} and dtype {a.dtype}; expected ({c},) "
+                      + ("integers" if kind == "iu" else "layer names"))
+    labels = arrays["labels"]
+    if c and (labels.min() < 0 or labels.max() >= k):
+        raise bad(f"'labels' hold modules {int(labels.min())}..{int(labels.max())}, but there "
+                  f"are {k} templates")
+    if c and arrays["unit_channel"].min() < 0:
+        raise bad("'unit_channel' holds negative channel numbers")
+    unknown = set(arrays["unit_layer"].tolist()) - set(layers)
+    if unknown:
+        raise bad(f"'unit_layer' names layers {sorted(unknown)} not in the header's layers")
+    if arrays["weights"].shape != (c, k):
+        raise bad(f"'weights' have shape {arrays['weights'].shape}, not ({c}, {k})")
 
 
 # ---------------------------------------------------------------------- helpers
@@ -548,7 +604,7 @@ def sample_images(adapter: GeneratorAdapter, settings: AnalysisSettings
 
 def unit_influence_maps(adapter: GeneratorAdapter, layers: Sequence[str],
                         settings: AnalysisSettings, *, checkpoint_dir: Path | None = None,
-                        progress: bool = True) -> UnitMaps | None:
+                        progress: bool = True, assume_same: bool = False) -> UnitMaps | None:
     """The EIMs of every channel of ``layers``, stacked in layer order (eq. 2).
 
     Under ``torch.distributed`` the channels are sharded across ranks; rank 0 gets the
@@ -562,7 +618,7 @@ def unit_influence_maps(adapter: GeneratorAdapter, layers: Sequence[str],
             path = checkpoint_dir / f"eim_{layer}_pairs{settings.n_pairs}_seed{settings.seed}.npz"
         results.append(distributed_influence_maps(
             adapter, layer, n_pairs=settings.n_pairs, seed=settings.seed,
-            progress=progress and rank == 0, checkpoint=path))
+            progress=progress and rank == 0, checkpoint=path, assume_same=assume_same))
     if rank != 0:  # under torch.distributed, rank 0 alone clusters and reports
         return None
     return UnitMaps(
@@ -618,6 +674,7 @@ def analyze(
     progress: bool = True,
     model_spec: str | None = None,
     model_options: Mapping[str, Any] | None = None,
+    assume_same: bool = False,
     **overrides: Any,
 ) -> AnalysisResult | None:
     """Run the whole analysis of sec. 3-4 of Besserve et al. (2020) on one or two layers.
@@ -642,7 +699,8 @@ def analyze(
     checkpoint_dir : path, optional
         Folder for the influence computation's checkpoints: an interrupted run started
         again with the same settings resumes where it stopped, and a finished one is
-        read back instantly (so a new K costs only the clustering).
+        read back instantly (so a new K costs only the clustering). A checkpoint made by
+        other code or settings is refused (CheckpointError), never silently reused.
     progress : bool, default True
         Progress bars and one line per step on stderr.
     model_spec : str, optional
@@ -650,6 +708,9 @@ def analyze(
         result for ``cfmodules hybrids``; default ``adapter.name``.
     model_options : dict, optional
         Stored with ``model_spec`` (e.g. the latent shape the CLI was given).
+    assume_same : bool, default False
+        Resume checkpoints even where cfmodules cannot verify they were made by the same
+        code (see :func:`cfmodules.influence.influence_maps`).
 
     Returns
     -------
@@ -671,7 +732,14 @@ def analyze(
     names = check_layers(adapter, layers, s)
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if ckpt is not None:
-        ckpt.mkdir(parents=True, exist_ok=True)
+        if ckpt.exists() and not ckpt.is_dir():
+            raise CheckpointError(f"checkpoint_dir '{ckpt}' is a file, not a folder; give a "
+                                  "folder for the checkpoints (it is created if missing).")
+        try:
+            ckpt.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise CheckpointError(f"Cannot create the checkpoint folder '{ckpt}': "
+                                  f"{e.strerror or e}. Give another checkpoint_dir.") from None
     created = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     steps = _Steps(progress, 5 + bool(s.stability_ks))
     n_units = sum(adapter.layer_channels(la) for la in names)
@@ -681,7 +749,7 @@ def analyze(
     units = steps.run("influence_maps", f"influence maps of {n_units} channels of "
                       f"{' + '.join(names)}, {s.n_pairs} pairs",
                       lambda: unit_influence_maps(adapter, names, s, checkpoint_dir=ckpt,
-                                                  progress=progress))
+                                                  progress=progress, assume_same=assume_same))
     if units is None:  # a rank other than 0 under torch.distributed
         return None
     clustering = steps.run("clustering", f"{s.method} clustering into K={s.n_modules} modules",

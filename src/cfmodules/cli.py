@@ -11,11 +11,8 @@ Examples::
     cfmodules analyze --out out                      # the pretrained DCGAN faces, main.8
     cfmodules analyze --model my_gan.py:make_generator --latent-shape 128 --layer block3 --out out
     cfmodules hybrids --modules out/results.npz --pairs 12 --out out/new_hybrids.png
-<<<<<<< HEAD
-  cfmodules scan dcgan-faces --out scan         # which layer, which K (scan.png, scan.npz)
-=======
+    cfmodules scan dcgan-faces --out scan            # which layer, which K
     cfmodules explore out/results.npz
->>>>>>> main
 """
 
 from __future__ import annotations
@@ -95,6 +92,7 @@ def _cmd_layers(args: argparse.Namespace) -> int:
 def _cmd_analyze(args: argparse.Namespace) -> int:
     from cfmodules.analysis import AnalysisSettings, analyze
     from cfmodules.report import write_report
+    from cfmodules.results import folder_update
 
     ks = () if args.no_stability else _parse_ks(args.stability_ks)
     methods = tuple(m.strip() for m in args.stability_methods.split(",") if m.strip())
@@ -130,16 +128,20 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     result = analyze(adapter, args.layer, settings, checkpoint_dir=ckpt,
                      progress=not args.quiet, model_spec=_portable_spec(args.model),
                      model_options={"latent_shape": args.latent_shape}
-                     if args.latent_shape else None)
+                     if args.latent_shape else None, assume_same=args.assume_same)
     if result is None:  # a rank other than 0 has done its share of the influence maps
         return 0
-    results_path = result.save(out / "results.npz")
     t_report = time.perf_counter()
     command = " ".join(shlex.quote(a) for a in [PROG, *args.argv])
-    write_report(result, out, command=command, files={
-        "results.npz": "maps, labels, templates, stability table, hybrids (numpy.load or "
-                       "cfmodules.analysis.AnalysisResult.load)",
-        "checkpoints/": "influence computation state: rerunning resumes from it"})
+    # the results and the report are replaced together: never K=2 results beside K=3 figures
+    with folder_update(out) as stage:
+        result.save(stage / "results.npz")
+        write_report(result, stage, command=command, files={
+            "results.npz": "maps, labels, templates, stability table, hybrids (numpy.load or "
+                           "cfmodules.analysis.AnalysisResult.load)",
+            "manifest.json": "the files of this report and their SHA-256, written last",
+            "checkpoints/": "influence computation state: rerunning resumes from it"})
+    results_path = out / "results.npz"
     report_s = time.perf_counter() - t_report
     if not args.quiet:
         print(repr(result), file=sys.stderr)
@@ -268,11 +270,8 @@ _EPILOG = """examples:
   cfmodules analyze --out out                  # pretrained DCGAN faces, layer main.8, K=3
   cfmodules analyze --model my_gan.py:make_generator --latent-shape 128 --layer block3 --out out
   cfmodules hybrids --modules out/results.npz --pairs 12 --out out/new_hybrids.png
-<<<<<<< HEAD
   cfmodules scan dcgan-faces --out scan         # which layer, which K (scan.png, scan.npz)
-=======
   cfmodules explore out/results.npz           # paint on the image, see the hybrids live
->>>>>>> main
 
 `cfmodules COMMAND --help` describes each command."""
 
@@ -340,6 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="new pairs hybridized per module (default 8)")
     a.add_argument("--fresh", action="store_true",
                    help="ignore the checkpoints of an earlier run in --out")
+    a.add_argument("--assume-same", action="store_true",
+                   help="resume checkpoints in --out even where cfmodules cannot verify that "
+                        "they were made by the same code (you state that they were)")
     a.add_argument("--quiet", action="store_true", help="no progress bars")
     model_args(a)
     a.set_defaults(func=_cmd_analyze)
@@ -445,10 +447,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         msg = " ".join(str(e).split())  # one line, whatever the message
         print(f"{PROG} {args.command}: error: {msg}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM / SIGHUP (Interrupted)
         print(f"{PROG} {args.command}: interrupted. Run the same command again to resume "
               "from the checkpoint.", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return int(getattr(e, "exit_code", EXIT_INTERRUPTED))
+    except Exception as e:  # a bug, or an input no check foresaw: still one line
+        if args.debug:
+            raise
+        print(f"{PROG} {args.command}: internal error: {type(e).__name__}: {models.first_line(e)} "
+              "(rerun with --debug for the traceback, and please report it)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -154,7 +154,7 @@ def sample(
     ``start`` may be Python or numpy integers; ``seed`` is in ``[0, 2**32)``.
     """
     n = checks.positive_int(n, "The number of samples")
-    seed = checks.seed(seed)
+    seed = checks.seed(seed)  # 2**32 would silently be seed 0, 1.5 seed 1
     start = checks.integer(start, "start", low=0)
     if isinstance(prior, str) and prior not in ("normal", "uniform"):
         raise ConfigError(

@@ -7,6 +7,7 @@ The one place that turns what a user names (on the command line, in a results fi
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import inspect
 import os
@@ -71,7 +72,8 @@ def _call_factory(path: str, name: str, device: str) -> Any:
         raise ConfigError(f"--model: no file '{path}'.")
     if not name.isidentifier():
         raise ConfigError(f"--model: '{name}' is not a function name; use {path}:make_generator.")
-    mod_name = f"_cfmodules_user_{abs(hash(str(file.resolve())))}"
+    # a name that is the same in every process (hash() of a str is not)
+    mod_name = f"_cfmodules_user_{hashlib.sha256(str(file.resolve()).encode()).hexdigest()[:12]}"
     spec = importlib.util.spec_from_file_location(mod_name, file)
     if spec is None or spec.loader is None:
         raise ConfigError(f"--model: cannot import '{path}' as a Python file.")
@@ -97,7 +99,7 @@ def _call_factory(path: str, name: str, device: str) -> Any:
         raise
     except Exception as e:
         raise ConfigError(f"--model {path}:{name} failed: {type(e).__name__}: "
-                          f"{_first_line(e)}") from e
+                          f"{first_line(e)}") from e
     finally:
         sys.path.remove(str(file.resolve().parent))
 
@@ -168,12 +170,13 @@ def load_model(spec: str, device: str = "auto", latent_shape: str | None = None)
     except Exception as e:
         raise ConfigError(
             f"Running {spec} on one latent of shape {adapter.latent_shape} failed: "
-            f"{type(e).__name__}: {_first_line(e)}. Check the latent shape (--latent-shape) "
+            f"{type(e).__name__}: {first_line(e)}. Check the latent shape (--latent-shape) "
             "or pass forward=/output_transform= to the GeneratorAdapter your factory returns."
         ) from e
     return adapter
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
+    """The first line of an error's message (for one-line reports)."""
     text = str(e).strip().splitlines()
     return text[0] if text else ""

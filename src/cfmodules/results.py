@@ -25,11 +25,16 @@ Reading an influence file with numpy only::
 
 from __future__ import annotations
 
+import glob
+import hashlib
 import json
 import os
+import shutil
 import tempfile
+import time
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, BinaryIO, ClassVar, TypeVar
@@ -40,7 +45,8 @@ from cfmodules._deprecation import moved_names
 from cfmodules.display import HtmlRepr
 from cfmodules.errors import ResultFileError, ShapeError
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "write_npz", "read_npz", "atomic_write", "Result"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "write_npz", "read_npz", "atomic_write", "Result",
+           "folder_update", "finish_folder_update", "check_folder", "MANIFEST"]
 
 FORMAT = "cfmodules"
 FORMAT_VERSION = 1
@@ -96,16 +102,28 @@ def write_npz(path: str | os.PathLike, arrays: Mapping[str, np.ndarray],
         f, **payload))
 
 
+_STALE_TEMP_S = 60.0
+"""A temporary file of ours that has not changed for this long belongs to a killed writer."""
+_USE_O_TMPFILE = hasattr(os, "O_TMPFILE")
+
+
 def atomic_write(path: str | os.PathLike, data: bytes | Callable[[BinaryIO], object]) -> Path:
     """Write ``data`` (bytes, or a function writing to a binary file) to ``path`` atomically.
 
     The content goes to a temporary file in the same folder, is flushed to disk, gets the
     permissions of a newly created file (``0o666`` less the umask) and is renamed over
     ``path``: readers see the old file or the whole new one, never a partial one.
+
+    A process killed while writing leaves no temporary file behind for good: on Linux the
+    file has no name until it is complete (``O_TMPFILE``, then linked under
+    ``.<name>.<pid>.<random>.tmp`` just before the rename); elsewhere it has that name
+    from the start. Either way the next write of the same ``path`` removes such files
+    that have not changed for a minute.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _remove_stale_temps(path)
+    fd, tmp = _open_temp(path)
     try:
         with os.fdopen(fd, "wb") as f:
             if isinstance(data, (bytes, bytearray, memoryview)):
@@ -113,14 +131,73 @@ def atomic_write(path: str | os.PathLike, data: bytes | Callable[[BinaryIO], obj
             else:
                 data(f)
             f.flush()
+            os.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp makes 0o600
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0o600
+            if tmp is None:  # an unnamed O_TMPFILE: name it now, complete
+                try:
+                    tmp = _link_temp(f.fileno(), path)
+                except OSError:  # no /proc, say: copy it to a named file after all
+                    f.seek(0)
+                    tmp = _copy_to_named(f.fileno(), path)
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
         raise
     return path
+
+
+def _temp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+
+
+def _open_temp(path: Path) -> tuple[int, str | None]:
+    """An unnamed temporary file in ``path``'s folder (O_TMPFILE), else a named one."""
+    if _USE_O_TMPFILE:
+        try:
+            return os.open(path.parent, os.O_TMPFILE | os.O_RDWR, 0o600), None
+        except OSError:  # the file system cannot: fall back to a named file
+            pass
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp",
+                               dir=path.parent)
+    return fd, tmp
+
+
+def _link_temp(fd: int, path: Path) -> str:
+    tmp = _temp_name(path)
+    # linkat(AT_SYMLINK_FOLLOW) of /proc/self/fd/<fd>: a name for the open file itself
+    # (a dir_fd makes Python call linkat; plain link() would refuse the /proc symlink)
+    proc = os.open("/proc/self/fd", os.O_RDONLY)
+    try:
+        os.link(str(fd), tmp, src_dir_fd=proc, follow_symlinks=True)
+    finally:
+        os.close(proc)
+    return str(tmp)
+
+
+def _copy_to_named(fd: int, path: Path) -> str:
+    out_fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp",
+                                   dir=path.parent)
+    with os.fdopen(out_fd, "wb") as out, os.fdopen(os.dup(fd), "rb") as src:
+        src.seek(0)
+        while chunk := src.read(1 << 20):
+            out.write(chunk)
+        out.flush()
+        os.fchmod(out.fileno(), 0o666 & ~_umask())
+        os.fsync(out.fileno())
+    return tmp
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Remove temporary files of earlier writes of ``path`` that a kill left behind."""
+    now = time.time()
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        try:
+            st = tmp.lstat()
+            if now - max(st.st_mtime, st.st_ctime) >= _STALE_TEMP_S:
+                tmp.unlink()
+        except OSError:
+            pass  # another process removed it, or it is not ours to remove
 
 
 def _umask() -> int:
@@ -151,14 +228,29 @@ def read_npz(path: str | os.PathLike, kind: str | None = None) -> tuple[dict[str
     path = Path(path)
     if not path.exists():
         raise ResultFileError(f"No result file at '{path}'.")
+    if path.is_dir():
+        raise ResultFileError(f"'{path}' is a folder; give the .npz file inside it (e.g. "
+                              f"'{path / 'results.npz'}').")
     try:
-        with np.load(path, allow_pickle=False) as f:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise ResultFileError(
+                f"'{path}' is a plain .npy array, not an .npz file written by cfmodules; "
+                "give the results.npz that cfmodules wrote.")
+        with loaded as f:
             if _HEADER not in f.files:
                 raise ResultFileError(
                     f"'{path}' is an npz file but not a cfmodules result (it has no "
                     f"'{_HEADER}' entry; entries: {sorted(f.files)[:8]})."
                 )
-            header = json.loads(str(f[_HEADER]))
+            raw = f[_HEADER]
+            try:
+                header = json.loads(str(raw)) if raw.dtype.kind == "U" and raw.ndim == 0 else None
+            except ValueError:
+                header = None
+            if header is None:
+                raise ResultFileError(f"'{path}' has a damaged header (not a JSON text); it "
+                                      "was not written by cfmodules or was edited.")
             arrays = {k: f[k] for k in f.files if k != _HEADER}
     except ResultFileError:
         raise
@@ -168,10 +260,16 @@ def read_npz(path: str | os.PathLike, kind: str | None = None) -> tuple[dict[str
             f"written by cfmodules): {type(e).__name__}: {e}"
         ) from e
     if not isinstance(header, dict) or header.get("format") != FORMAT:
-        raise ResultFileError(f"'{path}' is not a cfmodules result file (bad header).")
-    if int(header.get("format_version", -1)) > FORMAT_VERSION:
+        raise ResultFileError(f"'{path}' is not a cfmodules result file (its header is not "
+                              "a cfmodules header).")
+    version = header.get("format_version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise ResultFileError(
-            f"'{path}' uses file format version {header.get('format_version')}, newer than "
+            f"'{path}' has a damaged header: format_version is {version!r}, not a positive "
+            "integer. The file was not written by cfmodules or was edited; write it again.")
+    if version > FORMAT_VERSION:
+        raise ResultFileError(
+            f"'{path}' uses file format version {version}, newer than "
             f"this cfmodules ({_library_version()}) reads ({FORMAT_VERSION}); upgrade cfmodules."
         )
     if kind is not None and header.get("kind") != kind:
@@ -259,6 +357,7 @@ class Result(HtmlRepr):
     def load(cls: type[R], path: str | os.PathLike) -> R:
         """Read a file written by :meth:`save` (raises ResultFileError if it is not one)."""
         arrays, header = read_npz(path, kind=cls.kind)
+        cls._validate(path, arrays, header)
         data: dict[str, Any] = {**header, **arrays}
         for name in cls.nested:
             prefix = f"{name}_"
@@ -269,6 +368,11 @@ class Result(HtmlRepr):
         except (KeyError, TypeError, ValueError) as e:
             raise ResultFileError(f"'{path}' is an incomplete {cls.kind} result: missing or "
                                   f"bad {e}") from e
+
+    @classmethod
+    def _validate(cls, path: str | os.PathLike, arrays: Mapping[str, np.ndarray],
+                  header: Mapping[str, Any]) -> None:
+        """Refuse a file whose arrays do not fit together (raise ResultFileError)."""
 
     # ------------------------------------------------------------------ text
     def to_text(self) -> str:
@@ -288,6 +392,110 @@ def _json_ready(value: Any) -> Any:
     if isinstance(value, Mapping):
         return {str(k): _json_ready(v) for k, v in value.items()}
     return value
+
+
+# ---------------------------------------------------------------------- folders
+MANIFEST = "manifest.json"
+"""Written last into a report folder: its files and their SHA-256 (see docs/file_format.md)."""
+_STAGING = ".cfmodules-staging"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@contextmanager
+def folder_update(out: str | os.PathLike) -> Iterator[Path]:
+    """Replace the set of files of a folder all at once: readers see the old set or the new.
+
+    Yields a staging folder (``<out>/.cfmodules-staging``) to write the new files into.
+    When the block ends without an error, a manifest of the new files (names and
+    SHA-256) is written into the staging folder -- the commit point -- and
+    :func:`finish_folder_update` moves the files into ``out``, deletes the files of the
+    old set that the new one lacks, and moves the manifest last. A kill before the commit
+    point leaves the old set untouched (the staging folder is discarded by the next
+    update); a kill after it is finished by the next update, and until then
+    :func:`check_folder` tells readers the folder is being updated. Files of ``out`` that
+    no manifest lists (checkpoints, the user's own) are never touched.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    finish_folder_update(out)  # an earlier committed update first, else discard its staging
+    stage = out / _STAGING
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir()
+    try:
+        yield stage
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    names = sorted(p.name for p in stage.iterdir() if p.is_file() and p.name != MANIFEST)
+    old = _manifest(out / MANIFEST).get("files", {})
+    manifest = {"format": "cfmodules-folder", "format_version": 1,
+                "files": {n: _sha256(stage / n) for n in names},
+                "removes": sorted(set(old) - set(names))}
+    atomic_write(stage / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
+    finish_folder_update(out)
+
+
+def finish_folder_update(out: str | os.PathLike) -> None:
+    """Finish an update of ``out`` that was committed but interrupted (idempotent)."""
+    out = Path(out)
+    stage = out / _STAGING
+    new = _manifest(stage / MANIFEST)
+    if not new:  # nothing committed: an interrupted staging, the old set is intact
+        shutil.rmtree(stage, ignore_errors=True)
+        return
+    (out / MANIFEST).unlink(missing_ok=True)  # from here on, the folder says "being updated"
+    page = "report.html"
+    if (stage / page).exists():
+        (out / page).unlink(missing_ok=True)  # no page shows old figures beside new ones
+    for name in sorted(new["files"], key=lambda n: n == page):  # the page comes last
+        if (stage / name).exists():
+            os.replace(stage / name, out / name)
+    for name in new.get("removes", []):
+        (out / name).unlink(missing_ok=True)
+    os.replace(stage / MANIFEST, out / MANIFEST)
+    shutil.rmtree(stage, ignore_errors=True)
+
+
+def check_folder(out: str | os.PathLike, name: str | None = None) -> None:
+    """Check that the files of a report folder belong together (or raise ResultFileError).
+
+    Parameters
+    ----------
+    out : path
+        The folder.
+    name : str, optional
+        Check only this file (when the manifest lists it): present and unchanged.
+    """
+    out = Path(out)
+    if _manifest(out / _STAGING / MANIFEST):
+        raise ResultFileError(
+            f"The folder '{out}' is half-way through an update that was interrupted; run the "
+            "same `cfmodules analyze --out` again to finish it (nothing is recomputed).")
+    files = _manifest(out / MANIFEST).get("files")
+    if files is None:
+        return  # a folder without a manifest: files written one by one (older versions)
+    for n in [name] if name is not None else list(files):
+        if n not in files:
+            continue  # a file the report does not own
+        if not (out / n).exists() or _sha256(out / n) != files[n]:
+            raise ResultFileError(
+                f"'{out / n}' is not the file the report in '{out}' was written with (it was "
+                "changed or replaced); run `cfmodules analyze` again to rewrite the folder.")
+
+
+def _manifest(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) and isinstance(data.get("files"), dict) else {}
 
 
 __getattr__ = moved_names(__name__, {"InfluenceResult": "cfmodules.influence.result:InfluenceResult"})

@@ -1,6 +1,25 @@
 """Cut a generator at a layer and run what follows.
 
-Graph capture, the prefix state, suffix runs, the linear shortcut, BatchNorm folding and
-GEMM transposed convolutions live here; influence maps, hybrids and evaluation use them
-through the adapter's ``split``.
+Files, by concern:
+
+- :mod:`~cfmodules.engine.capture`: capture a forward as a ``torch.fx`` graph (the whole
+  forward, or a submodule whose output is the generator's);
+- :mod:`~cfmodules.engine.split`: cut a graph into prefix and suffix (:class:`FxSplit`),
+  or replace a layer's output with a hook (:class:`HookSplit`); :class:`SplitState`;
+- :mod:`~cfmodules.engine.cut`: the :class:`Engine` of an adapter: chooses the path,
+  checks a capture against the generator before use, ``explain()``; :class:`Cut`;
+- :mod:`~cfmodules.engine.fast`: a faster suffix (BatchNorm folding, GEMM transposed
+  convolutions, in-place tail);
+- :mod:`~cfmodules.engine.linear`: the linear shortcut (hybrids start after a linear module);
+- :mod:`~cfmodules.engine.swaps`: batches of channel-swap hybrids for influence maps;
+- :mod:`~cfmodules.engine.workspace`: reused scratch buffers.
+
+Influence maps, hybrids, evaluation and the CLI use it through ``adapter.split(layer)``
+(a :class:`Cut`), ``adapter.explain(layer)`` and :func:`plan_swaps`.
 """
+
+from cfmodules.engine.cut import Cut, Engine, Explanation
+from cfmodules.engine.split import SplitState
+from cfmodules.engine.swaps import Swaps, plan_swaps
+
+__all__ = ["Cut", "Engine", "Explanation", "SplitState", "Swaps", "plan_swaps"]

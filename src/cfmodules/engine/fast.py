@@ -10,8 +10,7 @@ what matters. Two things are changed, both exact up to float rounding:
   is computed as one matrix product plus a strided col2im, which is several times faster
   than PyTorch's CPU kernel for few output channels.
 
-Without a ``torch.fx`` graph (dynamic control flow, custom forward), the adapter's own
-split is used unchanged.
+On the hook path (no capture works), the adapter's own split is used unchanged.
 """
 
 from __future__ import annotations
@@ -25,9 +24,8 @@ from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from cfmodules import latents as L
-from cfmodules.engine.split import SplitState, fx_split
+from cfmodules.engine.split import SplitState
 from cfmodules.engine.workspace import Workspace
-from cfmodules.hooks import resolve_layer
 
 if TYPE_CHECKING:  # the adapter imports the engine; annotations only
     from cfmodules.adapter import GeneratorAdapter
@@ -287,6 +285,9 @@ class FastSplit:
     ----------
     adapter : GeneratorAdapter
     layer : str
+
+    The accelerated graph holds copies made from the weights (folded BatchNorm); it is
+    made again when the engine sees a weight change (:meth:`follow`) or another capture.
     """
 
     def __init__(self, adapter: GeneratorAdapter, layer: str):
@@ -295,15 +296,29 @@ class FastSplit:
         self.suffix_module: fx.GraphModule | None = None
         self.suffix_after_relu: fx.GraphModule | None = None
         self.suffix_layers: list[str] = []
-        gm = adapter.graph()
-        if getattr(self.base, "exact_graph", False) and gm is not None:
-            plain = fx_split(gm, resolve_layer(adapter.generator, layer)).suffix_module
-            self.suffix_layers = [
-                str(n.target) for n in plain.graph.nodes if n.op == "call_module"
-                and not getattr(plain.get_submodule(n.target), "inplace", False)
-            ]
-            self.suffix_module = accelerate(plain, adapter.device)
-            self.suffix_after_relu = strip_leading_relu(self.suffix_module)
+        self._built: tuple = ()
+        self.follow()
+
+    def follow(self, state: SplitState | None = None) -> None:
+        """Rebuild the accelerated suffix if the weights or the capture changed."""
+        engine = self.adapter.engine
+        plain_split = self.base.graph_split(state)
+        key = (engine.generation, engine.weights_generation, id(plain_split))
+        if key == self._built:
+            return
+        self._built = key
+        self._plain = plain_split
+        if plain_split is None:
+            self.suffix_module = self.suffix_after_relu = None
+            self.suffix_layers = []
+            return
+        plain = plain_split.suffix_module
+        self.suffix_layers = [
+            str(n.target) for n in plain.graph.nodes if n.op == "call_module"
+            and not getattr(plain.get_submodule(n.target), "inplace", False)
+        ]
+        self.suffix_module = accelerate(plain, self.adapter.device)
+        self.suffix_after_relu = strip_leading_relu(self.suffix_module)
 
     @property
     def needs_latent(self) -> bool:
@@ -318,8 +333,10 @@ class FastSplit:
         return sum(1 for n in self.suffix_module.graph.nodes if n.op == "placeholder") - 1
 
     def prefix(self, z: L.Latent) -> SplitState:
-        """As ``adapter.split(layer).prefix``."""
-        return self.base.prefix(z)
+        """As ``adapter.split(layer).prefix`` (and :meth:`follow` the generator)."""
+        state = self.base.prefix(z)
+        self.follow(state)
+        return state
 
     @property
     def runs_native_conv2d(self) -> bool:
@@ -345,6 +362,8 @@ class FastSplit:
         """
         if self.suffix_module is None:
             return self.base.suffix(state, activation)
+        if self.base.graph_split(state) is not self._plain:
+            self.follow(state)
         module = self.suffix_module
         if rectified:
             if self.suffix_after_relu is None:

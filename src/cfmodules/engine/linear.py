@@ -17,7 +17,7 @@ BatchNorm, ...) means no plan, and the general prefix/suffix path is used.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -75,6 +75,10 @@ class LinearPlan:
         out = self.op(a)
         return out if self.bn is None else self.bn(out)
 
+    def refreshed(self) -> LinearPlan:
+        """The plan with the BatchNorm scale computed from the current statistics."""
+        return self if self.bn is None else replace(self, scale=_bn_scale(self.bn))
+
     def weight(self) -> torch.Tensor:
         """The op's weight with the BatchNorm scale folded into its output channels."""
         w = self.op.weight.detach()
@@ -87,6 +91,11 @@ class LinearPlan:
             s = s.repeat_interleave(c_in_g, dim=0)  # (C_in, C_out / groups)
             return w * s.view(*s.shape, *([1] * (w.dim() - 2)))
         return w * self.scale.view(-1, *([1] * (w.dim() - 1)))  # Conv (C_out, ...), Linear
+
+
+def _bn_scale(bn: nn.Module) -> torch.Tensor:
+    w = bn.weight.detach() if bn.weight is not None else torch.ones_like(bn.running_var)
+    return w / torch.sqrt(bn.running_var.detach() + bn.eps)
 
 
 def _call_name(gm: fx.GraphModule, node: fx.Node) -> str:
@@ -118,7 +127,7 @@ def find_linear_plan(adapter: GeneratorAdapter, layer: str) -> LinearPlan | None
     layer : str
         A layer name as accepted by the adapter (``path`` or ``path:k``).
     """
-    gm = adapter.graph()
+    gm = adapter.engine.graph(layer)
     if gm is None:
         return None
     ref = resolve_layer(adapter.generator, layer)
@@ -145,8 +154,7 @@ def find_linear_plan(adapter: GeneratorAdapter, layer: str) -> LinearPlan | None
             bn = gm.get_submodule(bn_node.target)
             if (type(bn) in _BN and bn.track_running_stats and bn.running_var is not None
                     and bn.running_mean is not None):
-                w = bn.weight.detach() if bn.weight is not None else torch.ones_like(bn.running_var)
-                scale = w / torch.sqrt(bn.running_var.detach() + bn.eps)
+                scale = _bn_scale(bn)
                 cut_node, bn_module = bn_node, bn
     try:
         adapter.split(_call_name(gm, cut_node))

@@ -1,16 +1,17 @@
 """Prefix once, suffix many times: cut a generator at a layer.
 
 A counterfactual changes a layer's output and re-runs only what comes after it. Where
-``torch.fx`` can trace the generator, the graph is cut into a *prefix* that computes the
+the forward was captured as a ``torch.fx`` graph (:mod:`cfmodules.engine.capture`), the graph is cut into a *prefix* that computes the
 layer's output and every other value the rest of the network needs (skip connections,
 per-sample conditioning inputs), and a *suffix* that takes those values and the layer's
-(possibly edited) output and finishes the forward. Where it cannot (dynamic control flow,
-a user-supplied forward function), :class:`HookSplit` gives the same numbers with a full
-forward and a hook that replaces the layer's output.
+(possibly edited) output and finishes the forward. Where no capture works,
+:class:`HookSplit` gives the same numbers with a full forward and a hook that replaces the
+layer's output. :mod:`cfmodules.engine.cut` chooses between them.
 """
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -37,11 +38,15 @@ class SplitState:
     latent : Latent
         The samples' latent batch (the hook path re-runs from it; the fx path keeps it so
         that per-sample inputs travel with their sample).
+    graph_key : object
+        Which capture made the state, when a split keeps several (a partial capture per
+        value of its frozen arguments); None otherwise.
     """
 
     activation: torch.Tensor
     frontier: tuple[torch.Tensor, ...] = field(default_factory=tuple)
     latent: L.Latent | None = None
+    graph_key: object = None
 
     def select(self, index: torch.Tensor) -> SplitState:
         """The state of samples ``index`` (LongTensor of batch positions, repeats allowed)."""
@@ -50,6 +55,7 @@ class SplitState:
             activation=self.activation.index_select(0, idx),
             frontier=tuple(f.index_select(0, idx) for f in self.frontier),
             latent=None if self.latent is None else L.select(self.latent, idx),
+            graph_key=self.graph_key,
         )
 
 
@@ -68,6 +74,9 @@ class Split:
 
 class HookSplit(Split):
     """Full forward with a hook; works for any generator and forward function."""
+
+    returns_images = False
+    """Whether ``run`` returns images already (a subclass's own ``generate``)."""
 
     def __init__(self, root: nn.Module, run: Callable[[L.Latent], object], layer: str):
         self.root, self.run, self.layer = root, run, layer
@@ -131,6 +140,29 @@ class FxSplit(Split):
         return self.suffix_module(activation, *frontier)
 
 
+_SHAPE_METHODS = frozenset({"size", "dim", "numel", "ndimension", "nelement"})
+_ARITH = frozenset({operator.add, operator.sub, operator.mul, operator.floordiv,
+                    operator.truediv, operator.mod, operator.neg, operator.getitem, len})
+
+
+def _is_shape(node: fx.Node) -> bool:
+    """Whether ``node`` is a shape value (``x.shape``, ``x.size(0)``, arithmetic on them).
+
+    A shape read before the cut is recomputed in the suffix from the tensor it describes:
+    passed from the prefix, a batch size would be the prefix's, not the hybrids'.
+    """
+    if node.op == "call_method":
+        return node.target in _SHAPE_METHODS
+    if node.op != "call_function":
+        return False
+    if node.target is getattr:
+        return len(node.args) > 1 and node.args[1] in ("shape", "ndim")
+    if node.target in _ARITH:
+        inputs = node.all_input_nodes
+        return bool(inputs) and all(_is_shape(a) for a in inputs)
+    return False
+
+
 def fx_split(gm: fx.GraphModule, ref: LayerRef) -> FxSplit:
     """Cut the traced graph ``gm`` at the output of ``ref``.
 
@@ -172,9 +204,9 @@ def fx_split(gm: fx.GraphModule, ref: LayerRef) -> FxSplit:
 
     suffix_nodes = set(after) - {cut}
     stack = [a for n in suffix_nodes for a in n.all_input_nodes]
-    while stack:  # constants the suffix needs are recomputed there, not passed per sample
+    while stack:  # constants and shapes the suffix needs are recomputed there
         a = stack.pop()
-        if a not in dynamic and a not in suffix_nodes:
+        if a not in suffix_nodes and (a not in dynamic or _is_shape(a)):
             suffix_nodes.add(a)
             stack.extend(a.all_input_nodes)
     frontier = [cut]

@@ -36,23 +36,13 @@ from cfmodules import checks
 from cfmodules import latents as L
 from cfmodules._deprecation import renamed_function, warn_renamed
 from cfmodules.adapter import ChannelSpec, GeneratorAdapter, channel_index
-from cfmodules.engine.fast import FastSplit
-from cfmodules.engine.linear import (
-    LinearPlan,
-    add_base_,
-    channels_last_supported,
-    find_linear_plan,
-    fused_add_relu_is_exact,
-    group_contribution,
-    prepare_weight,
-    single_channel_contributions,
-)
-from cfmodules.engine.split import SplitState
-from cfmodules.engine.workspace import Workspace
+from cfmodules.engine import Swaps, plan_swaps
 from cfmodules.errors import CheckpointError, ConfigError, GeneratorOutputError
 from cfmodules.hooks import resolve_layer
 from cfmodules.hybrid import module_channels
-from cfmodules.influence.checkpoint import load_checkpoint, model_fingerprint, save_checkpoint
+from cfmodules.influence.checkpoint import load_checkpoint, save_checkpoint
+from cfmodules.influence.identity import adapter_fingerprints, model_fingerprint
+from cfmodules.influence.interrupt import save_on_signals
 from cfmodules.influence.result import InfluenceResult
 from cfmodules.influence.stats import BlockSums, RunningStats
 from cfmodules.names import unit_name
@@ -111,9 +101,11 @@ class InfluenceSettings:
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        for name in ("n_pairs", "pairs_per_block"):
-            object.__setattr__(self, name, checks.positive_int(getattr(self, name), name))
-        object.__setattr__(self, "seed", checks.integer(self.seed, "seed"))
+        # numpy integers are accepted and stored as int (as in AnalysisSettings)
+        object.__setattr__(self, "n_pairs", checks.positive_int(self.n_pairs, "n_pairs"))
+        object.__setattr__(self, "seed", checks.seed(self.seed))
+        object.__setattr__(self, "pairs_per_block",
+                           checks.positive_int(self.pairs_per_block, "pairs_per_block"))
         if self.target_stderr is not None and not (
             isinstance(self.target_stderr, (int, float)) and self.target_stderr > 0
         ):
@@ -178,16 +170,19 @@ def pair_latents(adapter: GeneratorAdapter, seed: int, start: int, n: int
 
 # ---------------------------------------------------------------------- runners
 class _Runner:
-    """Computes |hybrid - Original 1| (averaged over colour) for a set of units."""
+    """|hybrid - Original 1| (averaged over colour) for a set of units, from the engine."""
 
-    units: list[_Unit]
+    def __init__(self, swaps: Swaps, units: list[_Unit]):
+        self.swaps, self.units = swaps, units
 
     def begin_block(self, z1: L.Latent, z2: L.Latent, first_pair: int) -> None:
-        raise NotImplementedError
+        self.y = self.swaps.begin_block(z1, z2)
+        self._check_y(self.y, first_pair)
 
     def diffs(self, units: slice, pairs: slice) -> torch.Tensor:
         """``(u, p, H, W)`` for units ``units`` (of this runner) and pairs ``pairs`` of the block."""
-        raise NotImplementedError
+        out = self.swaps.hybrids(units, pairs)
+        return _abs_diff(out, self.y[pairs], len(range(len(self.units))[units]))
 
     def _check_y(self, y: torch.Tensor, first_pair: int) -> None:
         if y.dim() != 4:
@@ -204,10 +199,6 @@ class _Runner:
             )
 
 
-def _rows(n_units: int, pairs: slice, device: torch.device) -> torch.Tensor:
-    return torch.arange(pairs.start, pairs.stop, device=device).repeat(n_units)
-
-
 def _abs_diff(out: torch.Tensor, y: torch.Tensor, n_units: int) -> torch.Tensor:
     """``|out - y|`` averaged over colour channels, as ``(u, p, H, W)``.
 
@@ -217,150 +208,6 @@ def _abs_diff(out: torch.Tensor, y: torch.Tensor, n_units: int) -> torch.Tensor:
     y = y.unsqueeze(0)
     diff = out.sub_(y) if out.is_contiguous() else out - y
     return diff.abs_().mean(dim=2)
-
-
-def _state_rows(split: FastSplit, state: SplitState, n_units: int, pairs: slice,
-                activation: torch.Tensor) -> SplitState:
-    """State of rows ``u * P + p`` (pair ``p`` of ``pairs``) with a row-expanded activation."""
-    need_latent = split.needs_latent and state.latent is not None
-    if not state.frontier and not need_latent:
-        return SplitState(activation=activation)
-    rows = _rows(n_units, pairs, activation.device)
-    return SplitState(
-        activation=activation,
-        frontier=tuple(f.index_select(0, rows.to(f.device)) for f in state.frontier),
-        latent=L.select(state.latent, rows) if need_latent else None,
-    )
-
-
-class _SplitRunner(_Runner):
-    """Units on one layer: prefix once per block, suffix on channel-swapped activations."""
-
-    def __init__(self, adapter: GeneratorAdapter, layer: str, units: list[_Unit]):
-        self.adapter, self.layer, self.units = adapter, layer, units
-        self.split = FastSplit(adapter, layer)
-        self.idx = [u.channels[layer].to(adapter.device) for u in units]
-        self.single = all(i.numel() == 1 for i in self.idx)
-        if self.single:
-            self.channels = torch.cat(self.idx)
-
-    def begin_block(self, z1: L.Latent, z2: L.Latent, first_pair: int) -> None:
-        self.state = self.split.prefix(z1)
-        self.a2 = self.split.prefix(z2).activation
-        self.y = self.split.suffix(self.state, self.state.activation, owned=False)
-        self._check_y(self.y, first_pair)
-
-    def diffs(self, units: slice, pairs: slice) -> torch.Tensor:
-        ids = range(len(self.units))[units]
-        n_p = pairs.stop - pairs.start
-        rows = _rows(len(ids), pairs, self.state.activation.device)
-        act = self.state.activation.index_select(0, rows)
-        a2 = self.a2[pairs]
-        if self.single:  # one indexing op: act[u, :, c_u] = a2[:, c_u]
-            ch = self.channels[units]
-            view = act.view(len(ids), n_p, *act.shape[1:])
-            view[torch.arange(len(ids), device=act.device), :, ch] = a2[:, ch].transpose(0, 1)
-        else:
-            for k, u in enumerate(ids):
-                idx = self.idx[u]
-                act[k * n_p:(k + 1) * n_p, idx] = a2[:, idx]
-        out = self.split.suffix(_state_rows(self.split, self.state, len(ids), pairs, act), act,
-                                owned=True)
-        return _abs_diff(out, self.y[pairs], len(ids))
-
-
-class _LinearRunner(_Runner):
-    """Units on one layer feeding a linear module: start the hybrid after that module."""
-
-    def __init__(self, adapter: GeneratorAdapter, plan: LinearPlan, units: list[_Unit]):
-        self.adapter, self.plan, self.units = adapter, plan, units
-        self.layer_split = adapter.split(plan.layer)
-        self.cut_split = FastSplit(adapter, plan.cut)
-        self.weight = plan.weight().to(adapter.device)
-        self.idx = [u.channels[plan.layer].to(adapter.device) for u in units]
-        self.single = all(i.numel() == 1 for i in self.idx)
-        if self.single:
-            self.channels = torch.cat(self.idx) if self.idx else torch.zeros(0, dtype=torch.long)
-            self.prepared = prepare_weight(plan, self.weight)
-        self.workspace = Workspace()
-        # PyTorch's CPU convolutions after the cut run faster on channels-last input, which
-        # the contributions can be written in at no cost (the same values, another layout)
-        self.channels_last = (self.single and adapter.device.type == "cpu"
-                              and channels_last_supported(plan)
-                              and self.cut_split.runs_native_conv2d)
-
-    def begin_block(self, z1: L.Latent, z2: L.Latent, first_pair: int) -> None:
-        n = L.batch_size(z1)
-        a = self.layer_split.prefix(L.concat([z1, z2])).activation
-        self.delta = a[n:] - a[:n]
-        if self.cut_split.n_frontier == 0:  # the cut's value is op(+BN) of the layer's
-            with self.adapter.eval_mode():
-                self.state = SplitState(self.plan.pre_activation(a[:n]), (), z1)
-        else:
-            self.state = self.cut_split.prefix(z1)
-        if self.channels_last and self.state.activation.dim() == 4:
-            self.state.activation = self.state.activation.contiguous(
-                memory_format=torch.channels_last)  # Y in the hybrids' layout
-        self.y = self.cut_split.suffix(self.state, self.state.activation, owned=False)
-        self._check_y(self.y, first_pair)
-        self.fuse_relu = (self.cut_split.starts_with_relu and self.single
-                          and fused_add_relu_is_exact(self.prepared, self.delta,
-                                                      self.state.activation))
-
-    def diffs(self, units: slice, pairs: slice) -> torch.Tensor:
-        ids = range(len(self.units))[units]
-        delta = self.delta[pairs]
-        pre = self.state.activation[pairs]
-        if self.single:
-            hyb = single_channel_contributions(self.plan, self.prepared, delta,
-                                               self.channels[units], workspace=self.workspace,
-                                               channels_last=self.channels_last)
-        else:
-            hyb = torch.stack([group_contribution(self.plan, self.weight, delta, self.idx[u])
-                               for u in ids])
-        add_base_(hyb, pre.unsqueeze(0), relu=self.fuse_relu)
-        hyb = hyb.reshape(-1, *pre.shape[1:])
-        state = _state_rows(self.cut_split, self.state, len(ids), pairs, hyb)
-        out = self.cut_split.suffix(state, hyb, owned=True, rectified=self.fuse_relu)
-        return _abs_diff(out, self.y[pairs], len(ids))
-
-
-class _HookRunner(_Runner):
-    """Any units (several layers too): one full forward per unit with replacing hooks."""
-
-    def __init__(self, adapter: GeneratorAdapter, units: list[_Unit]):
-        self.adapter, self.units = adapter, units
-        self.layers = sorted({layer for u in units for layer in u.channels})
-        self.idx = [{k: v.to(adapter.device) for k, v in u.channels.items()} for u in units]
-
-    def begin_block(self, z1: L.Latent, z2: L.Latent, first_pair: int) -> None:
-        self.z1 = z1
-        self.y = self.adapter.generate(z1)
-        self._check_y(self.y, first_pair)
-        with self.adapter.trace(self.layers) as acts:
-            self.adapter.generate(z2)
-        self.a2 = dict(acts)
-
-    def diffs(self, units: slice, pairs: slice) -> torch.Tensor:
-        ids = range(len(self.units))[units]
-        n_p = pairs.stop - pairs.start
-        rows = _rows(len(ids), pairs, torch.device("cpu"))
-
-        def make(layer: str) -> Callable[[torch.Tensor], torch.Tensor]:
-            src = self.a2[layer][pairs]
-
-            def edit(out: torch.Tensor) -> torch.Tensor:
-                new = out.clone()
-                for k, u in enumerate(ids):
-                    idx = self.idx[u].get(layer)
-                    if idx is not None:
-                        new[k * n_p:(k + 1) * n_p, idx] = src[:, idx].to(out.dtype)
-                return new
-            return edit
-
-        with self.adapter.intervene({layer: make(layer) for layer in self.layers}):
-            out = self.adapter.generate(L.select(self.z1, rows))
-        return _abs_diff(out, self.y[pairs], len(ids))
 
 
 # ---------------------------------------------------------------------- units
@@ -391,24 +238,9 @@ def _module_units(adapter: GeneratorAdapter, modules: Any) -> list[_Unit]:
 
 def _runners(adapter: GeneratorAdapter, units: list[_Unit], algorithm: str
              ) -> list[tuple[_Runner, list[int]]]:
-    """Group units by how they are computed; returns (runner, row indices)."""
-    by_layer: dict[str, list[int]] = {}
-    multi: list[int] = []
-    for i, u in enumerate(units):
-        if algorithm != "hook" and len(u.channels) == 1:
-            by_layer.setdefault(next(iter(u.channels)), []).append(i)
-        else:
-            multi.append(i)
-    out: list[tuple[_Runner, list[int]]] = []
-    for layer, rows in by_layer.items():
-        group = [units[i] for i in rows]
-        plan = find_linear_plan(adapter, layer) if algorithm == "auto" else None
-        runner: _Runner = (_LinearRunner(adapter, plan, group) if plan is not None
-                           else _SplitRunner(adapter, layer, group))
-        out.append((runner, rows))
-    if multi:
-        out.append((_HookRunner(adapter, [units[i] for i in multi]), multi))
-    return out
+    """Group units by how the engine computes them; returns (runner, row indices)."""
+    planned = plan_swaps(adapter, [u.channels for u in units], algorithm)
+    return [(_Runner(swaps, [units[i] for i in rows]), rows) for swaps, rows in planned]
 
 
 def _numel(shape: tuple[int, ...] | None) -> int:
@@ -432,13 +264,11 @@ def _max_rows(adapter: GeneratorAdapter, runners: list[tuple[_Runner, list[int]]
     rows = max(1, budget // (4 * largest * itemsize))
     if adapter.device.type == "cpu":
         for runner, _ in runners:
-            split = getattr(runner, "cut_split", None) or getattr(runner, "split", None)
-            layers = list(shapes) if split is None else split.suffix_layers
-            for layer in layers:
+            layers = runner.swaps.suffix_layers
+            for layer in list(shapes) if layers is None else layers:
                 per_row = _numel(shapes.get(layer)) * itemsize
                 rows = min(rows, max(1, _FRESH_TENSOR_BYTES // max(per_row, 1)))
-            cut = getattr(getattr(runner, "plan", None), "cut", None) or getattr(
-                runner, "layer", None)
+            cut = runner.swaps.cut
             if cut is not None:
                 per_row = _numel(shapes.get(cut.split(":")[0])) * itemsize
                 rows = min(rows, max(1, _HYBRID_BATCH_BYTES // max(per_row, 1)))
@@ -449,7 +279,8 @@ def _max_rows(adapter: GeneratorAdapter, runners: list[tuple[_Runner, list[int]]
 def _run(adapter: GeneratorAdapter, units: list[_Unit], settings: InfluenceSettings,
          layer: str | None, max_batch_bytes: int | None, progress: bool,
          checkpoint: str | os.PathLike | None, checkpoint_every: float,
-         callback: Callable[[InfluenceProgress], Any] | None) -> InfluenceResult:
+         callback: Callable[[InfluenceProgress], Any] | None,
+         assume_same: bool = False) -> InfluenceResult:
     dtype = _DTYPES[settings.dtype]
     if dtype != torch.float32 and adapter.device.type != "cuda":
         raise ConfigError(
@@ -458,7 +289,7 @@ def _run(adapter: GeneratorAdapter, units: list[_Unit], settings: InfluenceSetti
         )
     budget = (DEFAULT_MAX_BATCH_BYTES.get(adapter.device.type, DEFAULT_MAX_BATCH_BYTES["cpu"])
               if max_batch_bytes is None else max_batch_bytes)
-    checks.positive_int(budget, "max_batch_bytes")
+    budget = checks.positive_int(budget, "max_batch_bytes")
     if not (isinstance(checkpoint_every, (int, float)) and checkpoint_every >= 0):
         raise ConfigError(f"checkpoint_every must be seconds >= 0, got {checkpoint_every!r}.")
     runners = _runners(adapter, units, settings.algorithm)
@@ -470,48 +301,55 @@ def _run(adapter: GeneratorAdapter, units: list[_Unit], settings: InfluenceSetti
         "model": adapter.name,
         "state_dict_sha256": model_fingerprint(adapter.generator),
         "latent_shapes": [list(s) for s in adapter.latent_shapes],
-        "prior": adapter.prior if isinstance(adapter.prior, str) else "callable",
         "units": [{k: v.tolist() for k, v in u.channels.items()} for u in units],
         "seed": settings.seed,
         "pairs_per_block": settings.pairs_per_block,
         "dtype": settings.dtype,
+        "algorithm": settings.algorithm,
+        **adapter_fingerprints(adapter),  # generator, forward, output_transform, prior, ...
     }))
 
-    stats: RunningStats | None = None
-    n_done = 0
+    # (pairs done, their statistics) are published together in one assignment, so an
+    # interrupt between any two bytecodes sees either the old pair or the new one
+    done: tuple[int, RunningStats | None] = (0, None)
     if checkpoint is not None:
-        found = load_checkpoint(checkpoint, identity)
+        found = load_checkpoint(checkpoint, identity, n_units=n_units, assume_same=assume_same)
         if found is not None:
-            n_done, count, mean, m2 = found
-            if n_done > settings.n_pairs:
+            n_found, count, mean, m2 = found
+            if n_found > settings.n_pairs:
                 raise CheckpointError(
-                    f"The checkpoint '{checkpoint}' already holds {n_done} pairs, more than "
-                    f"n_pairs={settings.n_pairs}; pass n_pairs >= {n_done}."
+                    f"The checkpoint '{checkpoint}' already holds {n_found} pairs, more than "
+                    f"n_pairs={settings.n_pairs}; pass n_pairs >= {n_found}."
                 )
-            stats = RunningStats(n_units, tuple(mean.shape[1:]), adapter.device)
-            stats.count.copy_(torch.from_numpy(count))
-            stats.mean.copy_(torch.from_numpy(mean))
-            stats.m2.copy_(torch.from_numpy(m2))
+            resumed = RunningStats(n_units, tuple(mean.shape[1:]), adapter.device)
+            resumed.count.copy_(torch.from_numpy(count))
+            resumed.mean.copy_(torch.from_numpy(mean))
+            resumed.m2.copy_(torch.from_numpy(m2))
+            done = (n_found, resumed)
 
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=settings.n_pairs * n_units, initial=n_done * n_units, unit="hybrid",
+        bar = tqdm(total=settings.n_pairs * n_units, initial=done[0] * n_units, unit="hybrid",
                    desc=f"influence {layer or f'{n_units} modules'}", leave=False)
     t0 = last_save = time.perf_counter()
-    saved_at = n_done
+    saved_at = done[0]
 
-    def max_stderr() -> float:
+    def max_stderr(n_done: int, stats: RunningStats | None) -> float:
         if stats is None or n_done < 2:
             return float("nan")
         return float(torch.nan_to_num(stats.stderr(), nan=0.0).max()) if n_units else 0.0
 
+    def save(n_done: int, stats: RunningStats) -> None:
+        save_checkpoint(checkpoint, identity, n_done, stats.count, stats.mean, stats.m2)
+
     try:
-        with torch.inference_mode(), autocast:
-            while n_done < settings.n_pairs:
+        with torch.inference_mode(), autocast, save_on_signals():
+            while done[0] < settings.n_pairs:
+                n_done, stats = done
                 if (settings.target_stderr is not None and n_done >= 2
-                        and max_stderr() <= settings.target_stderr):
+                        and max_stderr(n_done, stats) <= settings.target_stderr):
                     break
                 n_p = min(settings.pairs_per_block, settings.n_pairs - n_done)
                 z1, z2 = L.pair_latents(adapter, n_p, settings.seed, n_done)
@@ -532,26 +370,34 @@ def _run(adapter: GeneratorAdapter, units: list[_Unit], settings: InfluenceSetti
                     if not block.is_finite(_index(rows, slice(None))):
                         _find_non_finite(runner, chunks, n_done)
                 if stats is None:
-                    stats = RunningStats(n_units, block.shape, adapter.device)
-                block.merge_into(stats, n_p)
-                n_done += n_p
+                    merged = RunningStats(n_units, block.shape, adapter.device)
+                elif tuple(stats.mean.shape[1:]) != block.shape:
+                    raise CheckpointError(
+                        f"The checkpoint '{checkpoint}' holds maps of shape "
+                        f"{tuple(stats.mean.shape[1:])}, but this generator's images give "
+                        f"{block.shape}; delete the file or pass another checkpoint path.")
+                else:
+                    merged = stats.copy()  # the published statistics are never modified
+                block.merge_into(merged, n_p)
+                done = (n_done + n_p, merged)
                 if callback is not None:
-                    callback(InfluenceProgress(n_done, settings.n_pairs, max_stderr(),
+                    callback(InfluenceProgress(done[0], settings.n_pairs, max_stderr(*done),
                                                time.perf_counter() - t0))
                 if checkpoint is not None and (
                         time.perf_counter() - last_save >= checkpoint_every):
-                    save_checkpoint(checkpoint, identity, n_done, stats.count, stats.mean,
-                                    stats.m2)
-                    last_save, saved_at = time.perf_counter(), n_done
+                    save(*done)
+                    last_save, saved_at = time.perf_counter(), done[0]
     except BaseException:
-        if checkpoint is not None and stats is not None and n_done > saved_at:
-            save_checkpoint(checkpoint, identity, n_done, stats.count, stats.mean, stats.m2)
+        final = done  # one read: a consistent pair even if another signal lands here
+        if checkpoint is not None and final[1] is not None and final[0] > saved_at:
+            save(*final)
         raise
     finally:
         if bar is not None:
             bar.close()
+    n_done, stats = done
     if checkpoint is not None and stats is not None and n_done > saved_at:
-        save_checkpoint(checkpoint, identity, n_done, stats.count, stats.mean, stats.m2)
+        save(n_done, stats)
     assert stats is not None
     return InfluenceResult(
         maps=stats.mean.float().cpu().numpy(),
@@ -562,8 +408,19 @@ def _run(adapter: GeneratorAdapter, units: list[_Unit], settings: InfluenceSetti
         layer=layer,
         model=adapter.name,
         settings={**asdict(settings), "linear_shortcut": {
-            r.plan.layer: r.plan.cut for r, _ in runners if isinstance(r, _LinearRunner)}},
+            r.swaps.layer: r.swaps.cut for r, _ in runners if r.swaps.path == "linear shortcut"},
+            "paths": _paths(runners, units)},
     )
+
+
+def _paths(runners: list[tuple[_Runner, list[int]]], units: list[_Unit]) -> dict[str, str]:
+    """How each layer's (or multi-layer module's) hybrids were computed, for the result file."""
+    out: dict[str, str] = {}
+    for runner, rows in runners:
+        for i in rows:
+            key = next(iter(units[i].channels)) if len(units[i].channels) == 1 else "modules"
+            out[key] = runner.swaps.path
+    return out
 
 
 def _index(rows: list[int], us: slice) -> slice | torch.Tensor:
@@ -626,6 +483,7 @@ def influence_maps(
     checkpoint_every: float = 60.0,
     callback: Callable[[InfluenceProgress], Any] | None = None,
     method: str | None = None,
+    assume_same: bool = False,
 ) -> InfluenceResult:
     """Elementary influence maps (EIMs) of the channels of one layer (sec. 3.3-3.4, eq. 2).
 
@@ -666,13 +524,20 @@ def influence_maps(
         Show a tqdm progress bar (counted in hybrids).
     checkpoint : path, optional
         Checkpoint file: written every ``checkpoint_every`` seconds (at block boundaries),
-        on interruption (Ctrl-C, errors) and at the end; an existing checkpoint of the same
-        run is resumed, giving the same final maps as an uninterrupted run. One made with
-        another model, layer, channels or settings raises CheckpointError.
+        on interruption (Ctrl-C, SIGTERM, SIGHUP, errors) and at the end; an existing
+        checkpoint of the same run is resumed, giving the same final maps as an
+        uninterrupted run. One made with another model, layer, channels, settings or code
+        (the generator's class and forward, ``forward``, ``output_transform``, a callable
+        prior, an adapter subclass's methods: see :mod:`cfmodules.influence.identity`)
+        raises CheckpointError naming what differs.
     checkpoint_every : float, default 60
         Seconds between checkpoint writes (0: after every block).
     callback : callable, optional
         ``callback(InfluenceProgress)`` after each block.
+    assume_same : bool, default False
+        Resume a checkpoint even where cfmodules cannot verify that it was made by the
+        same code (e.g. an ``output_transform`` that calls an object of an arbitrary
+        class): you state that the run is the same. What can be verified still is.
 
     Returns
     -------
@@ -689,7 +554,7 @@ def influence_maps(
                                  dtype=_dtype_name(dtype))
     name, units = _layer_units(_checked(adapter), layer, channels)
     return _run(adapter, units, settings, name, max_batch_bytes, progress, checkpoint,
-                checkpoint_every, callback)
+                checkpoint_every, callback, assume_same)
 
 
 def module_influence_maps(
@@ -708,6 +573,7 @@ def module_influence_maps(
     checkpoint_every: float = 60.0,
     callback: Callable[[InfluenceProgress], Any] | None = None,
     method: str | None = None,
+    assume_same: bool = False,
 ) -> InfluenceResult:
     """Influence maps of modules: groups of channels of one or several layers (eq. 2).
 
@@ -719,7 +585,7 @@ def module_influence_maps(
         for two successive layers, ``{"main.5": [3], "main.8": [0, 5]}``. All channels of
         a module are swapped together (each layer takes Original 2's unintervened values,
         as in :func:`cfmodules.hybridize`).
-    n_pairs, seed, pairs_per_block, target_stderr, algorithm, dtype, max_batch_bytes, progress, checkpoint, checkpoint_every, callback
+    n_pairs, seed, pairs_per_block, target_stderr, algorithm, dtype, max_batch_bytes, progress, checkpoint, checkpoint_every, callback, assume_same
         As in :func:`influence_maps`. Single-layer modules use the prefix/suffix split
         (and the linear shortcut); multi-layer modules one full forward per module.
 
@@ -734,7 +600,7 @@ def module_influence_maps(
                                  dtype=_dtype_name(dtype))
     units = _module_units(_checked(adapter), modules)
     return _run(adapter, units, settings, None, max_batch_bytes, progress, checkpoint,
-                checkpoint_every, callback)
+                checkpoint_every, callback, assume_same)
 
 
 module_influence = renamed_function(module_influence_maps, "cfmodules.influence.module_influence",

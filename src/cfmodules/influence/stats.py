@@ -51,6 +51,12 @@ class RunningStats:
         self.m2[units] += m2.to(torch.float64) + delta * delta * w_ab
         self.count[units] = n
 
+    def copy(self) -> RunningStats:
+        """An independent copy (merging into it leaves this one as it was)."""
+        new = RunningStats.__new__(RunningStats)
+        new.count, new.mean, new.m2 = self.count.clone(), self.mean.clone(), self.m2.clone()
+        return new
+
     def stderr(self) -> torch.Tensor:
         """Per-element standard error of the mean (NaN where fewer than 2 samples)."""
         n = self.count.view((-1,) + (1,) * (self.mean.dim() - 1))
