@@ -197,5 +197,6 @@ def assert_paths_agree(ad: GeneratorAdapter, layer: str, n: int = 3, n_pairs: in
     res = influence_maps(ad, layer, chans, n_pairs=n_pairs, pairs_per_block=3, progress=False)
     ref = influence_maps(ad, layer, chans, n_pairs=n_pairs, pairs_per_block=3, progress=False,
                          algorithm="hook")
-    scale = max(float(np.abs(ref.maps).max()), 1e-6)
-    assert float(np.abs(res.maps - ref.maps).max()) / scale < 1e-5
+    # float32 rounding: relative to the maps, or absolute in image units (maps far below the
+    # images' scale, e.g. a random BigGAN's 3e-3, carry the images' rounding, ~1e-7)
+    np.testing.assert_allclose(res.maps, ref.maps, rtol=1e-5, atol=1e-6)

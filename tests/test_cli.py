@@ -86,12 +86,31 @@ def test_analyze_prints_where_the_report_is(tmp_path, capsys):
     assert r.n_modules == 2 and r.settings.method == "kmeans" and r.stability is None
 
 
-def test_analyze_two_layers(tmp_path, capsys):
-    code, _, err = run(capsys, "analyze", "--model", "planted-conv", "--layer", "main.1",
-                       "--layer", "main.3", "--no-stability", "--out", str(tmp_path), *SMALL)
+@pytest.mark.parametrize("layers", [["--layer", "main.1", "--layer", "main.3"],
+                                    ["--layer", "main.1,main.3"]])
+def test_analyze_two_layers(tmp_path, capsys, layers):
+    code, _, err = run(capsys, "analyze", "--model", "planted-conv", *layers,
+                       "--no-stability", "--out", str(tmp_path), *SMALL)
     assert code == 0, err
     r = AnalysisResult.load(tmp_path / "results.npz")
     assert r.layers == ["main.1", "main.3"] and len(r.labels) == 48
+    # each planted module is found across both layers: its hybrid swaps channels of both
+    assert all(set(m) == {"main.1", "main.3"} for m in r.modules)
+
+
+def test_analyze_layer_auto_takes_the_scans_layer_and_k(tmp_path, capsys):
+    code, _, err = run(capsys, "analyze", "--model", "planted-conv", "--layer", "auto",
+                       "--out", str(tmp_path), *SMALL)
+    assert code == 0, err
+    r = AnalysisResult.load(tmp_path / "results.npz")
+    assert r.scan is not None and r.scan.layers == ["main.1", "main.3", "main.5"]
+    assert r.layers == [r.scan.suggested_layer] and r.n_modules == r.scan.suggested_k == 3
+    assert "scan" in r.timings and (tmp_path / "scan.png").exists()
+    page = (tmp_path / "report.html").read_text()
+    assert "Which layer, which K" in page and r.scan.reason()[:40] in page
+    code, _, err = run(capsys, "analyze", "--model", "planted-conv", "--layer", "auto",
+                       "--layer", "main.1", "--out", str(tmp_path / "o"))
+    one_line_error(code, err, "--layer auto")
 
 
 def test_analyze_a_factory_adapter(tmp_path, capsys):
@@ -162,7 +181,7 @@ def test_hybrids_refuses_another_model(analyzed, capsys, tmp_path):
     (["analyse"], ["invalid choice: 'analyse'"]),
     (["analyze", "--stability-ks", "2-"], ["--stability-ks takes a range"]),
     (["analyze", "--model", "planted-conv", "--layer", "a", "--layer", "b", "--layer", "c"],
-     ["given 3 times"]),
+     ["names 3 layers"]),
     (["analyze", "--model", "my_gan.py"], ["file.py:factory"]),
     (["analyze", "--model", "missing.py:make"], ["no file 'missing.py'"]),
     (["layers", "planted-conv", "--latent-shape", "3"], ["--latent-shape is for models"]),

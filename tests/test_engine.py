@@ -315,3 +315,15 @@ def test_overridden_images_is_honoured():
     torch.testing.assert_close(hybridize(ad, z1, z2, {"act": []}), ad.generate(z1))
     assert float(ad.generate(z1).min()) >= 0
     assert_paths_agree(ad, "act")
+
+
+def test_biggan_with_its_forward_function_is_captured():
+    """The zoo's BigGAN needs forward= (a float truncation read out of a tensor)."""
+    from cfmodules.zoo.biggan import gblock_path, load_random
+
+    ad = load_random(resolution=32, channel_width=4)
+    layer = gblock_path(ad.generator, 2)
+    ex = ad.explain(layer)
+    assert ex.path == "partial" and ex.capture.startswith("partial at the generator")
+    assert "control flow" in ex.attempts[0].error and ex.limit > 1
+    assert_paths_agree(ad, layer, n=2, n_pairs=2, channels=[0, 5])

@@ -83,7 +83,8 @@ def test_scan_finds_the_planted_layer_and_k(mixed_scan):
     # before the mix every channel acts on every region: no locality, no modularity
     assert res.locality[:2].max() < 0.35 and res.score[:2].max() < 0.3
     assert res.locality[i, j] > 0.6 and res.score[i, j] > 0.6
-    assert res.templates[i].shape[0] == 3
+    assert res.templates.shape[:2] == (4, res.layer_k.max())
+    assert res.templates[i, :3].max(axis=(1, 2)).min() > 0 and not res.templates[i, 3:].any()
     assert f"{res.suggested_layer} with K=3" in res.reason()
     # K larger than two thirds of a layer's channels is not run (9 channels: K <= 6 ok)
     assert np.isfinite(res.score).all()
@@ -94,7 +95,8 @@ def test_scan_result_roundtrip_and_figure(mixed_scan, tmp_path):
     back = ScanResult.load(path)
     assert back.to_text() == mixed_scan.to_text()
     np.testing.assert_array_equal(back.score, mixed_scan.score)
-    assert [t.shape for t in back.templates] == [t.shape for t in mixed_scan.templates]
+    np.testing.assert_array_equal(back.templates, mixed_scan.templates)
+    np.testing.assert_array_equal(back.units, mixed_scan.units)
     d = back.to_dict()
     assert d["suggested_layer"] == "main.5" and d["settings"]["n_pairs"] == 8
     with np.load(path, allow_pickle=False) as f:
@@ -136,8 +138,9 @@ def test_large_layers_are_scanned_on_a_seeded_subset_of_units(mixed):
               progress=False)
     one = scan_layers(mixed, ["main.5"], **kw)
     two = scan_layers(mixed, ["main.3", "main.5"], **kw)
-    assert len(one.units[0]) == 12 and one.channels.tolist() == [24]
+    assert len(one.layer_units(0)) == 12 and one.channels.tolist() == [24]
     # the subset of a layer does not depend on the other layers scanned
-    np.testing.assert_array_equal(one.units[0], two.units[1])
+    np.testing.assert_array_equal(one.layer_units(0), two.layer_units(1))
+    assert two.units.shape == (2, 12) and len(set(two.layer_units(0))) == 12
     np.testing.assert_array_equal(one.score[0], two.score[1])
     assert "12/24" in one.to_text()

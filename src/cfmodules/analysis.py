@@ -57,6 +57,8 @@ __all__ = [
 ]
 
 KIND = "analysis"
+AUTO = "auto"
+"""``analyze(adapter, AUTO)``: let the scan choose the layer and K."""
 
 DEFAULT_LAYERS = {"dcgan-faces": "main.8"}
 """Layer analysed by default, per zoo model (the paper intervenes on an intermediate layer)."""
@@ -166,6 +168,12 @@ def _array(dtype: Any) -> Any:
     return field(metadata={"dtype": dtype})
 
 
+def _scan_from_dict(data: Any) -> Any:
+    from cfmodules.scan import ScanResult
+
+    return data if isinstance(data, ScanResult) else ScanResult.from_dict(data)
+
+
 def _stability_from_dict(data: Mapping[str, Any]) -> Any:
     from cfmodules.modules import StabilityResult
 
@@ -225,10 +233,12 @@ class AnalysisResult(Result):
         cfmodules version that made it.
     created : str
         ISO date and time of the run.
+    scan : ScanResult or None
+        The scan that chose the layer and K (``analyze(adapter, "auto")``), else None.
     """
 
     kind: ClassVar[str] = KIND
-    nested: ClassVar[tuple[str, ...]] = ("stability",)
+    nested: ClassVar[tuple[str, ...]] = ("stability", "scan")
     compress: ClassVar[bool] = True
 
     # what was analysed, and how
@@ -257,6 +267,8 @@ class AnalysisResult(Result):
     model_options: dict[str, Any] = field(default_factory=dict)
     version: str = ""
     created: str = ""
+    # how the layer was chosen (analyze(layers="auto"))
+    scan: Any | None = field(default=None, metadata={"from_dict": _scan_from_dict})
 
     # ------------------------------------------------------------------ derived
     @property
@@ -692,7 +704,9 @@ def analyze(
         Default :func:`default_layer`. The layer whose channels are the units (e.g.
         ``"main.8"``), or two layers (e.g. ``["main.5", "main.8"]``): the units of both are
         clustered together and a module's hybrid intervenes on its channels in both layers
-        at once.
+        at once. ``"auto"``: :func:`cfmodules.scan.scan_layers` scores every candidate
+        layer first and the analysis takes its suggested layer, and its suggested K unless
+        ``n_modules`` is given as a keyword; the scan is kept in ``result.scan``.
     settings : AnalysisSettings, optional
         Default ``AnalysisSettings()``; keyword arguments (``n_pairs=16``, ``n_modules=4``,
         ...) override single fields.
@@ -729,6 +743,21 @@ def analyze(
                           "wrap your generator with cfmodules.GeneratorAdapter(generator, "
                           "latent_shape).")
     s = _settings(settings, overrides)
+    auto = isinstance(layers, str) and layers == AUTO
+    created = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    steps = _Steps(progress, 5 + bool(s.stability_ks) + auto)
+    scan = None
+    if auto:
+        from cfmodules.scan import candidate_layers, scan_layers
+
+        if not candidate_layers(adapter):
+            raise ConfigError(f"{adapter.name} has no layer for layers='auto' to scan "
+                              "(spatial layers with >= 8 channels); give the layer.")
+        scan = steps.run("scan", "scan of the candidate layers (which layer, which K)",
+                         lambda: scan_layers(adapter, seed=s.seed, progress=progress))
+        layers = scan.suggested_layer
+        if "n_modules" not in overrides:  # K from the scan unless given
+            s = replace(s, n_modules=scan.suggested_k)
     names = check_layers(adapter, layers, s)
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if ckpt is not None:
@@ -740,8 +769,6 @@ def analyze(
         except OSError as e:
             raise CheckpointError(f"Cannot create the checkpoint folder '{ckpt}': "
                                   f"{e.strerror or e}. Give another checkpoint_dir.") from None
-    created = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-    steps = _Steps(progress, 5 + bool(s.stability_ks))
     n_units = sum(adapter.layer_channels(la) for la in names)
 
     samples, mean_image = steps.run("samples", f"{s.n_samples} samples of {adapter.name}",
@@ -778,7 +805,7 @@ def analyze(
         module_maps=maps_of_modules, stability=stability, samples=samples,
         mean_image=mean_image, original1=original1, original2=original2, hybrids=hybrids,
         timings=steps.timings, model_options=dict(model_options or {}), version=_version(),
-        created=created)
+        created=created, scan=scan)
 
 
 def _version() -> str:

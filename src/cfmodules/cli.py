@@ -100,19 +100,25 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         raise ConfigError(f"--stability-methods takes nmf, kmeans or nmf,kmeans; got "
                           f"{args.stability_methods!r}.")
     settings = AnalysisSettings(
-        n_pairs=args.pairs, n_modules=args.k, method=args.method, seed=args.seed,
+        n_pairs=args.pairs, n_modules=args.k or 3, method=args.method, seed=args.seed,
         n_init=args.n_init, stability_ks=ks, stability_methods=methods,
         stability_repeats=args.stability_repeats, n_samples=args.samples,
         n_hybrids=args.hybrids, backend=args.backend, stability_pool=args.stability_pool)
-    if args.layer and len(args.layer) > 2:
-        raise ConfigError(f"--layer is given {len(args.layer)} times; give one layer, or two "
-                          "for a two-layer intervention.")
+    # --layer main.5,main.8 and --layer main.5 --layer main.8 are the same; auto: the scan
+    layers = [la.strip() for arg in args.layer or [] for la in arg.split(",") if la.strip()]
+    if len(layers) > 2:
+        raise ConfigError(f"--layer names {len(layers)} layers; give one layer, or two for a "
+                          "two-layer intervention.")
+    auto = layers == ["auto"]
+    if "auto" in layers and not auto:
+        raise ConfigError("--layer auto lets the scan choose one layer; do not combine it "
+                          "with other layers.")
     adapter = models.load_model(args.model, args.device, args.latent_shape)
     from cfmodules.hooks import resolve_layers
     from cfmodules.influence.distributed import init_from_env, world
 
-    if args.layer:  # a typo fails before the output folder is made
-        resolve_layers(adapter.generator, list(args.layer))
+    if layers and not auto:  # a typo fails before the output folder is made
+        resolve_layers(adapter.generator, layers)
 
     if init_from_env(adapter.device):  # under torchrun: each rank takes a shard of channels
         local = os.environ.get("LOCAL_RANK")
@@ -125,10 +131,12 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         for f in ckpt.glob("eim_*.npz"):
             f.unlink(missing_ok=True)  # under torchrun every rank clears
     t0 = time.perf_counter()
-    result = analyze(adapter, args.layer, settings, checkpoint_dir=ckpt,
-                     progress=not args.quiet, model_spec=_portable_spec(args.model),
+    result = analyze(adapter, "auto" if auto else (layers or None), settings,
+                     checkpoint_dir=ckpt, progress=not args.quiet,
+                     model_spec=_portable_spec(args.model),
                      model_options={"latent_shape": args.latent_shape}
-                     if args.latent_shape else None, assume_same=args.assume_same)
+                     if args.latent_shape else None, assume_same=args.assume_same,
+                     **({"n_modules": args.k} if auto and args.k else {}))
     if result is None:  # a rank other than 0 has done its share of the influence maps
         return 0
     t_report = time.perf_counter()
@@ -309,10 +317,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="zoo name or path/to/file.py:factory (default dcgan-faces)")
     a.add_argument("--layer", action="append", metavar="LAYER",
                    help="layer whose channels are the units (default: the model's default, "
-                        "main.8 for dcgan-faces); give it twice for a two-layer intervention")
+                        "main.8 for dcgan-faces); two layers (main.5,main.8 or --layer twice) "
+                        "are clustered together; auto: `cfmodules scan` chooses the layer "
+                        "and K")
     a.add_argument("--pairs", type=int, default=64, metavar="N",
                    help="latent pairs per influence map (default 64)")
-    a.add_argument("--k", type=int, default=3, metavar="K", help="number of modules K (default 3)")
+    a.add_argument("--k", type=int, default=None, metavar="K",
+                   help="number of modules K (default 3; with --layer auto, the scan's)")
     a.add_argument("--method", choices=checks.CLUSTERING_METHODS, default="nmf",
                    help="clustering of the maps (default nmf)")
     a.add_argument("--seed", type=int, default=0, metavar="S",

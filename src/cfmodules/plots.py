@@ -650,8 +650,8 @@ def plot_scan(scan: Any, *, title: str | None = None) -> Figure:
     ----------
     scan : ScanResult
         From :func:`cfmodules.scan.scan_layers` (or ``ScanResult.load``): ``layers`` (L),
-        ``ks`` (n_k,), ``score`` (L, n_k), ``layer_k`` (L,), ``templates`` (L arrays
-        (K_l, h, w)), ``suggested_layer``.
+        ``ks`` (n_k,), ``score`` (L, n_k), ``layer_k`` (L,), ``templates``
+        (L, K_max, h, w), the first ``layer_k[l]`` of row ``l`` drawn.
     title : str, optional
 
     Returns
@@ -696,7 +696,7 @@ def plot_scan(scan: Any, *, title: str | None = None) -> Figure:
     left.colorbar(im, ax=ax, shrink=0.8)
     axes = right.subplots(len(layers), n_cols, squeeze=False)
     for i, tm in enumerate(scan.templates):
-        tm = _array(tm, "templates")
+        tm = _array(tm, "templates")[:int(layer_k[i])]
         for j in range(n_cols):
             a = axes[i, j]
             _blank(a)

@@ -38,7 +38,11 @@ FIGURES = {
     "module_influence": "Influence of each module against its number of channels",
     "samples": "Samples of the model",
 }
-"""Figure name (PNG file stem) -> caption. Per-module hybrid grids are ``hybrids_module_k``."""
+"""Figure name (PNG file stem) -> caption. Per-module hybrid grids are ``hybrids_module_k``;
+an analysis whose layer was chosen by a scan (``--layer auto``) also has ``scan``."""
+SCAN_CAPTION = ("Which layer, which K: modularity (label consistency x template similarity x "
+                "locality) of every scanned layer and K, and the templates of each layer at "
+                "its K")
 
 
 def _float_images(images: np.ndarray) -> np.ndarray:
@@ -53,7 +57,7 @@ def make_figures(result: AnalysisResult) -> dict[str, Figure]:
     dict str -> matplotlib.figure.Figure
         ``templates``, ``hybrids``, ``hybrids_module_0`` .. ``hybrids_module_{K-1}``,
         ``influence_maps``, ``stability`` (when the sweep ran), ``module_influence``,
-        ``samples``.
+        ``samples``, and ``scan`` when a scan chose the layer.
     """
     names = result.module_names
     sizes = result.module_sizes
@@ -79,6 +83,8 @@ def make_figures(result: AnalysisResult) -> dict[str, Figure]:
     figs["module_influence"] = plots.plot_module_influence(sizes, result.module_influence,
                                                            names=names)
     figs["samples"] = plots.plot_images(_float_images(result.samples))
+    if getattr(result, "scan", None) is not None:
+        figs["scan"] = plots.plot_scan(result.scan)
     return figs
 
 
@@ -170,6 +176,11 @@ def render_html(result: AnalysisResult, pngs: Mapping[str, bytes], *,
         out.append(f"<p>The stability sweep suggests K={sk} ({verdict}); see "
                    f"<a href='#stability'>Choosing K</a>.</p>")
 
+    scan = getattr(result, "scan", None)
+    if scan is not None:
+        out.append(f"<p>The layer and K were chosen by a scan of {len(scan.layers)} layers; "
+                   f"see <a href='#scan'>Which layer, which K</a>.</p>")
+
     out.append("<h2>Modules at a glance</h2>")
     out.append(_figure(pngs, "templates", FIGURES["templates"]))
     out.append(_figure(pngs, "hybrids", FIGURES["hybrids"] + ". Each column is one pair; "
@@ -208,6 +219,15 @@ def render_html(result: AnalysisResult, pngs: Mapping[str, bytes], *,
                    "whose consistency &times; cosine is within 0.02 of the best.</p>")
     else:
         out.append("<p class='note'>The stability sweep was not run.</p>")
+
+    if scan is not None:
+        out.append("<h2 id='scan'>Which layer, which K</h2>")
+        out.append(_figure(pngs, "scan", SCAN_CAPTION + ". Boxed: each layer's K; black: "
+                           "the suggestion, analysed here."))
+        out.append(f"<pre>{e(scan.to_text())}</pre>")
+        out.append("<p class='note'>The scan is a survey (fewer pairs, repetitions and, in "
+                   "wide layers, a random subset of the channels); the sections above are "
+                   "the full analysis of its suggestion. See docs/choosing.md.</p>")
 
     out.append("<h2>Module influence</h2>")
     out.append(_figure(pngs, "module_influence", FIGURES["module_influence"] + " (all its "

@@ -27,19 +27,17 @@ the suggestion with its reason in words, and saves to ``.npz`` + JSON like every
 
 from __future__ import annotations
 
-import os
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
 from cfmodules.adapter import GeneratorAdapter
-from cfmodules.display import HtmlRepr
-from cfmodules.errors import ConfigError, ResultFileError, ShapeError
+from cfmodules.errors import ConfigError, ShapeError
+from cfmodules.results import Result
 
 __all__ = ["ScanSettings", "ScanResult", "scan_layers", "candidate_layers", "locality",
            "module_locality", "KIND"]
@@ -204,9 +202,17 @@ def candidate_layers(adapter: GeneratorAdapter, all_spatial: bool = False) -> li
     return [i.name for i in spatial] if all_spatial or not acts else acts
 
 
+def _arr(dtype: Any) -> Any:
+    return field(metadata={"dtype": dtype})
+
+
 @dataclass
-class ScanResult(HtmlRepr):
+class ScanResult(Result):
     """Modularity of every (layer, K) of a scan, and the suggested layer and K.
+
+    A :class:`cfmodules.results.Result`: ``save`` / ``load`` (``.npz`` + JSON header, no
+    pickle), ``to_dict`` / ``from_dict``, ``to_text``; in a notebook it shows its table and
+    :func:`cfmodules.plots.plot_scan`.
 
     Attributes
     ----------
@@ -216,38 +222,55 @@ class ScanResult(HtmlRepr):
     ks : ndarray (n_k,) of int
     consistency, cosine, locality : ndarray (L, n_k)
         Mean label consistency and template similarity of the stability sweep, and the
-        mean locality of the modules (:func:`module_locality`; NaN where K is too large
-        for the layer).
+        mean locality of the modules (:func:`module_locality`); NaN where K is more than
+        two thirds of the layer's scanned units.
     channels : ndarray (L,) of int
         Channels of each layer.
-    units : list of L int arrays
-        The channels that were scanned (all, or ``max_units`` of them at random).
+    units : ndarray (L, U) of int
+        The channels scanned in each layer (all, or ``max_units`` drawn at random), padded
+        with -1 (see :meth:`layer_units`).
     n_pairs : ndarray (L,) of int
         Latent pairs the layer's influence maps average over (early stopping).
     max_stderr : ndarray (L,)
         Largest per-pixel standard error of the layer's influence maps.
-    templates : list of L ndarrays (K_l, h, w)
-        Templates of each layer at its K (at the resolution NMF ran at).
+    templates : ndarray (L, K_max, h, w)
+        Templates of each layer at its K (:attr:`layer_k`; the rest zero), at the
+        resolution NMF ran at.
     settings : ScanSettings
     timings : dict layer -> seconds
     version, created : str
     """
 
+    kind: ClassVar[str] = KIND
+    compress: ClassVar[bool] = True
+
     model: str
     layers: list[str]
-    ks: np.ndarray
-    consistency: np.ndarray
-    cosine: np.ndarray
-    locality: np.ndarray
-    channels: np.ndarray
-    units: list[np.ndarray]
-    n_pairs: np.ndarray
-    max_stderr: np.ndarray
-    templates: list[np.ndarray]
-    settings: ScanSettings = field(default_factory=ScanSettings)
+    ks: np.ndarray = _arr(np.int64)
+    consistency: np.ndarray = _arr(np.float64)
+    cosine: np.ndarray = _arr(np.float64)
+    locality: np.ndarray = _arr(np.float64)
+    channels: np.ndarray = _arr(np.int64)
+    units: np.ndarray = _arr(np.int64)
+    n_pairs: np.ndarray = _arr(np.int64)
+    max_stderr: np.ndarray = _arr(np.float64)
+    templates: np.ndarray = _arr(np.float64)
+    settings: ScanSettings = field(default_factory=ScanSettings,
+                                   metadata={"from_dict": lambda d: ScanSettings.from_dict(d)})
     timings: dict[str, float] = field(default_factory=dict)
     version: str = ""
     created: str = ""
+
+    def __post_init__(self) -> None:
+        self.layers = [str(la) for la in self.layers]
+        self.ks = np.asarray(self.ks, dtype=np.int64)
+        shape = (len(self.layers), len(self.ks))
+        for name in ("consistency", "cosine", "locality"):
+            arr = np.asarray(getattr(self, name), dtype=np.float64)
+            if arr.shape != shape:
+                raise ShapeError(f"{name} must have shape (layers, K) = {shape}, got "
+                                 f"{arr.shape}.")
+            setattr(self, name, arr)
 
     # ------------------------------------------------------------------ derived
     @property
@@ -272,6 +295,11 @@ class ScanResult(HtmlRepr):
         """(L,) modularity of each layer at its K."""
         idx = [int(np.flatnonzero(self.ks == k)[0]) for k in self.layer_k]
         return self.score[np.arange(len(self.layers)), idx]
+
+    def layer_units(self, i: int) -> np.ndarray:
+        """The channels scanned in layer ``i`` (its row of ``units`` without padding)."""
+        row = np.asarray(self.units[i])
+        return row[row >= 0]
 
     @property
     def suggested_layer(self) -> str:
@@ -303,19 +331,24 @@ class ScanResult(HtmlRepr):
         if finer:
             text += (f" More modules are less reproducible: modularity "
                      f"{row[j + 1]:.2f} at K={finer[0]}.")
-        if layer_scores[i] < 0.5:
+        if layer_scores[i] < 0.3:
             text += (" The modularity is low everywhere: the generator may have no clear "
                      "modules at these layers; try more pairs (n_pairs) or look at the "
                      "templates.")
         return text
 
-    # ------------------------------------------------------------------ text, dict, files
-    def _html_figures(self) -> dict[str, Any]:
-        from cfmodules.plots import plot_scan
+    def _derived(self) -> dict[str, Any]:
+        return {"score": self.score, "layer_k": self.layer_k,
+                "suggested_layer": self.suggested_layer, "suggested_k": self.suggested_k,
+                "reason": self.reason()}
 
-        return {"Modularity of each layer and K, and the templates of each layer":
-                lambda: plot_scan(self)}
+    def _html_figures(self) -> dict[str, Callable[[], Any]]:
+        from cfmodules import plots
 
+        return {"Modularity per layer and K, templates at each layer's K":
+                lambda: plots.plot_scan(self)}
+
+    # ------------------------------------------------------------------ text
     def to_text(self) -> str:
         """The table of modularity per (layer, K) and the suggestion, as text."""
         head = f"{'layer':<14}{'units':>9}{'pairs':>6}  " + "".join(
@@ -326,7 +359,7 @@ class ScanResult(HtmlRepr):
             j = int(np.flatnonzero(self.ks == self.layer_k[i])[0])
             cells = "".join(f"{s:>7.2f}" if np.isfinite(s) else f"{'-':>7}"
                             for s in self.score[i])
-            units = f"{len(self.units[i])}/{int(self.channels[i])}"
+            units = f"{len(self.layer_units(i))}/{int(self.channels[i])}"
             lines.append(f"{la:<14}{units:>9}{int(self.n_pairs[i]):>6}  "
                          f"{cells}  {int(self.layer_k[i]):>2}  {self.consistency[i, j]:.2f}  "
                          f"{self.cosine[i, j]:.2f}  {self.locality[i, j]:.2f}")
@@ -335,64 +368,6 @@ class ScanResult(HtmlRepr):
 
     def __repr__(self) -> str:
         return self.to_text()
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain arrays and JSON-serialisable values (the content of the saved file)."""
-        return {
-            "kind": KIND, "model": self.model, "layers": list(self.layers),
-            "ks": np.asarray(self.ks, dtype=np.int64),
-            "consistency": np.asarray(self.consistency, dtype=np.float64),
-            "cosine": np.asarray(self.cosine, dtype=np.float64),
-            "locality": np.asarray(self.locality, dtype=np.float64),
-            "score": np.asarray(self.score, dtype=np.float64),
-            "channels": np.asarray(self.channels, dtype=np.int64),
-            "units": [np.asarray(u, dtype=np.int64) for u in self.units],
-            "n_pairs": np.asarray(self.n_pairs, dtype=np.int64),
-            "max_stderr": np.asarray(self.max_stderr, dtype=np.float64),
-            "layer_k": self.layer_k,
-            "templates": [np.asarray(t, dtype=np.float64) for t in self.templates],
-            "suggested_layer": self.suggested_layer, "suggested_k": self.suggested_k,
-            "reason": self.reason(), "settings": self.settings.to_dict(),
-            "timings": {k: round(float(v), 3) for k, v in self.timings.items()},
-            "version": self.version, "created": self.created,
-        }
-
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write to one ``.npz`` file (arrays + JSON header, no pickle; atomic)."""
-        from cfmodules.results import write_npz
-
-        d = self.to_dict()
-        arrays = {k: d[k] for k in ("ks", "consistency", "cosine", "locality", "score",
-                                    "channels", "n_pairs", "max_stderr", "layer_k")}
-        for i, (t, u) in enumerate(zip(d["templates"], d["units"])):
-            arrays[f"templates_{i}"] = t
-            arrays[f"units_{i}"] = u
-        header = {k: d[k] for k in ("model", "layers", "suggested_layer", "suggested_k",
-                                    "reason", "settings", "timings", "created")}
-        header["kind"] = KIND
-        return write_npz(path, arrays, header, compress=True)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> ScanResult:
-        """Read a file written by :meth:`save` (ResultFileError if it is not one)."""
-        from cfmodules.results import read_npz
-
-        arrays, header = read_npz(path, kind=KIND)
-        try:
-            layers = list(header["layers"])
-            return cls(
-                model=header["model"], layers=layers, ks=arrays["ks"],
-                consistency=arrays["consistency"], cosine=arrays["cosine"],
-                locality=arrays["locality"], channels=arrays["channels"],
-                units=[arrays[f"units_{i}"] for i in range(len(layers))],
-                n_pairs=arrays["n_pairs"], max_stderr=arrays["max_stderr"],
-                templates=[arrays[f"templates_{i}"] for i in range(len(layers))],
-                settings=ScanSettings.from_dict(header.get("settings", {})),
-                timings=dict(header.get("timings", {})), version=header.get("version", ""),
-                created=header.get("created", ""))
-        except (KeyError, ConfigError, TypeError) as e:
-            raise ResultFileError(f"'{path}' is an incomplete scan result: missing or bad "
-                                  f"{e}.") from e
 
 
 def _pool_for(shape: Sequence[int], pool: int | None) -> int:
@@ -509,13 +484,20 @@ def scan_layers(
             best_tmpl[int(k)] = tm.reshape(int(k), *feats.shape[1:])
         templates.append(best_tmpl)
         timings[la] = time.perf_counter() - t0
+    units = np.full((len(names), max(len(u) for u in scanned)), -1, dtype=np.int64)
+    for i, u in enumerate(scanned):
+        units[i, :len(u)] = u
     result = ScanResult(
         model=adapter.name, layers=names, ks=ks, consistency=cons, cosine=cos, locality=loc,
-        channels=np.array(n_channels, dtype=np.int64), units=scanned,
-        n_pairs=np.array(pairs, np.int64),
-        max_stderr=np.array(stderr), templates=[], settings=s, timings=timings,
+        channels=np.array(n_channels, dtype=np.int64), units=units,
+        n_pairs=np.array(pairs, np.int64), max_stderr=np.array(stderr),
+        templates=np.zeros((len(names), 0, 1, 1)), settings=s, timings=timings,
         version=_version(), created=created)
-    result.templates = [tm[int(k)] for tm, k in zip(templates, result.layer_k)]
+    best = [tm[int(k)] for tm, k in zip(templates, result.layer_k)]
+    padded = np.zeros((len(names), int(result.layer_k.max()), *best[0].shape[1:]))
+    for i, tm in enumerate(best):
+        padded[i, :len(tm)] = tm
+    result.templates = padded
     return result
 
 

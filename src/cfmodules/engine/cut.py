@@ -308,9 +308,9 @@ class Engine:
                            "layer runs per hybrid", [graph_refs(capture.graph)])
         else:
             entry = _Entry(PartialSplit(ad, ref, capture), "partial", capture, tuple(attempts),
-                           f"the forward runs up to '{capture.where}' (whose output is the "
-                           "generator's) once per batch; its graph runs what follows the "
-                           "layer per hybrid", [graph_refs(capture.graph)])
+                           f"the forward runs up to '{capture.where or 'the generator'}' "
+                           "(whose output is the generator's) once per batch; its graph runs "
+                           "what follows the layer per hybrid", [graph_refs(capture.graph)])
         self._entries[ref.name] = entry
         return entry
 
@@ -388,7 +388,8 @@ class Engine:
         path, capture, reason = entry.path, None, entry.reason
         if entry.capture is not None:
             capture = ("graph of the forward" if entry.capture.kind == "graph"
-                       else f"partial at '{entry.capture.where}'")
+                       else f"partial at '{entry.capture.where}'" if entry.capture.where
+                       else "partial at the generator (called by forward=)")
         linear_cut = None
         if algorithm == "hook" or entry.path == "hook":
             hybrid = full

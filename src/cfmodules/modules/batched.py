@@ -88,7 +88,8 @@ def _lloyd(gram: np.ndarray, start: np.ndarray, max_iter: int, tol: float
         lab = d.argmin(axis=1)
         return lab, np.clip(d[np.arange(n), lab] + sq, 0, None)
 
-    for i in range(max_iter):
+    n_iter = 0
+    for n_iter in range(1, max_iter + 1):  # noqa: B007 (the count is returned)
         labels, dist = assign(cw)
         new = np.zeros((k, n))
         new[labels, np.arange(n)] = 1.0
@@ -114,7 +115,7 @@ def _lloyd(gram: np.ndarray, start: np.ndarray, max_iter: int, tol: float
     else:
         dist = np.clip(np.einsum("kn,nm,km->k", cw, gram, cw)[labels] + sq
                        - 2 * (gram @ cw.T)[np.arange(n), labels], 0, None)
-    return labels, cw, float(dist.sum()), i + 1
+    return labels, cw, float(dist.sum()), n_iter
 
 
 def kmeans_many(
