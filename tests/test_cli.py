@@ -16,8 +16,9 @@ import torch
 
 import cfmodules
 from cfmodules.analysis import AnalysisResult
-from cfmodules.cli import main, parse_latent_shape
+from cfmodules.cli import main
 from cfmodules.errors import ConfigError, LayerNotFoundError
+from cfmodules.models import parse_latent_shape
 from cfmodules.report import FIGURES
 from report_helpers import factory_file
 
@@ -266,6 +267,17 @@ def test_results_file_is_plain_numpy(analyzed):
         header = json.loads(str(f["header"]))
         assert header["kind"] == "analysis" and header["model_spec"] == "planted-conv"
         assert f["labels"].shape == (24,) and f["templates"].shape == (3, 16, 16)
+
+
+def test_model_loading_lives_in_models_and_the_old_cli_names_warn():
+    from cfmodules import cli, models
+
+    with pytest.warns(DeprecationWarning, match="cfmodules.models.load_model"):
+        assert cli.load_model is models.load_model
+    with pytest.warns(DeprecationWarning, match="cfmodules.models.parse_latent_shape"):
+        assert cli.parse_latent_shape("2,1,1") == (2, 1, 1)
+    assert models.split_spec("gen.py:make") == ("gen.py", "make")
+    assert models.split_spec("dcgan-faces") is None
 
 
 # ---------------------------------------------------------------------- scan

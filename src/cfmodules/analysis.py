@@ -121,20 +121,18 @@ class AnalysisSettings:
 
     def __post_init__(self) -> None:
         for name in ("n_pairs", "n_modules", "n_init", "stability_repeats", "n_samples",
-                     "n_hybrids", "stability_pool"):  # numpy integers stored as int (JSON)
+                     "n_hybrids", "stability_pool"):
             object.__setattr__(self, name, checks.positive_int(getattr(self, name), name))
         object.__setattr__(self, "seed", checks.seed(self.seed))
-        if self.method not in ("nmf", "kmeans"):
-            raise ConfigError(f"method must be 'nmf' or 'kmeans', got {self.method!r}.")
-        if self.backend not in ("fast", "sklearn"):
-            raise ConfigError(f"backend must be 'fast' or 'sklearn', got {self.backend!r}.")
-        object.__setattr__(self, "stability_ks", tuple(checks.positive_int(k, "stability_ks")
-                                                       for k in self.stability_ks))
-        object.__setattr__(self, "stability_methods", tuple(self.stability_methods))
-        bad = [m for m in self.stability_methods if m not in ("nmf", "kmeans")]
-        if bad or not self.stability_methods:
-            raise ConfigError(f"stability_methods must name 'nmf' and/or 'kmeans', got "
-                              f"{self.stability_methods!r}.")
+        checks.clustering_method(self.method)
+        checks.one_of(self.backend, "backend", ("fast", "sklearn"))
+        object.__setattr__(self, "stability_ks", tuple(
+            checks.positive_int(k, "each of stability_ks") for k in self.stability_ks))
+        object.__setattr__(self, "stability_methods", tuple(
+            checks.clustering_method(m, "each of stability_methods")
+            for m in self.stability_methods))
+        if not self.stability_methods:
+            raise ConfigError("stability_methods must name 'nmf' and/or 'kmeans', got ().")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable settings."""

@@ -75,8 +75,12 @@ def one_of(value: Any, name: str, choices: Iterable[str]) -> str:
 
 
 def clustering_method(value: Any, name: str = "method") -> str:
-    """``"nmf"`` or ``"kmeans"``."""
-    return one_of(value, name, CLUSTERING_METHODS)
+    """``"nmf"`` or ``"kmeans"`` (the clustering method; the influence algorithm is another
+    argument, ``algorithm``)."""
+    if not isinstance(value, str) or value not in CLUSTERING_METHODS:
+        hint = did_you_mean(value, CLUSTERING_METHODS) if isinstance(value, str) else ""
+        raise ConfigError(f"{name} must be 'nmf' or 'kmeans', got {value!r}.{hint}")
+    return value
 
 
 def module(value: Any, name: str = "module", *, allow_empty: bool = True) -> dict[str, list[int]]:

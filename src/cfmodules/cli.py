@@ -18,9 +18,6 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import hashlib
-import importlib.util
-import inspect
 import os
 import shlex
 import sys
@@ -30,10 +27,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from cfmodules import checks
+from cfmodules import checks, models
+from cfmodules._deprecation import moved_names
 from cfmodules.errors import CfModulesError, ConfigError
 
-__all__ = ["main", "load_model", "load_model_for", "read_modules", "parse_latent_shape", "build_parser"]
+__all__ = ["main", "load_model_for", "read_modules", "build_parser"]
 
 PROG = "cfmodules"
 EXIT_USAGE = 2
@@ -45,165 +43,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-# ---------------------------------------------------------------------- models
-def parse_latent_shape(text: str) -> tuple[int, ...] | tuple[tuple[int, ...], ...]:
-    """``"100,1,1"`` -> ``(100, 1, 1)``; ``"128;1000"`` -> ``((128,), (1000,))``.
-
-    Dimensions are separated by ``,`` or ``x``; the inputs of a multi-input generator by
-    ``;``.
-    """
-    try:
-        shapes = []
-        for part in text.split(";"):
-            dims = tuple(int(d) for d in part.replace("x", ",").split(",") if d.strip())
-            if not dims or any(d < 1 for d in dims):
-                raise ValueError
-            shapes.append(dims)
-    except ValueError:
-        raise ConfigError(
-            f"--latent-shape must be positive integers separated by commas, e.g. 100,1,1 (and "
-            f"';' between the inputs of a multi-input generator, e.g. 128;1000); got {text!r}."
-        ) from None
-    return shapes[0] if len(shapes) == 1 else tuple(shapes)
-
-
-def _resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    checks.device(device, "--device")  # 'auto' is the CLI's own choice
-    return device
-
-
-def _split_factory(spec: str) -> tuple[str, str] | None:
-    """``"path/file.py:factory"`` -> (path, factory); None for a zoo name."""
-    path, sep, name = spec.rpartition(":")
-    if sep and path.endswith(".py"):
-        return path, name
-    if spec.endswith(".py") or os.sep in spec or "/" in spec:
-        raise ConfigError(
-            f"--model {spec!r}: give a zoo name or path/to/file.py:factory, where factory is a "
-            "function of that file returning an nn.Module or a GeneratorAdapter."
-        )
-    return None
-
-
-def _call_factory(path: str, name: str, device: str) -> Any:
-    file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"--model: no file '{path}'.")
-    if not name.isidentifier():
-        raise ConfigError(f"--model: '{name}' is not a function name; use {path}:make_generator.")
-    # a name that is the same in every process (hash() of a str is not)
-    mod_name = f"_cfmodules_user_{hashlib.sha256(str(file.resolve()).encode()).hexdigest()[:12]}"
-    spec = importlib.util.spec_from_file_location(mod_name, file)
-    if spec is None or spec.loader is None:
-        raise ConfigError(f"--model: cannot import '{path}' as a Python file.")
-    module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(file.resolve().parent))  # the file may import its neighbours
-    try:
-        spec.loader.exec_module(module)
-        factory = getattr(module, name, None)
-        if not callable(factory):
-            public = [n for n, v in vars(module).items() if callable(v) and not n.startswith("_")
-                      and getattr(v, "__module__", None) == mod_name]
-            from cfmodules.errors import did_you_mean
-
-            raise ConfigError(f"--model: '{path}' has no function '{name}'."
-                              f"{did_you_mean(name, public)}"
-                              + (f" Functions: {', '.join(public[:8])}." if public else ""))
-        try:
-            takes_device = "device" in inspect.signature(factory).parameters
-        except (TypeError, ValueError):
-            takes_device = False
-        return factory(device=device) if takes_device else factory()
-    except CfModulesError:
-        raise
-    except Exception as e:
-        raise ConfigError(f"--model {path}:{name} failed: {type(e).__name__}: "
-                          f"{_first_line(e)}") from e
-    finally:
-        sys.path.remove(str(file.resolve().parent))
-
-
-def load_model(spec: str, device: str = "auto", latent_shape: str | None = None):
-    """Load ``spec`` (a zoo name or ``path/to/file.py:factory``) as a GeneratorAdapter.
-
-    Parameters
-    ----------
-    spec : str
-        Zoo name (``cfmodules.zoo.available()``) or ``file.py:factory``. The factory
-        returns a GeneratorAdapter, or an nn.Module (then ``latent_shape`` is needed); it
-        receives ``device=`` if it has such a parameter.
-    device : str, default "auto"
-        ``"auto"``: CUDA when available, else CPU.
-    latent_shape : str, optional
-        For a factory returning an nn.Module, e.g. ``"100,1,1"``.
-
-    Returns
-    -------
-    GeneratorAdapter
-        Checked by one forward pass of a single sample.
-
-    Raises
-    ------
-    ConfigError, ModelNotAvailableError
-    """
-    import torch
-    from torch import nn
-
-    from cfmodules import zoo
-    from cfmodules.adapter import GeneratorAdapter
-
-    dev = _resolve_device(device)
-    factory = _split_factory(spec)
-    if factory is None:
-        if latent_shape is not None:
-            raise ConfigError(f"--latent-shape is for models given as file.py:factory; the zoo "
-                              f"model '{spec}' knows its own.")
-        adapter = zoo.load(spec, device=dev)
-    else:
-        obj = _call_factory(*factory, dev)
-        if isinstance(obj, GeneratorAdapter):
-            if latent_shape is not None:
-                raise ConfigError(f"{spec} returned a GeneratorAdapter, which has its own latent "
-                                  "shape; drop --latent-shape.")
-            adapter = obj
-            if device != "auto" and adapter.device != torch.device(dev):
-                raise ConfigError(
-                    f"{spec} returned an adapter on {adapter.device}, not {dev}; give the "
-                    "factory a device parameter (it is then called with device=...).")
-        elif isinstance(obj, nn.Module):
-            if latent_shape is None:
-                raise ConfigError(
-                    f"{spec} returned an nn.Module ({type(obj).__name__}); give its per-sample "
-                    "latent shape with --latent-shape (e.g. 100,1,1), or return a "
-                    "cfmodules.GeneratorAdapter from the factory.")
-            shape = parse_latent_shape(latent_shape)
-            adapter = GeneratorAdapter(obj.to(dev), shape, device=dev,
-                                       name=Path(factory[0]).stem)
-        else:
-            raise ConfigError(f"{spec} returned {type(obj).__name__}, not an nn.Module or a "
-                              "GeneratorAdapter.")
-    try:
-        adapter.layers_cached()  # one forward of one sample: fail now, not mid-analysis
-    except CfModulesError:
-        raise
-    except Exception as e:
-        raise ConfigError(
-            f"Running {spec} on one latent of shape {adapter.latent_shape} failed: "
-            f"{type(e).__name__}: {_first_line(e)}. Check the latent shape (--latent-shape) "
-            "or pass forward=/output_transform= to the GeneratorAdapter your factory returns."
-        ) from e
-    return adapter
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else ""
 
 
 def _writable_dir(path: str) -> Path:
@@ -237,7 +76,7 @@ def _parse_ks(text: str, flag: str = "--stability-ks") -> tuple[int, ...]:
 def _cmd_layers(args: argparse.Namespace) -> int:
     from cfmodules.analysis import default_layer
 
-    adapter = load_model(args.model, args.device, args.latent_shape)
+    adapter = models.load_model(args.model, args.device, args.latent_shape)
     try:
         default = default_layer(adapter)
     except ConfigError:
@@ -257,7 +96,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 
     ks = () if args.no_stability else _parse_ks(args.stability_ks)
     methods = tuple(m.strip() for m in args.stability_methods.split(",") if m.strip())
-    if not methods or any(m not in ("nmf", "kmeans") for m in methods):
+    if not methods or any(m not in checks.CLUSTERING_METHODS for m in methods):
         raise ConfigError(f"--stability-methods takes nmf, kmeans or nmf,kmeans; got "
                           f"{args.stability_methods!r}.")
     settings = AnalysisSettings(
@@ -274,7 +113,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     if "auto" in layers and not auto:
         raise ConfigError("--layer auto lets the scan choose one layer; do not combine it "
                           "with other layers.")
-    adapter = load_model(args.model, args.device, args.latent_shape)
+    adapter = models.load_model(args.model, args.device, args.latent_shape)
     from cfmodules.hooks import resolve_layers
     from cfmodules.influence.distributed import init_from_env, world
 
@@ -338,7 +177,7 @@ def _cmd_scan(args: argparse.Namespace) -> int:
                             max_units=args.max_units,
                             target_stderr=args.target_stderr, method=args.method,
                             n_repeats=args.repeats, seed=args.seed)
-    adapter = load_model(args.model, args.device, args.latent_shape)
+    adapter = models.load_model(args.model, args.device, args.latent_shape)
     layers = None
     if args.layers:
         from cfmodules.hooks import resolve_layers
@@ -359,7 +198,7 @@ def _cmd_scan(args: argparse.Namespace) -> int:
 
 
 def _portable_spec(spec: str) -> str:
-    factory = _split_factory(spec)
+    factory = models.split_spec(spec)
     if factory is None:
         return spec
     return f"{Path(factory[0]).resolve()}:{factory[1]}"
@@ -401,7 +240,7 @@ def load_model_for(modules: Any, path: str, model: str | None = None, device: st
     """
     spec = model or modules.model_spec
     shape = latent_shape or modules.model_options.get("latent_shape")
-    adapter = load_model(spec, device, shape)
+    adapter = models.load_model(spec, device, shape)
     try:
         modules.check_model(adapter, spec)
     except ConfigError as e:
@@ -494,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="latent pairs per influence map (default 64)")
     a.add_argument("--k", type=int, default=None, metavar="K",
                    help="number of modules K (default 3; with --layer auto, the scan's)")
-    a.add_argument("--method", choices=("nmf", "kmeans"), default="nmf",
+    a.add_argument("--method", choices=checks.CLUSTERING_METHODS, default="nmf",
                    help="clustering of the maps (default nmf)")
     a.add_argument("--seed", type=int, default=0, metavar="S",
                    help="latent stream and clustering seed (default 0)")
@@ -635,10 +474,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # a bug, or an input no check foresaw: still one line
         if args.debug:
             raise
-        print(f"{PROG} {args.command}: internal error: {type(e).__name__}: {_first_line(e)} "
+        print(f"{PROG} {args.command}: internal error: {type(e).__name__}: {models.first_line(e)} "
               "(rerun with --debug for the traceback, and please report it)", file=sys.stderr)
         return 1
 
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
+
+
+# the model loading moved to cfmodules.models (one home, usable without the command line)
+__getattr__ = moved_names(__name__, {"load_model": "cfmodules.models:load_model",
+                                     "parse_latent_shape": "cfmodules.models:parse_latent_shape"})

@@ -385,7 +385,7 @@ def _flat_maps(maps: Any) -> np.ndarray:
 
 
 def chance_consistency(sizes: Sequence[int], n_channels: int, n_draws: int = 200,
-                       random_state: int = 0) -> float:
+                       seed: int = 0) -> float:
     """Label consistency of two random labelings after Hungarian matching (the chance level).
 
     The stability protocol compares two labelings of the third ``B`` of the channels and
@@ -401,7 +401,7 @@ def chance_consistency(sizes: Sequence[int], n_channels: int, n_draws: int = 200
     n_channels : int
         Channels of the layer.
     n_draws : int, default 200
-    random_state : int, default 0
+    seed : int, default 0
 
     Returns
     -------
@@ -413,7 +413,7 @@ def chance_consistency(sizes: Sequence[int], n_channels: int, n_draws: int = 200
     if p.ndim != 1 or p.size == 0 or (p < 0).any() or p.sum() <= 0:
         raise ConfigError(f"sizes must be non-negative module sizes, got {sizes!r}.")
     k, n_b = len(p), max(1, int(n_channels) // 3)
-    rng = np.random.RandomState(random_state)
+    rng = np.random.RandomState(seed)
     draws = rng.choice(k, size=(n_draws, 2, n_b), p=p / p.sum())
     return float(np.mean([match_labels(a, b, k)[0] for a, b in draws]))
 
@@ -673,7 +673,7 @@ class ModularityMonitor:
                 stab = cluster_stability(maps, ks=(s.n_modules,), methods=(s.method,),
                                          n_repeats=s.stability_repeats, window=s.window,
                                          percentile=s.percentile, n_init=s.n_init,
-                                         random_state=s.seed)
+                                         seed=s.seed)
             labels, templates = clust.labels_, clust.templates_
             shift: tuple[float, ...] | None = None
             agreement: float | None = None
@@ -701,7 +701,7 @@ class ModularityMonitor:
             max_stderr=float(np.nanmax(eims.stderr)) if eims.stderr.size else float("nan"),
             stability=float(stab.mean("consistency")[0, 0]),
             stability_cosine=float(stab.mean("cosine")[0, 0]),
-            stability_chance=chance_consistency(sizes, len(labels), random_state=s.seed),
+            stability_chance=chance_consistency(sizes, len(labels), seed=s.seed),
             locality=_nanmean(loc), entropy=_nanmean(ent),
             label_agreement=agreement, sizes=tuple(int(x) for x in sizes),
             influence=tuple(influence), template_shift=shift,

@@ -96,23 +96,21 @@ class ScanSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "ks", tuple(int(k) for k in self.ks))
-        if not self.ks or any(k < 1 for k in self.ks) or len(set(self.ks)) != len(self.ks):
+        from cfmodules import checks
+
+        try:
+            object.__setattr__(self, "ks", tuple(checks.positive_int(k, "ks") for k in self.ks))
+        except TypeError:
+            object.__setattr__(self, "ks", ())
+        if not self.ks or len(set(self.ks)) != len(self.ks):
             raise ConfigError(f"ks must be distinct positive integers, got {self.ks!r}.")
         for name in ("max_units", "n_pairs", "pairs_per_block", "n_repeats", "n_init"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {v!r}.")
-        if self.method not in ("nmf", "kmeans"):
-            raise ConfigError(f"method must be 'nmf' or 'kmeans', got {self.method!r}.")
-        if self.target_stderr is not None and not (
-                isinstance(self.target_stderr, (int, float)) and self.target_stderr > 0):
-            raise ConfigError(f"target_stderr must be a positive number or None, got "
-                              f"{self.target_stderr!r}.")
-        if self.nmf_pool is not None and (isinstance(self.nmf_pool, bool) or not isinstance(
-                self.nmf_pool, (int, np.integer)) or self.nmf_pool < 1):
-            raise ConfigError(f"nmf_pool must be a positive integer or None, got "
-                              f"{self.nmf_pool!r}.")
+            object.__setattr__(self, name, checks.positive_int(getattr(self, name), name))
+        checks.clustering_method(self.method)
+        if self.target_stderr is not None:
+            checks.positive_number(self.target_stderr, "target_stderr")
+        if self.nmf_pool is not None:
+            checks.positive_int(self.nmf_pool, "nmf_pool")
         if not 0 <= self.tolerance < 1:
             raise ConfigError(f"tolerance must be in [0, 1), got {self.tolerance!r}.")
 

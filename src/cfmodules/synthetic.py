@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from cfmodules import checks
 from cfmodules.adapter import GeneratorAdapter
 from cfmodules.errors import ConfigError
 
@@ -38,9 +39,7 @@ __all__ = [
 
 
 def _count(name: str, value: object, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}.")
-    return int(value)
+    return checks.integer(value, name, low=low)
 
 
 def _sizes(name: str, value: object, k: int, low: int) -> list[int]:

@@ -125,7 +125,7 @@ class _WholeForward(nn.Module):
         self.fn = fn
         self.n = n_inputs
 
-    def forward(self, z0, z1=None, z2=None, z3=None, z4=None, z5=None, z6=None, z7=None):  # noqa: ANN001, ANN201
+    def forward(self, z0, z1=None, z2=None, z3=None, z4=None, z5=None, z6=None, z7=None):
         z = (z0, z1, z2, z3, z4, z5, z6, z7)[:self.n]
         latent = z if self.n > 1 else z[0]
         if self.fn is not None:
@@ -142,7 +142,7 @@ class _Call(nn.Module):
         self.gen = gen
         self.names, self.frozen, self.var = names, frozen, var_positional
 
-    def forward(self, z0, z1=None, z2=None, z3=None, z4=None, z5=None, z6=None, z7=None):  # noqa: ANN001, ANN201
+    def forward(self, z0, z1=None, z2=None, z3=None, z4=None, z5=None, z6=None, z7=None):
         values = dict(zip(self.names, (z0, z1, z2, z3, z4, z5, z6, z7)))
         values.update(self.frozen)
         args = [values.pop(self.var)] if self.var is not None else []
@@ -243,7 +243,7 @@ class _Probe:
     calls: dict[str, list[tuple[tuple, dict, Any]]]  # container -> [(args, kwargs, output)]
 
 
-def _probe(adapter, ref: LayerRef, containers: list[str]) -> _Probe:  # noqa: ANN001
+def _probe(adapter, ref: LayerRef, containers: list[str]) -> _Probe:
     """One forward of two samples recording the layer's output and the containers' calls."""
     gen = adapter.generator
     z = adapter.sample_latents(2, seed=0)
@@ -280,7 +280,7 @@ def _probe(adapter, ref: LayerRef, containers: list[str]) -> _Probe:  # noqa: AN
     return _Probe(z, raw, got[k], calls)
 
 
-def _check(adapter, split: FxSplit, inputs: tuple, probe: _Probe) -> None:  # noqa: ANN001
+def _check(adapter, split: FxSplit, inputs: tuple, probe: _Probe) -> None:
     """Refuse a capture whose numbers differ from the probe forward."""
     with adapter.eval_mode():
         state = split.prefix(inputs if len(inputs) > 1 else inputs[0])
@@ -361,7 +361,7 @@ def partial_inputs(module: nn.Module, args: tuple, kwargs: dict
     return _bind(module, args, kwargs)
 
 
-def trace_partial(adapter, ref: LayerRef, where: str, args: tuple, kwargs: dict  # noqa: ANN001
+def trace_partial(adapter, ref: LayerRef, where: str, args: tuple, kwargs: dict
                   ) -> tuple[Capture, list[torch.Tensor]]:
     """Capture submodule ``where`` called with ``args, kwargs`` (the layer kept whole)."""
     module = adapter.generator.get_submodule(where)
@@ -402,7 +402,7 @@ def _containers(ref: LayerRef) -> list[str]:
     return [".".join(parts[:i]) for i in range(1, len(parts))]
 
 
-def capture_layer(adapter, ref: LayerRef) -> tuple[Capture | None, list[Attempt]]:  # noqa: ANN001
+def capture_layer(adapter, ref: LayerRef) -> tuple[Capture | None, list[Attempt]]:
     """Every capture of the forward that can be cut at ``ref``; the chosen one first.
 
     Returns the working capture with the fewest suffix FLOPs per hybrid (the first one
@@ -470,7 +470,7 @@ def capture_layer(adapter, ref: LayerRef) -> tuple[Capture | None, list[Attempt]
     return best, attempts
 
 
-def suffix_flops(adapter, split: FxSplit, latent: L.Latent, cap: Capture | None = None  # noqa: ANN001
+def suffix_flops(adapter, split: FxSplit, latent: L.Latent, cap: Capture | None = None
                  ) -> float:
     """FLOPs of the suffix for one sample (convolutions and matrix products)."""
     state = prefix_state(adapter, split, latent, cap)
@@ -479,7 +479,7 @@ def suffix_flops(adapter, split: FxSplit, latent: L.Latent, cap: Capture | None 
     return flops / max(state.activation.shape[0], 1)
 
 
-def prefix_state(adapter, split: FxSplit, latent: L.Latent, cap: Capture | None):  # noqa: ANN001, ANN201
+def prefix_state(adapter, split: FxSplit, latent: L.Latent, cap: Capture | None):
     """The split's state for ``latent``, running the forward up to ``M`` for a partial."""
     if cap is None or cap.kind == "graph":
         with adapter.eval_mode():
@@ -491,7 +491,7 @@ def prefix_state(adapter, split: FxSplit, latent: L.Latent, cap: Capture | None)
         return split.prefix(tuple(tensors) if len(tensors) > 1 else tensors[0])
 
 
-def record_call(adapter, where: str, latent: L.Latent) -> tuple[tuple, dict]:  # noqa: ANN001
+def record_call(adapter, where: str, latent: L.Latent) -> tuple[tuple, dict]:
     """Run the forward until submodule ``where`` is called; return its ``(args, kwargs)``."""
     module = adapter.generator.get_submodule(where)
     got: list[tuple[tuple, dict]] = []
@@ -523,7 +523,7 @@ def count_flops(fn: Callable[[], Any]) -> tuple[float, Any]:
     class _Count(TorchDispatchMode):
         total = 0.0
 
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             kwargs = kwargs or {}
             out = func(*args, **kwargs)
             rule = flop_registry.get(func._overloadpacket)

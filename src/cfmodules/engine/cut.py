@@ -75,7 +75,7 @@ def _fn_identity(fn: Any) -> tuple[int, int]:
     return id(getattr(fn, "__func__", fn)), id(getattr(fn, "__self__", None))
 
 
-def fingerprint(adapter) -> tuple[tuple, tuple]:  # noqa: ANN001 - GeneratorAdapter
+def fingerprint(adapter) -> tuple[tuple, tuple]:
     """``(structure, weights)`` of the adapter's generator, cheap enough to take per batch.
 
     ``structure`` changes when a captured graph may be stale: a plain Python attribute of
@@ -136,7 +136,7 @@ class PartialSplit(Split):
 
     exact_graph = True
 
-    def __init__(self, adapter, ref: LayerRef, capture: Capture):  # noqa: ANN001
+    def __init__(self, adapter, ref: LayerRef, capture: Capture):
         self.adapter, self.ref, self.layer = adapter, ref, ref.name
         self.where = capture.where
         self.captures: dict[tuple, Capture] = {capture.frozen: capture}
@@ -226,7 +226,7 @@ class _Entry:
 class Engine:
     """Cuts of one adapter's generator, captured once and checked before each use."""
 
-    def __init__(self, adapter):  # noqa: ANN001 - GeneratorAdapter
+    def __init__(self, adapter):
         self.adapter = adapter
         self._entries: dict[str, _Entry] = {}
         self._structure: tuple | None = None
@@ -348,7 +348,7 @@ class Engine:
         except Exception:  # fx raises many types; None means "not traceable"
             return None
 
-    def linear_plan(self, layer: str):  # noqa: ANN201 - LinearPlan | None
+    def linear_plan(self, layer: str):
         """The linear shortcut for ``layer``, or None where it is not exact."""
         from cfmodules.engine.linear import find_linear_plan
 
@@ -419,13 +419,13 @@ class Engine:
                            float(full), float(hybrid))
 
 
-def generate_is_overridden(adapter) -> bool:  # noqa: ANN001
+def generate_is_overridden(adapter) -> bool:
     from cfmodules.adapter import GeneratorAdapter
 
     return type(adapter).generate is not GeneratorAdapter.generate
 
 
-def _generate_run(adapter) -> Callable[[L.Latent], torch.Tensor]:  # noqa: ANN001
+def _generate_run(adapter) -> Callable[[L.Latent], torch.Tensor]:
     """A raw run through the subclass's own ``generate`` (its images)."""
     def run(z: L.Latent) -> torch.Tensor:
         return adapter.generate(z)

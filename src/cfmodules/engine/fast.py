@@ -16,6 +16,7 @@ On the hook path (no capture works), the adapter's own split is used unchanged.
 from __future__ import annotations
 
 import copy
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,9 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 from cfmodules import latents as L
 from cfmodules.engine.split import SplitState
 from cfmodules.engine.workspace import Workspace
+
+if TYPE_CHECKING:  # the adapter imports the engine; annotations only
+    from cfmodules.adapter import GeneratorAdapter
 
 __all__ = ["FastSplit", "GemmConvTranspose2d", "accelerate", "fold_batchnorm", "strip_leading_relu"]
 
@@ -286,7 +290,7 @@ class FastSplit:
     made again when the engine sees a weight change (:meth:`follow`) or another capture.
     """
 
-    def __init__(self, adapter, layer: str):  # noqa: ANN001 - GeneratorAdapter (no cycle)
+    def __init__(self, adapter: GeneratorAdapter, layer: str):
         self.adapter = adapter
         self.base = adapter.split(layer)
         self.suffix_module: fx.GraphModule | None = None

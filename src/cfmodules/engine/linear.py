@@ -18,6 +18,7 @@ BatchNorm, ...) means no plan, and the general prefix/suffix path is used.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,9 @@ from torch import fx, nn
 
 from cfmodules.engine.workspace import Workspace
 from cfmodules.hooks import resolve_layer
+
+if TYPE_CHECKING:  # the adapter imports the engine; annotations only
+    from cfmodules.adapter import GeneratorAdapter
 
 __all__ = ["LinearPlan", "find_linear_plan", "single_channel_contributions",
            "group_contribution", "add_base_", "fused_add_relu_is_exact",
@@ -114,7 +118,7 @@ def _op_supported(op: nn.Module, ndim: int) -> bool:
     return False
 
 
-def find_linear_plan(adapter, layer: str) -> LinearPlan | None:  # noqa: ANN001 - adapter
+def find_linear_plan(adapter: GeneratorAdapter, layer: str) -> LinearPlan | None:
     """The :class:`LinearPlan` for ``layer``, or None when the shortcut is not exact.
 
     Parameters

@@ -121,9 +121,9 @@ class FxSplit(Split):
     exact_graph = True
 
     def __init__(self, prefix: fx.GraphModule, suffix: fx.GraphModule, layer: str,
-                 clone_frontier: bool, multi_input: bool):
+                 clone_frontier: bool):
         self.prefix_module, self.suffix_module, self.layer = prefix, suffix, layer
-        self._clone, self._multi = clone_frontier, multi_input
+        self._clone = clone_frontier
 
     def prefix(self, z: L.Latent) -> SplitState:
         args = z if isinstance(z, tuple) else (z,)
@@ -243,4 +243,4 @@ def fx_split(gm: fx.GraphModule, ref: LayerRef) -> FxSplit:
     prefix = fx.GraphModule(gm, pg)
     suffix = fx.GraphModule(gm, sg)
     clone = _has_inplace(gm, prefix_nodes) or _has_inplace(gm, ordered_suffix)
-    return FxSplit(prefix, suffix, ref.name, clone, multi_input=len(placeholders) > 1)
+    return FxSplit(prefix, suffix, ref.name, clone)

@@ -91,7 +91,7 @@ def _state_rows(split: FastSplit, state: SplitState, n_units: int, pairs: slice,
 class SplitSwaps(Swaps):
     """Groups on one layer: prefix once per block, suffix on channel-swapped activations."""
 
-    def __init__(self, adapter, layer: str, groups: list[Group]):  # noqa: ANN001
+    def __init__(self, adapter, layer: str, groups: list[Group]):
         self.adapter, self.layer, self.groups, self.cut = adapter, layer, groups, layer
         self.split = FastSplit(adapter, layer)
         self.path = self.split.base.path
@@ -133,7 +133,7 @@ class LinearSwaps(Swaps):
 
     path = "linear shortcut"
 
-    def __init__(self, adapter, plan: LinearPlan, groups: list[Group]):  # noqa: ANN001
+    def __init__(self, adapter, plan: LinearPlan, groups: list[Group]):
         self.adapter, self.plan, self.groups = adapter, plan, groups
         self.layer, self.cut = plan.layer, plan.cut
         self.layer_split = adapter.split(plan.layer)
@@ -208,7 +208,7 @@ class HookSwaps(Swaps):
 
     path = "hook"
 
-    def __init__(self, adapter, groups: list[Group]):  # noqa: ANN001
+    def __init__(self, adapter, groups: list[Group]):
         self.adapter, self.groups = adapter, groups
         self.layers = sorted({layer for g in groups for layer in g})
         self.idx = [{k: v.to(adapter.device) for k, v in g.items()} for g in groups]
@@ -242,7 +242,7 @@ class HookSwaps(Swaps):
             return self.adapter.generate(L.select(self.z1, rows))
 
 
-def plan_swaps(adapter, groups: list[Group], algorithm: str,  # noqa: ANN001
+def plan_swaps(adapter, groups: list[Group], algorithm: str,
                what: str = "influence_maps") -> list[tuple[Swaps, list[int]]]:
     """Group ``groups`` by how their hybrids are computed; returns (swaps, group indices).
 

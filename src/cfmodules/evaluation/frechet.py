@@ -184,8 +184,7 @@ def feature_statistics(
     -------
     FeatureStatistics
     """
-    if batch_size < 1:
-        raise ConfigError(f"batch_size must be >= 1, got {batch_size}.")
+    batch_size = checks.positive_int(batch_size, "batch_size")
     features = default_features() if features is None else features
     stats = FeatureStatistics() if stats is None else stats
     with EvalNoGrad(features):

@@ -349,8 +349,7 @@ def robustness_from_probabilities(
     -------
     RobustnessResult
     """
-    if top_k < 1:
-        raise ConfigError(f"top_k must be >= 1, got {top_k}.")
+    top_k = checks.positive_int(top_k, "top_k")
     if not hybrid_probabilities:
         raise ConfigError("Give at least one classifier's probabilities.")
     modules = list(modules)
@@ -462,8 +461,8 @@ def classifier_robustness(
         raise ConfigError(f"outputs must be 'logits' or 'probabilities', got {outputs!r}.")
     if not 0.0 <= min_confidence < 1.0:
         raise ConfigError(f"min_confidence must be in [0, 1), got {min_confidence}.")
-    if n_pairs < 1 or batch_size < 1:
-        raise ConfigError(f"n_pairs and batch_size must be >= 1, got {n_pairs} and {batch_size}.")
+    n_pairs = checks.positive_int(n_pairs, "n_pairs")
+    batch_size = checks.positive_int(batch_size, "batch_size")
     clfs = dict(classifiers) if isinstance(classifiers, Mapping) else {"classifier": classifiers}
     if not clfs or not all(callable(f) for f in clfs.values()):
         raise ConfigError("classifiers must be a callable or a dict name -> callable.")

@@ -15,19 +15,22 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from sklearn.base import BaseEstimator, ClusterMixin
 from sklearn.cluster import KMeans
 from sklearn.decomposition import NMF
 from sklearn.exceptions import ConvergenceWarning
+from sklearn.exceptions import NotFittedError as SklearnNotFittedError
 from sklearn.utils import check_random_state
+from sklearn.utils.validation import check_is_fitted
 from threadpoolctl import threadpool_limits
 
+from cfmodules import checks, errors
 from cfmodules._deprecation import warn_renamed
-from cfmodules.errors import ConfigError, NotFittedError, ShapeError
+from cfmodules.errors import ConfigError, ShapeError
 from cfmodules.modules.preprocess import (
     DEFAULT_PERCENTILE,
     DEFAULT_WINDOW,
     as_maps,
-    check_count,
     check_percentile,
     check_window,
     preprocess,
@@ -35,20 +38,31 @@ from cfmodules.modules.preprocess import (
 
 __all__ = ["ModuleClustering", "module_sizes", "modules_from_labels", "METHODS"]
 
-METHODS = ("nmf", "kmeans")
+METHODS = checks.CLUSTERING_METHODS
+
+_LEARNED = ("labels_", "weights_", "templates_", "modules_", "features_",
+            "reconstruction_err_", "n_channels_", "map_shape_", "layer_", "n_features_in_")
 
 
-class ModuleClustering:
+class NotFittedError(errors.NotFittedError, SklearnNotFittedError):
+    """A ModuleClustering used before ``fit``: both the library's and scikit-learn's error."""
+
+
+class ModuleClustering(ClusterMixin, BaseEstimator):
     """Group the channels of a layer into modules by clustering their influence maps.
 
-    scikit-learn style: ``__init__`` only stores the parameters, :meth:`fit` returns
-    ``self``, learned attributes end in ``_``.
+    A scikit-learn estimator (``BaseEstimator``, ``ClusterMixin``): ``__init__`` only stores
+    the parameters, ``get_params`` / ``set_params`` / ``sklearn.base.clone`` work,
+    :meth:`fit` returns ``self``, learned attributes end in ``_`` and reading one before
+    ``fit`` raises :class:`~cfmodules.errors.NotFittedError` (which is also scikit-learn's
+    ``NotFittedError``). The channels are the samples; the pixels of their maps the
+    features.
 
     Parameters
     ----------
     n_modules : int, default 3
         K, the number of modules (templates). The paper uses 3; see
-        :func:`cfmodules.modules.stability` to choose it.
+        :func:`cfmodules.modules.cluster_stability` to choose it.
     method : {"nmf", "kmeans"}, default "nmf"
         NMF of the binary maps (the paper's method) or k-means (its baseline).
     window : odd int or (odd int, odd int), default 3
@@ -108,22 +122,19 @@ class ModuleClustering:
         self.random_state = random_state
         self.backend = backend
 
-    # ------------------------------------------------------------------ sklearn API
-    def get_params(self, deep: bool = True) -> dict[str, Any]:
-        """The constructor parameters (scikit-learn convention)."""
-        return {k: getattr(self, k) for k in
-                ("n_modules", "method", "window", "percentile", "n_init", "max_iter",
-                 "random_state", "backend")}
+    def __getattr__(self, name: str) -> Any:
+        # a learned attribute read before fit: the library's NotFittedError, not a bare
+        # AttributeError (it is one too, so hasattr() and check_is_fitted still work)
+        if name in _LEARNED:
+            raise NotFittedError(f"This ModuleClustering is not fitted yet, so it has no "
+                                 f"{name}; call fit(maps) first.")
+        raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
 
-    def set_params(self, **params: Any) -> ModuleClustering:
-        """Set constructor parameters (scikit-learn convention); returns self."""
-        valid = self.get_params()
-        for k, v in params.items():
-            if k not in valid:
-                raise ConfigError(f"Unknown parameter {k!r} of ModuleClustering; "
-                                  f"valid: {', '.join(valid)}.")
-            setattr(self, k, v)
-        return self
+    def __sklearn_tags__(self) -> Any:
+        tags = super().__sklearn_tags__()
+        tags.input_tags.positive_only = self.method == "nmf"  # NMF factorizes S >= 0
+        tags.input_tags.three_d_array = True  # maps (C, H, W)
+        return tags
 
     def fit(self, maps: Any, y: None = None) -> ModuleClustering:
         """Cluster the channels' influence maps into ``n_modules`` modules.
@@ -154,22 +165,23 @@ class ModuleClustering:
         """
         self._check_params()
         layer = getattr(maps, "layer", None)
-        arr = as_maps(maps)
+        arr = self._maps(maps)
         k = self.n_modules
         if k > len(arr):
             raise ConfigError(
-                f"n_modules={k} is more than the {len(arr)} channels to cluster; use "
-                f"n_modules <= {len(arr)}."
+                f"n_modules={k} is more than the {len(arr)} channels to cluster "
+                f"(n_samples={len(arr)}); use n_modules <= {len(arr)}."
             )
         if k > arr.shape[1] * arr.shape[2]:
             raise ConfigError(
                 f"n_modules={k} is more than the {arr.shape[1] * arr.shape[2]} pixels of each "
-                "map; use fewer modules."
+                f"map (n_features={arr.shape[1] * arr.shape[2]}); use fewer modules."
             )
         feats = preprocess(arr, self.window, self.percentile)
         if self.method == "nmf" and (feats < 0).any():
             raise ConfigError(
-                "NMF needs non-negative maps; influence maps are mean absolute differences, "
+                "Negative values in data: NMF needs non-negative maps; influence maps are mean "
+                "absolute differences, "
                 "so negative values mean these are not influence maps. Threshold them "
                 "(percentile=75) or use method='kmeans'."
             )
@@ -201,6 +213,7 @@ class ModuleClustering:
         self.reconstruction_err_ = err
         self.n_channels_ = len(arr)
         self.map_shape_ = tuple(feats.shape[1:])
+        self.n_features_in_ = int(np.prod(self.map_shape_))
         self.layer_ = layer if isinstance(layer, str) else None
         return self
 
@@ -220,11 +233,13 @@ class ModuleClustering:
         ndarray (C',) of int
         """
         self._check_fitted()
-        arr = as_maps(maps)
+        arr = self._maps(maps)
         if tuple(arr.shape[1:]) != self.map_shape_:
             raise ShapeError(
-                f"The maps have shape {arr.shape[1:]} per channel; this clustering was fitted "
-                f"on maps of shape {self.map_shape_}."
+                f"X has {int(np.prod(arr.shape[1:]))} features, but ModuleClustering is "
+                f"expecting {self.n_features_in_} features as input: the maps have shape "
+                f"{arr.shape[1:]} per channel; this clustering was fitted on maps of shape "
+                f"{self.map_shape_}."
             )
         flat = preprocess(arr, self.window, self.percentile).reshape(len(arr), -1)
         tmpl = self.templates_.reshape(self.n_modules, -1)
@@ -257,27 +272,48 @@ class ModuleClustering:
 
     # ------------------------------------------------------------------ helpers
     def _check_params(self) -> None:
-        check_count("n_modules", self.n_modules)
-        if self.method not in METHODS:
-            raise ConfigError(f"method must be 'nmf' or 'kmeans', got {self.method!r}.")
+        checks.integer(self.n_modules, "n_modules", low=1)
+        checks.clustering_method(self.method)
         check_window(self.window)
         if self.percentile is not None:
             check_percentile(self.percentile)
-        check_count("n_init", self.n_init)
-        check_count("max_iter", self.max_iter)
-        if self.backend not in BACKENDS:
-            raise ConfigError(f"backend must be one of {BACKENDS}, got {self.backend!r}.")
+        checks.integer(self.n_init, "n_init", low=1)
+        checks.integer(self.max_iter, "max_iter", low=1)
+        checks.one_of(self.backend, "backend", BACKENDS)
+
+    def _maps(self, maps: Any) -> np.ndarray:
+        """(C, H, W) maps; a 2-D ``(C, P)`` array is P features per channel (one row)."""
+        if isinstance(maps, (list, tuple)) and maps and all(
+                isinstance(row, (list, tuple)) for row in maps):
+            try:
+                maps = np.asarray(maps)  # rows of numbers, e.g. X.tolist()
+            except ValueError:
+                pass  # ragged: as_maps says what is wrong
+        if hasattr(maps, "toarray") and hasattr(maps, "nnz"):
+            raise ShapeError("Sparse input is not supported; pass a dense array (.toarray()).")
+        if getattr(maps, "ndim", None) == 2 and not hasattr(maps, "maps"):
+            if self.window not in (1, (1, 1)):
+                raise ShapeError(
+                    f"2-D input {tuple(maps.shape)} is read as (channels, features) rows, which "
+                    "have no image to smooth: pass maps of shape (channels, height, width), or "
+                    "use window=1 for feature rows.")
+            maps = maps[:, None, :]
+        return as_maps(maps)
 
     def _check_fitted(self) -> None:
-        if not hasattr(self, "labels_"):
+        try:
+            check_is_fitted(self, "labels_")
+        except SklearnNotFittedError:
             raise NotFittedError(
-                "This ModuleClustering is not fitted yet; call fit(maps) first."
-            )
+                "This ModuleClustering is not fitted yet; call fit(maps) first.") from None
 
     def __repr__(self) -> str:
-        params = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
+        import inspect
+
+        params = ", ".join(f"{k}={getattr(self, k)!r}"  # in the constructor's order
+                           for k in inspect.signature(type(self)).parameters)
         fitted = ""
-        if hasattr(self, "labels_"):
+        if "labels_" in vars(self):
             fitted = f"  # fitted: {self.n_channels_} channels, sizes {module_sizes(self.labels_, self.n_modules).tolist()}"
         return f"ModuleClustering({params}){fitted}"
 
@@ -366,11 +402,8 @@ def _sklearn_fit(flat: np.ndarray, k: int, method: str, n_init: int, max_iter: i
     if method == "nmf":
         weights, templates, err, converged = _nmf(flat, k, n_init, max_iter, rng)
         return weights, templates, err, converged
-    km = KMeans(n_clusters=k, n_init=n_init, max_iter=max_iter,
-                random_state=rng.randint(np.iinfo(np.int32).max))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        labels = km.fit_predict(flat)
+    km = KMeans(n_clusters=k, n_init=n_init, max_iter=max_iter, random_state=_draw(rng))
+    labels = _quietly(km.fit_predict, flat)
     return (np.eye(k)[labels], km.cluster_centers_, float(np.sqrt(max(km.inertia_, 0.0))),
             bool(km.n_iter_ < max_iter))
 
@@ -401,11 +434,8 @@ def _nmf(
     best: tuple[float, np.ndarray, np.ndarray, bool] | None = None
     for i in range(n_init):
         init = "nndsvda" if i == 0 else "random"
-        model = NMF(n_components=k, init=init, max_iter=max_iter,
-                    random_state=rng.randint(np.iinfo(np.int32).max))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            w = model.fit_transform(flat)
+        model = NMF(n_components=k, init=init, max_iter=max_iter, random_state=_draw(rng))
+        w = _quietly(model.fit_transform, flat)
         h = model.components_
         err = float(model.reconstruction_err_)
         if best is None or err < best[0] - 1e-12:
@@ -413,6 +443,19 @@ def _nmf(
     assert best is not None
     err, w, h, converged = best
     return (*_scaled(w, h), err, converged)
+
+
+def _draw(rng: np.random.RandomState) -> int:
+    """A seed for one scikit-learn fit, drawn from the clustering's stream."""
+    return int(rng.randint(np.iinfo(np.int32).max))
+
+
+def _quietly(fit: Any, flat: np.ndarray) -> Any:
+    """``fit(flat)`` without scikit-learn's per-restart ConvergenceWarning (the best fit's
+    convergence is reported once, by ModuleClustering.fit)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return fit(flat)
 
 
 def module_sizes(labels: Any, n_modules: int | None = None) -> np.ndarray:

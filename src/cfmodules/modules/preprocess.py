@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from cfmodules import checks
 from cfmodules.errors import ConfigError, ShapeError
 
 __all__ = [
@@ -71,9 +72,15 @@ def as_maps(maps: Any, what: str = "influence maps") -> np.ndarray:
                 "(H, W), e.g. all computed at the same layer and output resolution."
             )
         maps = np.stack(items) if items else np.zeros((0, 0, 0))
+    if hasattr(maps, "toarray") and hasattr(maps, "nnz"):
+        raise ShapeError(f"Sparse {what} are not supported; pass a dense array (.toarray()).")
     try:
+        if np.iscomplexobj(maps):  # float64 would silently drop the imaginary part
+            raise ShapeError(f"Complex data not supported: the {what} must be real numbers.")
         arr = np.array(maps, dtype=np.float64)
     except (TypeError, ValueError) as err:
+        if isinstance(err, ShapeError):
+            raise
         raise ShapeError(
             f"The {what} must be a numeric array (C, H, W), got {type(maps).__name__} ({err})."
         ) from None
@@ -124,10 +131,8 @@ def check_window(window: int | tuple[int, int]) -> tuple[int, int]:
 
 
 def check_count(name: str, value: object, low: int = 1) -> int:
-    """Validate an integer parameter (``n_init``, ``n_repeats``, ...) that must be >= low."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}.")
-    return int(value)
+    """An integer parameter (``n_init``, ``n_repeats``, ...) that must be >= ``low``."""
+    return checks.integer(value, name, low=low)
 
 
 def check_percentile(percentile: float) -> float:

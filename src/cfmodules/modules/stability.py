@@ -19,6 +19,7 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 from sklearn.utils import check_random_state
 
+from cfmodules import checks
 from cfmodules._deprecation import warn_renamed
 from cfmodules.errors import ConfigError, ShapeError
 from cfmodules.modules.clustering import BACKENDS, METHODS, cluster_many
@@ -357,8 +358,10 @@ def cluster_stability(
         warn_renamed("cluster_stability(random_state=...)", "cluster_stability(seed=...)")
         seed = random_state
     methods = tuple(methods) if not isinstance(methods, str) else (methods,)
-    if not methods or any(m not in METHODS for m in methods) or len(set(methods)) != len(methods):
+    if not methods or len(set(methods)) != len(methods):
         raise ConfigError(f"methods must be distinct names among {METHODS}, got {methods!r}.")
+    for m in methods:
+        checks.clustering_method(m, "each of methods")
     k_arr = _check_ks(ks)
     if backend not in BACKENDS:
         raise ConfigError(f"backend must be one of {BACKENDS}, got {backend!r}.")

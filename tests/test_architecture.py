@@ -1,0 +1,138 @@
+"""The direction of imports that docs/architecture.md draws, enforced.
+
+Every ``import`` of a cfmodules module is read from the source (also the ones inside
+functions, which run later but still tie the layers together; only ``if TYPE_CHECKING:``
+blocks are left out), and each module may import only from its own layer or below.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+# low to high; a module imports only from its own layer or a lower one
+LAYERS: list[tuple[str, set[str]]] = [
+    ("foundation", {"errors", "_deprecation", "names", "checks", "results", "__version__",
+                    "display", "images",  # notebook display and image grids
+                    "split"}),  # split: the deprecated shim of engine/split
+    ("latents and hooks", {"latents", "hooks", "noise"}),
+    ("engine", {"engine"}),
+    ("adapter", {"adapter"}),
+    ("modules, hybrids, ground truth", {"modules", "hybrid", "synthetic", "module_file"}),
+    ("influence", {"influence"}),
+    ("analysis, evaluation, zoo", {"analysis", "evaluation", "zoo", "scan", "monitor"}),
+    ("faces", {"models", "plots", "report", "cli", "explorer", "__main__",
+               "evaluation.plots"}),
+]
+
+
+DISPLAY_HOOKS = {"_html_figures", "_repr_html_"}
+
+ALLOWED_UPWARD = {
+    # the engine asks, at run time, whether an adapter subclass overrides generate() or
+    # other extension points, by comparing with GeneratorAdapter's own methods (lazily)
+    ("cfmodules.engine.cut", "cfmodules.adapter"),
+}
+
+
+def _unit(module: str) -> str:
+    """``cfmodules.influence.maps`` -> ``influence``; the faces inside a package by name."""
+    parts = module.split(".")[1:]
+    if ".".join(parts[:2]) == "evaluation.plots":
+        return "evaluation.plots"
+    return parts[0] if parts else ""
+
+
+def _layer(unit: str) -> int:
+    for i, (_, members) in enumerate(LAYERS):
+        if unit in members:
+            return i
+    raise AssertionError(f"cfmodules.{unit} has no layer in tests/test_architecture.py; "
+                         "add it (and to docs/architecture.md)")
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    skip: set[int] = set()
+    for node in ast.walk(tree):  # `if TYPE_CHECKING:` blocks are annotations only
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            skip.update(id(n) for b in node.body for n in ast.walk(b))
+        # a result's notebook display draws its figures with plots, lazily: the one
+        # sanctioned upward import (only a notebook calls it, never the core)
+        if isinstance(node, ast.FunctionDef) and node.name in DISPLAY_HOOKS:
+            skip.update(id(n) for n in ast.walk(node))
+        # old names kept one release point at their new home, wherever it is
+        if isinstance(node, ast.Call) and ast.unparse(node.func) in ("moved_names",
+                                                                     "moved_module"):
+            skip.update(id(n) for n in ast.walk(node))
+    out = set()
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if node.module == "cfmodules":
+                out.update(f"cfmodules.{a.name}" for a in node.names)
+            elif node.module.startswith("cfmodules."):
+                out.add(node.module)
+        elif isinstance(node, ast.Import):
+            out.update(a.name for a in node.names if a.name.startswith("cfmodules."))
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and \
+                node.value.startswith("cfmodules.") and ":" in node.value:
+            out.add(node.value.split(":")[0])  # moved_names / zoo registry targets
+    return out
+
+
+def _modules() -> list[tuple[str, Path]]:
+    out = []
+    for path in sorted((SRC / "cfmodules").rglob("*.py")):
+        parts = list(path.relative_to(SRC).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        if len(parts) > 1:  # the package root resolves its names lazily
+            out.append((".".join(parts), path))
+    return out
+
+
+@pytest.mark.parametrize("module, path", _modules(), ids=[m for m, _ in _modules()])
+def test_imports_go_down_the_layers(module, path):
+    own = _layer(_unit(module))
+    upward = [t for t in _imports(path)
+              if _unit(t) != _unit(module) and _layer(_unit(t)) > own
+              and not (path.name == "__init__.py" and t.startswith(module))
+              and (module, t) not in ALLOWED_UPWARD]
+    assert not upward, (f"{module} ({LAYERS[own][0]}) imports {upward}, from a higher layer: "
+                        "move the code down, or the import up, as docs/architecture.md says")
+
+
+def test_modules_work_on_arrays_only():
+    """modules/ knows nothing of adapters, generators, hooks or torch."""
+    for path in (SRC / "cfmodules" / "modules").glob("*.py"):
+        text = path.read_text()
+        assert "import torch" not in text and "from torch" not in text, path.name
+        units = {_unit(t) for t in _imports(path)} - {"modules"}
+        assert units <= LAYERS[0][1], f"modules/{path.name} imports {units - LAYERS[0][1]}"
+
+
+def test_the_core_imports_no_face():
+    faces = LAYERS[-1][1]
+    for module, path in _modules():
+        if _unit(module) in faces:
+            continue
+        bad = sorted(t for t in _imports(path) if _unit(t) in faces)
+        assert not bad, f"{module} imports the face(s) {bad}"
+
+
+def test_the_rule_catches_an_upward_import(tmp_path):
+    """The checker itself: an upward import in a fake core file is found."""
+    fake = tmp_path / "x.py"
+    fake.write_text("def f():\n    from cfmodules.report import write_report\n")
+    assert "cfmodules.report" in _imports(fake)
+    typed = tmp_path / "y.py"
+    typed.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+                     "    from cfmodules.adapter import GeneratorAdapter\n")
+    assert _imports(typed) == set()
+    assert _layer("report") > _layer("analysis") > _layer("influence") > _layer("adapter")
