@@ -131,12 +131,21 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         for f in ckpt.glob("eim_*.npz"):
             f.unlink(missing_ok=True)  # under torchrun every rank clears
     t0 = time.perf_counter()
-    result = analyze(adapter, "auto" if auto else (layers or None), settings,
-                     checkpoint_dir=ckpt, progress=not args.quiet,
-                     model_spec=_portable_spec(args.model),
-                     model_options={"latent_shape": args.latent_shape}
-                     if args.latent_shape else None, assume_same=args.assume_same,
-                     **({"n_modules": args.k} if auto and args.k else {}))
+    try:
+        result = analyze(adapter, "auto" if auto else (layers or None), settings,
+                         checkpoint_dir=ckpt, progress=not args.quiet,
+                         model_spec=_portable_spec(args.model),
+                         model_options={"latent_shape": args.latent_shape}
+                         if args.latent_shape else None, assume_same=args.assume_same,
+                         **({"n_modules": args.k} if auto and args.k else {}))
+    finally:
+        # the ranks' collectives are over: leave the group now, so that a rank done with
+        # its shard does not exit with the group's threads alive (abort, SIGABRT, and
+        # torchrun then kills rank 0 in the middle of its report)
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
     if result is None:  # a rank other than 0 has done its share of the influence maps
         return 0
     t_report = time.perf_counter()
