@@ -35,6 +35,7 @@ def test_import_is_cheap_and_lazy():
     ("hybridize", "cfmodules.hybrid"), ("ModuleClustering", "cfmodules.modules.clustering"),
     ("cluster_stability", "cfmodules.modules.stability"), ("explore", "cfmodules.explorer"),
     ("show", "cfmodules.display"), ("AnalysisResult", "cfmodules.analysis"),
+    ("scan_layers", "cfmodules.scan"), ("ModularityMonitor", "cfmodules.monitor"),
 ])
 def test_top_level_names(name, home):
     obj = getattr(cfmodules, name)

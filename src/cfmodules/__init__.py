@@ -34,6 +34,8 @@ _EXPORTS: dict[str, str | None] = {
     "module_influence_maps": "cfmodules.influence",
     "ModuleClustering": "cfmodules.modules",
     "cluster_stability": "cfmodules.modules",
+    "scan_layers": "cfmodules.scan",
+    "ModularityMonitor": "cfmodules.monitor",
     "show": "cfmodules.display",
     "explore": "cfmodules.explorer",
 }
@@ -53,6 +55,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from cfmodules.hybrid import hybridize
     from cfmodules.influence import influence_maps, module_influence_maps
     from cfmodules.modules import ModuleClustering, cluster_stability
+    from cfmodules.monitor import ModularityMonitor
+    from cfmodules.scan import scan_layers
 
 
 def __getattr__(name: str) -> Any:
