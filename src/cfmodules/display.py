@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from cfmodules import checks
 from cfmodules.errors import ConfigError, ShapeError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -212,11 +213,10 @@ class ImageGrid:
             arr = arr[:, :1] if arr.shape[1] == 2 else arr[:, :3]
         if ncols is None:
             ncols = min(len(arr), 8)
-        if isinstance(ncols, bool) or not isinstance(ncols, (int, np.integer)) or ncols < 1:
-            raise ConfigError(f"ncols must be a positive integer, got {ncols!r}.")
-        img = image_grid(np.ascontiguousarray(arr), nrow=int(ncols), padding=padding)
-        rows = -(-len(arr) // int(ncols))
-        return cls(np.ascontiguousarray(img), rows, int(ncols), labels)
+        ncols = checks.positive_int(ncols, "ncols")
+        img = image_grid(np.ascontiguousarray(arr), nrow=ncols, padding=padding)
+        rows = -(-len(arr) // ncols)
+        return cls(np.ascontiguousarray(img), rows, ncols, labels)
 
     def to_png(self) -> bytes:
         """The grid as PNG bytes."""
