@@ -667,13 +667,15 @@ class ModularityMonitor:
                 warnings.simplefilter("ignore", _convergence_warning())
                 if not np.isfinite(maps).all() or not maps.any():
                     raise _no_maps_error(step, self.layer, maps)
+                # in this process (n_jobs=1): a check inside a training loop must not
+                # start worker processes that compete with the training for the cores
                 clust = ModuleClustering(s.n_modules, s.method, window=s.window,
                                          percentile=s.percentile, n_init=s.n_init,
-                                         random_state=s.seed).fit(maps)
+                                         random_state=s.seed, n_jobs=1).fit(maps)
                 stab = cluster_stability(maps, ks=(s.n_modules,), methods=(s.method,),
                                          n_repeats=s.stability_repeats, window=s.window,
                                          percentile=s.percentile, n_init=s.n_init,
-                                         seed=s.seed)
+                                         seed=s.seed, n_jobs=1)
             labels, templates = clust.labels_, clust.templates_
             shift: tuple[float, ...] | None = None
             agreement: float | None = None
