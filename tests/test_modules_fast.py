@@ -13,8 +13,7 @@ import pytest
 from sklearn.metrics import adjusted_rand_score
 
 from cfmodules.errors import ConfigError
-from cfmodules.modules import ModuleClustering, cluster_stability
-from cfmodules.modules import fits, hals
+from cfmodules.modules import ModuleClustering, cluster_stability, fits, hals
 from cfmodules.modules.fits import cluster_features, cluster_many
 from modules_helpers import block_maps
 

@@ -9,6 +9,7 @@ cluster maps that came from anywhere.
 >>> modules = modules_from_labels(clust.labels_, "main.8")   # [{"main.8": [..]}, ...]
 >>> result = cluster_stability(maps, ks=range(2, 7))   # data of Fig. 9, NMF and k-means
 >>> result.suggest_k()
+>>> ClusteringSettings(method="kmeans").estimator(3)   # settings shared by analysis, scan, monitor
 
 The clustering and the stability sweep load on first use, so that the clustering's
 worker processes, which import only :mod:`cfmodules.modules.fits` and the engines, start
@@ -30,6 +31,7 @@ _EXPORTS = {
     "METHODS": "clustering",
     "module_sizes": "clustering",
     "modules_from_labels": "clustering",
+    "ClusteringSettings": "settings",
     "cluster_stability": "stability",
     "StabilityResult": "stability",
     "suggest_k": "stability",
@@ -47,6 +49,7 @@ if TYPE_CHECKING:  # pragma: no cover
         module_sizes,
         modules_from_labels,
     )
+    from cfmodules.modules.settings import ClusteringSettings
     from cfmodules.modules.stability import (
         DEFAULT_KS,
         StabilityResult,

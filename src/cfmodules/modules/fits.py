@@ -27,12 +27,13 @@ from typing import Any
 
 import numpy as np
 
+from cfmodules.checks import CLUSTERING_BACKENDS
 from cfmodules.errors import ConfigError
 
 __all__ = ["BACKENDS", "cluster_features", "cluster_many", "fit_rows", "default_jobs",
            "check_jobs", "run_parallel", "engine_description", "RESTART_GROUP"]
 
-BACKENDS = ("fast", "sklearn")
+BACKENDS = CLUSTERING_BACKENDS
 """Engines of the clustering: ``"fast"`` (default) and ``"sklearn"`` (the reference)."""
 
 RESTART_GROUP = 5
