@@ -44,6 +44,7 @@ import torch
 from torch import fx, nn
 
 from cfmodules import latents as L
+from cfmodules.engine.batching import BatchChoice, batch_dependent_ops
 from cfmodules.engine.capture import (
     Attempt,
     Capture,
@@ -186,6 +187,10 @@ class Explanation:
         FLOPs of one full forward (one sample; convolutions and matrix products).
     flops_hybrid : float
         FLOPs of one hybrid on this path (per channel swap and pair).
+    batching : str
+        How influence maps choose the hybrids per call at this layer: by the memory budget,
+        or by timing on the first block (with the operations that make batching hurt),
+        and the shape the latest run chose.
     """
 
     layer: str
@@ -196,6 +201,7 @@ class Explanation:
     linear_cut: str | None
     flops_full: float
     flops_hybrid: float
+    batching: str = ""
 
     @property
     def limit(self) -> float:
@@ -209,6 +215,8 @@ class Explanation:
                  f"  why: {self.reason}",
                  f"  one hybrid {self.flops_hybrid / 1e6:.3g} MFLOP, one forward "
                  f"{self.flops_full / 1e6:.3g} MFLOP: at most {self.limit:.2f}x a naive rerun"]
+        if self.batching:
+            lines.append(f"  batch shape: {self.batching}")
         lines += [f"  tried {a}" for a in self.attempts]
         return "\n".join(lines)
 
@@ -236,6 +244,10 @@ class Engine:
         self.generation = 0
         """Moves whenever the captures are dropped."""
         self._warned: set[str] = set()
+        self._batch_ops: tuple[object, str | None] | None = None
+        self.batch_choices: dict[str, BatchChoice] = {}
+        """The batch shape the latest influence run used per layer (``"modules"``: modules
+        over several layers)."""
 
     # ------------------------------------------------------------------ freshness
     def refresh(self) -> None:
@@ -261,6 +273,19 @@ class Engine:
         if weights != self._weights:
             self._weights = weights
             self.weights_generation += 1
+
+    # ------------------------------------------------------------------ batch shape
+    def batch_dependent_ops(self) -> str | None:
+        """Operations that batching may slow down (convolutions whose groups grow with
+        the batch), or None; probed once per captured structure of the generator."""
+        self.check()
+        if self._batch_ops is None or self._batch_ops[0] is not self._structure:
+            self._batch_ops = (self._structure, batch_dependent_ops(self.adapter))
+        return self._batch_ops[1]
+
+    def record_batch(self, layer: str, choice: BatchChoice) -> None:
+        """Keep the batch shape an influence run chose for ``layer`` (for :meth:`explain`)."""
+        self.batch_choices[layer] = choice
 
     # ------------------------------------------------------------------ choosing a path
     def _hook_reason(self) -> str | None:
@@ -416,7 +441,16 @@ class Engine:
                 with ad.eval_mode():
                     hybrid = count_flops(lambda: cut.suffix(state, state.activation))[0] / 2
         return Explanation(ref.name, path, capture, reason, entry.attempts, linear_cut,
-                           float(full), float(hybrid))
+                           float(full), float(hybrid), self._batching(ref.name))
+
+    def _batching(self, layer: str) -> str:
+        why = self.batch_dependent_ops()
+        text = ("timed on the first block of each influence run (" + why + ")" if why
+                else "set by the memory budget (no operation grows with the batch)")
+        last = self.batch_choices.get(layer)
+        if last is not None:
+            text += f"; the latest run used {last}"
+        return text
 
 
 def generate_is_overridden(adapter) -> bool:
