@@ -35,6 +35,7 @@ they are seen by the next call, not within a running one.
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -46,6 +47,7 @@ from torch import fx, nn
 from cfmodules import latents as L
 from cfmodules.engine.batching import BatchChoice, batch_dependent_ops
 from cfmodules.engine.capture import (
+    CAPTURES,
     Attempt,
     Capture,
     _getattr_path,
@@ -53,13 +55,14 @@ from cfmodules.engine.capture import (
     _WholeForward,
     capture_layer,
     count_flops,
+    export_graph,
     frozen_key,
     partial_inputs,
     record_call,
     trace_partial,
 )
 from cfmodules.engine.split import FxSplit, HookSplit, Split, SplitState
-from cfmodules.errors import ShapeError
+from cfmodules.errors import ConfigError, ShapeError
 from cfmodules.hooks import LayerRef, resolve_layer
 
 __all__ = ["Engine", "Cut", "PartialSplit", "Explanation", "fingerprint"]
@@ -175,8 +178,8 @@ class Explanation:
     path : str
         ``"linear shortcut"``, ``"split"``, ``"partial"`` or ``"hook"``.
     capture : str or None
-        The capture behind the path (``"graph of the forward"``, ``"partial at 'main'"``),
-        None on the hook path.
+        The capture behind the path (``"graph of the forward"``, ``"torch.export graph of
+        the forward"``, ``"partial at 'main'"``), None on the hook path.
     reason : str
         Why this path (for ``hook``: why nothing faster is exact).
     attempts : tuple of Attempt
@@ -245,6 +248,8 @@ class Engine:
         """Moves whenever the captures are dropped."""
         self._warned: set[str] = set()
         self._batch_ops: tuple[object, str | None] | None = None
+        self._export: tuple[object, Any, float, BaseException | None] | None = None
+        self._captures: tuple[str, ...] = CAPTURES
         self.batch_choices: dict[str, BatchChoice] = {}
         """The batch shape the latest influence run used per layer (``"modules"``: modules
         over several layers)."""
@@ -273,6 +278,46 @@ class Engine:
         if weights != self._weights:
             self._weights = weights
             self.weights_generation += 1
+
+    # ------------------------------------------------------------------ captures
+    @property
+    def captures(self) -> tuple[str, ...]:
+        """The captures tried per layer, in order: ``"graph"`` (``torch.fx``, the whole
+        forward), ``"partial"`` (``torch.fx``, a submodule), ``"export"`` (``torch.export``,
+        the whole forward; tried after a working capture only when listed first).
+        Setting it drops the captures made so far."""
+        return self._captures
+
+    @captures.setter
+    def captures(self, kinds: tuple[str, ...]) -> None:
+        kinds = tuple(kinds)
+        bad = [k for k in kinds if k not in CAPTURES]
+        if bad or not kinds:
+            raise ConfigError(f"captures must be a non-empty tuple of {CAPTURES}, got {kinds!r}.")
+        self._captures = kinds
+        self._entries.clear()
+        self.generation += 1
+
+    def exported(self, n_inputs: int, inputs: tuple) -> tuple[fx.GraphModule, float]:
+        """``(graph, seconds)`` of the whole forward by ``torch.export``, made once per
+        structure of the generator (a failure too: it raises the same error again)."""
+        self.check()
+        if self._export is None or self._export[0] is not self._structure:
+            t0 = time.perf_counter()
+            try:
+                gm, seconds = export_graph(self.adapter, n_inputs, inputs)
+                self._export = (self._structure, gm, seconds, None)
+            except Exception as e:  # torch.export raises many types; kept as the reason
+                self._export = (self._structure, None, time.perf_counter() - t0, e)
+        _, gm, seconds, error = self._export
+        if error is not None:
+            raise error
+        return gm, seconds
+
+    @property
+    def export_seconds(self) -> float | None:
+        """How long the latest ``torch.export`` of the forward took (None: not tried)."""
+        return None if self._export is None else self._export[2]
 
     # ------------------------------------------------------------------ batch shape
     def batch_dependent_ops(self) -> str | None:
@@ -315,7 +360,8 @@ class Engine:
             return self._entries[ref.name]
         ad = self.adapter
         reason = self._hook_reason()
-        capture, attempts = (None, []) if reason is not None else capture_layer(ad, ref)
+        capture, attempts = ((None, []) if reason is not None
+                             else capture_layer(ad, ref, self._captures))
         if capture is None:
             if generate_is_overridden(ad):
                 split: Split = HookSplit(ad.generator, _generate_run(ad), ref.name)
@@ -327,10 +373,11 @@ class Engine:
                           "attempts); a full forward with a replacing hook is exact for any "
                           "forward")
             entry = _Entry(split, "hook", None, tuple(attempts), reason)
-        elif capture.kind == "graph":
+        elif capture.kind in ("graph", "export"):
             entry = _Entry(capture.split, "split", capture, tuple(attempts),
-                           "the whole forward is captured as a graph; only what follows the "
-                           "layer runs per hybrid", [graph_refs(capture.graph)])
+                           f"the whole forward is captured as a graph"
+                           f"{' by torch.export' if capture.kind == 'export' else ''}; only "
+                           "what follows the layer runs per hybrid", [graph_refs(capture.graph)])
         else:
             entry = _Entry(PartialSplit(ad, ref, capture), "partial", capture, tuple(attempts),
                            f"the forward runs up to '{capture.where or 'the generator'}' "
@@ -413,6 +460,7 @@ class Engine:
         path, capture, reason = entry.path, None, entry.reason
         if entry.capture is not None:
             capture = ("graph of the forward" if entry.capture.kind == "graph"
+                       else "torch.export graph of the forward" if entry.capture.kind == "export"
                        else f"partial at '{entry.capture.where}'" if entry.capture.where
                        else "partial at the generator (called by forward=)")
         linear_cut = None
