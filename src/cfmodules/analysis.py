@@ -17,7 +17,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -31,11 +31,11 @@ from cfmodules.errors import (
     ConfigError,
     ResultFileError,
     ShapeError,
-    did_you_mean,
 )
 from cfmodules.hybrid import hybridize
 from cfmodules.images import as_uint8
 from cfmodules.influence.distributed import distributed_influence_maps, world
+from cfmodules.modules.settings import STABILITY_N_INIT, ClusteringSettings
 from cfmodules.names import module_name, unit_name
 from cfmodules.results import Result
 
@@ -64,9 +64,14 @@ DEFAULT_LAYERS = {"dcgan-faces": "main.8"}
 """Layer analysed by default, per zoo model (the paper intervenes on an intermediate layer)."""
 
 
-@dataclass(frozen=True)
-class AnalysisSettings:
+@dataclass(frozen=True, kw_only=True)
+class AnalysisSettings(ClusteringSettings):
     """Everything that decides the numbers of an analysis.
+
+    The clustering fields (``method``, ``window``, ``percentile``, ``n_init``, ``max_iter``,
+    ``backend``, ``seed``) and their checks are those of
+    :class:`~cfmodules.modules.ClusteringSettings`; ``seed`` is also the latent stream of
+    the pairs. Fields are keywords only.
 
     Attributes
     ----------
@@ -74,92 +79,48 @@ class AnalysisSettings:
         Latent pairs (z1, z2) each influence map averages over.
     n_modules : int, default 3
         K, the number of modules (the paper's choice for faces).
-    method : {"nmf", "kmeans"}, default "nmf"
-        Clustering of the maps (NMF is the paper's method, k-means its baseline).
-    seed : int, default 0
-        Latent stream of the pairs, and seed of the clustering.
-    window : int, default 3
-        Smoothing window (pixels) applied to each map before thresholding.
-    percentile : float, default 75
-        Each smoothed map is thresholded at this percentile of its own values.
     n_init : int, default 10
-        Restarts of the clustering (the best fit is kept).
+        Restarts of the clustering (the best fit is kept); the sweep's fits keep 3 each.
     stability_ks : tuple of int, default (2, 3, 4, 5, 6)
         Numbers of modules of the stability sweep (Fig. 9); empty: no sweep.
     stability_methods : tuple of str, default ("nmf", "kmeans")
     stability_repeats : int, default 10
         Random three-way splits per K (the paper used 20; each costs two clusterings per
         K and method).
+    stability_pool : int, default 1
+        NMF of the sweep on maps averaged over pool x pool pixel blocks (faster, an
+        approximation: see :func:`cfmodules.modules.cluster_stability`); 1: exact.
     n_samples : int, default 16
         Samples of the model shown in the report.
     n_hybrids : int, default 8
         Pairs hybridized per module for the report; they are pairs ``n_pairs ..
         n_pairs + n_hybrids - 1`` of the latent stream ``seed``, so none was used to
         compute the maps.
-    backend : {"fast", "sklearn"}, default "fast"
-        Engine of the clustering and the sweep; ``"sklearn"`` is the reference, ``"fast"``
-        gives the same fits up to float rounding (:func:`cfmodules.modules.clustering.cluster_features`).
-    stability_pool : int, default 1
-        NMF of the sweep on maps averaged over pool x pool pixel blocks (faster, an
-        approximation: see :func:`cfmodules.modules.cluster_stability`); 1: exact.
     """
 
     n_pairs: int = 64
     n_modules: int = 3
-    method: str = "nmf"
-    seed: int = 0
-    window: int = 3
-    percentile: float = 75.0
-    n_init: int = 10
     stability_ks: tuple[int, ...] = (2, 3, 4, 5, 6)
     stability_methods: tuple[str, ...] = ("nmf", "kmeans")
     stability_repeats: int = 10
+    stability_pool: int = 1
     n_samples: int = 16
     n_hybrids: int = 8
-    backend: str = "fast"
-    stability_pool: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("n_pairs", "n_modules", "n_init", "stability_repeats", "n_samples",
-                     "n_hybrids", "stability_pool"):
-            object.__setattr__(self, name, checks.positive_int(getattr(self, name), name))
-        object.__setattr__(self, "seed", checks.seed(self.seed))
-        checks.clustering_method(self.method)
-        checks.one_of(self.backend, "backend", ("fast", "sklearn"))
-        object.__setattr__(self, "stability_ks", tuple(
-            checks.positive_int(k, "each of stability_ks") for k in self.stability_ks))
-        object.__setattr__(self, "stability_methods", tuple(
+        super().__post_init__()
+        self._positive_ints("n_pairs", "n_modules", "stability_repeats", "stability_pool",
+                            "n_samples", "n_hybrids")
+        self._positive_int_tuple("stability_ks")
+        self._set("stability_methods", tuple(
             checks.clustering_method(m, "each of stability_methods")
             for m in self.stability_methods))
         if not self.stability_methods:
             raise ConfigError("stability_methods must name 'nmf' and/or 'kmeans', got ().")
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable settings."""
-        d = asdict(self)
-        d["stability_ks"] = list(self.stability_ks)
-        d["stability_methods"] = list(self.stability_methods)
-        return d
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> AnalysisSettings:
-        """Inverse of :meth:`to_dict`; unknown keys are ignored (newer files)."""
-        names = {f.name for f in fields(cls)}
-        kw = {k: v for k, v in data.items() if k in names}
-        for key in ("stability_ks", "stability_methods"):
-            if key in kw:
-                kw[key] = tuple(kw[key])
-        return cls(**kw)
-
 
 def _settings(settings: AnalysisSettings | None, overrides: Mapping[str, Any]) -> AnalysisSettings:
-    base = settings if settings is not None else AnalysisSettings()
-    names = [f.name for f in fields(AnalysisSettings)]
-    for key in overrides:
-        if key not in names:
-            raise ConfigError(f"Unknown analysis setting {key!r}.{did_you_mean(key, names)} "
-                              f"Settings: {', '.join(names)}.")
-    return replace(base, **overrides) if overrides else base
+    return AnalysisSettings.coerce(settings, "analysis", overrides)
 
 
 # ---------------------------------------------------------------------- result
@@ -643,11 +604,7 @@ def unit_influence_maps(adapter: GeneratorAdapter, layers: Sequence[str],
 
 def cluster_maps(maps: np.ndarray, settings: AnalysisSettings) -> Any:
     """The fitted :class:`~cfmodules.modules.ModuleClustering` of the maps (sec. 3.4)."""
-    from cfmodules.modules import ModuleClustering
-
-    return ModuleClustering(settings.n_modules, settings.method, window=settings.window,
-                            percentile=settings.percentile, n_init=settings.n_init,
-                            random_state=settings.seed, backend=settings.backend).fit(maps)
+    return settings.estimator(settings.n_modules).fit(maps)
 
 
 def module_maps(adapter: GeneratorAdapter, modules: Sequence[Mapping[str, Sequence[int]]],
@@ -667,13 +624,9 @@ def module_maps(adapter: GeneratorAdapter, modules: Sequence[Mapping[str, Sequen
 def stability_sweep(maps: np.ndarray, settings: AnalysisSettings, *,
                     progress: bool = True) -> Any:
     """The :class:`~cfmodules.modules.StabilityResult` of the maps over K (Fig. 9)."""
-    from cfmodules.modules import cluster_stability
-
-    return cluster_stability(maps, ks=settings.stability_ks, methods=settings.stability_methods,
-                             n_repeats=settings.stability_repeats, window=settings.window,
-                             percentile=settings.percentile, seed=settings.seed,
-                             progress=progress, backend=settings.backend,
-                             nmf_pool=settings.stability_pool)
+    return settings.stability(maps, settings.stability_ks, methods=settings.stability_methods,
+                              n_repeats=settings.stability_repeats, n_init=STABILITY_N_INIT,
+                              nmf_pool=settings.stability_pool, progress=progress)
 
 
 # ---------------------------------------------------------------------- analyze

@@ -21,10 +21,17 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = ["integer", "positive_int", "seed", "positive_number", "one_of", "clustering_method",
-           "module", "modules", "device", "SEED_LIMIT", "CLUSTERING_METHODS"]
+           "window", "percentile", "module", "modules", "device", "SEED_LIMIT",
+           "CLUSTERING_METHODS", "CLUSTERING_BACKENDS", "DEFAULT_WINDOW", "DEFAULT_PERCENTILE"]
 
 CLUSTERING_METHODS = ("nmf", "kmeans")
 """The clustering methods of influence maps: NMF (the paper's) and k-means (its baseline)."""
+CLUSTERING_BACKENDS = ("fast", "sklearn")
+"""Engines of the clustering: ``"fast"`` (default) and ``"sklearn"`` (the reference)."""
+DEFAULT_WINDOW = 3
+"""Smoothing window (pixels) of the influence maps before clustering."""
+DEFAULT_PERCENTILE = 75.0
+"""Threshold percentile of each smoothed map before clustering (the paper's)."""
 
 _MODULE_EXAMPLE = "e.g. {'main.8': [0, 5, 9]} (one or several layers)"
 
@@ -81,6 +88,30 @@ def clustering_method(value: Any, name: str = "method") -> str:
         hint = did_you_mean(value, CLUSTERING_METHODS) if isinstance(value, str) else ""
         raise ConfigError(f"{name} must be 'nmf' or 'kmeans', got {value!r}.{hint}")
     return value
+
+
+def window(value: Any) -> tuple[int, int]:
+    """A smoothing window: a positive odd integer or a pair of them; returned as (height, width).
+
+    Odd, so that the window is centred on its pixel.
+    """
+    pair = (value, value) if not isinstance(value, (tuple, list)) else tuple(value)
+    if len(pair) != 2 or not all(
+            isinstance(w, numbers.Integral) and not isinstance(w, bool) and w >= 1 and w % 2 == 1
+            for w in pair):
+        raise ConfigError(
+            f"window must be a positive odd integer (or a pair of them, height and width) so "
+            f"the window is centred on its pixel; got {value!r}. Use 1 for no smoothing.")
+    return int(pair[0]), int(pair[1])
+
+
+def percentile(value: Any) -> float:
+    """A threshold percentile, strictly between 0 and 100, as a ``float``."""
+    if (isinstance(value, bool) or not isinstance(value, numbers.Real)
+            or not 0 < float(value) < 100):
+        raise ConfigError(f"percentile must be a number strictly between 0 and 100 (the paper "
+                          f"uses 75); got {value!r}.")
+    return float(value)
 
 
 def module(value: Any, name: str = "module", *, allow_empty: bool = True) -> dict[str, list[int]]:

@@ -50,15 +50,17 @@ import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from cfmodules import checks
 from cfmodules.adapter import GeneratorAdapter
-from cfmodules.errors import CfModulesError, ConfigError, ShapeError, did_you_mean
+from cfmodules.errors import CfModulesError, ConfigError, ShapeError
+from cfmodules.modules.settings import ClusteringSettings
 from cfmodules.results import atomic_write, read_npz, write_npz
 
 __all__ = [
@@ -77,9 +79,14 @@ KIND = "monitor"
 _TB_INSTALL = 'pip install "cfmodules[monitor]"  (or: pip install tensorboard)'
 
 
-@dataclass(frozen=True)
-class MonitorSettings:
+@dataclass(frozen=True, kw_only=True)
+class MonitorSettings(ClusteringSettings):
     """What a check computes, and how often.
+
+    The clustering fields (``method``, ``window``, ``percentile``, ``n_init``, ``max_iter``,
+    ``backend``, ``seed``) and their checks are those of
+    :class:`~cfmodules.modules.ClusteringSettings`; ``seed`` is also the latent stream of
+    the pairs. Fields are keywords only.
 
     Attributes
     ----------
@@ -95,10 +102,6 @@ class MonitorSettings:
     target_stderr : float or None, default None
         Stop the influence maps early once the largest per-pixel standard error is at most
         this (image units); the record says how many pairs were used.
-    seed : int, default 0
-        Latent stream of the pairs, and seed of the clustering.
-    method : {"nmf", "kmeans"}, default "nmf"
-    window, percentile : pre-processing of the maps, as in ``ModuleClustering``
     n_init : int, default 3
         Restarts of each clustering.
     stability_repeats : int, default 5
@@ -111,36 +114,22 @@ class MonitorSettings:
     n_modules: int = 3
     n_pairs: int = 32
     target_stderr: float | None = None
-    seed: int = 0
-    method: str = "nmf"
-    window: int = 3
-    percentile: float = 75.0
     n_init: int = 3
     stability_repeats: int = 5
     module_influence: bool = True
 
     def __post_init__(self) -> None:
-        from cfmodules import checks
-
-        for name in ("every", "n_modules", "n_pairs", "n_init", "stability_repeats"):
-            checks.positive_int(getattr(self, name), name)
+        super().__post_init__()
+        self._positive_ints("every", "n_modules", "n_pairs", "stability_repeats")
         if self.n_pairs < 2:
             raise ConfigError(f"n_pairs must be at least 2 (a standard error needs two), "
                               f"got {self.n_pairs}.")
-        checks.seed(self.seed)
-        checks.one_of(self.method, "method", ("nmf", "kmeans"))
         if self.target_stderr is not None:
-            checks.positive_number(self.target_stderr, "target_stderr")
-        checks.positive_int(self.window, "window")
-        if not (isinstance(self.percentile, (int, float)) and 0 < self.percentile < 100):
-            raise ConfigError(f"percentile must be in (0, 100), got {self.percentile!r}.")
+            self._set("target_stderr", checks.positive_number(self.target_stderr,
+                                                              "target_stderr"))
         if not isinstance(self.module_influence, bool):
             raise ConfigError(f"module_influence must be True or False, got "
                               f"{self.module_influence!r}.")
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable settings."""
-        return asdict(self)
 
 
 @dataclass(frozen=True, eq=False)
@@ -527,15 +516,7 @@ class ModularityMonitor:
             raise ConfigError(
                 f"ModularityMonitor takes a GeneratorAdapter, got {type(adapter).__name__}; wrap "
                 "the generator once: cfmodules.GeneratorAdapter(generator, latent_shape).")
-        base = settings if settings is not None else MonitorSettings()
-        if not isinstance(base, MonitorSettings):
-            raise ConfigError(f"settings must be a MonitorSettings, got {type(base).__name__}.")
-        names = [f.name for f in fields(MonitorSettings)]
-        for key in overrides:
-            if key not in names:
-                raise ConfigError(f"Unknown monitor setting {key!r}.{did_you_mean(key, names)} "
-                                  f"Settings: {', '.join(names)}.")
-        self.settings = replace(base, **overrides) if overrides else base
+        self.settings = MonitorSettings.coerce(settings, "monitor", overrides)
         if errors not in ("warn", "raise"):
             raise ConfigError(f"errors must be 'warn' or 'raise', got {errors!r}.")
         if tensorboard not in (None, True, False):
@@ -581,8 +562,6 @@ class ModularityMonitor:
         ModularityCheck or None
             The check's record, None when no check ran (or it failed with ``errors="warn"``).
         """
-        from cfmodules import checks
-
         s = checks.integer(step, "step", low=0)
         if self._last_step is not None and s < self._last_step:
             raise ConfigError(
@@ -651,7 +630,6 @@ class ModularityMonitor:
 
     def _check(self, step: int, t0: float) -> ModularityCheck:
         from cfmodules.influence import influence_maps, module_influence_maps
-        from cfmodules.modules import ModuleClustering, cluster_stability
 
         s = self.settings
         self._check_device()
@@ -667,13 +645,8 @@ class ModularityMonitor:
                 warnings.simplefilter("ignore", _convergence_warning())
                 if not np.isfinite(maps).all() or not maps.any():
                     raise _no_maps_error(step, self.layer, maps)
-                clust = ModuleClustering(s.n_modules, s.method, window=s.window,
-                                         percentile=s.percentile, n_init=s.n_init,
-                                         random_state=s.seed).fit(maps)
-                stab = cluster_stability(maps, ks=(s.n_modules,), methods=(s.method,),
-                                         n_repeats=s.stability_repeats, window=s.window,
-                                         percentile=s.percentile, n_init=s.n_init,
-                                         seed=s.seed)
+                clust = s.estimator(s.n_modules).fit(maps)
+                stab = s.stability(maps, (s.n_modules,), n_repeats=s.stability_repeats)
             labels, templates = clust.labels_, clust.templates_
             shift: tuple[float, ...] | None = None
             agreement: float | None = None

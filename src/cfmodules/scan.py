@@ -27,6 +27,7 @@ the suggestion with its reason in words, and saves to ``.npz`` + JSON like every
 
 from __future__ import annotations
 
+import numbers
 import time
 import zlib
 from collections.abc import Callable, Sequence
@@ -35,8 +36,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from cfmodules import checks
 from cfmodules.adapter import GeneratorAdapter
 from cfmodules.errors import ConfigError, ShapeError
+from cfmodules.modules.settings import STABILITY_MAX_ITER, ClusteringSettings
 from cfmodules.results import Result
 
 __all__ = ["ScanSettings", "ScanResult", "scan_layers", "candidate_layers", "locality",
@@ -47,9 +50,14 @@ MIN_CHANNELS = 8
 """Fewest channels a candidate layer must have (the stability sweep splits them in three)."""
 
 
-@dataclass(frozen=True)
-class ScanSettings:
+@dataclass(frozen=True, kw_only=True)
+class ScanSettings(ClusteringSettings):
     """Settings of a scan (everything that decides its numbers).
+
+    The clustering fields (``method``, ``window``, ``percentile``, ``n_init``, ``max_iter``,
+    ``backend``, ``seed``) and their checks are those of
+    :class:`~cfmodules.modules.ClusteringSettings`; ``seed`` also draws the latent pairs
+    and the scanned channels. Fields are keywords only.
 
     Attributes
     ----------
@@ -66,7 +74,6 @@ class ScanSettings:
         Stop a layer's influence maps once every pixel's standard error is at most this
         (image units), checked every ``pairs_per_block`` pairs (at least 2 pairs).
     pairs_per_block : int, default 8
-    method : {"nmf", "kmeans"}, default "nmf"
     n_repeats : int, default 4
         Repetitions of the stability protocol per layer and K.
     n_init : int, default 2
@@ -74,11 +81,8 @@ class ScanSettings:
     nmf_pool : int or None, default None
         Pixel blocks NMF averages over (see :func:`cfmodules.modules.cluster_stability`);
         None: 2 for maps of 32 pixels or more a side, else 1.
-    window, percentile : pre-processing of the maps (as in the analysis)
     tolerance : float, default 0.02
         Of the K rule (:func:`cfmodules.modules.suggest_k`).
-    seed : int, default 0
-        Latent pairs and clustering seeds.
     """
 
     ks: tuple[int, ...] = (2, 3, 4, 5, 6)
@@ -86,47 +90,24 @@ class ScanSettings:
     n_pairs: int = 16
     target_stderr: float | None = 0.05
     pairs_per_block: int = 8
-    method: str = "nmf"
     n_repeats: int = 4
     n_init: int = 2
     nmf_pool: int | None = None
-    window: int = 3
-    percentile: float = 75.0
     tolerance: float = 0.02
-    seed: int = 0
 
     def __post_init__(self) -> None:
-        from cfmodules import checks
-
-        try:
-            object.__setattr__(self, "ks", tuple(checks.positive_int(k, "ks") for k in self.ks))
-        except TypeError:
-            object.__setattr__(self, "ks", ())
+        super().__post_init__()
+        self._positive_int_tuple("ks", "ks")
         if not self.ks or len(set(self.ks)) != len(self.ks):
             raise ConfigError(f"ks must be distinct positive integers, got {self.ks!r}.")
-        for name in ("max_units", "n_pairs", "pairs_per_block", "n_repeats", "n_init"):
-            object.__setattr__(self, name, checks.positive_int(getattr(self, name), name))
-        checks.clustering_method(self.method)
+        self._positive_ints("max_units", "n_pairs", "pairs_per_block", "n_repeats")
         if self.target_stderr is not None:
-            checks.positive_number(self.target_stderr, "target_stderr")
+            self._set("target_stderr", checks.positive_number(self.target_stderr,
+                                                              "target_stderr"))
         if self.nmf_pool is not None:
-            checks.positive_int(self.nmf_pool, "nmf_pool")
-        if not 0 <= self.tolerance < 1:
+            self._positive_ints("nmf_pool")
+        if not (isinstance(self.tolerance, numbers.Real) and 0 <= self.tolerance < 1):
             raise ConfigError(f"tolerance must be in [0, 1), got {self.tolerance!r}.")
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable settings."""
-        d = {f: getattr(self, f) for f in self.__dataclass_fields__}
-        d["ks"] = list(self.ks)
-        return d
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ScanSettings:
-        """Inverse of :meth:`to_dict`; unknown keys are ignored."""
-        kw = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        if "ks" in kw:
-            kw["ks"] = tuple(kw["ks"])
-        return cls(**kw)
 
 
 def locality(maps: Any) -> np.ndarray:
@@ -414,7 +395,6 @@ def scan_layers(
 
     from cfmodules.hooks import resolve_layers
     from cfmodules.influence import influence_maps
-    from cfmodules.modules import cluster_stability
     from cfmodules.modules.clustering import cluster_features
     from cfmodules.modules.preprocess import preprocess, smooth
     from cfmodules.modules.stability import _pool
@@ -422,12 +402,7 @@ def scan_layers(
     if not isinstance(adapter, GeneratorAdapter):
         raise ConfigError(f"scan_layers() takes a GeneratorAdapter, got "
                           f"{type(adapter).__name__}.")
-    base = settings if settings is not None else ScanSettings()
-    try:
-        s = ScanSettings(**{**base.to_dict(), **overrides})
-    except TypeError as e:
-        raise ConfigError(f"Unknown scan setting: {e}. Settings: "
-                          f"{', '.join(ScanSettings.__dataclass_fields__)}.") from None
+    s = ScanSettings.coerce(settings, "scan", overrides)
     if layers is None:
         names = candidate_layers(adapter)
         if not names:
@@ -467,9 +442,7 @@ def scan_layers(
         stderr.append(float(np.nanmax(eim.stderr)) if eim.n_pairs > 1 else float("nan"))
         ok = ks[ks <= 2 * (c // 3)]
         pool = _pool_for(eim.maps.shape[1:], s.nmf_pool) if s.method == "nmf" else 1
-        stab = cluster_stability(eim.maps, ks=ok, methods=(s.method,), n_repeats=s.n_repeats,
-                                 window=s.window, percentile=s.percentile, n_init=s.n_init,
-                                 nmf_pool=pool, seed=s.seed)
+        stab = s.stability(eim.maps, ok, n_repeats=s.n_repeats, nmf_pool=pool)
         feats = _pool(preprocess(eim.maps, s.window, s.percentile), pool)
         flat = feats.reshape(c, -1)
         smoothed = smooth(eim.maps, s.window).reshape(c, -1)
@@ -478,8 +451,9 @@ def scan_layers(
             j = int(np.flatnonzero(ks == k)[0])
             cons[li, j] = stab.mean("consistency")[0, list(ok).index(k)]
             cos[li, j] = stab.mean("cosine")[0, list(ok).index(k)]
-            labels, _, tm, _, _ = cluster_features(flat, int(k), s.method, s.n_init, 300,
-                                                   s.seed)
+            labels, _, tm, _, _ = cluster_features(flat, int(k), s.method, s.n_init,
+                                                   s.max_iter or STABILITY_MAX_ITER, s.seed,
+                                                   s.backend)
             loc[li, j] = module_locality(smoothed, labels, int(k))
             best_tmpl[int(k)] = tm.reshape(int(k), *feats.shape[1:])
         templates.append(best_tmpl)

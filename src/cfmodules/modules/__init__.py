@@ -9,6 +9,7 @@ cluster maps that came from anywhere.
 >>> modules = modules_from_labels(clust.labels_, "main.8")   # [{"main.8": [..]}, ...]
 >>> result = cluster_stability(maps, ks=range(2, 7))   # data of Fig. 9, NMF and k-means
 >>> result.suggest_k()
+>>> ClusteringSettings(method="kmeans").estimator(3)   # settings shared by analysis, scan, monitor
 """
 
 from cfmodules.modules.clustering import (
@@ -18,6 +19,7 @@ from cfmodules.modules.clustering import (
     modules_from_labels,
 )
 from cfmodules.modules.preprocess import as_maps, preprocess, smooth, threshold
+from cfmodules.modules.settings import ClusteringSettings
 from cfmodules.modules.stability import (
     DEFAULT_KS,
     StabilityResult,
@@ -29,6 +31,7 @@ from cfmodules.modules.stability import (
 
 __all__ = [
     "ModuleClustering",
+    "ClusteringSettings",
     "METHODS",
     "module_sizes",
     "modules_from_labels",

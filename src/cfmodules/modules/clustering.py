@@ -318,8 +318,7 @@ class ModuleClustering(ClusterMixin, BaseEstimator):
         return f"ModuleClustering({params}){fitted}"
 
 
-BACKENDS = ("fast", "sklearn")
-"""Engines of the clustering: ``"fast"`` (default) and ``"sklearn"`` (the reference)."""
+BACKENDS = checks.CLUSTERING_BACKENDS
 
 
 def cluster_features(

@@ -30,8 +30,12 @@ __all__ = [
     "check_count",
 ]
 
-DEFAULT_WINDOW = 3
-DEFAULT_PERCENTILE = 75.0
+DEFAULT_WINDOW = checks.DEFAULT_WINDOW
+DEFAULT_PERCENTILE = checks.DEFAULT_PERCENTILE
+check_window = checks.window
+"""Validate a smoothing window (:func:`cfmodules.checks.window`)."""
+check_percentile = checks.percentile
+"""Validate a threshold percentile (:func:`cfmodules.checks.percentile`)."""
 
 
 def as_maps(maps: Any, what: str = "influence maps") -> np.ndarray:
@@ -112,41 +116,9 @@ def _is_tensor(x: Any) -> bool:
     return type(x).__module__.startswith("torch") and hasattr(x, "detach")
 
 
-def check_window(window: int | tuple[int, int]) -> tuple[int, int]:
-    """Validate a smoothing window; return it as ``(height, width)``.
-
-    Raises ConfigError unless ``window`` is a positive odd integer or a pair of them.
-    """
-    pair = (window, window) if not isinstance(window, (tuple, list)) else tuple(window)
-    ok = len(pair) == 2 and all(
-        isinstance(w, (int, np.integer)) and not isinstance(w, bool) and w >= 1 and w % 2 == 1
-        for w in pair
-    )
-    if not ok:
-        raise ConfigError(
-            f"window must be a positive odd integer (or a pair of them, height and width) so "
-            f"the window is centred on its pixel; got {window!r}. Use 1 for no smoothing."
-        )
-    return int(pair[0]), int(pair[1])
-
-
 def check_count(name: str, value: object, low: int = 1) -> int:
     """An integer parameter (``n_init``, ``n_repeats``, ...) that must be >= ``low``."""
     return checks.integer(value, name, low=low)
-
-
-def check_percentile(percentile: float) -> float:
-    """Validate a threshold percentile; it must lie strictly between 0 and 100."""
-    if (
-        isinstance(percentile, bool)
-        or not isinstance(percentile, (int, float, np.integer, np.floating))
-        or not 0 < float(percentile) < 100
-    ):
-        raise ConfigError(
-            f"percentile must be a number strictly between 0 and 100 (the paper uses 75); "
-            f"got {percentile!r}."
-        )
-    return float(percentile)
 
 
 def smooth(maps: Any, window: int | tuple[int, int] = DEFAULT_WINDOW) -> np.ndarray:
