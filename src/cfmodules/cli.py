@@ -1,4 +1,6 @@
-"""The command line: ``cfmodules analyze | layers | hybrids`` (also ``python -m cfmodules``).
+"""The command line: ``cfmodules analyze | layers | explain | scan | hybrids | explore``.
+
+(also ``python -m cfmodules``)
 
 A thin layer over the library: it parses arguments, loads the model, calls
 :func:`cfmodules.analysis.analyze` / :func:`cfmodules.report.write_report` /
@@ -8,6 +10,7 @@ message on stderr with exit code 2 (never a traceback).
 Examples::
 
     cfmodules layers dcgan-faces
+    cfmodules explain dcgan-faces --layer main.8     # which path, why, FLOPs of a hybrid
     cfmodules analyze --out out                      # the pretrained DCGAN faces, main.8
     cfmodules analyze --model my_gan.py:make_generator --latent-shape 128 --layer block3 --out out
     cfmodules hybrids --modules out/results.npz --pairs 12 --out out/new_hybrids.png
@@ -86,6 +89,12 @@ def _cmd_layers(args: argparse.Namespace) -> int:
     for info in adapter.layers_cached():
         mark = "   <- default of `cfmodules analyze`" if info.name == default else ""
         print(f"{info}{mark}")
+    return 0
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    adapter = models.load_model(args.model, args.device, args.latent_shape)
+    print(adapter.explain(args.layer, algorithm=args.algorithm))
     return 0
 
 
@@ -285,6 +294,7 @@ def _cmd_explore(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------- parser
 _EPILOG = """examples:
   cfmodules layers dcgan-faces
+  cfmodules explain dcgan-faces --layer main.8 # which path hybrids take, why, their FLOPs
   cfmodules analyze --out out                  # pretrained DCGAN faces, layer main.8, K=3
   cfmodules analyze --model my_gan.py:make_generator --latent-shape 128 --layer block3 --out out
   cfmodules hybrids --modules out/results.npz --pairs 12 --out out/new_hybrids.png
@@ -294,7 +304,8 @@ _EPILOG = """examples:
 `cfmodules COMMAND --help` describes each command."""
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``cfmodules`` (subcommands analyze, layers, scan, hybrids)."""
+    """The argument parser of ``cfmodules`` (subcommands analyze, layers, explain, scan,
+    hybrids, explore)."""
     from cfmodules import __version__
 
     p = _Parser(prog=PROG, description="Counterfactual discovery of the modules of a deep "
@@ -374,6 +385,20 @@ def build_parser() -> argparse.ArgumentParser:
                         description="List the layers of MODEL to choose --layer from.")
     model_args(la, positional=True)
     la.set_defaults(func=_cmd_layers)
+
+    ex = sub.add_parser("explain", help="how counterfactuals at a layer are computed, and "
+                        "what one hybrid costs",
+                        description="Print which path the hybrids of LAYER take (linear "
+                        "shortcut, split, partial or hook) and why, each capture of the "
+                        "forward tried (torch.fx, a partial capture, torch.export) with its "
+                        "error, the FLOPs of one hybrid against one full forward, and how "
+                        "the batch shape of influence maps is chosen.")
+    model_args(ex, positional=True)
+    ex.add_argument("--layer", required=True, metavar="LAYER",
+                    help="layer name (see `cfmodules layers`), e.g. main.8")
+    ex.add_argument("--algorithm", choices=("auto", "split", "hook"), default="auto",
+                    help="as for influence maps: auto may use the linear shortcut (default)")
+    ex.set_defaults(func=_cmd_explain)
 
     sc = sub.add_parser("scan", help="which layer, which K: modularity of every layer and K",
                         description="Measure the influence maps of every candidate layer "
