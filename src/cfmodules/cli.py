@@ -365,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "approximation (default 1: exact)")
     a.add_argument("--backend", choices=("fast", "sklearn"), default="fast",
                    help="clustering engine: fast (default: k-means on the Gram matrix, NMF by "
-                        "accelerated HALS) or sklearn (the reference, scikit-learn; slower)")
+                        "batched HALS) or sklearn (the reference, scikit-learn; slower)")
     a.add_argument("--jobs", type=int, default=None, metavar="N",
                    help="processes for the clustering and the stability sweep (default: the "
                         "usable cores, at most --threads); the results do not depend on it")
