@@ -146,6 +146,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
                          model_spec=_portable_spec(args.model),
                          model_options={"latent_shape": args.latent_shape}
                          if args.latent_shape else None, assume_same=args.assume_same,
+                         n_jobs=args.jobs,
                          **({"n_modules": args.k} if auto and args.k else {}))
     finally:
         # the ranks' collectives are over: leave the group now, so that a rank done with
@@ -363,8 +364,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="NMF of the sweep on P x P pixel blocks: P^2 times fewer pixels, an "
                         "approximation (default 1: exact)")
     a.add_argument("--backend", choices=("fast", "sklearn"), default="fast",
-                   help="clustering engine: fast (default) or sklearn (the reference; the "
-                        "same fits up to float rounding, slower)")
+                   help="clustering engine: fast (default: k-means on the Gram matrix, NMF by "
+                        "accelerated HALS) or sklearn (the reference, scikit-learn; slower)")
+    a.add_argument("--jobs", type=int, default=None, metavar="N",
+                   help="processes for the clustering and the stability sweep (default: the "
+                        "usable cores, at most --threads); the results do not depend on it")
     a.add_argument("--samples", type=int, default=16, metavar="N", help="samples shown (default 16)")
     a.add_argument("--hybrids", type=int, default=8, metavar="N",
                    help="new pairs hybridized per module (default 8)")
@@ -456,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _check_numbers(args: argparse.Namespace) -> None:
     for name in ("pairs", "k", "n_init", "stability_repeats", "samples", "hybrids", "threads",
-                 "repeats", "stability_pool", "max_units"):
+                 "repeats", "stability_pool", "max_units", "jobs"):
         v = getattr(args, name, None)
         if v is not None and v < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {v}.")
