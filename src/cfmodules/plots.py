@@ -571,7 +571,7 @@ def plot_modularity_curves(history: Any, *, title: str | None = None) -> Figure:
     ax[0, 1].legend(fontsize=7)
     loc = ax[1, 1].twinx()
     loc.plot(steps, h["locality"], color="#777777", linestyle="--", linewidth=1)
-    loc.set_ylabel("locality: influence share of top 10% pixels (dashed)", fontsize=8,
+    loc.set_ylabel("locality: 1 - area above half max (dashed)", fontsize=8,
                    color="#555555")
     loc.set_ylim(0, 1.02)
     for a in ax.flat:

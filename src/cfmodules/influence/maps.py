@@ -22,6 +22,7 @@ resumes to the same final numbers.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import time
@@ -37,7 +38,7 @@ from cfmodules import latents as L
 from cfmodules._deprecation import renamed_function, warn_renamed
 from cfmodules.adapter import ChannelSpec, GeneratorAdapter, channel_index
 from cfmodules.engine import Swaps, plan_swaps
-from cfmodules.errors import CheckpointError, ConfigError, GeneratorOutputError
+from cfmodules.errors import CheckpointError, ConfigError, GeneratorOutputError, did_you_mean
 from cfmodules.hooks import resolve_layer
 from cfmodules.hybrid import module_channels
 from cfmodules.influence.checkpoint import load_checkpoint, save_checkpoint
@@ -276,11 +277,11 @@ def _max_rows(adapter: GeneratorAdapter, runners: list[tuple[_Runner, list[int]]
 
 
 # ---------------------------------------------------------------------- main loop
-def _run(adapter: GeneratorAdapter, units: list[_Unit], settings: InfluenceSettings,
-         layer: str | None, max_batch_bytes: int | None, progress: bool,
+def _run(adapter: GeneratorAdapter, units: list[_Unit], layer: str | None, *,
+         settings: InfluenceSettings, max_batch_bytes: int | None, progress: bool,
          checkpoint: str | os.PathLike | None, checkpoint_every: float,
          callback: Callable[[InfluenceProgress], Any] | None,
-         assume_same: bool = False) -> InfluenceResult:
+         assume_same: bool) -> InfluenceResult:
     dtype = _DTYPES[settings.dtype]
     if dtype != torch.float32 and adapter.device.type != "cuda":
         raise ConfigError(
@@ -456,13 +457,13 @@ def _find_non_finite(runner: _Runner, chunks: list[tuple[slice, slice]],
 
 
 # ---------------------------------------------------------------------- public API
-def _algorithm(algorithm: str, method: str | None) -> str:
+def _algorithm(algorithm: str, method: str | None, stacklevel: int = 3) -> str:
     """``algorithm``, or the deprecated ``method=`` keyword it replaced."""
     if method is None:
         return algorithm
     warn_renamed("The method= argument of the influence functions",
                  "algorithm= (method means the clustering method: 'nmf' or 'kmeans')",
-                 stacklevel=3)
+                 stacklevel=stacklevel)
     return method
 
 
@@ -548,32 +549,15 @@ def influence_maps(
     ------
     LayerNotFoundError, ChannelError, ConfigError, GeneratorOutputError, CheckpointError
     """
-    settings = InfluenceSettings(n_pairs=n_pairs, seed=seed, pairs_per_block=pairs_per_block,
-                                 target_stderr=target_stderr,
-                                 algorithm=_algorithm(algorithm, method),
-                                 dtype=_dtype_name(dtype))
+    options = _options(locals(), given_as_keywords=False)  # first: only the arguments
     name, units = _layer_units(_checked(adapter), layer, channels)
-    return _run(adapter, units, settings, name, max_batch_bytes, progress, checkpoint,
-                checkpoint_every, callback, assume_same)
+    return _run(adapter, units, name, **options)
 
 
 def module_influence_maps(
     adapter: GeneratorAdapter,
     modules: Sequence[Mapping[str, ChannelSpec]] | Mapping[str, Any],
-    *,
-    n_pairs: int = 64,
-    seed: int = 0,
-    pairs_per_block: int = 32,
-    target_stderr: float | None = None,
-    algorithm: str = "auto",
-    dtype: torch.dtype | str | None = None,
-    max_batch_bytes: int | None = None,
-    progress: bool = True,
-    checkpoint: str | os.PathLike | None = None,
-    checkpoint_every: float = 60.0,
-    callback: Callable[[InfluenceProgress], Any] | None = None,
-    method: str | None = None,
-    assume_same: bool = False,
+    **options: Any,
 ) -> InfluenceResult:
     """Influence maps of modules: groups of channels of one or several layers (eq. 2).
 
@@ -586,21 +570,59 @@ def module_influence_maps(
         a module are swapped together (each layer takes Original 2's unintervened values,
         as in :func:`cfmodules.hybridize`).
     n_pairs, seed, pairs_per_block, target_stderr, algorithm, dtype, max_batch_bytes, progress, checkpoint, checkpoint_every, callback, assume_same
-        As in :func:`influence_maps`. Single-layer modules use the prefix/suffix split
-        (and the linear shortcut); multi-layer modules one full forward per module.
+        The keyword-only arguments of :func:`influence_maps`, with the same defaults and
+        checks (one list, shared). Single-layer modules use the prefix/suffix split (and
+        the linear shortcut); multi-layer modules one full forward per module.
 
     Returns
     -------
     InfluenceResult
         One row per module, named by the dict keys (or ``"module i"``).
     """
-    settings = InfluenceSettings(n_pairs=n_pairs, seed=seed, pairs_per_block=pairs_per_block,
-                                 target_stderr=target_stderr,
-                                 algorithm=_algorithm(algorithm, method),
-                                 dtype=_dtype_name(dtype))
+    checked = _options(options, given_as_keywords=True)
     units = _module_units(_checked(adapter), modules)
-    return _run(adapter, units, settings, None, max_batch_bytes, progress, checkpoint,
-                checkpoint_every, callback, assume_same)
+    return _run(adapter, units, None, **checked)
+
+
+def _keyword_options() -> list[inspect.Parameter]:
+    """The keyword-only arguments of :func:`influence_maps`: the one list of the options."""
+    return [p for p in inspect.signature(influence_maps).parameters.values()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY]
+
+
+def _options(given: Mapping[str, Any], *, given_as_keywords: bool) -> dict[str, Any]:
+    """The options of an influence run, from the keyword arguments of a public function.
+
+    Every option not given gets :func:`influence_maps`' default; ``method=`` (deprecated)
+    becomes ``algorithm=``. With ``given_as_keywords``, ``given`` are a ``**options`` and
+    an unknown name is an error (with a 'did you mean'); else they are the ``locals()`` of
+    :func:`influence_maps` itself.
+
+    Returns
+    -------
+    dict
+        ``settings`` (:class:`InfluenceSettings`, checked) and the run's options.
+    """
+    params = _keyword_options()
+    names = [p.name for p in params]
+    if given_as_keywords:
+        unknown = [k for k in given if k not in names]
+        if unknown:
+            raise ConfigError(f"Unknown argument {unknown[0]!r}."
+                              f"{did_you_mean(unknown[0], names)} Arguments: "
+                              f"{', '.join(names)}.")
+    kw = {p.name: given.get(p.name, p.default) for p in params}
+    settings = InfluenceSettings(
+        n_pairs=kw.pop("n_pairs"), seed=kw.pop("seed"),
+        pairs_per_block=kw.pop("pairs_per_block"), target_stderr=kw.pop("target_stderr"),
+        algorithm=_algorithm(kw.pop("algorithm"), kw.pop("method"), stacklevel=4),
+        dtype=_dtype_name(kw.pop("dtype")))
+    return {"settings": settings, **kw}
+
+
+module_influence_maps.__signature__ = inspect.signature(module_influence_maps).replace(  # type: ignore[attr-defined]
+    parameters=[*list(inspect.signature(module_influence_maps).parameters.values())[:2],
+                *_keyword_options()])
 
 
 module_influence = renamed_function(module_influence_maps, "cfmodules.influence.module_influence",

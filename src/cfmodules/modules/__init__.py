@@ -18,6 +18,7 @@ from cfmodules.modules.clustering import (
     module_sizes,
     modules_from_labels,
 )
+from cfmodules.modules.measures import locality, module_locality
 from cfmodules.modules.preprocess import as_maps, preprocess, smooth, threshold
 from cfmodules.modules.settings import ClusteringSettings
 from cfmodules.modules.stability import (
@@ -32,6 +33,8 @@ from cfmodules.modules.stability import (
 __all__ = [
     "ModuleClustering",
     "ClusteringSettings",
+    "locality",
+    "module_locality",
     "METHODS",
     "module_sizes",
     "modules_from_labels",
