@@ -28,7 +28,6 @@ the suggestion with its reason in words, and saves to ``.npz`` + JSON like every
 
 from __future__ import annotations
 
-import numbers
 import time
 import zlib
 from collections.abc import Callable, Sequence
@@ -106,8 +105,8 @@ class ScanSettings(ClusteringSettings):
                                                               "target_stderr"))
         if self.nmf_pool is not None:
             self._positive_ints("nmf_pool")
-        if not (isinstance(self.tolerance, numbers.Real) and 0 <= self.tolerance < 1):
-            raise ConfigError(f"tolerance must be in [0, 1), got {self.tolerance!r}.")
+        self._set("tolerance", checks.real(self.tolerance, "tolerance", low=0, high=1,
+                                           high_open=True))
 
 
 def candidate_layers(adapter: GeneratorAdapter, all_spatial: bool = False) -> list[str]:

@@ -547,8 +547,8 @@ def classifier_robustness(
 
     if outputs not in ("logits", "probabilities"):
         raise ConfigError(f"outputs must be 'logits' or 'probabilities', got {outputs!r}.")
-    if not 0.0 <= min_confidence < 1.0:
-        raise ConfigError(f"min_confidence must be in [0, 1), got {min_confidence}.")
+    min_confidence = checks.real(min_confidence, "min_confidence", low=0, high=1,
+                                 high_open=True)
     n_pairs = checks.positive_int(n_pairs, "n_pairs")
     batch_size = checks.positive_int(batch_size, "batch_size")
     clfs = dict(classifiers) if isinstance(classifiers, Mapping) else {"classifier": classifiers}

@@ -107,12 +107,9 @@ class InfluenceSettings:
         object.__setattr__(self, "seed", checks.seed(self.seed))
         object.__setattr__(self, "pairs_per_block",
                            checks.positive_int(self.pairs_per_block, "pairs_per_block"))
-        if self.target_stderr is not None and not (
-            isinstance(self.target_stderr, (int, float)) and self.target_stderr > 0
-        ):
-            raise ConfigError(
-                f"target_stderr must be a positive number or None, got {self.target_stderr!r}."
-            )
+        if self.target_stderr is not None:
+            object.__setattr__(self, "target_stderr",
+                               checks.positive_number(self.target_stderr, "target_stderr"))
         if self.algorithm not in ALGORITHMS:
             raise ConfigError(f"algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}.")
         if self.dtype not in _DTYPES:
@@ -291,8 +288,7 @@ def _run(adapter: GeneratorAdapter, units: list[_Unit], layer: str | None, *,
     budget = (DEFAULT_MAX_BATCH_BYTES.get(adapter.device.type, DEFAULT_MAX_BATCH_BYTES["cpu"])
               if max_batch_bytes is None else max_batch_bytes)
     budget = checks.positive_int(budget, "max_batch_bytes")
-    if not (isinstance(checkpoint_every, (int, float)) and checkpoint_every >= 0):
-        raise ConfigError(f"checkpoint_every must be seconds >= 0, got {checkpoint_every!r}.")
+    checks.real(checkpoint_every, "checkpoint_every", low=0, meaning="seconds")
     runners = _runners(adapter, units, settings.algorithm)
     max_rows = _max_rows(adapter, runners, budget, torch.finfo(dtype).bits // 8)
     autocast = (torch.autocast("cuda", dtype=dtype) if dtype != torch.float32
