@@ -66,7 +66,7 @@ def vae_faces_table() -> None:
     table = hybrid_distance_table(ad, modules, n_images=len(real), real=real, seed=0)
     print(f"vae-faces decoder.6, module sizes {sizes}, d(R, G) = {table.normalizer:.2f}")
     print(table.to_markdown())
-    norm = table.normalized()
+    norm = table.normalized
     lab = table.labels
     mods = [i for i, la in enumerate(lab) if la not in ("R", "G")]
     g, r = lab.index("G"), lab.index("R")
@@ -202,7 +202,7 @@ def fashion_table(n_train: int = 20000, n_images: int = 2000) -> None:
         with torch.no_grad():
             table = hybrid_distance_table(adapter, modules, n_images=n_images, real=x_test,
                                           features=feats, seed=0)
-        norm, lab = table.normalized(), table.labels
+        norm, lab = table.normalized, table.labels
         g, r = lab.index("G"), lab.index("R")
         mods = [i for i, la in enumerate(lab) if la not in ("R", "G")]
         between = [norm[i, j] for i in mods for j in mods if i > j]
