@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from cfmodules import checks
 from cfmodules.errors import ShapeError
 from cfmodules.names import module_name
 from cfmodules.results import atomic_write
@@ -107,6 +108,24 @@ def _frame(ax: Any, color: str, width: float = 3.0) -> None:
         side.set_linewidth(width)
 
 
+def _show_map(ax: Any, m: np.ndarray, cmap: str, interpolation: str = "nearest") -> None:
+    """A map (H, W) scaled to its own maximum (an all-zero map stays zero), on [0, 1]."""
+    ax.imshow(m / m.max() if m.max() > 0 else m, cmap=cmap, vmin=0, vmax=1,
+              interpolation=interpolation)
+
+
+def _row_label(ax: Any, label: str, color: str) -> None:
+    """The label of a row of images, horizontal, left of its first image."""
+    ax.set_ylabel(label, fontsize=8, color=color, rotation=0, ha="right", va="center")
+
+
+def _titled(fig: Figure, title: str | None) -> Figure:
+    """``fig`` with ``title`` over it, when there is one (the last step of every figure)."""
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
 # ---------------------------------------------------------------------- images
 def plot_images(
     images: Any,
@@ -148,9 +167,7 @@ def plot_images(
             ax.imshow(imgs[i], interpolation="nearest")
             if titles is not None and i < len(titles):
                 ax.set_title(str(titles[i]), fontsize=7)
-    if title:
-        fig.suptitle(title)
-    return fig
+    return _titled(fig, title)
 
 
 def plot_influence_maps(
@@ -214,19 +231,15 @@ def plot_influence_maps(
             if i >= len(row):
                 continue
             m = arr[row[i]]
-            ax.imshow(m / m.max() if m.max() > 0 else m, cmap=cmap, vmin=0, vmax=1,
-                      interpolation="nearest")
+            _show_map(ax, m, cmap)
             if labels is not None:
                 _frame(ax, module_color(j), 2.0)
             cap = names[row[i]] if names is not None else str(row[i])
             ax.set_title(cap, fontsize=6, pad=2)
         if labels is not None:
             label = module_names[j] if module_names is not None else module_name(j)
-            axes[j, 0].set_ylabel(f"{label}\n({int((lab == j).sum())} ch.)", fontsize=8,
-                                  color=module_color(j), rotation=0, ha="right", va="center")
-    if title:
-        fig.suptitle(title)
-    return fig
+            _row_label(axes[j, 0], f"{label}\n({int((lab == j).sum())} ch.)", module_color(j))
+    return _titled(fig, title)
 
 
 def plot_templates(
@@ -295,9 +308,7 @@ def plot_templates(
     if bg is not None:
         axes[0, 0].set_ylabel("template", fontsize=8)
         axes[1, 0].set_ylabel("over mean\nsample", fontsize=8)
-    if title:
-        fig.suptitle(title)
-    return fig
+    return _titled(fig, title)
 
 
 def plot_hybrid_grid(
@@ -381,16 +392,12 @@ def plot_hybrid_grid(
             _blank(ax)
             if r >= 2:
                 t = tm[r - 2]
-                ax.imshow(t / t.max() if t.max() > 0 else t, cmap="viridis", vmin=0, vmax=1,
-                          interpolation="bilinear")
+                _show_map(ax, t, "viridis", "bilinear")
                 _frame(ax, color, 1.0)
                 if r == 2:
                     ax.set_title("template", fontsize=7)
-        axes[r, 0].set_ylabel(label, fontsize=8, color=color, rotation=0, ha="right",
-                              va="center")
-    if title:
-        fig.suptitle(title)
-    return fig
+        _row_label(axes[r, 0], label, color)
+    return _titled(fig, title)
 
 
 # ---------------------------------------------------------------------- curves
@@ -439,9 +446,7 @@ def plot_stability(
         ax.set_ylim(min(0.4, float(np.nanmin(vals)) - 0.05), 1.02)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8, loc="lower left")
-    if title:
-        fig.suptitle(title)
-    return fig
+    return _titled(fig, title)
 
 
 def plot_module_influence(
@@ -495,9 +500,7 @@ def plot_module_influence(
     ax.set_xlabel("channels in the module")
     ax.set_ylabel("module influence\n(mean |hybrid − Original 1|)")
     ax.grid(alpha=0.3)
-    if title:
-        fig.suptitle(title)
-    return fig
+    return _titled(fig, title)
 
 
 # ---------------------------------------------------------------------- output
@@ -571,15 +574,13 @@ def plot_modularity_curves(history: Any, *, title: str | None = None) -> Figure:
     ax[0, 1].legend(fontsize=7)
     loc = ax[1, 1].twinx()
     loc.plot(steps, h["locality"], color="#777777", linestyle="--", linewidth=1)
-    loc.set_ylabel("locality: influence share of top 10% pixels (dashed)", fontsize=8,
+    loc.set_ylabel("locality: 1 - area above half max (dashed)", fontsize=8,
                    color="#555555")
     loc.set_ylim(0, 1.02)
     for a in ax.flat:
         a.set_xlabel("training step")
         a.grid(alpha=0.3)
-    if title:
-        fig.suptitle(title)
-    return fig
+    return _titled(fig, title)
 
 
 def plot_template_strip(
@@ -621,8 +622,7 @@ def plot_template_strip(
     st = np.arange(t) if steps is None else _array(steps, "steps").astype(int)
     if st.shape != (t,):
         raise ShapeError(f"steps must have shape ({t},), got {st.shape}.")
-    if isinstance(max_columns, bool) or not isinstance(max_columns, int) or max_columns < 1:
-        raise ShapeError(f"max_columns must be a positive integer, got {max_columns!r}.")
+    max_columns = checks.positive_int(max_columns, "max_columns")
     cols = np.unique(np.linspace(0, t - 1, min(t, max_columns)).round().astype(int))
     fig = _new_figure(len(cols) * size + 0.8, k * size + 0.5 + (0.3 if title else 0))
     axes = fig.subplots(k, len(cols), squeeze=False)
@@ -631,16 +631,13 @@ def plot_template_strip(
             a = axes[j, c]
             _blank(a)
             m = tm[i, j]
-            a.imshow(m / m.max() if m.max() > 0 else m, cmap=cmap, vmin=0, vmax=1,
-                     interpolation="nearest")
+            _show_map(a, m, cmap)
             _frame(a, module_color(j), 2.0)
             if j == 0:
                 a.set_title(f"step {int(st[i])}", fontsize=7)
             if c == 0:
                 a.set_ylabel(f"module {j}", fontsize=8, color=module_color(j))
-    if title:
-        fig.suptitle(title)
-    return fig
+    return _titled(fig, title)
 
 
 def plot_scan(scan: Any, *, title: str | None = None) -> Figure:
@@ -709,9 +706,7 @@ def plot_scan(scan: Any, *, title: str | None = None) -> Figure:
             elif j == 0:
                 a.set_visible(False)
     right.suptitle("templates at each layer's K", fontsize=9)
-    if title:
-        fig.suptitle(title)
-    return fig
+    return _titled(fig, title)
 
 
 def figure_to_png(fig: Figure, dpi: int = 100) -> bytes:
