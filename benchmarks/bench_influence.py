@@ -15,11 +15,13 @@ Run::
 
     PYTHONPATH=src python benchmarks/bench_influence.py [--device cuda] [--pairs 64]
 
-Besides the pretrained DCGAN (``--models dcgan``), two generators whose forward
+Besides the pretrained DCGAN (``--models dcgan``), three generators whose forward
 ``torch.fx`` cannot trace as a whole: ``cond`` (:class:`ConditionalDCGAN`, a
-class-conditional DCGAN of this file, at the ReLU three blocks before the output) and
+class-conditional DCGAN of this file, at the ReLU three blocks before the output),
 ``biggan`` (the ``biggan-deep-random`` zoo entry at a small resolution, at a Gblock in
-the middle; its adapter needs ``forward=`` for the truncation).
+the middle; its adapter needs ``forward=`` for the truncation) and ``stylegan2``
+(:class:`StyleGAN2Like`, at the first convolution of the 32x32 block; its grouped
+convolutions make large batches slower, so the batch shape is chosen by timing).
 
 It ends with one line per layer::
 
@@ -32,11 +34,13 @@ path cfmodules takes (``adapter.explain(layer)``); ``load`` the machine's load a
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -155,6 +159,125 @@ class ConditionalDCGAN(nn.Module):
         return self.main(x.view(batch, -1, 1, 1))
 
 
+class ModConv(nn.Module):
+    """StyleGAN2's modulated (and demodulated) convolution, written as its official code.
+
+    The weight is scaled per sample by a style (an affine map of ``w``), normalised
+    (demodulation), and the batch is folded into the channels for one convolution with
+    ``groups=batch``. A fixed noise image (``noise_mode="const"``) and a bias follow, then
+    a leaky ReLU. ``up``: bilinear upsampling by 2 first.
+    """
+
+    def __init__(self, cin, cout, w_dim, k=3, demod=True, up=False, act=True, res=None, g=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(cout, cin, k, k, generator=g))
+        self.affine = nn.Linear(w_dim, cin)
+        with torch.no_grad():
+            self.affine.weight.copy_(torch.randn(cin, w_dim, generator=g) / w_dim ** 0.5)
+            self.affine.bias.fill_(1.0)
+        self.bias = nn.Parameter(0.1 * torch.randn(cout, generator=g))
+        self.demod, self.up, self.act, self.pad = demod, up, act, k // 2
+        self.wgain = 1 / math.sqrt(cin * k * k)
+        if res is not None:
+            self.register_buffer("noise_const", torch.randn(1, 1, res, res, generator=g))
+            self.noise_strength = nn.Parameter(torch.full((), 0.1))
+        else:
+            self.noise_const = None
+
+    def forward(self, x, w):
+        if self.up:
+            x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+        batch, cin, h, wd = x.shape
+        styles = self.affine(w)
+        weight = self.weight[None] * styles.reshape(batch, 1, -1, 1, 1)
+        if self.demod:
+            d = (weight.square().sum(dim=[2, 3, 4]) + 1e-8).rsqrt()
+            weight = weight * d.reshape(batch, -1, 1, 1, 1)
+        else:
+            weight = weight * self.wgain
+        x = x.reshape(1, -1, h, wd)
+        out = F.conv2d(x, weight.reshape(-1, cin, *weight.shape[3:]), padding=self.pad, groups=batch)
+        out = out.reshape(batch, -1, h, wd)
+        if self.noise_const is not None:
+            out = out + self.noise_const * self.noise_strength
+        out = out + self.bias.reshape(1, -1, 1, 1)
+        if self.act:
+            out = F.leaky_relu(out, 0.2) * math.sqrt(2)
+        return out
+
+class Block(nn.Module):
+    """One resolution: two modulated convs (the first upsamples), a toRGB skip."""
+
+    def __init__(self, cin, cout, w_dim, res, g):
+        super().__init__()
+        self.conv0 = ModConv(cin, cout, w_dim, up=True, res=res, g=g)
+        self.conv1 = ModConv(cout, cout, w_dim, res=res, g=g)
+        self.torgb = ModConv(cout, 3, w_dim, k=1, demod=False, act=False, g=g)
+    def forward(self, x, img, w):
+        x = self.conv1(self.conv0(x, w), w)
+        y = self.torgb(x, w)
+        img = F.interpolate(img, scale_factor=2, mode="bilinear", align_corners=False) + y
+        return x, img
+
+class Mapping(nn.Module):
+    """The mapping network: normalised z, then linear + leaky ReLU layers to w."""
+
+    def __init__(self, z_dim, w_dim, n, g):
+        super().__init__()
+        layers = []
+        for i in range(n):
+            lin = nn.Linear(z_dim if i == 0 else w_dim, w_dim)
+            with torch.no_grad():
+                lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) / lin.in_features ** 0.5)
+                lin.bias.zero_()
+            layers += [lin, nn.LeakyReLU(0.2)]
+        self.net = nn.Sequential(*layers)
+    def forward(self, z):
+        z = z * (z.square().mean(1, keepdim=True) + 1e-8).rsqrt()
+        return self.net(z)
+
+class Synthesis(nn.Module):
+    """A learned 4x4 constant, then blocks up to 64x64, RGB summed over resolutions."""
+
+    def __init__(self, w_dim, chans, g):
+        super().__init__()
+        c0 = chans[4]
+        self.const = nn.Parameter(torch.randn(c0, 4, 4, generator=g))
+        self.conv = ModConv(c0, c0, w_dim, res=4, g=g)
+        self.torgb = ModConv(c0, 3, w_dim, k=1, demod=False, act=False, g=g)
+        res = 8
+        while res in chans:
+            setattr(self, f"b{res}", Block(chans[res // 2], chans[res], w_dim, res, g))
+            res *= 2
+        self.resolutions = [r for r in chans if r > 4]
+    def forward(self, w):
+        x = self.const.unsqueeze(0).repeat(w.shape[0], 1, 1, 1)
+        x = self.conv(x, w)
+        img = self.torgb(x, w)
+        for res in self.resolutions:
+            x, img = getattr(self, f"b{res}")(x, img, w)
+        return img
+
+class StyleGAN2Like(nn.Module):
+    """A StyleGAN2-like generator of this file (random weights, seed 0), 64x64.
+
+    Mapping network (4 layers), modulated + demodulated 3x3 convolutions with
+    ``groups=batch``, fixed per-layer noise, toRGB skips; 128 channels up to 16x16, 64 at
+    32x32, 32 at 64x64. ``torch.fx`` cannot trace it (``batch, c, h, w = x.shape``), and
+    large batches make its grouped convolutions slower per sample.
+    """
+
+    def __init__(self, z_dim=128, w_dim=128, chans=None, n_mapping=4, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        chans = chans or {4: 128, 8: 128, 16: 128, 32: 64, 64: 32}
+        self.mapping = Mapping(z_dim, w_dim, n_mapping, g)
+        self.synthesis = Synthesis(w_dim, chans, g)
+        self.eval()
+    def forward(self, z):
+        return self.synthesis(self.mapping(z))
+
+
 def _one_hot_prior(n_classes: int):
     def prior(n: int, g: torch.Generator):
         noise = torch.randn(n, 100, 1, 1, generator=g)
@@ -195,6 +318,10 @@ def _cases(args, device: torch.device) -> list[tuple[str, object, str, int]]:
     if "cond" in args.models:
         # the ReLU three blocks before the output (blocks 4-6 and the output conv follow)
         cases.append(("cond-dcgan", conditional_dcgan(device), "main.8", args.cond_pairs))
+    if "stylegan2" in args.models:
+        adapter = GeneratorAdapter(StyleGAN2Like().to(device), (128,), device=device,
+                                   name="stylegan2-like")
+        cases.append(("stylegan2-like", adapter, "synthesis.b32.conv0", args.sg2_pairs))
     if "biggan" in args.models:
         from cfmodules.zoo.biggan import gblock_path, load_random
 
@@ -210,13 +337,14 @@ def _cases(args, device: torch.device) -> list[tuple[str, object, str, int]]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--models", nargs="+", default=["dcgan", "cond", "biggan"],
-                    choices=["dcgan", "cond", "biggan"])
+    ap.add_argument("--models", nargs="+", default=["dcgan", "cond", "biggan", "stylegan2"],
+                    choices=["dcgan", "cond", "biggan", "stylegan2"])
     ap.add_argument("--layers", nargs="+", default=["main.8", "main.5"],
                     help="dcgan-faces layers")
     ap.add_argument("--pairs", type=int, default=64, help="pairs for dcgan-faces")
     ap.add_argument("--cond-pairs", type=int, default=16)
     ap.add_argument("--biggan-pairs", type=int, default=4)
+    ap.add_argument("--sg2-pairs", type=int, default=8, help="pairs for stylegan2-like")
     ap.add_argument("--biggan-resolution", type=int, default=64)
     ap.add_argument("--biggan-width", type=int, default=16,
                     help="BigGAN channel_width (the real model has 128)")
@@ -267,10 +395,19 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"RESULT layer={layer} speedup={naive_s / ours_s:.1f}x "
                      f"limit={explanation.limit:.1f}x max_rel_diff={rel:.1e} "
                      f"ours_s={ours_s:.3f} naive_s={naive_s:.3f} gflops={gflops:.1f} "
-                     f"peak_gflops={peak:.1f} model={model} path={explanation.path!r}")
+                     f"peak_gflops={peak:.1f} model={model} path={explanation.path!r}"
+                     f"{_batch_text(res.settings, layer)} load={_load()}")
     for line in lines:
         print(line)
     return 0
+
+
+def _batch_text(settings: dict, layer: str) -> str:
+    """`` batch=UxP/path`` where the batch shape was chosen by timing, else ``""``."""
+    b = settings.get("batch", {}).get(layer)
+    if not b or b.get("chosen_by") != "timing":
+        return ""
+    return f" batch={b['units']}x{b['pairs']}/{b['path'].replace(' ', '-')}"
 
 
 def _load() -> str:

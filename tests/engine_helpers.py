@@ -20,7 +20,8 @@ from cfmodules.influence import influence_maps
 from influence_helpers import _init
 
 __all__ = ["ConditionalDCGAN", "DictOut", "TupleOut", "InPlace", "Twice", "StyleLike",
-           "SkipDecoder", "DropoutGen", "init", "assert_paths_agree"]
+           "SkipDecoder", "DropoutGen", "FloatArgument", "float_argument_adapter", "init",
+           "assert_paths_agree"]
 
 
 def init(model: nn.Module, seed: int) -> nn.Module:
@@ -178,6 +179,35 @@ class DropoutGen(nn.Module):
         h = self.relu(self.up(z))
         h = F.dropout(h, 0.5, training=self.training)
         return self.out(h) * self.gain
+
+
+class _Scaled(nn.Module):
+    """``out(relu(up(z)) * scale)`` with a Python float ``scale``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.act, self.out = nn.ConvTranspose2d(4, 4, 4), nn.ReLU(), nn.Conv2d(4, 3, 1)
+
+    def forward(self, z: torch.Tensor, scale: float) -> torch.Tensor:
+        return self.out(self.act(self.up(z)) * scale)
+
+
+class FloatArgument(nn.Module):
+    """BigGAN's truncation style: a float read out of a tensor input, passed on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = _Scaled()
+
+    def forward(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.inner(z, float(t[0]))  # data-dependent: neither fx nor export trace it
+
+
+def float_argument_adapter() -> GeneratorAdapter:
+    """:class:`FloatArgument` wrapped, with the float input 0.5 for every sample."""
+    return GeneratorAdapter(init(FloatArgument(), 1), ((4, 1, 1), (1,)),
+                            prior=lambda n, g: (torch.randn(n, 4, 1, 1, generator=g),
+                                                torch.full((n, 1), 0.5)))
 
 
 def assert_paths_agree(ad: GeneratorAdapter, layer: str, n: int = 3, n_pairs: int = 4,

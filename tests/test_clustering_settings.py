@@ -101,8 +101,9 @@ def test_estimator_carries_every_setting():
     assert isinstance(est, ModuleClustering)
     assert est.get_params() == {"n_modules": 4, "method": "kmeans", "window": (1, 3),
                                 "percentile": None, "n_init": 2, "max_iter": 40,
-                                "random_state": 9, "backend": "sklearn"}
+                                "random_state": 9, "backend": "sklearn", "n_jobs": None}
     assert ClusteringSettings().estimator(3).max_iter == 500  # the clustering's default
+    assert s.estimator(4, n_jobs=1).n_jobs == 1  # processes: no setting, changes no number
 
 
 def test_analysis_steps_use_the_settings_and_keep_their_numbers():

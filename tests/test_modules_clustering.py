@@ -84,8 +84,11 @@ def test_restarts_keep_the_best_fit():
 
 
 def test_an_unlucky_start_is_discarded(monkeypatch):
-    """Scripted NMF starts: the one that splits a module fits worse and must not be kept."""
-    import cfmodules.modules.clustering as clustering
+    """Scripted NMF starts: the one that splits a module fits worse and must not be kept
+    (the reference engine; the fast one's restarts: test_restarts_keep_the_best_fit)."""
+    import sklearn.decomposition
+
+    from cfmodules.modules import fits
 
     maps, truth = block_maps((4, 4), shape=(4, 8), noise=0.0)
     feats = preprocess(maps).reshape(8, -1)
@@ -103,8 +106,8 @@ def test_an_unlucky_start_is_discarded(monkeypatch):
             self.reconstruction_err_ = np.linalg.norm(x - w @ self.components_)
             return w
 
-    monkeypatch.setattr(clustering, "NMF", ScriptedNMF)
-    labels, _, _, err, _ = clustering.cluster_features(feats, 2, "nmf", 3, 10, 0)
+    monkeypatch.setattr(sklearn.decomposition, "NMF", ScriptedNMF)
+    labels, _, _, err, _ = fits.cluster_features(feats, 2, "nmf", 3, 10, 0, backend="sklearn")
     assert adjusted_rand_score(truth, labels) == 1.0
     assert err == pytest.approx(np.linalg.norm(feats - good @ np.linalg.lstsq(
         good, feats, rcond=None)[0].clip(0)))
@@ -116,7 +119,7 @@ def test_sklearn_conventions():
     clust = ModuleClustering(2, "kmeans", window=5, percentile=60.0, random_state=1)
     assert clust.get_params() == {
         "n_modules": 2, "method": "kmeans", "window": 5, "percentile": 60.0, "n_init": 10,
-        "max_iter": 500, "random_state": 1, "backend": "fast"}
+        "max_iter": 500, "random_state": 1, "backend": "fast", "n_jobs": None}
     assert clust.set_params(n_modules=3) is clust and clust.n_modules == 3
     with pytest.raises(ValueError, match="Invalid parameter 'k'"):  # scikit-learn's own
         clust.set_params(k=3)
@@ -279,21 +282,24 @@ def test_to_modules_is_a_deprecated_spelling_of_modules_from_labels():
 def test_clustering_runs_with_one_blas_thread_and_restores_it(monkeypatch):
     from threadpoolctl import threadpool_info
 
-    from cfmodules.modules import clustering
+    from cfmodules.modules import fits, hals
 
     before = [(p["internal_api"], p["num_threads"]) for p in threadpool_info()
               if p["user_api"] == "blas"]
     seen = []
-    real = clustering._sklearn_fit
 
-    def spy(*args):
-        seen.extend(p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas")
-        return real(*args)
+    def spy(real):
+        def wrapped(*args, **kwargs):
+            seen.extend(p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas")
+            return real(*args, **kwargs)
+        return wrapped
 
-    monkeypatch.setattr(clustering, "_sklearn_fit", spy)
+    monkeypatch.setattr(fits, "_sklearn_fit", spy(fits._sklearn_fit))
+    monkeypatch.setattr(hals, "nmf_hals", spy(hals.nmf_hals))
     rng = np.random.default_rng(0)
-    clustering.cluster_features(rng.random((12, 30)), 3, "nmf", 1, 50, 0)
-    assert seen and set(seen) == {1}
+    for backend in ("sklearn", "fast"):
+        fits.cluster_features(rng.random((12, 30)), 3, "nmf", 1, 50, 0, backend=backend)
+    assert len(seen) >= 2 and set(seen) == {1}
     after = [(p["internal_api"], p["num_threads"]) for p in threadpool_info()
              if p["user_api"] == "blas"]
     assert after == before

@@ -10,11 +10,11 @@ from cfmodules.adapter import GeneratorAdapter
 from cfmodules.errors import ConfigError, ResultFileError, ShapeError
 from cfmodules.evaluation.robustness import (
     OUTCOME_EXCLUDED,
-    RobustnessResult,
     OUTCOME_NEITHER,
     OUTCOME_ORIGINAL1,
     OUTCOME_ORIGINAL2,
     OUTCOME_SAME_CLASS,
+    RobustnessResult,
     classifier_robustness,
     renormalized_entropy,
     robustness_from_probabilities,

@@ -601,9 +601,10 @@ def unit_influence_maps(adapter: GeneratorAdapter, layers: Sequence[str],
         unit_channel=np.concatenate([r.channels for r in results]).astype(np.int64))
 
 
-def cluster_maps(maps: np.ndarray, settings: AnalysisSettings) -> Any:
+def cluster_maps(maps: np.ndarray, settings: AnalysisSettings, n_jobs: int | None = None
+                 ) -> Any:
     """The fitted :class:`~cfmodules.modules.ModuleClustering` of the maps (sec. 3.4)."""
-    return settings.estimator(settings.n_modules).fit(maps)
+    return settings.estimator(settings.n_modules, n_jobs=n_jobs).fit(maps)
 
 
 def module_maps(adapter: GeneratorAdapter, modules: Sequence[Mapping[str, Sequence[int]]],
@@ -621,11 +622,12 @@ def module_maps(adapter: GeneratorAdapter, modules: Sequence[Mapping[str, Sequen
 
 
 def stability_sweep(maps: np.ndarray, settings: AnalysisSettings, *,
-                    progress: bool = True) -> Any:
+                    progress: bool = True, n_jobs: int | None = None) -> Any:
     """The :class:`~cfmodules.modules.StabilityResult` of the maps over K (Fig. 9)."""
     return settings.stability(maps, settings.stability_ks, methods=settings.stability_methods,
                               n_repeats=settings.stability_repeats, n_init=STABILITY_N_INIT,
-                              nmf_pool=settings.stability_pool, progress=progress)
+                              nmf_pool=settings.stability_pool, progress=progress,
+                              n_jobs=n_jobs)
 
 
 # ---------------------------------------------------------------------- analyze
@@ -639,6 +641,7 @@ def analyze(
     model_spec: str | None = None,
     model_options: Mapping[str, Any] | None = None,
     assume_same: bool = False,
+    n_jobs: int | None = None,
     **overrides: Any,
 ) -> AnalysisResult | None:
     """Run the whole analysis of sec. 3-4 of Besserve et al. (2020) on one or two layers.
@@ -677,6 +680,9 @@ def analyze(
     assume_same : bool, default False
         Resume checkpoints even where cfmodules cannot verify they were made by the same
         code (see :func:`cfmodules.influence.influence_maps`).
+    n_jobs : int or None, default None
+        Processes for the clustering's restarts and the stability sweep; None: the usable
+        cores (:func:`cfmodules.modules.fits.default_jobs`). The numbers do not depend on it.
 
     Returns
     -------
@@ -695,6 +701,9 @@ def analyze(
                           "wrap your generator with cfmodules.GeneratorAdapter(generator, "
                           "latent_shape).")
     s = _settings(settings, overrides)
+    from cfmodules.modules.fits import check_jobs
+
+    jobs = check_jobs(n_jobs)
     auto = isinstance(layers, str) and layers == AUTO
     created = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     steps = _Steps(progress, 5 + bool(s.stability_ks) + auto)
@@ -732,7 +741,7 @@ def analyze(
     if units is None:  # a rank other than 0 under torch.distributed
         return None
     clustering = steps.run("clustering", f"{s.method} clustering into K={s.n_modules} modules",
-                           lambda: cluster_maps(units.maps, s))
+                           lambda: cluster_maps(units.maps, s, jobs))
     from cfmodules.modules import modules_from_labels
 
     modules = modules_from_labels(clustering.labels_,
@@ -745,7 +754,7 @@ def analyze(
         stability = steps.run(
             "stability", f"stability sweep K={list(s.stability_ks)}, "
             f"{'/'.join(s.stability_methods)}, {s.stability_repeats} repeats",
-            lambda: stability_sweep(units.maps, s, progress=progress))
+            lambda: stability_sweep(units.maps, s, progress=progress, n_jobs=jobs))
     original1, original2, hybrids = steps.run(
         "hybrids", f"hybrids of {s.n_hybrids} new pairs per module",
         lambda: make_hybrids(adapter, modules, s.n_hybrids, s.seed, start=s.n_pairs))

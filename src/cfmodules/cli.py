@@ -1,4 +1,6 @@
-"""The command line: ``cfmodules analyze | layers | hybrids`` (also ``python -m cfmodules``).
+"""The command line: ``cfmodules analyze | layers | explain | scan | hybrids | explore``.
+
+(also ``python -m cfmodules``)
 
 A thin layer over the library: it parses arguments, loads the model, calls
 :func:`cfmodules.analysis.analyze` / :func:`cfmodules.report.write_report` /
@@ -8,6 +10,7 @@ message on stderr with exit code 2 (never a traceback).
 Examples::
 
     cfmodules layers dcgan-faces
+    cfmodules explain dcgan-faces --layer main.8     # which path, why, FLOPs of a hybrid
     cfmodules analyze --out out                      # the pretrained DCGAN faces, main.8
     cfmodules analyze --model my_gan.py:make_generator --latent-shape 128 --layer block3 --out out
     cfmodules hybrids --modules out/results.npz --pairs 12 --out out/new_hybrids.png
@@ -89,6 +92,12 @@ def _cmd_layers(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_explain(args: argparse.Namespace) -> int:
+    adapter = models.load_model(args.model, args.device, args.latent_shape)
+    print(adapter.explain(args.layer, algorithm=args.algorithm))
+    return 0
+
+
 def _cmd_analyze(args: argparse.Namespace) -> int:
     from cfmodules.analysis import AnalysisSettings, analyze
     from cfmodules.report import write_report
@@ -136,6 +145,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
                          model_spec=_portable_spec(args.model),
                          model_options={"latent_shape": args.latent_shape}
                          if args.latent_shape else None, assume_same=args.assume_same,
+                         n_jobs=args.jobs,
                          **({"n_modules": args.k} if auto and args.k else {}))
     finally:
         # the ranks' collectives are over: leave the group now, so that a rank done with
@@ -292,6 +302,7 @@ def _cmd_explore(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------- parser
 _EPILOG = """examples:
   cfmodules layers dcgan-faces
+  cfmodules explain dcgan-faces --layer main.8 # which path hybrids take, why, their FLOPs
   cfmodules analyze --out out                  # pretrained DCGAN faces, layer main.8, K=3
   cfmodules analyze --model my_gan.py:make_generator --latent-shape 128 --layer block3 --out out
   cfmodules hybrids --modules out/results.npz --pairs 12 --out out/new_hybrids.png
@@ -301,7 +312,8 @@ _EPILOG = """examples:
 `cfmodules COMMAND --help` describes each command."""
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``cfmodules`` (subcommands analyze, layers, scan, hybrids)."""
+    """The argument parser of ``cfmodules`` (subcommands analyze, layers, explain, scan,
+    hybrids, explore)."""
     from cfmodules import __version__
 
     p = _Parser(prog=PROG, description="Counterfactual discovery of the modules of a deep "
@@ -347,8 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"threshold percentile of each smoothed map (default "
                             f"{checks.DEFAULT_PERCENTILE:g})")
         g.add_argument("--backend", choices=checks.CLUSTERING_BACKENDS,
-                       help="clustering engine: fast (default) or sklearn (the reference; the "
-                            "same fits up to float rounding, slower)")
+                       help="clustering engine: fast (default: k-means on the Gram matrix, NMF "
+                            "by accelerated HALS) or sklearn (the reference, scikit-learn; slower)")
 
     a = sub.add_parser("analyze", help="influence maps, modules, stability, hybrids and an "
                        "HTML report", description="Run the whole analysis and write report.html, "
@@ -376,6 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--stability-pool", type=int, default=1, metavar="P",
                    help="NMF of the sweep on P x P pixel blocks: P^2 times fewer pixels, an "
                         "approximation (default 1: exact)")
+    a.add_argument("--jobs", type=int, default=None, metavar="N",
+                   help="processes for the clustering and the stability sweep (default: the "
+                        "usable cores, at most --threads); the results do not depend on it")
     a.add_argument("--samples", type=int, default=16, metavar="N", help="samples shown (default 16)")
     a.add_argument("--hybrids", type=int, default=8, metavar="N",
                    help="new pairs hybridized per module (default 8)")
@@ -393,6 +408,20 @@ def build_parser() -> argparse.ArgumentParser:
                         description="List the layers of MODEL to choose --layer from.")
     model_args(la, positional=True)
     la.set_defaults(func=_cmd_layers)
+
+    ex = sub.add_parser("explain", help="how counterfactuals at a layer are computed, and "
+                        "what one hybrid costs",
+                        description="Print which path the hybrids of LAYER take (linear "
+                        "shortcut, split, partial or hook) and why, each capture of the "
+                        "forward tried (torch.fx, a partial capture, torch.export) with its "
+                        "error, the FLOPs of one hybrid against one full forward, and how "
+                        "the batch shape of influence maps is chosen.")
+    model_args(ex, positional=True)
+    ex.add_argument("--layer", required=True, metavar="LAYER",
+                    help="layer name (see `cfmodules layers`), e.g. main.8")
+    ex.add_argument("--algorithm", choices=("auto", "split", "hook"), default="auto",
+                    help="as for influence maps: auto may use the linear shortcut (default)")
+    ex.set_defaults(func=_cmd_explain)
 
     sc = sub.add_parser("scan", help="which layer, which K: modularity of every layer and K",
                         description="Measure the influence maps of every candidate layer "
@@ -452,7 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _check_numbers(args: argparse.Namespace) -> None:
     for name in ("pairs", "k", "n_init", "max_iter", "stability_repeats", "samples", "hybrids",
-                 "threads", "repeats", "stability_pool", "max_units"):
+                 "threads", "repeats", "stability_pool", "max_units", "jobs"):
         v = getattr(args, name, None)
         if v is not None and v < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {v}.")

@@ -654,8 +654,11 @@ class ModularityMonitor:
                 warnings.simplefilter("ignore", _convergence_warning())
                 if not np.isfinite(maps).all() or not maps.any():
                     raise _no_maps_error(step, self.layer, maps)
-                clust = s.estimator(s.n_modules).fit(maps)
-                stab = s.stability(maps, (s.n_modules,), n_repeats=s.stability_repeats)
+                # in this process (n_jobs=1): a check inside a training loop must not
+                # start worker processes that compete with the training for the cores
+                clust = s.estimator(s.n_modules, n_jobs=1).fit(maps)
+                stab = s.stability(maps, (s.n_modules,), n_repeats=s.stability_repeats,
+                                   n_jobs=1)
             labels, templates = clust.labels_, clust.templates_
             shift: tuple[float, ...] | None = None
             agreement: float | None = None

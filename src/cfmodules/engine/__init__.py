@@ -12,14 +12,26 @@ Files, by concern:
   convolutions, in-place tail);
 - :mod:`~cfmodules.engine.linear`: the linear shortcut (hybrids start after a linear module);
 - :mod:`~cfmodules.engine.swaps`: batches of channel-swap hybrids for influence maps;
+- :mod:`~cfmodules.engine.batching`: how many hybrids per call, timed where batching can
+  hurt (convolutions whose groups grow with the batch);
 - :mod:`~cfmodules.engine.workspace`: reused scratch buffers.
 
 Influence maps, hybrids, evaluation and the CLI use it through ``adapter.split(layer)``
 (a :class:`Cut`), ``adapter.explain(layer)`` and :func:`plan_swaps`.
 """
 
+from cfmodules.engine.batching import (
+    BatchChoice,
+    BatchShape,
+    batch_dependent_ops,
+    candidate_shapes,
+    default_shape,
+    time_shapes,
+)
 from cfmodules.engine.cut import Cut, Engine, Explanation
 from cfmodules.engine.split import SplitState
-from cfmodules.engine.swaps import Swaps, plan_swaps
+from cfmodules.engine.swaps import HookSwaps, Swaps, plan_swaps
 
-__all__ = ["Cut", "Engine", "Explanation", "SplitState", "Swaps", "plan_swaps"]
+__all__ = ["BatchChoice", "BatchShape", "Cut", "Engine", "Explanation", "HookSwaps",
+           "SplitState", "Swaps", "batch_dependent_ops", "candidate_shapes", "default_shape",
+           "plan_swaps", "time_shapes"]

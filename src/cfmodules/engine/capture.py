@@ -38,6 +38,7 @@ import torch
 from torch import fx, nn
 
 from cfmodules import latents as L
+from cfmodules.engine.exported import MIN_BATCH, export_forward, layer_calls
 from cfmodules.engine.split import FxSplit, fx_split
 from cfmodules.errors import CfModulesError, LayerCallError
 from cfmodules.hooks import LayerRef
@@ -59,20 +60,25 @@ class Attempt:
     Attributes
     ----------
     kind : str
-        ``"graph"`` (the whole forward) or ``"partial"`` (a submodule).
+        ``"export"`` (the whole forward by ``torch.export``), ``"graph"`` (the whole
+        forward by ``torch.fx``) or ``"partial"`` (a submodule by ``torch.fx``).
     where : str
         ``"forward"`` or the submodule's name.
     error : str or None
         Why it cannot be used (None: it works).
+    seconds : float or None
+        How long the capture took, where it may take seconds (``torch.export``).
     """
 
     kind: str
     where: str
     error: str | None = None
+    seconds: float | None = None
 
     def __str__(self) -> str:
         what = f"{self.kind} capture of {self.where!r}"
-        return f"{what}: ok" if self.error is None else f"{what}: {self.error}"
+        took = f" ({self.seconds:.2g} s)" if self.seconds is not None else ""
+        return f"{what}: ok{took}" if self.error is None else f"{what}: {self.error}{took}"
 
 
 @dataclass
@@ -82,7 +88,7 @@ class Capture:
     Attributes
     ----------
     kind : str
-        ``"graph"`` or ``"partial"``.
+        ``"export"``, ``"graph"`` or ``"partial"``.
     where : str
         ``"forward"`` or the path of the captured submodule ``M``.
     split : FxSplit
@@ -280,6 +286,32 @@ def _probe(adapter, ref: LayerRef, containers: list[str]) -> _Probe:
     return _Probe(z, raw, got[k], calls)
 
 
+def cut_per_sample(adapter, gm: fx.GraphModule, ref: LayerRef, inputs: tuple,
+                   calls: list[fx.Node] | None = None, min_batch: int = 1) -> FxSplit:
+    """``fx_split`` of ``gm`` at ``ref`` whose prefix passes per-sample values only.
+
+    A value the suffix reads whose first dimension is not the batch (StyleGAN2's
+    modulated weights, or an input with the batch folded into the channels for a
+    convolution with ``groups=N``) cannot follow its sample into the hybrids' rows: it is
+    computed in the suffix instead, from the values it is made of, until every value
+    passed is per-sample (checked on ``inputs``, two samples).
+    """
+    force: frozenset[fx.Node] = frozenset()
+    if inputs[0].shape[0] < 2:  # one sample cannot tell a batch dimension from a 1
+        inputs = tuple(torch.cat([x, x[:1].expand(2 - x.shape[0], *x.shape[1:])]) for x in inputs)
+    n = inputs[0].shape[0]
+    for _ in range(len(gm.graph.nodes) + 1):
+        split = fx_split(gm, ref, calls, min_batch, force)
+        with adapter.eval_mode():
+            values = split.prefix_module(*inputs)
+        bad = {node for node, v in zip(split.frontier_nodes[1:], values[1:])
+               if not (isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n)}
+        if not bad:
+            return split
+        force = force | bad
+    return split
+
+
 def _check(adapter, split: FxSplit, inputs: tuple, probe: _Probe) -> None:
     """Refuse a capture whose numbers differ from the probe forward."""
     with adapter.eval_mode():
@@ -372,8 +404,8 @@ def trace_partial(adapter, ref: LayerRef, where: str, args: tuple, kwargs: dict
     with adapter.eval_mode():
         gm = _trace(_Call(module, tuple(names), frozen, var), leaf, len(tensors))
     gm = _reroot(gm, where)
-    return Capture("partial", where, fx_split(gm, ref), gm, frozen_key(frozen),
-                   tuple(names)), tensors
+    split = cut_per_sample(adapter, gm, ref, tuple(tensors))
+    return Capture("partial", where, split, gm, frozen_key(frozen), tuple(names)), tensors
 
 
 def _reroot(gm: fx.GraphModule, where: str) -> fx.GraphModule:
@@ -402,13 +434,20 @@ def _containers(ref: LayerRef) -> list[str]:
     return [".".join(parts[:i]) for i in range(1, len(parts))]
 
 
-def capture_layer(adapter, ref: LayerRef) -> tuple[Capture | None, list[Attempt]]:
+CAPTURES = ("graph", "partial", "export")
+"""The captures tried, in this order (``Engine.captures`` may change it)."""
+
+
+def capture_layer(adapter, ref: LayerRef, kinds: tuple[str, ...] = CAPTURES
+                  ) -> tuple[Capture | None, list[Attempt]]:
     """Every capture of the forward that can be cut at ``ref``; the chosen one first.
 
     Returns the working capture with the fewest suffix FLOPs per hybrid (the first one
-    tried on a tie: the whole forward, then submodules from the outermost), and the
-    attempts in the order they were tried. Submodules are not tried once the whole
-    forward is captured: their output is the generator's, so their suffix is the same.
+    tried on a tie), and the attempts in the order they were tried. Every capture's
+    suffix runs what follows the layer up to the generator's output, so once one works
+    the others cannot run less: submodules are not tried once the whole forward is
+    captured, and ``torch.export`` (seconds, where ``torch.fx`` takes milliseconds) only
+    when no ``torch.fx`` capture works (or when ``kinds`` puts it first).
 
     Raises
     ------
@@ -427,19 +466,70 @@ def capture_layer(adapter, ref: LayerRef) -> tuple[Capture | None, list[Attempt]
     except Exception as e:  # the hook path reports the forward's own error
         return None, [Attempt("graph", "forward", _error_text(e))]
     n_inputs = len(probe.latent) if isinstance(probe.latent, tuple) else 1
+    inputs = probe.latent if isinstance(probe.latent, tuple) else (probe.latent,)
+    for kind in kinds:
+        if kind == "graph":
+            _try_graph(adapter, ref, n_inputs, inputs, probe, found, attempts)
+        elif kind == "export":
+            if found:
+                attempts.append(Attempt("export", "forward", "not tried: a torch.fx capture "
+                                        "works and this one's suffix would be the same"))
+                continue
+            _try_export(adapter, ref, n_inputs, inputs, probe, found, attempts)
+        elif kind == "partial":
+            _try_partials(adapter, ref, containers, probe, found, attempts)
+    if not found:
+        return None, attempts
+    if len(found) == 1:
+        return found[0], attempts
+    best = min(found, key=lambda c: suffix_flops(adapter, c.split, probe.latent, c))
+    return best, attempts
+
+
+def _try_graph(adapter, ref: LayerRef, n_inputs: int, inputs: tuple, probe: _Probe,
+               found: list[Capture], attempts: list[Attempt]) -> None:
+    """The whole forward traced by ``torch.fx``."""
     try:
         with adapter.eval_mode():
             gm = _trace(_WholeForward(adapter.generator, adapter.forward_fn, n_inputs),
                         "gen." + ref.path, n_inputs)
-        split = fx_split(gm, ref)
-        _check(adapter, split, probe.latent if isinstance(probe.latent, tuple)
-               else (probe.latent,), probe)
+        split = cut_per_sample(adapter, gm, ref, inputs)
+        _check(adapter, split, inputs, probe)
         found.append(Capture("graph", "forward", split, gm))
         attempts.append(Attempt("graph", "forward"))
     except (KeyboardInterrupt, LayerCallError):
         raise
     except Exception as e:  # fx raises many types; other captures or hooks are exact
         attempts.append(Attempt("graph", "forward", _error_text(e)))
+
+
+def _try_export(adapter, ref: LayerRef, n_inputs: int, inputs: tuple, probe: _Probe,
+                found: list[Capture], attempts: list[Attempt]) -> None:
+    """The whole forward by ``torch.export`` (made once per generator structure)."""
+    seconds = None
+    try:
+        gm, seconds = adapter.engine.exported(n_inputs, inputs)
+        split = cut_per_sample(adapter, gm, ref, inputs, layer_calls(gm, ref.path), MIN_BATCH)
+        _check(adapter, split, inputs, probe)
+        found.append(Capture("export", "forward", split, gm))
+        attempts.append(Attempt("export", "forward", None, seconds))
+    except (KeyboardInterrupt, LayerCallError):
+        raise
+    except Exception as e:  # export raises many types; other captures or hooks are exact
+        attempts.append(Attempt("export", "forward", _error_text(e),
+                                adapter.engine.export_seconds))
+
+
+def export_graph(adapter, n_inputs: int, inputs: tuple) -> tuple[fx.GraphModule, float]:
+    """``(graph, seconds)``: the adapter's whole forward by ``torch.export`` (eval mode)."""
+    wrapper = _WholeForward(adapter.generator, adapter.forward_fn, n_inputs)
+    with adapter.eval_mode():
+        return export_forward(wrapper, adapter.generator, inputs)
+
+
+def _try_partials(adapter, ref: LayerRef, containers: list[str], probe: _Probe,
+                  found: list[Capture], attempts: list[Attempt]) -> None:
+    """Submodules whose output is the generator's, traced by ``torch.fx``."""
     for where in containers:
         label = where or "(the generator)"
         calls = probe.calls[where]
@@ -462,12 +552,6 @@ def capture_layer(adapter, ref: LayerRef) -> tuple[Capture | None, list[Attempt]
             raise
         except Exception as e:
             attempts.append(Attempt("partial", label, _error_text(e)))
-    if not found:
-        return None, attempts
-    if len(found) == 1:
-        return found[0], attempts
-    best = min(found, key=lambda c: suffix_flops(adapter, c.split, probe.latent, c))
-    return best, attempts
 
 
 def suffix_flops(adapter, split: FxSplit, latent: L.Latent, cap: Capture | None = None
@@ -481,7 +565,7 @@ def suffix_flops(adapter, split: FxSplit, latent: L.Latent, cap: Capture | None 
 
 def prefix_state(adapter, split: FxSplit, latent: L.Latent, cap: Capture | None):
     """The split's state for ``latent``, running the forward up to ``M`` for a partial."""
-    if cap is None or cap.kind == "graph":
+    if cap is None or cap.kind in ("graph", "export"):
         with adapter.eval_mode():
             return split.prefix(latent)
     args = record_call(adapter, cap.where, latent)

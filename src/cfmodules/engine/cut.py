@@ -35,6 +35,7 @@ they are seen by the next call, not within a running one.
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,7 +45,9 @@ import torch
 from torch import fx, nn
 
 from cfmodules import latents as L
+from cfmodules.engine.batching import BatchChoice, batch_dependent_ops
 from cfmodules.engine.capture import (
+    CAPTURES,
     Attempt,
     Capture,
     _getattr_path,
@@ -52,13 +55,14 @@ from cfmodules.engine.capture import (
     _WholeForward,
     capture_layer,
     count_flops,
+    export_graph,
     frozen_key,
     partial_inputs,
     record_call,
     trace_partial,
 )
 from cfmodules.engine.split import FxSplit, HookSplit, Split, SplitState
-from cfmodules.errors import ShapeError
+from cfmodules.errors import ConfigError, ShapeError
 from cfmodules.hooks import LayerRef, resolve_layer
 
 __all__ = ["Engine", "Cut", "PartialSplit", "Explanation", "fingerprint"]
@@ -174,8 +178,8 @@ class Explanation:
     path : str
         ``"linear shortcut"``, ``"split"``, ``"partial"`` or ``"hook"``.
     capture : str or None
-        The capture behind the path (``"graph of the forward"``, ``"partial at 'main'"``),
-        None on the hook path.
+        The capture behind the path (``"graph of the forward"``, ``"torch.export graph of
+        the forward"``, ``"partial at 'main'"``), None on the hook path.
     reason : str
         Why this path (for ``hook``: why nothing faster is exact).
     attempts : tuple of Attempt
@@ -186,6 +190,10 @@ class Explanation:
         FLOPs of one full forward (one sample; convolutions and matrix products).
     flops_hybrid : float
         FLOPs of one hybrid on this path (per channel swap and pair).
+    batching : str
+        How influence maps choose the hybrids per call at this layer: by the memory budget,
+        or by timing on the first block (with the operations that make batching hurt),
+        and the shape the latest run chose.
     """
 
     layer: str
@@ -196,6 +204,7 @@ class Explanation:
     linear_cut: str | None
     flops_full: float
     flops_hybrid: float
+    batching: str = ""
 
     @property
     def limit(self) -> float:
@@ -209,6 +218,8 @@ class Explanation:
                  f"  why: {self.reason}",
                  f"  one hybrid {self.flops_hybrid / 1e6:.3g} MFLOP, one forward "
                  f"{self.flops_full / 1e6:.3g} MFLOP: at most {self.limit:.2f}x a naive rerun"]
+        if self.batching:
+            lines.append(f"  batch shape: {self.batching}")
         lines += [f"  tried {a}" for a in self.attempts]
         return "\n".join(lines)
 
@@ -236,6 +247,12 @@ class Engine:
         self.generation = 0
         """Moves whenever the captures are dropped."""
         self._warned: set[str] = set()
+        self._batch_ops: tuple[object, str | None] | None = None
+        self._export: tuple[object, Any, float, BaseException | None] | None = None
+        self._captures: tuple[str, ...] = CAPTURES
+        self.batch_choices: dict[str, BatchChoice] = {}
+        """The batch shape the latest influence run used per layer (``"modules"``: modules
+        over several layers)."""
 
     # ------------------------------------------------------------------ freshness
     def refresh(self) -> None:
@@ -261,6 +278,59 @@ class Engine:
         if weights != self._weights:
             self._weights = weights
             self.weights_generation += 1
+
+    # ------------------------------------------------------------------ captures
+    @property
+    def captures(self) -> tuple[str, ...]:
+        """The captures tried per layer, in order: ``"graph"`` (``torch.fx``, the whole
+        forward), ``"partial"`` (``torch.fx``, a submodule), ``"export"`` (``torch.export``,
+        the whole forward; tried after a working capture only when listed first).
+        Setting it drops the captures made so far."""
+        return self._captures
+
+    @captures.setter
+    def captures(self, kinds: tuple[str, ...]) -> None:
+        kinds = tuple(kinds)
+        bad = [k for k in kinds if k not in CAPTURES]
+        if bad or not kinds:
+            raise ConfigError(f"captures must be a non-empty tuple of {CAPTURES}, got {kinds!r}.")
+        self._captures = kinds
+        self._entries.clear()
+        self.generation += 1
+
+    def exported(self, n_inputs: int, inputs: tuple) -> tuple[fx.GraphModule, float]:
+        """``(graph, seconds)`` of the whole forward by ``torch.export``, made once per
+        structure of the generator (a failure too: it raises the same error again)."""
+        self.check()
+        if self._export is None or self._export[0] is not self._structure:
+            t0 = time.perf_counter()
+            try:
+                gm, seconds = export_graph(self.adapter, n_inputs, inputs)
+                self._export = (self._structure, gm, seconds, None)
+            except Exception as e:  # torch.export raises many types; kept as the reason
+                self._export = (self._structure, None, time.perf_counter() - t0, e)
+        _, gm, seconds, error = self._export
+        if error is not None:
+            raise error
+        return gm, seconds
+
+    @property
+    def export_seconds(self) -> float | None:
+        """How long the latest ``torch.export`` of the forward took (None: not tried)."""
+        return None if self._export is None else self._export[2]
+
+    # ------------------------------------------------------------------ batch shape
+    def batch_dependent_ops(self) -> str | None:
+        """Operations that batching may slow down (convolutions whose groups grow with
+        the batch), or None; probed once per captured structure of the generator."""
+        self.check()
+        if self._batch_ops is None or self._batch_ops[0] is not self._structure:
+            self._batch_ops = (self._structure, batch_dependent_ops(self.adapter))
+        return self._batch_ops[1]
+
+    def record_batch(self, layer: str, choice: BatchChoice) -> None:
+        """Keep the batch shape an influence run chose for ``layer`` (for :meth:`explain`)."""
+        self.batch_choices[layer] = choice
 
     # ------------------------------------------------------------------ choosing a path
     def _hook_reason(self) -> str | None:
@@ -290,7 +360,8 @@ class Engine:
             return self._entries[ref.name]
         ad = self.adapter
         reason = self._hook_reason()
-        capture, attempts = (None, []) if reason is not None else capture_layer(ad, ref)
+        capture, attempts = ((None, []) if reason is not None
+                             else capture_layer(ad, ref, self._captures))
         if capture is None:
             if generate_is_overridden(ad):
                 split: Split = HookSplit(ad.generator, _generate_run(ad), ref.name)
@@ -302,10 +373,11 @@ class Engine:
                           "attempts); a full forward with a replacing hook is exact for any "
                           "forward")
             entry = _Entry(split, "hook", None, tuple(attempts), reason)
-        elif capture.kind == "graph":
+        elif capture.kind in ("graph", "export"):
             entry = _Entry(capture.split, "split", capture, tuple(attempts),
-                           "the whole forward is captured as a graph; only what follows the "
-                           "layer runs per hybrid", [graph_refs(capture.graph)])
+                           f"the whole forward is captured as a graph"
+                           f"{' by torch.export' if capture.kind == 'export' else ''}; only "
+                           "what follows the layer runs per hybrid", [graph_refs(capture.graph)])
         else:
             entry = _Entry(PartialSplit(ad, ref, capture), "partial", capture, tuple(attempts),
                            f"the forward runs up to '{capture.where or 'the generator'}' "
@@ -388,6 +460,7 @@ class Engine:
         path, capture, reason = entry.path, None, entry.reason
         if entry.capture is not None:
             capture = ("graph of the forward" if entry.capture.kind == "graph"
+                       else "torch.export graph of the forward" if entry.capture.kind == "export"
                        else f"partial at '{entry.capture.where}'" if entry.capture.where
                        else "partial at the generator (called by forward=)")
         linear_cut = None
@@ -416,7 +489,16 @@ class Engine:
                 with ad.eval_mode():
                     hybrid = count_flops(lambda: cut.suffix(state, state.activation))[0] / 2
         return Explanation(ref.name, path, capture, reason, entry.attempts, linear_cut,
-                           float(full), float(hybrid))
+                           float(full), float(hybrid), self._batching(ref.name))
+
+    def _batching(self, layer: str) -> str:
+        why = self.batch_dependent_ops()
+        text = ("timed on the first block of each influence run (" + why + ")" if why
+                else "set by the memory budget (no operation grows with the batch)")
+        last = self.batch_choices.get(layer)
+        if last is not None:
+            text += f"; the latest run used {last}"
+        return text
 
 
 def generate_is_overridden(adapter) -> bool:

@@ -24,7 +24,7 @@ from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from cfmodules import latents as L
-from cfmodules.engine.split import SplitState
+from cfmodules.engine.split import SplitState, run_padded
 from cfmodules.engine.workspace import Workspace
 
 if TYPE_CHECKING:  # the adapter imports the engine; annotations only
@@ -374,5 +374,5 @@ class FastSplit:
             activation = activation.clone()
             frontier = tuple(f.clone() for f in frontier)
         with self.adapter.eval_mode():
-            raw = module(activation, *frontier)
+            raw = run_padded(module, (activation, *frontier), self._plain.min_batch)
         return self.adapter.images(raw, activation.shape[0])

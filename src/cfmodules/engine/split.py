@@ -112,7 +112,36 @@ def _has_inplace(gm: fx.GraphModule, nodes: list[fx.Node]) -> bool:
             return True
         if n.op == "call_function" and n.kwargs.get("inplace", False):
             return True
+        if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) and (
+                n.target._schema.is_mutable):  # an exported graph's ATen relu_, add_, ...
+            return True
     return False
+
+
+def run_padded(fn: Callable[..., object], args: tuple[torch.Tensor, ...], min_batch: int
+               ) -> object:
+    """``fn(*args)`` for a batch smaller than ``min_batch``, padded with its first sample.
+
+    Every argument is per-sample (batch first); the output (tensor, tuple, list or dict of
+    tensors, batch first) is cut back to the real batch. Exact, as samples do not mix.
+    """
+    n = args[0].shape[0]
+    if n >= min_batch:
+        return fn(*args)
+    pad = torch.zeros(min_batch - n, dtype=torch.long)
+    idx = torch.cat([torch.arange(n), pad])
+    out = fn(*(a.index_select(0, idx.to(a.device)) for a in args))
+    return _rows(out, n)
+
+
+def _rows(out: object, n: int) -> object:
+    if isinstance(out, torch.Tensor):
+        return out[:n]
+    if isinstance(out, (tuple, list)):
+        return type(out)(_rows(o, n) for o in out)
+    if isinstance(out, dict):
+        return {k: _rows(v, n) for k, v in out.items()}
+    return out
 
 
 class FxSplit(Split):
@@ -121,13 +150,18 @@ class FxSplit(Split):
     exact_graph = True
 
     def __init__(self, prefix: fx.GraphModule, suffix: fx.GraphModule, layer: str,
-                 clone_frontier: bool):
+                 clone_frontier: bool, min_batch: int = 1):
         self.prefix_module, self.suffix_module, self.layer = prefix, suffix, layer
         self._clone = clone_frontier
+        self.min_batch = min_batch
+        """The smallest batch the graphs hold for (an exported graph: 2); smaller ones
+        are run padded (:func:`run_padded`)."""
+        self.frontier_nodes: tuple[fx.Node, ...] = ()
+        """The nodes of the uncut graph whose values the prefix passes (the layer first)."""
 
     def prefix(self, z: L.Latent) -> SplitState:
         args = z if isinstance(z, tuple) else (z,)
-        values = self.prefix_module(*args)
+        values = run_padded(self.prefix_module, args, self.min_batch)
         if self._clone:
             values = tuple(v.clone() for v in values)
         return SplitState(activation=values[0], frontier=tuple(values[1:]), latent=z)
@@ -137,10 +171,13 @@ class FxSplit(Split):
         if self._clone:
             activation = activation.clone()
             frontier = tuple(f.clone() for f in frontier)
-        return self.suffix_module(activation, *frontier)
+        return run_padded(self.suffix_module, (activation, *frontier), self.min_batch)
 
 
 _SHAPE_METHODS = frozenset({"size", "dim", "numel", "ndimension", "nelement"})
+_SHAPE_OPS = frozenset({torch.ops.aten.sym_size.int, torch.ops.aten.sym_numel.default,
+                        torch.ops.aten.sym_stride.int, torch.ops.aten.sym_storage_offset.default})
+"""Shape reads of an exported graph."""
 _ARITH = frozenset({operator.add, operator.sub, operator.mul, operator.floordiv,
                     operator.truediv, operator.mod, operator.neg, operator.getitem, len})
 
@@ -155,6 +192,8 @@ def _is_shape(node: fx.Node) -> bool:
         return node.target in _SHAPE_METHODS
     if node.op != "call_function":
         return False
+    if node.target in _SHAPE_OPS:
+        return True
     if node.target is getattr:
         return len(node.args) > 1 and node.args[1] in ("shape", "ndim")
     if node.target in _ARITH:
@@ -163,8 +202,16 @@ def _is_shape(node: fx.Node) -> bool:
     return False
 
 
-def fx_split(gm: fx.GraphModule, ref: LayerRef) -> FxSplit:
+def fx_split(gm: fx.GraphModule, ref: LayerRef, calls: list[fx.Node] | None = None,
+             min_batch: int = 1, force: frozenset[fx.Node] = frozenset()) -> FxSplit:
     """Cut the traced graph ``gm`` at the output of ``ref``.
+
+    ``calls``: the output node of each call of the layer, when they are not
+    ``call_module`` nodes of its name (an exported graph; see
+    :func:`cfmodules.engine.exported.layer_calls`). ``min_batch``: the smallest batch
+    the graph holds for. ``force``: nodes computed in the suffix although they do not
+    depend on the layer (values whose first dimension is not the batch, e.g. a
+    convolution's batch folded into its channels, cannot be passed per sample).
 
     Raises
     ------
@@ -174,7 +221,8 @@ def fx_split(gm: fx.GraphModule, ref: LayerRef) -> FxSplit:
         If the layer is called several times and ``ref`` does not name one call.
     """
     nodes = list(gm.graph.nodes)
-    calls = [n for n in nodes if n.op == "call_module" and n.target == ref.path]
+    if calls is None:
+        calls = [n for n in nodes if n.op == "call_module" and n.target == ref.path]
     if not calls:
         raise LayerNotFoundError(f"Layer '{ref.path}' is not a node of the traced graph.")
     if ref.call is None and len(calls) > 1:
@@ -204,6 +252,9 @@ def fx_split(gm: fx.GraphModule, ref: LayerRef) -> FxSplit:
 
     suffix_nodes = set(after) - {cut}
     stack = [a for n in suffix_nodes for a in n.all_input_nodes]
+    for f in force - {cut} - suffix_nodes:
+        suffix_nodes.add(f)
+        stack.extend(f.all_input_nodes)
     while stack:  # constants and shapes the suffix needs are recomputed there
         a = stack.pop()
         if a not in suffix_nodes and (a not in dynamic or _is_shape(a)):
@@ -243,4 +294,6 @@ def fx_split(gm: fx.GraphModule, ref: LayerRef) -> FxSplit:
     prefix = fx.GraphModule(gm, pg)
     suffix = fx.GraphModule(gm, sg)
     clone = _has_inplace(gm, prefix_nodes) or _has_inplace(gm, ordered_suffix)
-    return FxSplit(prefix, suffix, ref.name, clone)
+    split = FxSplit(prefix, suffix, ref.name, clone, min_batch)
+    split.frontier_nodes = tuple(frontier)
+    return split

@@ -37,7 +37,16 @@ from cfmodules import checks
 from cfmodules import latents as L
 from cfmodules._deprecation import renamed_function, warn_renamed
 from cfmodules.adapter import ChannelSpec, GeneratorAdapter, channel_index
-from cfmodules.engine import Swaps, plan_swaps
+from cfmodules.engine import (
+    BatchChoice,
+    BatchShape,
+    HookSwaps,
+    Swaps,
+    candidate_shapes,
+    default_shape,
+    plan_swaps,
+    time_shapes,
+)
 from cfmodules.errors import CheckpointError, ConfigError, GeneratorOutputError, did_you_mean
 from cfmodules.hooks import resolve_layer
 from cfmodules.hybrid import module_channels
@@ -168,19 +177,38 @@ def pair_latents(adapter: GeneratorAdapter, seed: int, start: int, n: int
 
 # ---------------------------------------------------------------------- runners
 class _Runner:
-    """|hybrid - Original 1| (averaged over colour) for a set of units, from the engine."""
+    """|hybrid - Original 1| (averaged over colour) for a set of units, from the engine.
+
+    ``swaps`` computes the hybrids; ``options`` holds the other ways that may be timed
+    against it on the first block (the naive rerun), each with its own Original 1.
+    ``choice`` is the batch shape in use (None before the first block).
+    """
 
     def __init__(self, swaps: Swaps, units: list[_Unit]):
         self.swaps, self.units = swaps, units
+        self.options: dict[str, Swaps] = {swaps.path: swaps}
+        self.ys: dict[str, torch.Tensor] = {}
+        self.choice: BatchChoice | None = None
 
-    def begin_block(self, z1: L.Latent, z2: L.Latent, first_pair: int) -> None:
-        self.y = self.swaps.begin_block(z1, z2)
-        self._check_y(self.y, first_pair)
+    @property
+    def key(self) -> str:
+        """The layer of its units (or ``"modules"`` for multi-layer modules)."""
+        first = self.units[0].channels
+        return next(iter(first)) if len(first) == 1 else "modules"
 
-    def diffs(self, units: slice, pairs: slice) -> torch.Tensor:
+    def begin_block(self, z1: L.Latent, z2: L.Latent, first_pair: int,
+                    paths: Sequence[str] | None = None) -> None:
+        for path in paths or (self.swaps.path,):
+            y = self.options[path].begin_block(z1, z2)
+            self._check_y(y, first_pair)
+            self.ys[path] = y
+        self.y = self.ys[self.swaps.path]
+
+    def diffs(self, units: slice, pairs: slice, path: str | None = None) -> torch.Tensor:
         """``(u, p, H, W)`` for units ``units`` (of this runner) and pairs ``pairs`` of the block."""
-        out = self.swaps.hybrids(units, pairs)
-        return _abs_diff(out, self.y[pairs], len(range(len(self.units))[units]))
+        swaps = self.options[path or self.swaps.path]
+        out = swaps.hybrids(units, pairs)
+        return _abs_diff(out, self.ys[swaps.path][pairs], len(range(len(self.units))[units]))
 
     def _check_y(self, y: torch.Tensor, first_pair: int) -> None:
         if y.dim() != 4:
@@ -352,20 +380,24 @@ def _run(adapter: GeneratorAdapter, units: list[_Unit], layer: str | None, *,
                 z1, z2 = L.pair_latents(adapter, n_p, settings.seed, n_done)
                 block = BlockSums(n_units)
                 for runner, rows in runners:
-                    runner.begin_block(z1, z2, n_done)
-                    p_step = min(n_p, max_rows)
-                    u_step = max(1, max_rows // p_step)
-                    chunks = [(slice(u0, min(u0 + u_step, len(rows))),
-                               slice(p0, min(p0 + p_step, n_p)))
-                              for u0 in range(0, len(rows), u_step)
-                              for p0 in range(0, n_p, p_step)]
-                    for us, ps in chunks:
-                        d = runner.diffs(us, ps)
+                    def add(us: slice, d: torch.Tensor, rows: list[int] = rows,
+                            block: BlockSums = block) -> None:
                         block.add(_index(rows, us), *_sums(d))
                         if bar is not None:
                             bar.update(d.shape[0] * d.shape[1])
+
+                    start = 0
+                    if runner.choice is None:  # the first block chooses the batch shape
+                        start = _choose_batch(adapter, runner, z1, z2, n_done, max_rows,
+                                              settings.algorithm, add)
+                    else:
+                        runner.begin_block(z1, z2, n_done)
+                    shape = (runner.choice.shape if runner.choice.timed
+                             else default_shape(n_p, max_rows, runner.swaps.path))
+                    for us, ps in _chunks(len(rows), n_p, shape, start):
+                        add(us, runner.diffs(us, ps))
                     if not block.is_finite(_index(rows, slice(None))):
-                        _find_non_finite(runner, chunks, n_done)
+                        _find_non_finite(runner, _chunks(len(rows), n_p, shape, 0), n_done)
                 if stats is None:
                     merged = RunningStats(n_units, block.shape, adapter.device)
                 elif tuple(stats.mean.shape[1:]) != block.shape:
@@ -406,8 +438,62 @@ def _run(adapter: GeneratorAdapter, units: list[_Unit], layer: str | None, *,
         model=adapter.name,
         settings={**asdict(settings), "linear_shortcut": {
             r.swaps.layer: r.swaps.cut for r, _ in runners if r.swaps.path == "linear shortcut"},
-            "paths": _paths(runners, units)},
+            "paths": _paths(runners, units),
+            "batch": {r.key: r.choice.to_dict() for r, _ in runners if r.choice is not None}},
     )
+
+
+def _chunks(n_units: int, n_pairs: int, shape: BatchShape, start: int
+            ) -> list[tuple[slice, slice]]:
+    """(units, pairs) slices of one call each, for units ``start:`` and every pair."""
+    return [(slice(u0, min(u0 + shape.units, n_units)), slice(p0, min(p0 + shape.pairs, n_pairs)))
+            for u0 in range(start, n_units, shape.units)
+            for p0 in range(0, n_pairs, shape.pairs)]
+
+
+def _choose_batch(adapter: GeneratorAdapter, runner: _Runner, z1: L.Latent, z2: L.Latent,
+                  first_pair: int, max_rows: int, algorithm: str,
+                  add: Callable[[slice, torch.Tensor], None]) -> int:
+    """Begin the first block and choose the runner's batch shape; returns the units done.
+
+    Where the generator has operations that batching can slow down
+    (:func:`~cfmodules.engine.batch_dependent_ops`), candidate shapes (and, with
+    ``algorithm="auto"``, the naive rerun) are timed on real hybrids of the first units,
+    whose sums go into the block through ``add``; else the memory budget sets the shape.
+    """
+    n_p, n_u = L.batch_size(z1), len(runner.units)
+    path = runner.swaps.path
+    engine = adapter.engine
+    why = engine.batch_dependent_ops()
+    if why is None:
+        runner.begin_block(z1, z2, first_pair)
+        runner.choice = BatchChoice(default_shape(n_p, max_rows, path),
+                                    "set by the memory budget (no operation of the forward "
+                                    "grows with the batch)")
+        engine.record_batch(runner.key, runner.choice)
+        return 0
+    naive = None
+    if algorithm == "auto" and path != "hook":
+        runner.options["hook"] = HookSwaps(adapter, runner.swaps.groups)
+        naive = "hook"
+    runner.begin_block(z1, z2, first_pair, paths=list(runner.options))
+
+    def run(shape: BatchShape, us: slice, ps: slice) -> None:
+        add(us, runner.diffs(us, ps, shape.path))
+
+    choice, done = time_shapes(candidate_shapes(n_u, n_p, max_rows, path, naive), n_u, n_p,
+                               run, adapter.device)
+    if choice is None:
+        choice = BatchChoice(default_shape(n_p, max_rows, path),
+                             f"set by the memory budget: {why}, but {n_u} unit(s) x {n_p} "
+                             "pair(s) are too few to time shapes")
+    else:
+        choice = BatchChoice(choice.shape, f"{choice.reason}: {why}", choice.timed)
+    runner.choice = choice
+    runner.swaps = runner.options[choice.shape.path]
+    runner.y = runner.ys[runner.swaps.path]
+    engine.record_batch(runner.key, choice)
+    return done
 
 
 def _paths(runners: list[tuple[_Runner, list[int]]], units: list[_Unit]) -> dict[str, str]:

@@ -10,42 +10,66 @@ cluster maps that came from anywhere.
 >>> result = cluster_stability(maps, ks=range(2, 7))   # data of Fig. 9, NMF and k-means
 >>> result.suggest_k()
 >>> ClusteringSettings(method="kmeans").estimator(3)   # settings shared by analysis, scan, monitor
+
+The clustering and the stability sweep load on first use, so that the clustering's
+worker processes, which import only :mod:`cfmodules.modules.fits` and the engines, start
+without scikit-learn and scipy.
 """
 
-from cfmodules.modules.clustering import (
-    METHODS,
-    ModuleClustering,
-    module_sizes,
-    modules_from_labels,
-)
-from cfmodules.modules.measures import locality, module_locality
-from cfmodules.modules.preprocess import as_maps, preprocess, smooth, threshold
-from cfmodules.modules.settings import ClusteringSettings
-from cfmodules.modules.stability import (
-    DEFAULT_KS,
-    StabilityResult,
-    cluster_stability,
-    match_labels,
-    suggest_k,
-    template_similarity,
-)
+from __future__ import annotations
 
-__all__ = [
-    "ModuleClustering",
-    "ClusteringSettings",
-    "locality",
-    "module_locality",
-    "METHODS",
-    "module_sizes",
-    "modules_from_labels",
-    "as_maps",
-    "smooth",
-    "threshold",
-    "preprocess",
-    "cluster_stability",
-    "StabilityResult",
-    "suggest_k",
-    "match_labels",
-    "template_similarity",
-    "DEFAULT_KS",
-]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# light (numpy only), and ``preprocess`` is also the name of its submodule: bound here, so
+# the function, not the submodule, is ``cfmodules.modules.preprocess`` as an attribute
+from cfmodules.modules.preprocess import as_maps, preprocess, smooth, threshold
+
+# name -> submodule that defines it
+_EXPORTS = {
+    "ModuleClustering": "clustering",
+    "METHODS": "clustering",
+    "module_sizes": "clustering",
+    "modules_from_labels": "clustering",
+    "ClusteringSettings": "settings",
+    "locality": "measures",
+    "module_locality": "measures",
+    "cluster_stability": "stability",
+    "StabilityResult": "stability",
+    "suggest_k": "stability",
+    "match_labels": "stability",
+    "template_similarity": "stability",
+    "DEFAULT_KS": "stability",
+}
+
+__all__ = [*_EXPORTS, "as_maps", "smooth", "threshold", "preprocess"]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from cfmodules.modules.clustering import (
+        METHODS,
+        ModuleClustering,
+        module_sizes,
+        modules_from_labels,
+    )
+    from cfmodules.modules.measures import locality, module_locality
+    from cfmodules.modules.settings import ClusteringSettings
+    from cfmodules.modules.stability import (
+        DEFAULT_KS,
+        StabilityResult,
+        cluster_stability,
+        match_labels,
+        suggest_k,
+        template_similarity,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f"cfmodules.modules.{_EXPORTS[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'cfmodules.modules' has no attribute '{name}'")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -24,7 +24,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from sklearn.utils import check_random_state
 
 __all__ = ["kmeans_many", "KMEANS_TOL"]
 
@@ -148,13 +147,15 @@ def kmeans_many(
     list of B tuples (labels (N_b,), centroid weights (K, N_b), inertia, converged)
         The restart with the smallest inertia; the centroids are ``weights @ X[rows]``.
     """
+    from cfmodules.modules.fits import as_random_state
+
     out = []
     for rows, seed in zip(subsets, seeds):
         g = gram[np.ix_(rows, rows)]
         n = len(rows)
         # mean over columns of the per-column variance, from the Gram matrix
         var = (np.trace(g) - g.sum() / n) / (n * n_features)
-        km_seed = int(check_random_state(seed).randint(_INT32_MAX))
+        km_seed = int(as_random_state(seed).randint(_INT32_MAX))
         rng = np.random.RandomState(km_seed)
         best = None
         for _ in range(n_init):

@@ -4,8 +4,9 @@ The pre-processed (smoothed, thresholded) influence maps of the C channels of a 
 a (C x pixels) matrix S. NMF factorizes it as S ~ W H with K rows of H, the *templates*,
 and the *weights* W (C x K); k-means gives K centroids as templates and one-hot weights.
 Channel c belongs to the module whose template has the largest weight in its map.
-Both wrap scikit-learn's public estimators (``sklearn.decomposition.NMF``,
-``sklearn.cluster.KMeans``) and keep the best of several restarts.
+Both keep the best of several restarts. The reference engine wraps scikit-learn's public
+estimators (``sklearn.decomposition.NMF``, ``sklearn.cluster.KMeans``); the default one
+is faster (:mod:`cfmodules.modules.fits`).
 """
 
 from __future__ import annotations
@@ -16,17 +17,14 @@ from typing import Any
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClusterMixin
-from sklearn.cluster import KMeans
-from sklearn.decomposition import NMF
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.exceptions import NotFittedError as SklearnNotFittedError
-from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted
-from threadpoolctl import threadpool_limits
 
 from cfmodules import checks, errors
 from cfmodules._deprecation import warn_renamed
 from cfmodules.errors import ConfigError, ShapeError
+from cfmodules.modules.fits import BACKENDS, check_jobs, cluster_features
 from cfmodules.modules.preprocess import (
     DEFAULT_PERCENTILE,
     DEFAULT_WINDOW,
@@ -78,7 +76,13 @@ class ModuleClustering(ClusterMixin, BaseEstimator):
     random_state : int, numpy Generator/RandomState or None, default None
         Seed of the restarts; an int makes :meth:`fit` reproducible.
     backend : {"fast", "sklearn"}, default "fast"
-        Engine (see :func:`cluster_features`); both give the same fit up to float rounding.
+        Engine (:mod:`cfmodules.modules.fits`). ``"sklearn"``, the reference: scikit-learn's
+        NMF and KMeans. ``"fast"``: k-means gives the same fit up to float rounding; NMF is
+        solved by accelerated HALS from the same starts, a different solver of the same
+        problem (:mod:`cfmodules.modules.hals`), so a fit can differ slightly.
+    n_jobs : int or None, default None
+        Processes for the fast NMF's restarts (groups of 5); None: the usable cores
+        (:func:`cfmodules.modules.fits.default_jobs`). The fit does not depend on it.
 
     Attributes
     ----------
@@ -112,6 +116,7 @@ class ModuleClustering(ClusterMixin, BaseEstimator):
         max_iter: int = 500,
         random_state: Any = None,
         backend: str = "fast",
+        n_jobs: int | None = None,
     ):
         self.n_modules = n_modules
         self.method = method
@@ -121,6 +126,7 @@ class ModuleClustering(ClusterMixin, BaseEstimator):
         self.max_iter = max_iter
         self.random_state = random_state
         self.backend = backend
+        self.n_jobs = n_jobs
 
     def __getattr__(self, name: str) -> Any:
         # a learned attribute read before fit: the library's NotFittedError, not a bare
@@ -187,7 +193,7 @@ class ModuleClustering(ClusterMixin, BaseEstimator):
             )
         flat = feats.reshape(len(feats), -1)
         fit = cluster_features(flat, k, self.method, self.n_init, self.max_iter,
-                               self.random_state, self.backend)
+                               self.random_state, self.backend, check_jobs(self.n_jobs))
         labels, weights, templates, err, converged = fit
         if not converged:
             warnings.warn(
@@ -280,6 +286,7 @@ class ModuleClustering(ClusterMixin, BaseEstimator):
         checks.integer(self.n_init, "n_init", low=1)
         checks.integer(self.max_iter, "max_iter", low=1)
         checks.one_of(self.backend, "backend", BACKENDS)
+        check_jobs(self.n_jobs)
 
     def _maps(self, maps: Any) -> np.ndarray:
         """(C, H, W) maps; a 2-D ``(C, P)`` array is P features per channel (one row)."""
@@ -316,145 +323,6 @@ class ModuleClustering(ClusterMixin, BaseEstimator):
         if "labels_" in vars(self):
             fitted = f"  # fitted: {self.n_channels_} channels, sizes {module_sizes(self.labels_, self.n_modules).tolist()}"
         return f"ModuleClustering({params}){fitted}"
-
-
-BACKENDS = checks.CLUSTERING_BACKENDS
-
-
-def cluster_features(
-    flat: np.ndarray, k: int, method: str, n_init: int, max_iter: int, random_state: Any,
-    backend: str = "fast",
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, bool]:
-    """Cluster the rows of a (C x P) feature matrix; the engine of :class:`ModuleClustering`.
-
-    Parameters
-    ----------
-    flat : ndarray (C, P)
-    k, n_init, max_iter : int
-    method : {"nmf", "kmeans"}
-    random_state : int, RandomState or None
-    backend : {"fast", "sklearn"}, default "fast"
-        ``"sklearn"``: scikit-learn's ``NMF`` and ``KMeans`` on float64 features (the
-        reference). ``"fast"``: the same algorithms, starts, seeds and stopping rules, so
-        the same fits up to float rounding, computed faster: k-means on the Gram matrix of
-        the channels (:mod:`cfmodules.modules.batched`), NMF by scikit-learn's solver on
-        float32 features (the features are 0/1 or smoothed maps, exact in float32; the
-        products read half the memory).
-
-    Returns
-    -------
-    labels (C,), weights (C, K), templates (K, P), reconstruction error, converged
-        Modules are renumbered by decreasing size (ties: template order), so equal inputs
-        give equal numbering.
-
-    Notes
-    -----
-    Runs with one BLAS thread (restored afterwards): NMF and k-means multiply skinny
-    matrices (C x pixels by pixels x K) thousands of times, where threaded BLAS only adds
-    synchronisation (NMF was 14x slower with 2 threads on a busy 2-core machine).
-    """
-    return cluster_many([flat], k, method, n_init, max_iter, [random_state], backend)[0]
-
-
-def cluster_many(
-    flats: list[np.ndarray], k: int, method: str, n_init: int, max_iter: int,
-    random_states: list[Any], backend: str = "fast", gram: tuple[np.ndarray, list] | None = None,
-) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, float, bool]]:
-    """:func:`cluster_features` of several matrices (same K and method) at once.
-
-    ``gram``, optional, is ``(G, rows)``: the Gram matrix ``X X^T`` of a matrix X whose
-    rows ``rows[i]`` are ``flats[i]``, so that k-means need not compute it again.
-    """
-    if backend not in BACKENDS:
-        raise ConfigError(f"backend must be one of {BACKENDS}, got {backend!r}.")
-    with threadpool_limits(limits=1, user_api="blas"):
-        if backend == "sklearn" or method == "nmf":
-            dtype = np.float64 if backend == "sklearn" else np.float32
-            fits = [_sklearn_fit(f.astype(dtype, copy=False), k, method, n_init, max_iter, rs)
-                    for f, rs in zip(flats, random_states)]
-            fits = [(w.astype(np.float64), h.astype(np.float64), err, conv)
-                    for w, h, err, conv in fits]
-        else:
-            from cfmodules.modules.batched import kmeans_many
-
-            if gram is None:
-                rows = [np.arange(len(f)) for f in flats] if len(flats) == 1 else None
-                if rows is None:
-                    stacked = np.concatenate(flats)
-                    edges = np.cumsum([0] + [len(f) for f in flats])
-                    rows = [np.arange(a, b) for a, b in zip(edges[:-1], edges[1:])]
-                else:
-                    stacked = flats[0]
-                gram = (stacked @ stacked.T, rows)
-            fits = []
-            for f, (labels, cw, inertia, conv) in zip(flats, kmeans_many(
-                    gram[0], gram[1], flats[0].shape[1], k, random_states, n_init, max_iter)):
-                fits.append((np.eye(k)[labels], cw @ f, float(np.sqrt(max(inertia, 0.0))),
-                             conv))
-    return [_ordered(w, h, err, conv, k) for w, h, err, conv in fits]
-
-
-def _sklearn_fit(flat: np.ndarray, k: int, method: str, n_init: int, max_iter: int,
-                 random_state: Any) -> tuple[np.ndarray, np.ndarray, float, bool]:
-    """One fit with scikit-learn's estimators: weights (C, K), templates (K, P), err, converged."""
-    rng = check_random_state(random_state)
-    if method == "nmf":
-        weights, templates, err, converged = _nmf(flat, k, n_init, max_iter, rng)
-        return weights, templates, err, converged
-    km = KMeans(n_clusters=k, n_init=n_init, max_iter=max_iter, random_state=_draw(rng))
-    labels = _quietly(km.fit_predict, flat)
-    return (np.eye(k)[labels], km.cluster_centers_, float(np.sqrt(max(km.inertia_, 0.0))),
-            bool(km.n_iter_ < max_iter))
-
-
-def _ordered(weights: np.ndarray, templates: np.ndarray, err: float, converged: bool, k: int
-             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, bool]:
-    """Labels = argmax of the weights; modules renumbered by decreasing size."""
-    labels = weights.argmax(axis=1)
-    sizes = np.bincount(labels, minlength=k)
-    order = np.lexsort((np.arange(k), -sizes))  # largest module first
-    rank = np.empty(k, dtype=int)
-    rank[order] = np.arange(k)
-    return (rank[labels].astype(np.int64), weights[:, order], templates[order], float(err),
-            bool(converged))
-
-
-def _scaled(w: np.ndarray, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Fix NMF's scale ambiguity: each template peaks at 1, the weights carry the scale, so
-    weights of different templates are comparable when taking the argmax."""
-    scale = h.max(axis=1)
-    scale[scale <= 0] = 1.0
-    return w * scale, h / scale[:, None]
-
-
-def _nmf(
-    flat: np.ndarray, k: int, n_init: int, max_iter: int, rng: np.random.RandomState
-) -> tuple[np.ndarray, np.ndarray, float, bool]:
-    best: tuple[float, np.ndarray, np.ndarray, bool] | None = None
-    for i in range(n_init):
-        init = "nndsvda" if i == 0 else "random"
-        model = NMF(n_components=k, init=init, max_iter=max_iter, random_state=_draw(rng))
-        w = _quietly(model.fit_transform, flat)
-        h = model.components_
-        err = float(model.reconstruction_err_)
-        if best is None or err < best[0] - 1e-12:
-            best = (err, w, h, model.n_iter_ < max_iter)
-    assert best is not None
-    err, w, h, converged = best
-    return (*_scaled(w, h), err, converged)
-
-
-def _draw(rng: np.random.RandomState) -> int:
-    """A seed for one scikit-learn fit, drawn from the clustering's stream."""
-    return int(rng.randint(np.iinfo(np.int32).max))
-
-
-def _quietly(fit: Any, flat: np.ndarray) -> Any:
-    """``fit(flat)`` without scikit-learn's per-restart ConvergenceWarning (the best fit's
-    convergence is reported once, by ModuleClustering.fit)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        return fit(flat)
 
 
 def module_sizes(labels: Any, n_modules: int | None = None) -> np.ndarray:

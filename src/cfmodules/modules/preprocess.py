@@ -15,7 +15,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from scipy import ndimage
 
 from cfmodules import checks
 from cfmodules.errors import ConfigError, ShapeError
@@ -144,6 +143,8 @@ def smooth(maps: Any, window: int | tuple[int, int] = DEFAULT_WINDOW) -> np.ndar
         )
     if (h, w) == (1, 1):
         return arr
+    from scipy import ndimage  # here: the clustering's worker processes never smooth
+
     return ndimage.uniform_filter(arr, size=(1, h, w), mode="nearest")
 
 

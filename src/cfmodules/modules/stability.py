@@ -22,7 +22,14 @@ from sklearn.utils import check_random_state
 from cfmodules import checks
 from cfmodules._deprecation import warn_renamed
 from cfmodules.errors import ConfigError, ShapeError
-from cfmodules.modules.clustering import BACKENDS, METHODS, cluster_many
+from cfmodules.modules.clustering import METHODS
+from cfmodules.modules.fits import (
+    BACKENDS,
+    check_jobs,
+    engine_description,
+    fit_rows,
+    run_parallel,
+)
 from cfmodules.modules.preprocess import (
     DEFAULT_PERCENTILE,
     DEFAULT_WINDOW,
@@ -310,6 +317,7 @@ def cluster_stability(
     backend: str = "fast",
     nmf_pool: int = 1,
     random_state: Any = None,
+    n_jobs: int | None = None,
 ) -> StabilityResult:
     """Run the paper's cluster stability protocol (sec. 4.1) over K and methods.
 
@@ -336,12 +344,17 @@ def cluster_stability(
         Seed of the splits and of the clusterings (``random_state=`` before 0.2; that
         keyword still works with a DeprecationWarning).
     progress : bool, default False
-        Show a tqdm progress bar over the (method, K) steps.
+        Show a tqdm progress bar over the clusterings.
     backend : {"fast", "sklearn"}, default "fast"
-        Engine of the clusterings (see :func:`cfmodules.modules.clustering.cluster_features`):
-        ``"sklearn"`` is the reference; ``"fast"`` gives the same fits up to float rounding.
-        Every clustering keeps its own seed, so the result does not depend on the order
-        or grouping of the fits.
+        Engine of the clusterings (:mod:`cfmodules.modules.fits`): ``"sklearn"`` is the
+        reference (scikit-learn); ``"fast"`` runs the same k-means and another NMF solver
+        from the same starts (accelerated HALS, :mod:`cfmodules.modules.hals`), whose
+        statistics agree with the reference's within 0.02 on the DCGAN faces.
+    n_jobs : int or None, default None
+        Processes that run the clusterings; None: the usable cores
+        (:func:`cfmodules.modules.fits.default_jobs`). Every clustering keeps its own
+        seed and is computed the same way in any process, so the result does not depend
+        on ``n_jobs`` (bit for bit).
     nmf_pool : int, default 1
         NMF runs on the maps averaged over ``nmf_pool x nmf_pool`` pixel blocks: the same
         loss with templates constant on each block, ``nmf_pool**2`` times fewer pixels. 1
@@ -370,6 +383,7 @@ def cluster_stability(
     check_window(window)
     if percentile is not None:
         check_percentile(percentile)
+    jobs = check_jobs(n_jobs)
     arr = as_maps(maps)
     n = len(arr)
     if n < 3:
@@ -399,27 +413,31 @@ def cluster_stability(
     shape = (len(methods), len(k_arr), n_repeats)
     consistency = np.zeros(shape)
     cosine = np.zeros(shape)
-    steps = [(i, j) for i in range(len(methods)) for j in range(len(k_arr))]
-    if progress:
-        from tqdm.auto import tqdm
-
-        steps = tqdm(steps, desc="stability", unit="K")
     gram = flat @ flat.T if backend == "fast" and "kmeans" in methods else None
     pooled = _pool(feats, nmf_pool).reshape(n, -1) if "nmf" in methods else None
-    for i, j in steps:
-        method, k = methods[i], int(k_arr[j])
-        data = pooled if method == "nmf" else flat
-        seeds = [np.random.SeedSequence([cluster_seed, r, METHODS.index(method), k]
-                                        ).generate_state(2) for r in range(n_repeats)]
-        rows = [rows for first, second, _, _ in splits for rows in (first, second)]
-        fits = cluster_many([data[rw] for rw in rows], k, method, n_init, max_iter,
-                            [int(sd[t]) for sd in seeds for t in (0, 1)], backend,
-                            gram=None if gram is None else (gram, rows))
-        for r, (_, _, in_first, in_second) in enumerate(splits):
-            (lab1, _, tm1, _, _), (lab2, _, tm2, _, _) = fits[2 * r], fits[2 * r + 1]
-            cons, match = match_labels(lab1[in_first], lab2[in_second], k)
-            consistency[i, j, r] = cons
-            cosine[i, j, r] = template_similarity(tm1, tm2, match)
+    if pooled is not None and backend == "fast":
+        pooled = pooled.astype(np.float32)  # what the fast NMF works on, half the bytes
+    # every clustering of the sweep is one task; each has its own seed, so the result does
+    # not depend on how the tasks are spread over processes
+    tasks, where = [], []
+    for i, method in enumerate(methods):
+        for j, k in enumerate(int(k) for k in k_arr):
+            seeds = [np.random.SeedSequence([cluster_seed, r, METHODS.index(method), k]
+                                            ).generate_state(2) for r in range(n_repeats)]
+            data = pooled if method == "nmf" else flat
+            g = gram if method == "kmeans" else None
+            for r, (first, second, _, _) in enumerate(splits):
+                tasks += [(data, rows, g, k, method, n_init, max_iter, int(seeds[r][t]),
+                           backend) for t, rows in enumerate((first, second))]
+                where.append((i, j, r))
+    work = sum(len(t[1]) * t[0].shape[1] for t in tasks) * n_init
+    fits = run_parallel(fit_rows, tasks, jobs, work=work, progress=progress, desc="stability")
+    for q, (i, j, r) in enumerate(where):
+        (lab1, _, tm1, _, _), (lab2, _, tm2, _, _) = fits[2 * q], fits[2 * q + 1]
+        _, _, in_first, in_second = splits[r]
+        cons, match = match_labels(lab1[in_first], lab2[in_second], int(k_arr[j]))
+        consistency[i, j, r] = cons
+        cosine[i, j, r] = template_similarity(tm1, tm2, match)
     h, w = check_window(window)
     settings = {
         "protocol": "sec. 4.1: 3 random subsets, two runs on two thirds overlapping on one",
@@ -427,5 +445,6 @@ def cluster_stability(
         "window": [h, w], "percentile": None if percentile is None else float(percentile),
         "n_init": int(n_init), "max_iter": int(max_iter), "nmf_pool": int(nmf_pool),
         "seed": int(seed) if isinstance(seed, (int, np.integer)) else None,
+        "backend": backend, "engine": engine_description(backend),
     }
     return StabilityResult(k_arr, methods, consistency, cosine, settings)

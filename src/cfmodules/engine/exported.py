@@ -1,0 +1,235 @@
+"""Capture a forward with ``torch.export``, as a graph the rest of the engine can cut.
+
+``torch.export`` (``strict=False``, eval mode, the batch dimension symbolic) runs the
+real Python forward and records the tensor operations: control flow on ``dim()`` or
+``shape`` is specialised, ``batch, c, h, w = x.shape`` and ``squeeze`` / ``cat`` /
+``view`` of inputs are fine, where ``torch.fx`` symbolic tracing fails. Its graph is made
+of ATen operations, so three things turn it into the engine's kind of graph:
+
+- *re-rooting*: parameters and buffers are read from the live generator (``get_attr``
+  of its own names, so a weight update is seen and the freshness check applies), export's
+  guard call is dropped, and the output is rebuilt in the forward's own structure
+  (tensor, tuple or dict);
+- *lifting*: each run of ATen nodes that is one call of a standard leaf module (Conv*,
+  ConvTranspose*, BatchNorm*, Linear, ReLU, LeakyReLU, Tanh, Sigmoid, Dropout) with one
+  tensor input and one output becomes a ``call_module`` node again, so BatchNorm folding,
+  GEMM transposed convolutions and the linear shortcut apply unchanged; anything else
+  stays as ATen nodes and runs as is;
+- *the layer's output* is found from the nodes' ``nn_module_stack``: the value of one
+  call of the layer that is read outside that call.
+
+The graph holds for batches of 2 or more (the batch is exported as a symbol with that
+lower bound, so that ``squeeze()`` is not specialised away); a smaller batch is run
+padded with copies of its first sample (:func:`cfmodules.engine.split.run_padded`).
+Every capture is still checked against a real forward before use.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.utils import _pytree as pytree
+
+__all__ = ["export_forward", "layer_calls", "LIFTED_TYPES", "MIN_BATCH"]
+
+MIN_BATCH = 2
+"""The smallest batch an exported graph is valid for (smaller ones are padded)."""
+
+LIFTED_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+                nn.ConvTranspose3d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
+                nn.Linear, nn.ReLU, nn.LeakyReLU, nn.Tanh, nn.Sigmoid, nn.Dropout)
+"""Modules (exact types) whose ATen nodes are lifted back into one ``call_module``."""
+
+_PREFIX = "gen."  # the wrapper's attribute holding the generator
+
+
+def _stack(node: fx.Node) -> list[tuple[str, str]]:
+    """``[(key, module path)]`` of ``node``'s module stack, outermost first."""
+    stack = node.meta.get("nn_module_stack") or {}
+    out = []
+    for key, value in stack.items():
+        path = value[0] if isinstance(value, tuple) else value
+        out.append((str(key), str(path)))
+    return out
+
+
+def _inner_path(path: str) -> str | None:
+    """A stack path (``gen.main.8``) as a generator path (``main.8``), or None."""
+    if path == _PREFIX[:-1]:
+        return ""
+    return path[len(_PREFIX):] if path.startswith(_PREFIX) else None
+
+
+def _is_tensor(node: fx.Node) -> bool:
+    return isinstance(node.meta.get("val"), torch.Tensor)
+
+
+def export_forward(wrapper: nn.Module, gen: nn.Module, inputs: tuple[torch.Tensor, ...]
+                   ) -> tuple[fx.GraphModule, float]:
+    """Export ``wrapper(*inputs)`` (attribute ``gen`` is the generator); ``(graph, seconds)``.
+
+    The graph's ``call_module`` / ``get_attr`` targets are the generator's own names;
+    standard leaf modules are lifted back into ``call_module`` nodes (module docstring).
+
+    Raises
+    ------
+    Exception
+        Whatever ``torch.export`` raises (the caller records it as the attempt's error).
+    """
+    from torch.export import Dim, export
+
+    batch = Dim("batch", min=MIN_BATCH)
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ep = export(wrapper, tuple(inputs), dynamic_shapes=tuple({0: batch} for _ in inputs),
+                    strict=False)
+        exported = ep.module()
+    seconds = time.perf_counter() - t0
+    graph, constants = _reroot(exported)
+    _lift(graph, gen)
+    for node in reversed(list(graph.nodes)):  # tensors only lifted calls read
+        if node.op == "get_attr" and not node.users:
+            graph.erase_node(node)
+    owners: dict[str, Any] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            owners[node.target] = gen.get_submodule(node.target)
+        elif node.op == "get_attr":
+            target = str(node.target)
+            owners[target] = constants[target] if target in constants else _getattr(gen, target)
+    return fx.GraphModule(owners, graph), seconds
+
+
+def _out_spec(gm: fx.GraphModule) -> Any:
+    info = getattr(gm.graph._codegen, "pytree_info", None)
+    return None if info is None else info.out_spec
+
+
+def _reroot(exported: fx.GraphModule) -> tuple[fx.Graph, dict[str, Any]]:
+    """``exported``'s graph with the generator's own names, and the constants export made.
+
+    ``get_attr`` targets become the generator's paths (``main.0.weight``); constants
+    (lifted tensors, submodules of control-flow operators) ``_cfmodules_constant_i``.
+    """
+    spec = _out_spec(exported)
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    constants: dict[str, Any] = {}
+    for node in exported.graph.nodes:
+        if node.op == "call_module":  # export's input guards (batch >= 2, ...): dropped
+            if node.users:
+                raise RuntimeError(f"the exported graph calls a submodule {node.target!r}")
+            continue
+        if node.op == "output":
+            flat = node.args[0]
+            flat = list(flat) if isinstance(flat, (tuple, list)) else [flat]
+            out = pytree.tree_unflatten([env[a] if isinstance(a, fx.Node) else a for a in flat],
+                                        spec) if spec is not None else flat
+            graph.output(out)
+            continue
+        copy = graph.node_copy(node, lambda a: env[a])
+        if node.op == "get_attr":
+            target = str(node.target)
+            inner = _inner_path(target)
+            if not inner:
+                name = f"_cfmodules_constant_{len(constants)}"
+                constants[name] = _getattr(exported, target)
+                inner = name
+            copy.target = inner
+        env[node] = copy
+    return graph, constants
+
+
+def _getattr(root: Any, path: str) -> Any:
+    obj = root
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _runs(graph: fx.Graph) -> list[tuple[str, str, list[fx.Node]]]:
+    """``(stack key, generator path, nodes)`` of consecutive nodes of one module call.
+
+    Only ``call_function`` nodes carry a call; a run ends where the innermost stack key
+    changes.
+    """
+    runs: list[tuple[str, str, list[fx.Node]]] = []
+    for node in graph.nodes:
+        if node.op != "call_function":
+            continue
+        stack = _stack(node)
+        if not stack:
+            continue
+        key, path = stack[-1]
+        inner = _inner_path(path)
+        if inner is None or not inner:
+            continue
+        if runs and runs[-1][0] == key and runs[-1][2][-1].next is node:
+            runs[-1][2].append(node)
+        else:
+            runs.append((key, inner, [node]))
+    return runs
+
+
+def _lift(graph: fx.Graph, gen: nn.Module) -> None:
+    """Replace each liftable run of ATen nodes by a ``call_module`` of the module (in place)."""
+    for _, path, nodes in _runs(graph):
+        try:
+            module = gen.get_submodule(path)
+        except AttributeError:
+            continue
+        if type(module) not in LIFTED_TYPES:
+            continue
+        inside = set(nodes)
+        inputs = {a for n in nodes for a in n.all_input_nodes
+                  if a not in inside and a.op != "get_attr" and _is_tensor(a)}
+        outputs = [n for n in nodes if any(u not in inside for u in n.users)]
+        scalars = [a for n in nodes for a in n.all_input_nodes
+                   if a not in inside and a.op != "get_attr" and not _is_tensor(a)]
+        if len(inputs) != 1 or len(outputs) != 1 or scalars or not _is_tensor(outputs[0]):
+            continue
+        (x,) = inputs
+        out = outputs[0]
+        with graph.inserting_before(nodes[0]):
+            new = graph.call_module(path, (x,))
+        new.meta = dict(out.meta)
+        out.replace_all_uses_with(new)
+        for n in reversed(nodes):
+            graph.erase_node(n)
+
+
+def layer_calls(gm: fx.GraphModule, path: str) -> list[fx.Node]:
+    """The output node of each call of generator module ``path`` in an exported graph.
+
+    A lifted call is its ``call_module`` node; otherwise, of the nodes run inside the
+    call, the one read outside it (the last such when there are several).
+    """
+    calls: list[fx.Node] = []
+    current: list[fx.Node] = []
+    key = None
+    for node in gm.graph.nodes:
+        if node.op not in ("call_function", "call_module", "call_method"):
+            continue
+        keys = [k for k, p in _stack(node) if _inner_path(p) == path]
+        if node.op == "call_module" and node.target == path and not keys:
+            keys = [f"lifted-{node.name}"]
+        if keys and keys[-1] == key:
+            current.append(node)
+            continue
+        if current:
+            calls.append(_call_output(current))
+        current, key = ([node], keys[-1]) if keys else ([], None)
+    if current:
+        calls.append(_call_output(current))
+    return calls
+
+
+def _call_output(nodes: list[fx.Node]) -> fx.Node:
+    inside = set(nodes)
+    read = [n for n in nodes if any(u not in inside for u in n.users) or not n.users]
+    return read[-1] if read else nodes[-1]

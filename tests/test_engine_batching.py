@@ -1,0 +1,88 @@
+"""Batch shape chosen by timing where batching can hurt (grouped convs grown with the batch)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cfmodules import GeneratorAdapter
+from cfmodules.engine import batching
+from cfmodules.engine.batching import BatchShape, candidate_shapes, time_shapes
+from cfmodules.influence import influence_maps
+from engine_helpers import SkipDecoder, StyleLike, init
+
+
+def _style() -> GeneratorAdapter:
+    return GeneratorAdapter(init(StyleLike(ch=16), 2), ((4,), (1, 4, 4), (1, 8, 8)))
+
+
+def test_grouped_convs_grown_with_the_batch_are_found():
+    ad = _style()
+    why = ad.engine.batch_dependent_ops()
+    assert why is not None and "groups=2 for 2 samples, 3 for 3" in why
+    assert "timed on the first block" in ad.explain("conv0").batching
+    plain = GeneratorAdapter(init(SkipDecoder(), 3), (4,))
+    assert plain.engine.batch_dependent_ops() is None
+    assert "memory budget" in plain.explain("act").batching
+
+
+def test_timed_batch_shape_gives_the_hook_paths_maps_and_is_recorded(tmp_path):
+    ad = _style()
+    res = influence_maps(ad, "conv0", n_pairs=5, pairs_per_block=3, progress=False)
+    ref = influence_maps(ad, "conv0", n_pairs=5, pairs_per_block=3, progress=False,
+                         algorithm="hook")
+    np.testing.assert_allclose(res.maps, ref.maps, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(res.stderr, ref.stderr, rtol=1e-4, atol=1e-6)
+    batch = res.settings["batch"]["conv0"]
+    assert batch["chosen_by"] == "timing" and len(batch["timed_ms_per_hybrid"]) >= 2
+    # the naive rerun (full forwards) is one of the candidates, so auto is never slower
+    assert any(k.startswith("hook 1 unit(s) x 3 pair(s)") for k in batch["timed_ms_per_hybrid"])
+    assert res.settings["paths"]["conv0"] == batch["path"]
+    res.save(tmp_path / "r.npz")
+    assert type(res).load(tmp_path / "r.npz").settings["batch"] == res.settings["batch"]
+    assert "the latest run used" in str(ad.explain("conv0"))
+
+
+def test_memory_budget_shape_is_recorded_without_timing():
+    ad = GeneratorAdapter(init(SkipDecoder(), 3), (4,))
+    res = influence_maps(ad, "act", n_pairs=3, progress=False)
+    assert res.settings["batch"]["act"]["chosen_by"] == "memory budget"
+    assert res.settings["batch"]["act"]["timed_ms_per_hybrid"] == {}
+
+
+def test_candidates_include_pairs_and_units_layouts_and_the_naive_shape():
+    shapes = candidate_shapes(n_units=20, n_pairs=8, max_rows=64, path="split", naive="hook")
+    assert BatchShape(1, 1, "split") in shapes and BatchShape(8, 8, "split") in shapes
+    assert BatchShape(16, 1, "split") in shapes  # units first
+    assert BatchShape(1, 8, "hook") in shapes  # the naive rerun's shape
+    assert all(s.rows <= 64 and s.units <= 20 for s in shapes)
+    assert len(set(shapes)) == len(shapes)
+
+
+@pytest.mark.parametrize("n_units, n_pairs", [(40, 8), (9, 5), (3, 2)])
+def test_timing_covers_each_unit_and_pair_once_and_picks_the_fastest(monkeypatch, n_units,
+                                                                      n_pairs):
+    """A fake clock: each call costs a known time; every hybrid is computed exactly once."""
+    clock = [0.0]
+    monkeypatch.setattr(batching.time, "perf_counter", lambda: clock[0])
+    cost = {"split": lambda s: 1.0 + 0.1 * s.rows + (0.05 * s.rows ** 2 if s.rows > 4 else 0),
+            "hook": lambda s: 2.0 * s.rows}
+    seen = np.zeros((n_units, n_pairs), dtype=int)
+
+    def run(shape: BatchShape, us: slice, ps: slice) -> None:
+        seen[us, ps] += 1
+        clock[0] += cost[shape.path](BatchShape(us.stop - us.start, ps.stop - ps.start,
+                                                shape.path))
+
+    cands = candidate_shapes(n_units, n_pairs, 32, "split", "hook")
+    choice, done = time_shapes(cands, n_units, n_pairs, run, torch.device("cpu"))
+    assert (seen[:done] == 1).all() and (seen[done:] == 0).all()
+    assert done <= max(1, n_units // 2)
+    if choice is None:  # too few units to time two shapes
+        assert len([s for s in cands if s.units <= done]) < 2 or n_units < 4
+        return
+    per_hybrid = dict(choice.timed)
+    assert choice.shape == min(per_hybrid, key=per_hybrid.get)
+    for s, t in choice.timed:
+        assert t == pytest.approx(cost[s.path](s) / s.rows)
