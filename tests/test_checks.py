@@ -78,3 +78,88 @@ def test_modules_names_a_list_like_every_figure_does():
     for bad in ([], "abc", None, {"a": [0, 1]}):  # a bare module only with allow_single
         with pytest.raises(ModuleError):
             checks.modules(bad)
+
+
+# ---------------------------------------------------------------------- real numbers
+def test_real_numbers_within_bounds():
+    assert checks.real(np.float32(0.5), "threshold", low=0, high=1, low_open=True) == 0.5
+    assert type(checks.real(np.int64(1), "threshold", low=0, high=1)) is float
+    assert checks.real(0, "checkpoint_every", low=0) == 0.0
+    for bad in (0, 1.5, True, float("nan"), float("inf"), "0.5", None):
+        with pytest.raises(ConfigError, match=r"threshold \(the share\) must be a finite "
+                                              r"number in \(0, 1\]"):
+            checks.real(bad, "threshold", low=0, high=1, low_open=True, meaning="the share")
+    with pytest.raises(ConfigError, match="must be a finite number >= 0"):
+        checks.real(-1, "checkpoint_every", low=0)
+    with pytest.raises(ConfigError, match=r"in \[0, 1\)"):
+        checks.real(1.0, "tolerance", low=0, high=1, high_open=True)
+
+
+def test_window_and_percentile_have_one_check():
+    assert checks.window(np.int64(5)) == (5, 5) and checks.window((1, 3)) == (1, 3)
+    for bad in (2, 0, -1, True, 3.0, (3,), (3, 4), "3"):
+        with pytest.raises(ConfigError, match="window must be a positive odd integer"):
+            checks.window(bad)
+    assert checks.percentile(np.float32(75)) == 75.0
+    for bad in (0, 100, -5, float("nan"), True, "75", None):
+        with pytest.raises(ConfigError, match="percentile must be a number strictly between"):
+            checks.percentile(bad)
+
+
+# ---------------------------------------------------------------------- the last hand-written ones
+def test_began_sizes_accept_numpy_integers():
+    from cfmodules.zoo.began import BEGANDiscriminator, BEGANGenerator
+
+    g = BEGANGenerator(latent_dim=np.int64(8), n_filters=np.int32(4), image_size=np.int64(16),
+                       channels=np.uint8(1))
+    assert (g.latent_dim, g.n_filters, g.image_size, g.channels) == (8, 4, 16, 1)
+    assert all(type(v) is int for v in (g.latent_dim, g.n_filters, g.image_size, g.channels))
+    BEGANDiscriminator(latent_dim=np.int64(8), n_filters=np.int64(4), image_size=np.int64(16))
+    for bad in ({"latent_dim": 0}, {"n_filters": 2.0}, {"channels": True}, {"image_size": 24},
+                {"image_size": 32.0}):
+        with pytest.raises(ConfigError, match=list(bad)[0]):
+            BEGANGenerator(**{"image_size": 16, **bad})
+
+
+def test_plot_template_strip_max_columns_is_a_config_error():
+    from cfmodules import plots
+
+    templates = np.random.default_rng(0).random((3, 2, 4, 4))  # 3 checks, K=2
+    for bad in (0, -1, 2.0, True, None):
+        with pytest.raises(ConfigError, match="max_columns must be a positive integer"):
+            plots.plot_template_strip(templates, max_columns=bad)
+    fig = plots.plot_template_strip(templates, max_columns=np.int64(2))
+    assert len(fig.axes) == 2 * 2  # K rows x 2 columns
+
+
+def test_biggan_numbers_accept_numpy_and_refuse_the_rest():
+    from cfmodules.zoo import biggan
+
+    assert biggan._check_truncation(np.float32(0.5)) == 0.5
+    for bad in (0, 1.5, True, "0.5", float("nan")):
+        with pytest.raises(ConfigError, match="truncation"):
+            biggan._check_truncation(bad)
+    for bad in (2, 4.0, True):
+        with pytest.raises(ConfigError, match="channel_width"):
+            biggan.biggan_config(channel_width=bad)
+
+
+def test_the_remaining_numeric_settings_go_through_checks():
+    from cfmodules.evaluation.robustness import classifier_robustness
+    from cfmodules.influence.maps import InfluenceSettings
+    from cfmodules.modules import StabilityResult, suggest_k
+    from cfmodules.scan import ScanSettings
+
+    assert InfluenceSettings(target_stderr=np.float32(0.5)).target_stderr == 0.5
+    for bad in (0, True, "0.1", float("nan")):
+        with pytest.raises(ConfigError, match="target_stderr must be a positive number"):
+            InfluenceSettings(target_stderr=bad)
+    for bad in (1, -0.1, "0.02", True):
+        with pytest.raises(ConfigError, match="tolerance"):
+            ScanSettings(tolerance=bad)
+    stab = StabilityResult(ks=np.array([2, 3]), methods=["nmf"],
+                           consistency=np.ones((1, 2, 2)), cosine=np.ones((1, 2, 2)))
+    with pytest.raises(ConfigError, match="tolerance"):
+        suggest_k(stab, "nmf", tolerance="0.1")
+    with pytest.raises(ConfigError, match="min_confidence"):
+        classifier_robustness(None, {"c": lambda x: x}, [{"a": [0]}], 4, min_confidence=1.0)

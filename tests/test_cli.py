@@ -297,8 +297,41 @@ def test_scan_writes_figure_and_results(capsys, tmp_path):
     (["scan", "planted-conv", "--layers", "main.1,main.33"], ["'main.33' not found"]),
     (["scan", "planted-conv", "--ks", "x"], ["--ks takes a range"]),
     (["scan", "planted-conv", "--repeats", "0"], ["--repeats must be at least 1"]),
+    (["scan", "planted-conv", "--window", "2"], ["window must be a positive odd integer"]),
+    (["scan", "planted-conv", "--max-iter", "0"], ["--max-iter must be at least 1"]),
+    (["analyze", "--model", "planted-conv", "--percentile", "100"], ["percentile", "100"]),
 ])
 def test_bad_scan_command_lines(capsys, tmp_path, argv, needles):
     code, _, err = run(capsys, *argv, "--out", str(tmp_path / "o"))
     one_line_error(code, err, *needles)
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("command, cls", [("analyze", "AnalysisSettings"), ("scan", "ScanSettings")])
+def test_clustering_options_are_the_same_in_every_command(command, cls):
+    import argparse
+    from dataclasses import fields
+
+    from cfmodules import analysis, scan
+    from cfmodules.cli import _clustering, build_parser
+    from cfmodules.modules import ClusteringSettings
+
+    settings = {"AnalysisSettings": analysis.AnalysisSettings, "ScanSettings": scan.ScanSettings}[cls]
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    cmd = sub.choices[command]
+    # one option per ClusteringSettings field; none given: the class's defaults
+    assert _clustering(cmd.parse_args([])) == {}
+    argv = ["--method", "kmeans", "--seed", "5", "--n-init", "4", "--max-iter", "50",
+            "--window", "5", "--percentile", "60", "--backend", "sklearn"]
+    given = _clustering(cmd.parse_args(argv))
+    assert sorted(given) == sorted(f.name for f in fields(ClusteringSettings))
+    assert settings(**given) == settings(method="kmeans", seed=5, n_init=4, max_iter=50,
+                                         window=5, percentile=60.0, backend="sklearn")
+    # the help states the class's defaults
+    helps = {a.dest: a.help for a in cmd._actions}
+    d = settings()
+    assert f"(default {d.n_init})" in helps["n_init"]
+    assert f"(default {d.window})" in helps["window"]
+    assert f"(default {d.percentile:g})" in helps["percentile"]
+    assert f"(default {d.method})" in helps["method"] and f"(default {d.seed})" in helps["seed"]

@@ -289,3 +289,24 @@ def test_a_two_layer_analysis(planted):
     assert np.abs(ex.hybrids(sel, 0).astype(int) - ref).max() <= 1
     with pytest.raises(LayerNotFoundError, match="main.1, main.3"):
         ex.map_image("main.2", 0)
+
+
+def test_numbers_of_requests_and_settings_go_through_the_shared_checks(planted):
+    adapter, result, ex = planted
+    assert ex.check_threshold(np.float32(0.25)) == 0.25
+    for bad in (0, 1.5, True, float("nan"), "0.5", None):
+        with pytest.raises(ConfigError, match=r"threshold .* must be a finite number in \(0, 1\]"):
+            ex.check_threshold(bad)
+    assert ex.check_start(np.int64(3)) == 3
+    with pytest.raises(ConfigError, match="start"):
+        ex.check_start(-1)
+    layer = ex.layers[0]
+    assert ex.check_channel(layer, np.int64(0)) == 0
+    with pytest.raises(ChannelError, match="out of range"):
+        ex.check_channel(layer, True)
+    other = Explorer(result, adapter, n_pairs=np.int64(2), threads=np.int64(1), seed=np.uint32(5))
+    assert (other.n_pairs, other.threads, other.seed) == (2, 1, 5)
+    for bad in ({"n_pairs": 65}, {"n_pairs": 0}, {"threads": 0}, {"threads": 1.0},
+                {"seed": -1}):
+        with pytest.raises(ConfigError, match=list(bad)[0]):
+            Explorer(result, adapter, **bad)

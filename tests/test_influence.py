@@ -74,6 +74,27 @@ def test_old_influence_names_warn_and_agree():
     assert new.settings["algorithm"] == "split"
 
 
+def test_module_influence_maps_takes_the_options_of_influence_maps():
+    import inspect
+    import warnings
+
+    opts = {n: p for n, p in inspect.signature(influence_maps).parameters.items()
+            if p.kind is p.KEYWORD_ONLY}
+    mod = inspect.signature(module_influence_maps).parameters
+    assert list(mod) == ["adapter", "modules", *opts]  # what help() and notebooks show
+    assert all(mod[n].default == p.default for n, p in opts.items())
+    ad = hand_adapter()
+    with pytest.raises(ConfigError, match="Unknown argument 'n_pair'.*'n_pairs'"):
+        module_influence_maps(ad, [{"layer": [0]}], n_pair=3)
+    for fn, target in ((influence_maps, "layer"), (module_influence_maps, [{"layer": [0]}])):
+        with pytest.raises(ConfigError, match="n_pairs"):  # one check for both
+            fn(ad, target, n_pairs=0, progress=False)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fn(ad, target, n_pairs=2, method="split", progress=False)
+        assert [w.filename for w in caught if w.category is DeprecationWarning] == [__file__]
+
+
 @pytest.mark.parametrize("n,start", [(0, 0), (2.0, 0), (2, -1)])
 def test_pair_latents_rejects_bad_counts(n, start):
     with pytest.raises(ConfigError):

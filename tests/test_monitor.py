@@ -24,13 +24,14 @@ from cfmodules.errors import (
     ShapeError,
 )
 from cfmodules.influence import influence_maps
+from cfmodules.modules import locality, smooth
 from cfmodules.monitor import (
     ModularityMonitor,
     MonitorHistory,
     MonitorSettings,
     chance_consistency,
     map_entropy,
-    map_locality,
+    map_locality,  # deprecated: kept unchanged for one release
     match_templates,
 )
 from cfmodules.synthetic import load_planted_conv
@@ -160,6 +161,11 @@ def test_planted_modules_are_found_and_kept_across_checks(tmp_path):
     assert sorted(first.sizes) == [4, 4, 4]
     assert all(i > 0 for i in first.influence)
     assert first.template_shift is None and first.label_agreement is None
+    # locality: the library's one definition, of the maps smoothed with the window
+    maps = influence_maps(adapter, adapter.generator.layer, n_pairs=4, progress=False).maps
+    assert first.locality == pytest.approx(np.nanmean(locality(smooth(maps, 3))), rel=1e-5)
+    np.testing.assert_allclose(first.template_locality, locality(first.templates), rtol=1e-6)
+    assert 0.3 < first.locality < 1  # planted modules act on a third of the image each
 
 
 def test_modules_keep_their_numbers_when_the_clustering_permutes_them():
@@ -192,11 +198,15 @@ def test_locality_entropy_and_chance_by_hand():
     maps[0] = 1.0  # even
     maps[1, 2, 3] = 5.0  # one pixel
     maps[2, :1] = 1.0  # one row of ten: the top 10% of the pixels
-    np.testing.assert_allclose(map_locality(maps), [0.1, 1.0, 1.0])
-    np.testing.assert_allclose(map_entropy(maps), [1.0, 0.0, np.log(10) / np.log(100)])
-    assert np.isnan(map_locality(np.zeros((1, 2, 2)))[0])
-    with pytest.raises(ConfigError):
+    with pytest.warns(DeprecationWarning, match="cfmodules.modules.locality"):
+        np.testing.assert_allclose(map_locality(maps), [0.1, 1.0, 1.0])  # the old numbers
+    with pytest.warns(DeprecationWarning):
+        assert np.isnan(map_locality(np.zeros((1, 2, 2)))[0])
+    with pytest.raises(ConfigError), pytest.warns(DeprecationWarning):
         map_locality(-maps)
+    # the monitor's locality is the library's one definition
+    np.testing.assert_allclose(locality(maps), [0.0, 1 - 1 / 100, 0.9])
+    np.testing.assert_allclose(map_entropy(maps), [1.0, 0.0, np.log(10) / np.log(100)])
     with pytest.raises(ShapeError):
         map_entropy(np.ones(4))
     assert chance_consistency([5], 30) == 1.0
@@ -351,8 +361,9 @@ def test_curves_and_template_strip_figures():
     black = fig.axes[0].lines[0]
     np.testing.assert_allclose(black.get_ydata(), hist.stability)
     strip = plots.plot_template_strip(hist, max_columns=2)
-    assert len(strip.axes) == 2 * 2  # K rows, first and last check
-    assert strip.axes[1].get_title() == "step 2"
+    assert len(strip.axes[0].images) == 2 * 2  # K rows, first and last check
+    texts = [t.get_text() for t in strip.axes[0].texts]
+    assert texts[:2] == ["step 0", "step 2"] and texts[2:] == ["module 0", "module 1"]
     with pytest.raises(ShapeError, match="stability_chance"):
         plots.plot_modularity_curves({"steps": hist.steps, "stability": hist.stability})
     with pytest.raises(ShapeError, match="T, K, H, W"):

@@ -7,13 +7,14 @@ import pytest
 import torch
 
 from cfmodules.adapter import GeneratorAdapter
-from cfmodules.errors import ConfigError, ShapeError
+from cfmodules.errors import ConfigError, ResultFileError, ShapeError
 from cfmodules.evaluation.robustness import (
     OUTCOME_EXCLUDED,
     OUTCOME_NEITHER,
     OUTCOME_ORIGINAL1,
     OUTCOME_ORIGINAL2,
     OUTCOME_SAME_CLASS,
+    RobustnessResult,
     classifier_robustness,
     renormalized_entropy,
     robustness_from_probabilities,
@@ -68,7 +69,8 @@ def test_rates_outcomes_and_disagreement_by_hand():
     text = res.to_text()
     assert "disagreement" in text and "0.667" in text
     d = res.to_dict()
-    assert d["classifiers"]["net"]["top_classes"] == ["cat", "dog"]
+    assert d["summary"]["net"]["top_classes"] == ["cat", "dog"]
+    assert d["classifiers"] == ["net", "other"] and d["disagreement"] == [0.0, 0.5]
 
 
 def test_neither_and_no_informative_pairs():
@@ -200,3 +202,100 @@ def test_min_confidence_excludes_unsure_originals(adapter):
     assert 0 < sure.rates()["n_informative"][0] < all_.rates()["n_informative"][0]
     with pytest.raises(ConfigError, match="min_confidence"):
         classifier_robustness(adapter, Unsure(), mods, 4, min_confidence=1.0)
+
+
+# ------------------------------------------------------------------ files
+def _two_classifiers():
+    l1, l2 = np.array([0, 0, 1, -1]), np.array([1, 2, 1, 0])
+    return robustness_from_probabilities(
+        {"net/v2": np.stack([one_hot([0, 0, 1, 2]), one_hot([1, 0, 1, 0])]),
+         "other net": np.stack([one_hot([0, 1, 1, 2], k=4), one_hot([1, 1, 1, 0], k=4)])},
+        {"net/v2": l1, "other net": l1}, {"net/v2": l2, "other net": l2},
+        ["A", "B"], {"A": ["main.5", "main.8"], "B": ["main.8"]},
+        {"net/v2": ["cat", "dog", "owl"]}, top_k=2)
+
+
+def _assert_same(a, b):
+    assert (a.classifiers, a.modules, a.module_layers, a.class_names, a.info) == (
+        b.classifiers, b.modules, b.module_layers, b.class_names, b.info)
+    for name in ("predictions", "labels1", "labels2", "entropy", "top_classes"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert list(x) == list(y)
+        for c in x:  # stored as they are: equal by design
+            np.testing.assert_array_equal(x[c], y[c])
+            assert y[c].dtype == (np.float64 if name == "entropy" else np.int64)
+    assert a.to_text() == b.to_text()
+
+
+def test_save_and_load_round_trip_without_pickle(tmp_path):
+    import json
+
+    res = _two_classifiers()
+    path = res.save(tmp_path / "robustness.npz")
+    back = RobustnessResult.load(path)
+    _assert_same(res, back)
+    assert back.module_layers["A"] == ("main.5", "main.8")  # tuples again
+    # numpy alone reads it: one array per classifier, the summary in the JSON header
+    with np.load(path, allow_pickle=False) as f:
+        assert "predictions/net/v2" in f.files and "entropy/other net" in f.files
+        header = json.loads(str(f["header"]))
+    assert header["kind"] == "robustness"
+    assert header["summary"]["net/v2"]["n_informative"] == [2, 2]
+    assert header["disagreement"] == res.disagreement().tolist()
+    # from_dict inverts to_dict too
+    _assert_same(res, RobustnessResult.from_dict(res.to_dict()))
+
+
+def test_a_measured_result_round_trips_and_regenerates_its_hybrids(adapter, tmp_path):
+    mods = {"all": {"act": [0, 1, 2, 3]}, "one": {"act": [1]}}
+    res = classifier_robustness(adapter, {"b": Brightness()}, mods, n_pairs=6, seed=3)
+    back = RobustnessResult.load(res.save(tmp_path / "r.npz"))
+    _assert_same(res, back)
+    torch.testing.assert_close(back.hybrids(adapter, "one", [0, 2]),
+                               res.hybrids(adapter, "one", [0, 2]))
+
+
+def _rewrite(path, tmp_path, arrays=None, header=None, drop=()):
+    import json
+
+    with np.load(path, allow_pickle=False) as f:
+        data = {k: f[k] for k in f.files if k not in drop}
+    h = json.loads(str(data.pop("header")))
+    h.update(header or {})
+    data.update(arrays or {})
+    out = tmp_path / "bad.npz"
+    np.savez(out, header=np.array(json.dumps(h)), **data)
+    return out
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(drop=("labels2/other net",)), "'labels2' has arrays for"),
+    (dict(arrays={"predictions/intruder": np.zeros((2, 4), np.int64)}), "'predictions' has arrays"),
+    (dict(arrays={"predictions/net/v2": np.zeros((3, 4), np.int64)}), "3 rows, not one per module"),
+    (dict(arrays={"entropy/net/v2": np.zeros((2, 4), np.int64)}), "floats"),
+    (dict(arrays={"labels1/net/v2": np.zeros(5, np.int64)}), "5 pairs"),
+    (dict(arrays={"top_classes/net/v2": np.zeros((2, 2), np.int64)}), "top_classes"),
+    (dict(header={"classifiers": "net/v2"}), "'classifiers' in the header"),
+    (dict(header={"modules": []}), "'modules' in the header"),
+    (dict(header={"module_layers": {"A": ["main.8"]}}), "module_layers names"),
+    (dict(header={"module_layers": None}), "'module_layers'"),
+])
+def test_malformed_files_are_refused_with_what_is_wrong(tmp_path, change, match):
+    path = _two_classifiers().save(tmp_path / "r.npz")
+    with pytest.raises(ResultFileError, match=match):
+        RobustnessResult.load(_rewrite(path, tmp_path, **change))
+
+
+def test_another_kind_of_file_is_refused(tmp_path):
+    from cfmodules.results import write_npz
+
+    path = write_npz(tmp_path / "x.npz", {"maps": np.zeros((1, 2, 2))}, {"kind": "influence"})
+    with pytest.raises(ResultFileError, match="not 'robustness'"):
+        RobustnessResult.load(path)
+
+
+def test_an_inconsistent_result_is_refused_when_made():
+    res = _two_classifiers()
+    with pytest.raises(ShapeError, match="one per module"):
+        RobustnessResult(res.classifiers, ["A"], {"A": ("main.8",)}, res.predictions,
+                         res.labels1, res.labels2, res.entropy, res.top_classes)

@@ -9,7 +9,8 @@ from torch import nn
 
 from cfmodules.adapter import GeneratorAdapter
 from cfmodules.errors import ConfigError, LayerNotFoundError, ResultFileError, ShapeError
-from cfmodules.scan import ScanResult, ScanSettings, candidate_layers, locality, scan_layers
+from cfmodules.modules import locality, module_locality
+from cfmodules.scan import ScanResult, ScanSettings, candidate_layers, scan_layers
 from cfmodules.synthetic import PlantedConvGenerator
 
 
@@ -20,15 +21,47 @@ def test_locality_by_hand():
     corner = np.zeros((4, 4))
     corner[0, 0] = 3.0
     got = locality(np.stack([flat, half, corner, np.zeros((4, 4))]))
-    np.testing.assert_allclose(got, [0.0, 0.5, 1 - 1 / 16, 0.0])
+    np.testing.assert_allclose(got, [0.0, 0.5, 1 - 1 / 16, np.nan])  # zero map: no locality
     # scale does not matter; a graded map counts where it exceeds half its peak
     assert locality((7 * half)[None])[0] == pytest.approx(0.5)
     graded = half * np.arange(1, 5)[:, None]  # rows 3 and 4 (values 3, 4) exceed 2
     assert locality(graded[None])[0] == pytest.approx(1 - 4 / 16)
     # a broad low base does not hide a strong local bump
     assert locality((0.2 + corner)[None])[0] == pytest.approx(1 - 1 / 16)
+    # (K, P) rows, torch tensors and negative rounding noise (counted as 0) are accepted
+    np.testing.assert_allclose(locality(half.reshape(1, -1)), [0.5])
+    np.testing.assert_allclose(locality(torch.tensor(half - 1e-17)[None]), [0.5])
     with pytest.raises(ShapeError):
         locality(np.ones(5))
+    with pytest.raises(ShapeError):
+        locality(np.ones((0, 4, 4)))
+    with pytest.raises(ConfigError):
+        locality(np.full((1, 2, 2), np.nan))
+
+
+def test_module_locality_is_the_mean_over_the_modules_mean_maps():
+    half = np.zeros((4, 4))
+    half[:, :2] = 1.0
+    corner = np.zeros((4, 4))
+    corner[0, 0] = 1.0
+    maps = np.stack([half, half, corner, np.zeros((4, 4))])
+    # module 0: two channels, mean map `half` (0.5); module 1: `corner` and a dead channel,
+    # mean map corner / 2 (1 - 1/16); module 2 is empty and left out
+    assert module_locality(maps, [0, 0, 1, 1], 3) == pytest.approx((0.5 + 15 / 16) / 2)
+    # a module whose channels all do nothing counts as 0 (not local), as the scan always did
+    assert module_locality(maps, [0, 0, 1, 2], 3) == pytest.approx((0.5 + 15 / 16 + 0) / 3)
+    with pytest.raises(ShapeError):
+        module_locality(maps, [0, 1], 2)
+
+
+def test_the_scan_and_monitor_names_of_locality_are_deprecated():
+    import cfmodules.modules.measures as home
+    import cfmodules.scan as scan
+
+    with pytest.warns(DeprecationWarning, match="cfmodules.modules.measures.locality"):
+        assert scan.locality is home.locality
+    with pytest.warns(DeprecationWarning, match="module_locality"):
+        assert scan.module_locality is home.module_locality
 
 
 class MixedPlanted(nn.Module):

@@ -68,10 +68,9 @@ DEFAULT_LAYERS = {"dcgan-faces": "main.8"}
 class AnalysisSettings(ClusteringSettings):
     """Everything that decides the numbers of an analysis.
 
-    The clustering fields (``method``, ``window``, ``percentile``, ``n_init``, ``max_iter``,
-    ``backend``, ``seed``) and their checks are those of
-    :class:`~cfmodules.modules.ClusteringSettings`; ``seed`` is also the latent stream of
-    the pairs. Fields are keywords only.
+    A :class:`~cfmodules.modules.ClusteringSettings` (method, window, percentile, n_init,
+    max_iter, backend and seed, which also draws the latent pairs) with the fields below;
+    keywords only.
 
     Attributes
     ----------

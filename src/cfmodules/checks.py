@@ -20,7 +20,8 @@ from cfmodules.names import module_name
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["integer", "positive_int", "seed", "positive_number", "one_of", "clustering_method",
+__all__ = ["integer", "positive_int", "seed", "positive_number", "real", "one_of",
+           "clustering_method",
            "window", "percentile", "module", "modules", "device", "SEED_LIMIT",
            "CLUSTERING_METHODS", "CLUSTERING_BACKENDS", "DEFAULT_WINDOW", "DEFAULT_PERCENTILE"]
 
@@ -69,6 +70,33 @@ def positive_number(value: Any, name: str) -> float:
             or not float(value) > 0 or float(value) == float("inf")):
         raise ConfigError(f"{name} must be a positive number, got {value!r}.")
     return float(value)
+
+
+def real(value: Any, name: str, *, low: float | None = None, high: float | None = None,
+         low_open: bool = False, high_open: bool = False, meaning: str = "") -> float:
+    """``value`` as a finite ``float`` within ``[low, high]`` (Python or numpy number, not bool).
+
+    ``low_open`` / ``high_open`` exclude a bound; ``meaning`` (e.g. "the share of a map's
+    mass inside the region") is said in the message.
+    """
+    v = float(value) if (isinstance(value, numbers.Real) and not isinstance(value, bool)) else None
+    ok = v is not None and np.isfinite(v)
+    if ok and low is not None:
+        ok = v > low if low_open else v >= low
+    if ok and high is not None:
+        ok = v < high if high_open else v <= high
+    if not ok:
+        if low is not None and high is not None:
+            rng = f" in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        elif low is not None:
+            rng = f" {'>' if low_open else '>='} {low:g}"
+        elif high is not None:
+            rng = f" {'<' if high_open else '<='} {high:g}"
+        else:
+            rng = ""
+        what = f" ({meaning})" if meaning else ""
+        raise ConfigError(f"{name}{what} must be a finite number{rng}, got {value!r}.")
+    return float(v)  # type: ignore[arg-type]
 
 
 def one_of(value: Any, name: str, choices: Iterable[str]) -> str:

@@ -109,10 +109,9 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         raise ConfigError(f"--stability-methods takes nmf, kmeans or nmf,kmeans; got "
                           f"{args.stability_methods!r}.")
     settings = AnalysisSettings(
-        n_pairs=args.pairs, n_modules=args.k or 3, method=args.method, seed=args.seed,
-        n_init=args.n_init, stability_ks=ks, stability_methods=methods,
+        n_pairs=args.pairs, n_modules=args.k or 3, stability_ks=ks, stability_methods=methods,
         stability_repeats=args.stability_repeats, n_samples=args.samples,
-        n_hybrids=args.hybrids, backend=args.backend, stability_pool=args.stability_pool)
+        n_hybrids=args.hybrids, stability_pool=args.stability_pool, **_clustering(args))
     # --layer main.5,main.8 and --layer main.5 --layer main.8 are the same; auto: the scan
     layers = [la.strip() for arg in args.layer or [] for la in arg.split(",") if la.strip()]
     if len(layers) > 2:
@@ -184,9 +183,8 @@ def _cmd_scan(args: argparse.Namespace) -> int:
     from cfmodules.scan import ScanSettings, scan_layers
 
     settings = ScanSettings(ks=_parse_ks(args.ks, "--ks"), n_pairs=args.pairs,
-                            max_units=args.max_units,
-                            target_stderr=args.target_stderr, method=args.method,
-                            n_repeats=args.repeats, seed=args.seed)
+                            max_units=args.max_units, target_stderr=args.target_stderr,
+                            n_repeats=args.repeats, **_clustering(args))
     adapter = models.load_model(args.model, args.device, args.latent_shape)
     layers = None
     if args.layers:
@@ -205,6 +203,16 @@ def _cmd_scan(args: argparse.Namespace) -> int:
     print(f"Figure:  {fig}")
     print(f"Results: {path}")
     return 0
+
+
+def _clustering(args: argparse.Namespace) -> dict[str, Any]:
+    """The ClusteringSettings fields given on the command line (the rest keep their defaults)."""
+    from dataclasses import fields
+
+    from cfmodules.modules.settings import ClusteringSettings
+
+    return {f.name: getattr(args, f.name) for f in fields(ClusteringSettings)
+            if getattr(args, f.name, None) is not None}
 
 
 def _portable_spec(spec: str) -> str:
@@ -331,6 +339,29 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--device", default="auto", metavar="DEVICE",
                         help="cpu, cuda, cuda:1, mps, or auto (CUDA when available; default)")
 
+    def clustering_args(sp: argparse.ArgumentParser, n_init: int, max_iter: str) -> None:
+        """The fields of ClusteringSettings, as the same options in every command that
+        clusters. Their values default to None: the command's settings class holds the
+        defaults (the help repeats them; tests/test_cli.py checks that they agree)."""
+        g = sp.add_argument_group("clustering", "the fields of ClusteringSettings")
+        g.add_argument("--method", choices=checks.CLUSTERING_METHODS,
+                       help="clustering of the maps (default nmf)")
+        g.add_argument("--seed", type=int, metavar="S",
+                       help="latent stream and clustering seed (default 0)")
+        g.add_argument("--n-init", type=int, metavar="N",
+                       help=f"restarts of each clustering, the best is kept (default {n_init})")
+        g.add_argument("--max-iter", type=int, metavar="N",
+                       help=f"iterations per restart (default {max_iter})")
+        g.add_argument("--window", type=int, metavar="W",
+                       help=f"smoothing window of the maps in pixels, odd (default "
+                            f"{checks.DEFAULT_WINDOW})")
+        g.add_argument("--percentile", type=float, metavar="P",
+                       help=f"threshold percentile of each smoothed map (default "
+                            f"{checks.DEFAULT_PERCENTILE:g})")
+        g.add_argument("--backend", choices=checks.CLUSTERING_BACKENDS,
+                       help="clustering engine: fast (default: k-means on the Gram matrix, NMF "
+                            "by batched HALS) or sklearn (the reference, scikit-learn; slower)")
+
     a = sub.add_parser("analyze", help="influence maps, modules, stability, hybrids and an "
                        "HTML report", description="Run the whole analysis and write report.html, "
                        "the figures as PNG and results.npz to --out.")
@@ -345,16 +376,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="latent pairs per influence map (default 64)")
     a.add_argument("--k", type=int, default=None, metavar="K",
                    help="number of modules K (default 3; with --layer auto, the scan's)")
-    a.add_argument("--method", choices=checks.CLUSTERING_METHODS, default="nmf",
-                   help="clustering of the maps (default nmf)")
-    a.add_argument("--seed", type=int, default=0, metavar="S",
-                   help="latent stream and clustering seed (default 0)")
     a.add_argument("--out", default="cfmodules-report", metavar="DIR",
                    help="output folder (default ./cfmodules-report)")
     a.add_argument("--stability-ks", default="2-6", metavar="KS",
                    help="K of the stability sweep: a range 2-6 or a list 2,3,5 (default 2-6)")
-    a.add_argument("--n-init", type=int, default=10, metavar="N",
-                   help="restarts of the clustering, the best is kept (default 10)")
     a.add_argument("--stability-repeats", type=int, default=10, metavar="R",
                    help="random splits per K in the sweep (default 10; the paper used 20)")
     a.add_argument("--stability-methods", default="nmf,kmeans", metavar="METHODS",
@@ -363,9 +388,6 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--stability-pool", type=int, default=1, metavar="P",
                    help="NMF of the sweep on P x P pixel blocks: P^2 times fewer pixels, an "
                         "approximation (default 1: exact)")
-    a.add_argument("--backend", choices=("fast", "sklearn"), default="fast",
-                   help="clustering engine: fast (default: k-means on the Gram matrix, NMF by "
-                        "batched HALS) or sklearn (the reference, scikit-learn; slower)")
     a.add_argument("--jobs", type=int, default=None, metavar="N",
                    help="processes for the clustering and the stability sweep (default: the "
                         "usable cores, at most --threads); the results do not depend on it")
@@ -378,6 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="resume checkpoints in --out even where cfmodules cannot verify that "
                         "they were made by the same code (you state that they were)")
     a.add_argument("--quiet", action="store_true", help="no progress bars")
+    clustering_args(a, n_init=10, max_iter="500; 300 in the stability sweep")
     model_args(a)
     a.set_defaults(func=_cmd_analyze)
 
@@ -418,14 +441,12 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--target-stderr", type=float, default=0.05, metavar="E",
                     help="stop a layer's maps once every pixel's standard error is <= E "
                          "(default 0.05)")
-    sc.add_argument("--method", choices=("nmf", "kmeans"), default="nmf",
-                    help="clustering of the maps (default nmf)")
     sc.add_argument("--repeats", type=int, default=4, metavar="R",
                     help="stability splits per layer and K (default 4)")
-    sc.add_argument("--seed", type=int, default=0, metavar="S")
     sc.add_argument("--out", default="cfmodules-scan", metavar="DIR",
                     help="output folder (default ./cfmodules-scan)")
     sc.add_argument("--quiet", action="store_true", help="no progress lines")
+    clustering_args(sc, n_init=2, max_iter="300")
     sc.set_defaults(func=_cmd_scan)
 
     h = sub.add_parser("hybrids", help="a hybrid grid of new pairs from saved modules",
@@ -459,8 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_numbers(args: argparse.Namespace) -> None:
-    for name in ("pairs", "k", "n_init", "stability_repeats", "samples", "hybrids", "threads",
-                 "repeats", "stability_pool", "max_units", "jobs"):
+    for name in ("pairs", "k", "n_init", "max_iter", "stability_repeats", "samples", "hybrids",
+                 "threads", "repeats", "stability_pool", "max_units", "jobs"):
         v = getattr(args, name, None)
         if v is not None and v < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {v}.")

@@ -17,9 +17,10 @@ next. Per check it records
 - **label agreement**: the fraction of channels that stayed in the same (matched) module;
 - each module's **size** (channels) and **influence** (mean of the module's influence map,
   the whole module hybridized at once, as in Fig. 8 of the paper);
-- how **local** the EIMs are: the share of each map's total influence that falls on its
-  top 10% pixels (0.1: spread evenly, 1: all of it there), and the normalized entropy of
-  each map seen as a distribution over pixels (1: spread evenly, 0: a single pixel).
+- how **local** the EIMs are: :func:`cfmodules.modules.locality` of each smoothed map
+  (``1 -`` the fraction of the image above half the map's maximum; 0: spread evenly), the
+  library's one definition, also the scan's; and the normalized entropy of each map seen
+  as a distribution over pixels (1: spread evenly, 0: a single pixel).
 
 It writes ``monitor.jsonl`` (one JSON object per check) and ``monitor.npz`` (the same
 numbers as arrays plus every check's templates and labels, no pickle) to ``log_dir``, and
@@ -58,8 +59,11 @@ import numpy as np
 import torch
 
 from cfmodules import checks
+from cfmodules._deprecation import warn_renamed
 from cfmodules.adapter import GeneratorAdapter
 from cfmodules.errors import CfModulesError, ConfigError, ShapeError
+from cfmodules.modules.measures import locality
+from cfmodules.modules.preprocess import smooth
 from cfmodules.modules.settings import ClusteringSettings
 from cfmodules.results import atomic_write, read_npz, write_npz
 
@@ -69,7 +73,6 @@ __all__ = [
     "ModularityCheck",
     "MonitorHistory",
     "match_templates",
-    "map_locality",
     "map_entropy",
     "chance_consistency",
     "KIND",
@@ -83,10 +86,8 @@ _TB_INSTALL = 'pip install "cfmodules[monitor]"  (or: pip install tensorboard)'
 class MonitorSettings(ClusteringSettings):
     """What a check computes, and how often.
 
-    The clustering fields (``method``, ``window``, ``percentile``, ``n_init``, ``max_iter``,
-    ``backend``, ``seed``) and their checks are those of
-    :class:`~cfmodules.modules.ClusteringSettings`; ``seed`` is also the latent stream of
-    the pairs. Fields are keywords only.
+    Adds to the clustering fields of :class:`~cfmodules.modules.ClusteringSettings`, with
+    their checks, what a check needs (``seed`` also draws its latent pairs); keywords only.
 
     Attributes
     ----------
@@ -151,7 +152,8 @@ class ModularityCheck:
         The stability two random labelings with these module sizes would get
         (:func:`chance_consistency`).
     locality : float
-        Mean share of an EIM's influence on its top 10% pixels (:func:`map_locality`).
+        Mean :func:`cfmodules.modules.locality` of the EIMs smoothed with ``window`` (1 -
+        the fraction of the image above half the map's maximum; dead channels left out).
     entropy : float
         Mean normalized entropy of the EIMs (:func:`map_entropy`; 1: spread evenly).
     label_agreement : float or None
@@ -163,7 +165,7 @@ class ModularityCheck:
     template_shift : tuple of float (K,) or None
         ``1 - cosine`` between each template and its match at the previous check.
     template_locality : tuple of float (K,)
-        :func:`map_locality` of each template.
+        :func:`cfmodules.modules.locality` of each template (NaN for an empty module).
     seconds : float
         Wall time of the check.
     cpu_seconds : float
@@ -310,7 +312,11 @@ class MonitorHistory:
 
 # ---------------------------------------------------------------------- measures
 def map_locality(maps: Any, top: float = 0.1) -> np.ndarray:
-    """Share of each map's total influence that falls on its ``top`` fraction of pixels.
+    """Deprecated: the monitor's former measure; the library's locality is
+    :func:`cfmodules.modules.locality`, which the monitor now logs.
+
+    Share of each map's total influence that falls on its ``top`` fraction of pixels (kept
+    unchanged for one release, so old callers get the numbers they had).
 
     Parameters
     ----------
@@ -324,6 +330,9 @@ def map_locality(maps: Any, top: float = 0.1) -> np.ndarray:
         About ``top`` for a map spread evenly over the image, 1 for a map whose influence
         is all on its top pixels; NaN for an all-zero map.
     """
+    warn_renamed("cfmodules.monitor.map_locality (the share of the top pixels)",
+                 "cfmodules.modules.locality (1 - the area above half maximum), the one "
+                 "definition the monitor and the scan use")
     flat = _flat_maps(maps)
     if not (isinstance(top, float) and 0 < top < 1):
         raise ConfigError(f"top must be a fraction in (0, 1), got {top!r}.")
@@ -671,7 +680,8 @@ class ModularityMonitor:
                                         seed=s.seed, progress=False)
                 for name, m in zip(mres.names, mres.maps):
                     influence[int(name.split()[-1])] = float(np.mean(m))
-        loc, ent = map_locality(maps.clip(0)), map_entropy(maps.clip(0))
+        ent = map_entropy(maps.clip(0))
+        loc = locality(smooth(maps.clip(0), s.window))
         return ModularityCheck(
             step=step, n_pairs=int(eims.n_pairs),
             max_stderr=float(np.nanmax(eims.stderr)) if eims.stderr.size else float("nan"),
@@ -681,7 +691,7 @@ class ModularityMonitor:
             locality=_nanmean(loc), entropy=_nanmean(ent),
             label_agreement=agreement, sizes=tuple(int(x) for x in sizes),
             influence=tuple(influence), template_shift=shift,
-            template_locality=tuple(float(x) for x in map_locality(templates)),
+            template_locality=tuple(float(x) for x in locality(templates)),
             seconds=time.perf_counter() - t0, cpu_seconds=time.process_time() - cpu0, labels=np.asarray(labels, np.int64),
             templates=np.asarray(templates, np.float32),
         )

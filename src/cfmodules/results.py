@@ -295,8 +295,10 @@ class Result(HtmlRepr):
     the fields it finds (``metadata["from_dict"]`` converts a nested value) and ignores
     everything else. :meth:`save` writes ``to_dict()`` with :func:`write_npz` (every numpy
     array an array of the file, everything else the JSON header; a nested result named in
-    ``nested`` is stored flat, as ``<name>_<key>``), and :meth:`load` reads it back, so the
-    file format follows the fields without a second list.
+    ``nested`` is stored flat, as ``<name>_<key>``; a dict of arrays -- e.g. one array per
+    classifier -- as one array per key, named ``<name>/<key>``), and :meth:`load` reads it
+    back, so the file format follows the fields without a second list. A field's
+    ``metadata["dtype"]`` applies to each array of a dict of arrays too.
     """
 
     kind: ClassVar[str] = ""
@@ -318,7 +320,9 @@ class Result(HtmlRepr):
             if hasattr(value, "to_dict"):
                 value = value.to_dict()
             elif "dtype" in f.metadata:
-                value = np.asarray(value, dtype=f.metadata["dtype"])
+                dtype = f.metadata["dtype"]
+                value = ({str(k): np.asarray(v, dtype=dtype) for k, v in value.items()}
+                         if isinstance(value, Mapping) else np.asarray(value, dtype=dtype))
             out[f.name] = value
         out.update(self._derived())
         return out
@@ -346,6 +350,8 @@ class Result(HtmlRepr):
             if key in self.nested and isinstance(value, Mapping):
                 for sub, v in value.items():
                     (arrays if isinstance(v, np.ndarray) else header)[f"{key}_{sub}"] = v
+            elif _array_dict(value):
+                arrays.update({f"{key}{KEY_SEP}{sub}": v for sub, v in value.items()})
             else:
                 (arrays if isinstance(value, np.ndarray) else header)[key] = value
         header = {k: _json_ready(v) for k, v in header.items()}
@@ -358,7 +364,15 @@ class Result(HtmlRepr):
         """Read a file written by :meth:`save` (raises ResultFileError if it is not one)."""
         arrays, header = read_npz(path, kind=cls.kind)
         cls._validate(path, arrays, header)
-        data: dict[str, Any] = {**header, **arrays}
+        data: dict[str, Any] = {**header}
+        for key, value in arrays.items():
+            name, sep, sub = key.partition(KEY_SEP)
+            if sep:  # one array of a dict of arrays
+                group = data.get(name)
+                data[name] = group = group if isinstance(group, dict) else {}
+                group[sub] = value
+            else:
+                data[key] = value
         for name in cls.nested:
             prefix = f"{name}_"
             parts = {k[len(prefix):]: v for k, v in data.items() if k.startswith(prefix)}
@@ -381,6 +395,16 @@ class Result(HtmlRepr):
 
     def __str__(self) -> str:
         return self.to_text()
+
+
+KEY_SEP = "/"
+"""In a result file, ``<field>/<key>`` is the array ``key`` of a field holding a dict of arrays."""
+
+
+def _array_dict(value: Any) -> bool:
+    """Whether ``value`` is a non-empty dict whose values are all numpy arrays."""
+    return (isinstance(value, Mapping) and bool(value)
+            and all(isinstance(v, np.ndarray) for v in value.values()))
 
 
 def _json_ready(value: Any) -> Any:

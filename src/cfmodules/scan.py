@@ -10,10 +10,11 @@ enough), runs a short stability sweep over K (sec. 4.1) and scores every (layer,
 - **label consistency** and **template similarity**: the stability protocol's two numbers
   (two clusterings of overlapping two-thirds of the channels agree on the shared third,
   and find the same templates), in [0, 1];
-- **locality**: how much of the image a module leaves alone: ``1 - a`` with ``a`` the
-  fraction of the image where the module's mean influence map (the mean of the smoothed
-  maps of its channels, in a clustering of all channels) exceeds half its maximum,
-  averaged over the K modules. Modules in the paper's
+- **locality**: how much of the image a module leaves alone:
+  :func:`cfmodules.modules.locality` (``1 - a`` with ``a`` the fraction of the image where
+  a map exceeds half its maximum) of the module's mean influence map (the mean of the
+  smoothed maps of its channels, in a clustering of all channels), averaged over the K
+  modules (:func:`cfmodules.modules.module_locality`). Modules in the paper's
   sense are channels that act on one region together; a layer whose channels each act on
   the whole image has no such regions, however reproducible its clustering. (The maps are
   taken before the threshold: a threshold keeps a quarter of every map, which looks local
@@ -27,7 +28,6 @@ the suggestion with its reason in words, and saves to ``.npz`` + JSON like every
 
 from __future__ import annotations
 
-import numbers
 import time
 import zlib
 from collections.abc import Callable, Sequence
@@ -37,13 +37,13 @@ from typing import Any, ClassVar
 import numpy as np
 
 from cfmodules import checks
+from cfmodules._deprecation import moved_names
 from cfmodules.adapter import GeneratorAdapter
 from cfmodules.errors import ConfigError, ShapeError
 from cfmodules.modules.settings import STABILITY_MAX_ITER, ClusteringSettings
 from cfmodules.results import Result
 
-__all__ = ["ScanSettings", "ScanResult", "scan_layers", "candidate_layers", "locality",
-           "module_locality", "KIND"]
+__all__ = ["ScanSettings", "ScanResult", "scan_layers", "candidate_layers", "KIND"]
 
 KIND = "scan"
 MIN_CHANNELS = 8
@@ -54,10 +54,9 @@ MIN_CHANNELS = 8
 class ScanSettings(ClusteringSettings):
     """Settings of a scan (everything that decides its numbers).
 
-    The clustering fields (``method``, ``window``, ``percentile``, ``n_init``, ``max_iter``,
-    ``backend``, ``seed``) and their checks are those of
-    :class:`~cfmodules.modules.ClusteringSettings`; ``seed`` also draws the latent pairs
-    and the scanned channels. Fields are keywords only.
+    Inherits the clustering fields and checks of
+    :class:`~cfmodules.modules.ClusteringSettings` (``seed`` also draws the latent pairs and
+    the scanned channels); keywords only.
 
     Attributes
     ----------
@@ -106,57 +105,8 @@ class ScanSettings(ClusteringSettings):
                                                               "target_stderr"))
         if self.nmf_pool is not None:
             self._positive_ints("nmf_pool")
-        if not (isinstance(self.tolerance, numbers.Real) and 0 <= self.tolerance < 1):
-            raise ConfigError(f"tolerance must be in [0, 1), got {self.tolerance!r}.")
-
-
-def locality(maps: Any) -> np.ndarray:
-    """How local each map is: 1 - the fraction of the image where it exceeds half its maximum.
-
-    The area at half maximum (as in a full width at half maximum) ignores a low, broad base
-    that every influence map of a real generator has and measures where the map is
-    strong: 0 for a map constant over the image, ``1 - f`` for one constant on a fraction
-    ``f`` of it and zero elsewhere. A map that is zero everywhere has locality 0.
-
-    Parameters
-    ----------
-    maps : array (K, H, W) or (K, P), non-negative
-
-    Returns
-    -------
-    ndarray (K,)
-    """
-    t = np.asarray(maps, dtype=np.float64)
-    if t.ndim < 2:
-        raise ShapeError(f"maps must have shape (K, H, W) or (K, P), got {t.shape}.")
-    t = np.clip(t.reshape(len(t), -1), 0, None)
-    peak = t.max(axis=1, keepdims=True)
-    area = (t > 0.5 * peak).mean(axis=1)
-    return np.where(peak[:, 0] > 0, 1.0 - area, 0.0)
-
-
-def module_locality(maps: Any, labels: Any, n_modules: int) -> float:
-    """Mean :func:`locality` of the modules' mean influence maps.
-
-    Parameters
-    ----------
-    maps : array (C, H, W) or (C, P)
-        Influence maps (smoothed, not thresholded: a threshold keeps a quarter of every
-        map, so thresholded maps look local whether or not the channel's influence is).
-    labels : array (C,) of int
-        Module of each channel.
-    n_modules : int
-
-    Returns
-    -------
-    float
-        Mean over the non-empty modules of the locality of the mean map of its channels.
-    """
-    m = np.asarray(maps, dtype=np.float64)
-    m = m.reshape(len(m), -1)
-    lab = np.asarray(labels)
-    means = [m[lab == k].mean(axis=0) for k in range(n_modules) if (lab == k).any()]
-    return float(locality(np.stack(means)).mean())
+        self._set("tolerance", checks.real(self.tolerance, "tolerance", low=0, high=1,
+                                           high_open=True))
 
 
 def candidate_layers(adapter: GeneratorAdapter, all_spatial: bool = False) -> list[str]:
@@ -203,7 +153,7 @@ class ScanResult(Result):
     ks : ndarray (n_k,) of int
     consistency, cosine, locality : ndarray (L, n_k)
         Mean label consistency and template similarity of the stability sweep, and the
-        mean locality of the modules (:func:`module_locality`); NaN where K is more than
+        mean locality of the modules (:func:`cfmodules.modules.module_locality`); NaN where K is more than
         two thirds of the layer's scanned units.
     channels : ndarray (L,) of int
         Channels of each layer.
@@ -396,6 +346,7 @@ def scan_layers(
     from cfmodules.hooks import resolve_layers
     from cfmodules.influence import influence_maps
     from cfmodules.modules.clustering import cluster_features
+    from cfmodules.modules.measures import module_locality
     from cfmodules.modules.preprocess import preprocess, smooth
     from cfmodules.modules.stability import _pool
 
@@ -479,3 +430,9 @@ def _version() -> str:
     from cfmodules import __version__
 
     return __version__
+
+
+__getattr__ = moved_names(__name__, {
+    "locality": "cfmodules.modules.measures:locality",
+    "module_locality": "cfmodules.modules.measures:module_locality",
+})

@@ -23,16 +23,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
 from cfmodules import checks
-from cfmodules.display import HtmlRepr
-from cfmodules.errors import ConfigError, ShapeError, did_you_mean
+from cfmodules.errors import ConfigError, ResultFileError, ShapeError, did_you_mean
 from cfmodules.evaluation._run import EvalNoGrad, call_on
 from cfmodules.latents import pair_latents
+from cfmodules.results import KEY_SEP, Result
 
 __all__ = [
     "Classifier",
@@ -46,6 +46,8 @@ __all__ = [
     "robustness_from_probabilities",
     "renormalized_entropy",
 ]
+
+KIND = "robustness"
 
 Classifier = Callable[[torch.Tensor], torch.Tensor]
 """``classifier(images (N, C, H, W) in [0, 1]) -> (N, K)`` logits or probabilities."""
@@ -95,9 +97,23 @@ def _outcomes(pred: np.ndarray, l1: np.ndarray, l2: np.ndarray) -> np.ndarray:
     return out
 
 
-@dataclass
-class RobustnessResult(HtmlRepr):
+def _array(dtype: Any) -> Any:
+    """A field holding a dict classifier -> array, stored with ``dtype``."""
+    return field(metadata={"dtype": dtype})
+
+
+def _layers_from_dict(data: Mapping[str, Sequence[str]]) -> dict[str, tuple[str, ...]]:
+    return {str(k): tuple(v) for k, v in data.items()}
+
+
+@dataclass(repr=False)
+class RobustnessResult(Result):
     """How classifiers answer on the hybrids of each module.
+
+    A :class:`cfmodules.results.Result`: ``save`` / ``load`` (``.npz`` + JSON header, no
+    pickle; each classifier's arrays are the file's arrays ``predictions/<classifier>``,
+    ...), ``to_dict`` / ``from_dict`` (the fields, plus the ``summary`` per classifier and
+    the ``disagreement`` that the file's header also carries), ``to_text``.
 
     Attributes
     ----------
@@ -119,16 +135,29 @@ class RobustnessResult(HtmlRepr):
         How the result was made (seed, number of pairs, modules).
     """
 
+    kind: ClassVar[str] = KIND
+
     classifiers: list[str]
     modules: list[str]
-    module_layers: dict[str, tuple[str, ...]]
-    predictions: dict[str, np.ndarray]
-    labels1: dict[str, np.ndarray]
-    labels2: dict[str, np.ndarray]
-    entropy: dict[str, np.ndarray]
-    top_classes: dict[str, np.ndarray]
+    module_layers: dict[str, tuple[str, ...]] = field(
+        metadata={"from_dict": _layers_from_dict})
+    predictions: dict[str, np.ndarray] = _array(np.int64)
+    labels1: dict[str, np.ndarray] = _array(np.int64)
+    labels2: dict[str, np.ndarray] = _array(np.int64)
+    entropy: dict[str, np.ndarray] = _array(np.float64)
+    top_classes: dict[str, np.ndarray] = _array(np.int64)
     class_names: dict[str, list[str] | None] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.classifiers = [str(c) for c in self.classifiers]
+        self.modules = [str(m) for m in self.modules]
+        problem = _inconsistency(self.classifiers, self.modules, self.module_layers,
+                                 {"predictions": self.predictions, "labels1": self.labels1,
+                                  "labels2": self.labels2, "entropy": self.entropy,
+                                  "top_classes": self.top_classes})
+        if problem:
+            raise ShapeError(f"Inconsistent RobustnessResult: {problem}.")
 
     # ------------------------------------------------------------------ lookups
     def _clf(self, classifier: str | None) -> str:
@@ -253,21 +282,43 @@ class RobustnessResult(HtmlRepr):
             rows.append(row)
         return rows
 
-    def to_dict(self) -> dict[str, Any]:
-        """Summary as plain JSON-able data (rates, mean entropies, disagreement)."""
-        out: dict[str, Any] = {"modules": list(self.modules),
-                               "module_layers": {k: list(v) for k, v in self.module_layers.items()},
-                               "classifiers": {}, "info": dict(self.info)}
+    def _derived(self) -> dict[str, Any]:
+        """``summary``: per classifier, the rates, mean entropies and top class names (plain
+        JSON data, None for NaN); ``disagreement`` with two or more classifiers."""
+        summary: dict[str, Any] = {}
         for c in self.classifiers:
             r = self.rates(c)
-            out["classifiers"][c] = {
-                k: [None if not np.isfinite(x) else float(x) for x in v] for k, v in r.items()
-            }
-            out["classifiers"][c]["mean_entropy"] = self.entropy[c].mean(1).tolist()
-            out["classifiers"][c]["top_classes"] = [self.class_name(c, int(i)) for i in self.top_classes[c]]
+            summary[c] = {k: [None if not np.isfinite(x) else float(x) for x in v]
+                          for k, v in r.items()}
+            summary[c]["mean_entropy"] = self.entropy[c].mean(1).tolist()
+            summary[c]["top_classes"] = [self.class_name(c, int(i)) for i in self.top_classes[c]]
+        out: dict[str, Any] = {"summary": summary}
         if len(self.classifiers) > 1:
             out["disagreement"] = self.disagreement().tolist()
         return out
+
+    @classmethod
+    def _validate(cls, path: Any, arrays: Mapping[str, np.ndarray],
+                  header: Mapping[str, Any]) -> None:
+        classifiers, modules = header.get("classifiers"), header.get("modules")
+        layers = header.get("module_layers")
+        for key, value in (("classifiers", classifiers), ("modules", modules)):
+            if not isinstance(value, list) or not value or not all(
+                    isinstance(x, str) for x in value):
+                raise ResultFileError(f"'{path}' is a damaged robustness result: '{key}' in "
+                                      f"the header is {value!r}, not a list of names.")
+        if not isinstance(layers, dict):
+            raise ResultFileError(f"'{path}' is a damaged robustness result: 'module_layers' "
+                                  "in the header is not a dict.")
+        groups: dict[str, dict[str, np.ndarray]] = {}
+        for key, arr in arrays.items():
+            name, _, sub = key.partition(KEY_SEP)
+            groups.setdefault(name, {})[sub] = arr
+        problem = _inconsistency(classifiers, modules, layers, {
+            name: groups.get(name, {}) for name in _PER_CLASSIFIER})
+        if problem:
+            raise ResultFileError(f"'{path}' is a damaged robustness result: {problem}. "
+                                  "Compute it again with classifier_robustness().")
 
     def to_text(self) -> str:
         """A table: per module and classifier, the rates, standard errors and mean entropy."""
@@ -287,7 +338,7 @@ class RobustnessResult(HtmlRepr):
                 f"{name} {d:.3f}" for name, d in zip(self.modules, dis)))
         return "\n".join(lines)
 
-    def __str__(self) -> str:
+    def __repr__(self) -> str:
         return self.to_text()
 
     def _html_figures(self) -> dict[str, Any]:
@@ -314,6 +365,43 @@ class RobustnessResult(HtmlRepr):
 
         return hybridize(adapter, L.select(z1, idx), L.select(z2, idx),
                          self.info["module_channels"][module])
+
+
+_PER_CLASSIFIER = {"predictions": (2, "iu"), "labels1": (1, "iu"), "labels2": (1, "iu"),
+                   "entropy": (2, "f"), "top_classes": (1, "iu")}
+"""The per-classifier arrays of a RobustnessResult: dimensions and dtype kinds."""
+
+
+def _inconsistency(classifiers: Sequence[str], modules: Sequence[str],
+                   module_layers: Mapping[str, Any],
+                   per_classifier: Mapping[str, Mapping[str, Any]]) -> str | None:
+    """What does not fit together in a robustness result's arrays, or None."""
+    if len(set(classifiers)) != len(classifiers) or len(set(modules)) != len(modules):
+        return "classifier and module names must be distinct"
+    if set(module_layers) != set(modules):
+        return (f"module_layers names {sorted(module_layers)}, not the modules "
+                f"{list(modules)}")
+    n_pairs = None
+    for name, (ndim, kinds) in _PER_CLASSIFIER.items():
+        group = per_classifier[name]
+        if set(group) != set(classifiers):
+            return (f"'{name}' has arrays for {sorted(group)}, not for the classifiers "
+                    f"{list(classifiers)}")
+        for c in classifiers:
+            a = np.asarray(group[c])
+            if a.ndim != ndim or a.dtype.kind not in kinds:
+                return (f"'{name}' of '{c}' has shape {a.shape} and dtype {a.dtype}; expected "
+                        f"{ndim} dimension(s) of {'integers' if kinds == 'iu' else 'floats'}")
+            if ndim == 2 and a.shape[0] != len(modules):
+                return (f"'{name}' of '{c}' has {a.shape[0]} rows, not one per module "
+                        f"({len(modules)})")
+            if name != "top_classes":
+                n = a.shape[-1]
+                if n_pairs is not None and n != n_pairs:
+                    return (f"'{name}' of '{c}' has {n} pairs where other arrays have "
+                            f"{n_pairs}")
+                n_pairs = n
+    return None
 
 
 def _top_classes(prob_sum: np.ndarray, top_k: int) -> np.ndarray:
@@ -459,8 +547,8 @@ def classifier_robustness(
 
     if outputs not in ("logits", "probabilities"):
         raise ConfigError(f"outputs must be 'logits' or 'probabilities', got {outputs!r}.")
-    if not 0.0 <= min_confidence < 1.0:
-        raise ConfigError(f"min_confidence must be in [0, 1), got {min_confidence}.")
+    min_confidence = checks.real(min_confidence, "min_confidence", low=0, high=1,
+                                 high_open=True)
     n_pairs = checks.positive_int(n_pairs, "n_pairs")
     batch_size = checks.positive_int(batch_size, "batch_size")
     clfs = dict(classifiers) if isinstance(classifiers, Mapping) else {"classifier": classifiers}

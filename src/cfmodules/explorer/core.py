@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cfmodules import checks
 from cfmodules.errors import ChannelError, ConfigError, LayerNotFoundError, ShapeError, did_you_mean
 
 __all__ = ["Explorer", "MAX_REGION_FRACTION", "MAX_START"]
@@ -41,10 +42,6 @@ MAX_START = 10**6
 """Largest first pair index accepted from a request."""
 
 _CACHE_PAIRS = 4  # pair blocks whose prefixes stay cached
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
 
 @contextmanager
@@ -88,13 +85,12 @@ class Explorer:
                  threads: int | None = 1):
         from cfmodules.modules import preprocess
 
-        if not _is_int(n_pairs) or not 1 <= n_pairs <= 64:
-            raise ConfigError(f"n_pairs must be an integer in 1..64, got {n_pairs!r}.")
-        if threads is not None and (not _is_int(threads) or threads < 1):
-            raise ConfigError(f"threads must be a positive integer or None, got {threads!r}.")
-        self.threads = threads
-        self.result, self.adapter, self.n_pairs = result, adapter, int(n_pairs)
-        self.seed = result.settings.seed + 1 if seed is None else int(seed)
+        n_pairs = checks.integer(n_pairs, "n_pairs", low=1, high=65)
+        self.threads = None if threads is None else checks.positive_int(threads, "threads")
+        self.result, self.adapter, self.n_pairs = result, adapter, n_pairs
+        # default: the stream after the analysis's, so the pairs are new samples
+        self.seed = ((int(result.settings.seed) + 1) % checks.SEED_LIMIT if seed is None
+                     else checks.seed(seed))
         self.layers = list(result.layers)
         self.layer_channels = {la: int(adapter.layer_channels(la)) for la in self.layers}
         self.map_shape = tuple(int(d) for d in result.maps.shape[1:])
@@ -122,13 +118,15 @@ class Explorer:
     def check_channel(self, layer: str, channel: Any) -> int:
         """``channel`` if it is a channel of ``layer`` that has an influence map."""
         n = self.layer_channels[layer]
-        if not _is_int(channel) or not 0 <= channel < n:
+        try:
+            c = checks.integer(channel, "channel", low=0, high=n)
+        except ConfigError:
             raise ChannelError(f"Channel {channel!r} is out of range for layer '{layer}', which "
-                               f"has channels 0..{n - 1}.")
-        if (layer, int(channel)) not in self._row:
-            raise ChannelError(f"Channel {channel} of layer '{layer}' has no influence map in "
+                               f"has channels 0..{n - 1}.") from None
+        if (layer, c) not in self._row:
+            raise ChannelError(f"Channel {c} of layer '{layer}' has no influence map in "
                                "this analysis.")
-        return int(channel)
+        return c
 
     def check_selection(self, selection: Any) -> dict[str, list[int]]:
         """A selection ``{layer: [channels]}`` from a request, validated and sorted.
@@ -151,18 +149,12 @@ class Explorer:
 
     def check_start(self, start: Any) -> int:
         """The first pair index of a request (0 .. MAX_START)."""
-        if not _is_int(start) or not 0 <= start <= MAX_START:
-            raise ConfigError(f"start (the first pair) must be an integer in 0..{MAX_START}, "
-                              f"got {start!r}.")
-        return int(start)
+        return checks.integer(start, "start (the first pair)", low=0, high=MAX_START + 1)
 
     def check_threshold(self, threshold: Any) -> float:
         """A mass share in (0, 1]."""
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not (
-                0 < float(threshold) <= 1):
-            raise ConfigError(f"threshold is the share of a map's mass inside the region, a "
-                              f"number in (0, 1]; got {threshold!r}.")
-        return float(threshold)
+        return checks.real(threshold, "threshold", low=0, high=1, low_open=True,
+                           meaning="the share of a map's mass inside the region")
 
     # ------------------------------------------------------------------ queries
     def info(self) -> dict[str, Any]:

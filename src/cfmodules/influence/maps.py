@@ -22,6 +22,7 @@ resumes to the same final numbers.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import time
@@ -46,7 +47,7 @@ from cfmodules.engine import (
     plan_swaps,
     time_shapes,
 )
-from cfmodules.errors import CheckpointError, ConfigError, GeneratorOutputError
+from cfmodules.errors import CheckpointError, ConfigError, GeneratorOutputError, did_you_mean
 from cfmodules.hooks import resolve_layer
 from cfmodules.hybrid import module_channels
 from cfmodules.influence.checkpoint import load_checkpoint, save_checkpoint
@@ -115,12 +116,9 @@ class InfluenceSettings:
         object.__setattr__(self, "seed", checks.seed(self.seed))
         object.__setattr__(self, "pairs_per_block",
                            checks.positive_int(self.pairs_per_block, "pairs_per_block"))
-        if self.target_stderr is not None and not (
-            isinstance(self.target_stderr, (int, float)) and self.target_stderr > 0
-        ):
-            raise ConfigError(
-                f"target_stderr must be a positive number or None, got {self.target_stderr!r}."
-            )
+        if self.target_stderr is not None:
+            object.__setattr__(self, "target_stderr",
+                               checks.positive_number(self.target_stderr, "target_stderr"))
         if self.algorithm not in ALGORITHMS:
             raise ConfigError(f"algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}.")
         if self.dtype not in _DTYPES:
@@ -304,11 +302,11 @@ def _max_rows(adapter: GeneratorAdapter, runners: list[tuple[_Runner, list[int]]
 
 
 # ---------------------------------------------------------------------- main loop
-def _run(adapter: GeneratorAdapter, units: list[_Unit], settings: InfluenceSettings,
-         layer: str | None, max_batch_bytes: int | None, progress: bool,
+def _run(adapter: GeneratorAdapter, units: list[_Unit], layer: str | None, *,
+         settings: InfluenceSettings, max_batch_bytes: int | None, progress: bool,
          checkpoint: str | os.PathLike | None, checkpoint_every: float,
          callback: Callable[[InfluenceProgress], Any] | None,
-         assume_same: bool = False) -> InfluenceResult:
+         assume_same: bool) -> InfluenceResult:
     dtype = _DTYPES[settings.dtype]
     if dtype != torch.float32 and adapter.device.type != "cuda":
         raise ConfigError(
@@ -318,8 +316,7 @@ def _run(adapter: GeneratorAdapter, units: list[_Unit], settings: InfluenceSetti
     budget = (DEFAULT_MAX_BATCH_BYTES.get(adapter.device.type, DEFAULT_MAX_BATCH_BYTES["cpu"])
               if max_batch_bytes is None else max_batch_bytes)
     budget = checks.positive_int(budget, "max_batch_bytes")
-    if not (isinstance(checkpoint_every, (int, float)) and checkpoint_every >= 0):
-        raise ConfigError(f"checkpoint_every must be seconds >= 0, got {checkpoint_every!r}.")
+    checks.real(checkpoint_every, "checkpoint_every", low=0, meaning="seconds")
     runners = _runners(adapter, units, settings.algorithm)
     max_rows = _max_rows(adapter, runners, budget, torch.finfo(dtype).bits // 8)
     autocast = (torch.autocast("cuda", dtype=dtype) if dtype != torch.float32
@@ -542,13 +539,13 @@ def _find_non_finite(runner: _Runner, chunks: list[tuple[slice, slice]],
 
 
 # ---------------------------------------------------------------------- public API
-def _algorithm(algorithm: str, method: str | None) -> str:
+def _algorithm(algorithm: str, method: str | None, stacklevel: int = 3) -> str:
     """``algorithm``, or the deprecated ``method=`` keyword it replaced."""
     if method is None:
         return algorithm
     warn_renamed("The method= argument of the influence functions",
                  "algorithm= (method means the clustering method: 'nmf' or 'kmeans')",
-                 stacklevel=3)
+                 stacklevel=stacklevel)
     return method
 
 
@@ -634,32 +631,15 @@ def influence_maps(
     ------
     LayerNotFoundError, ChannelError, ConfigError, GeneratorOutputError, CheckpointError
     """
-    settings = InfluenceSettings(n_pairs=n_pairs, seed=seed, pairs_per_block=pairs_per_block,
-                                 target_stderr=target_stderr,
-                                 algorithm=_algorithm(algorithm, method),
-                                 dtype=_dtype_name(dtype))
+    options = _options(locals(), given_as_keywords=False)  # first: only the arguments
     name, units = _layer_units(_checked(adapter), layer, channels)
-    return _run(adapter, units, settings, name, max_batch_bytes, progress, checkpoint,
-                checkpoint_every, callback, assume_same)
+    return _run(adapter, units, name, **options)
 
 
 def module_influence_maps(
     adapter: GeneratorAdapter,
     modules: Sequence[Mapping[str, ChannelSpec]] | Mapping[str, Any],
-    *,
-    n_pairs: int = 64,
-    seed: int = 0,
-    pairs_per_block: int = 32,
-    target_stderr: float | None = None,
-    algorithm: str = "auto",
-    dtype: torch.dtype | str | None = None,
-    max_batch_bytes: int | None = None,
-    progress: bool = True,
-    checkpoint: str | os.PathLike | None = None,
-    checkpoint_every: float = 60.0,
-    callback: Callable[[InfluenceProgress], Any] | None = None,
-    method: str | None = None,
-    assume_same: bool = False,
+    **options: Any,
 ) -> InfluenceResult:
     """Influence maps of modules: groups of channels of one or several layers (eq. 2).
 
@@ -672,21 +652,59 @@ def module_influence_maps(
         a module are swapped together (each layer takes Original 2's unintervened values,
         as in :func:`cfmodules.hybridize`).
     n_pairs, seed, pairs_per_block, target_stderr, algorithm, dtype, max_batch_bytes, progress, checkpoint, checkpoint_every, callback, assume_same
-        As in :func:`influence_maps`. Single-layer modules use the prefix/suffix split
-        (and the linear shortcut); multi-layer modules one full forward per module.
+        The keyword-only arguments of :func:`influence_maps`, with the same defaults and
+        checks (one list, shared). Single-layer modules use the prefix/suffix split (and
+        the linear shortcut); multi-layer modules one full forward per module.
 
     Returns
     -------
     InfluenceResult
         One row per module, named by the dict keys (or ``"module i"``).
     """
-    settings = InfluenceSettings(n_pairs=n_pairs, seed=seed, pairs_per_block=pairs_per_block,
-                                 target_stderr=target_stderr,
-                                 algorithm=_algorithm(algorithm, method),
-                                 dtype=_dtype_name(dtype))
+    checked = _options(options, given_as_keywords=True)
     units = _module_units(_checked(adapter), modules)
-    return _run(adapter, units, settings, None, max_batch_bytes, progress, checkpoint,
-                checkpoint_every, callback, assume_same)
+    return _run(adapter, units, None, **checked)
+
+
+def _keyword_options() -> list[inspect.Parameter]:
+    """The keyword-only arguments of :func:`influence_maps`: the one list of the options."""
+    return [p for p in inspect.signature(influence_maps).parameters.values()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY]
+
+
+def _options(given: Mapping[str, Any], *, given_as_keywords: bool) -> dict[str, Any]:
+    """The options of an influence run, from the keyword arguments of a public function.
+
+    Every option not given gets :func:`influence_maps`' default; ``method=`` (deprecated)
+    becomes ``algorithm=``. With ``given_as_keywords``, ``given`` are a ``**options`` and
+    an unknown name is an error (with a 'did you mean'); else they are the ``locals()`` of
+    :func:`influence_maps` itself.
+
+    Returns
+    -------
+    dict
+        ``settings`` (:class:`InfluenceSettings`, checked) and the run's options.
+    """
+    params = _keyword_options()
+    names = [p.name for p in params]
+    if given_as_keywords:
+        unknown = [k for k in given if k not in names]
+        if unknown:
+            raise ConfigError(f"Unknown argument {unknown[0]!r}."
+                              f"{did_you_mean(unknown[0], names)} Arguments: "
+                              f"{', '.join(names)}.")
+    kw = {p.name: given.get(p.name, p.default) for p in params}
+    settings = InfluenceSettings(
+        n_pairs=kw.pop("n_pairs"), seed=kw.pop("seed"),
+        pairs_per_block=kw.pop("pairs_per_block"), target_stderr=kw.pop("target_stderr"),
+        algorithm=_algorithm(kw.pop("algorithm"), kw.pop("method"), stacklevel=4),
+        dtype=_dtype_name(kw.pop("dtype")))
+    return {"settings": settings, **kw}
+
+
+module_influence_maps.__signature__ = inspect.signature(module_influence_maps).replace(  # type: ignore[attr-defined]
+    parameters=[*list(inspect.signature(module_influence_maps).parameters.values())[:2],
+                *_keyword_options()])
 
 
 module_influence = renamed_function(module_influence_maps, "cfmodules.influence.module_influence",

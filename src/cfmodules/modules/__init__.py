@@ -32,6 +32,8 @@ _EXPORTS = {
     "module_sizes": "clustering",
     "modules_from_labels": "clustering",
     "ClusteringSettings": "settings",
+    "locality": "measures",
+    "module_locality": "measures",
     "cluster_stability": "stability",
     "StabilityResult": "stability",
     "suggest_k": "stability",
@@ -49,6 +51,7 @@ if TYPE_CHECKING:  # pragma: no cover
         module_sizes,
         modules_from_labels,
     )
+    from cfmodules.modules.measures import locality, module_locality
     from cfmodules.modules.settings import ClusteringSettings
     from cfmodules.modules.stability import (
         DEFAULT_KS,

@@ -269,8 +269,7 @@ def suggest_k(result: StabilityResult, method: str = "nmf", tolerance: float = 0
     int
     """
     i = result.method_index(method)
-    if not 0 <= tolerance < 1:
-        raise ConfigError(f"tolerance must be in [0, 1), got {tolerance!r}.")
+    tolerance = checks.real(tolerance, "tolerance", low=0, high=1, high_open=True)
     score = result.score()[i]
     ks = np.asarray(result.ks)
     eligible = ks > 1 if (ks > 1).any() else np.ones_like(ks, dtype=bool)

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cfmodules import checks
 from cfmodules.adapter import GeneratorAdapter
 from cfmodules.errors import ConfigError, ShapeError
 
@@ -36,14 +37,19 @@ __all__ = ["BEGANGenerator", "BEGANDiscriminator", "BEGANTrainer", "BEGANStats",
            "prepare_faces"]
 
 
-def _check_arch(latent_dim: int, n_filters: int, image_size: int, channels: int) -> int:
-    for name, v in (("latent_dim", latent_dim), ("n_filters", n_filters),
-                    ("channels", channels)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ConfigError(f"{name} must be a positive integer, got {v!r}.")
-    if image_size not in (16, 32, 64, 128):
+_SIZES = {16: 1, 32: 2, 64: 3, 128: 4}
+"""Image sizes, and the up- (or down-) sampling stages between 8x8 and each."""
+
+
+def _check_arch(latent_dim: int, n_filters: int, image_size: int, channels: int
+                ) -> tuple[int, int, int, int, int]:
+    """The sizes as ``int`` (numpy integers accepted), and the number of stages."""
+    latent_dim, n_filters, channels = (checks.positive_int(v, name) for v, name in (
+        (latent_dim, "latent_dim"), (n_filters, "n_filters"), (channels, "channels")))
+    size = checks.positive_int(image_size, "image_size")
+    if size not in _SIZES:
         raise ConfigError(f"image_size must be 16, 32, 64 or 128, got {image_size!r}.")
-    return {16: 1, 32: 2, 64: 3, 128: 4}[image_size]
+    return latent_dim, n_filters, size, channels, _SIZES[size]
 
 
 def _block(c_in: int, c_out: int) -> nn.Sequential:
@@ -73,7 +79,8 @@ class BEGANGenerator(nn.Module):
     def __init__(self, latent_dim: int = 64, n_filters: int = 32, image_size: int = 32,
                  channels: int = 1):
         super().__init__()
-        n_up = _check_arch(latent_dim, n_filters, image_size, channels)
+        latent_dim, n_filters, image_size, channels, n_up = _check_arch(
+            latent_dim, n_filters, image_size, channels)
         self.latent_dim, self.n_filters = latent_dim, n_filters
         self.image_size, self.channels = image_size, channels
         self.fc = nn.Linear(latent_dim, n_filters * 8 * 8)
@@ -105,7 +112,8 @@ class BEGANEncoder(nn.Module):
     def __init__(self, latent_dim: int = 64, n_filters: int = 32, image_size: int = 32,
                  channels: int = 1):
         super().__init__()
-        n_down = _check_arch(latent_dim, n_filters, image_size, channels)
+        latent_dim, n_filters, image_size, channels, n_down = _check_arch(
+            latent_dim, n_filters, image_size, channels)
         self.stem = nn.Sequential(OrderedDict(
             conv=nn.Conv2d(channels, n_filters, 3, padding=1), elu=nn.ELU()))
         stages = []

@@ -57,6 +57,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from cfmodules import checks
 from cfmodules.errors import (
     CheckpointError,
     ConfigError,
@@ -184,8 +185,7 @@ def biggan_config(
         raise ConfigError(
             f"BigGAN-deep layouts exist for resolutions {sorted(_DEEP_LAYERS)}, got {resolution}."
         )
-    if not isinstance(channel_width, int) or channel_width < 4:
-        raise ConfigError(f"channel_width must be an integer >= 4, got {channel_width!r}.")
+    channel_width = checks.integer(channel_width, "channel_width", low=4)
     config_mod, _ = _package_modules()
     return config_mod.BigGANConfig(
         output_dim=resolution, z_dim=z_dim, class_embed_dim=z_dim,
@@ -309,9 +309,7 @@ def _truncated_normal(shape: tuple[int, ...], generator: torch.Generator) -> tor
 
 
 def _check_truncation(truncation: float) -> float:
-    if not isinstance(truncation, (int, float)) or not 0 < truncation <= 1:
-        raise ConfigError(f"BigGAN's truncation must be in (0, 1], got {truncation!r}.")
-    return float(truncation)
+    return checks.real(truncation, "BigGAN's truncation", low=0, high=1, low_open=True)
 
 
 def _class_prior(model: nn.Module, classes: Sequence[int] | None, truncation: float):
@@ -420,8 +418,7 @@ def class_latents(
     """
     noise, one_hot, trunc = adapter.sample_latents(n, seed=seed, start=start)
     num_classes = one_hot.shape[1]
-    if not isinstance(class_index, int) or not 0 <= class_index < num_classes:
-        raise ConfigError(f"class_index must be an integer in [0, {num_classes}), got {class_index!r}.")
+    class_index = checks.integer(class_index, "class_index", low=0, high=num_classes)
     one_hot = torch.zeros_like(one_hot)
     one_hot[:, class_index] = 1.0
     return noise, one_hot, trunc
@@ -441,11 +438,13 @@ def gblock_path(model: nn.Module, block: int) -> str:
         for i, m in enumerate(model.generator.layers)
         if type(m).__name__ == "GenBlock"
     ]
-    if not isinstance(block, int) or not 1 <= block <= len(blocks):
+    try:
+        block = checks.integer(block, "block", low=1, high=len(blocks) + 1)
+    except ConfigError:
         raise ConfigError(
             f"This BigGAN has Gblocks 1..{len(blocks)} (numbered from 1 as in the paper); "
             f"got {block!r}."
-        )
+        ) from None
     return blocks[block - 1]
 
 
