@@ -97,6 +97,8 @@ def test_analyze_bad_input_fails_before_work():
         analyze(adapter, "main.33", progress=False)
     with pytest.raises(ConfigError, match="Did you mean 'n_pairs'"):
         analyze(adapter, n_pair=4, progress=False)
+    with pytest.raises(ConfigError, match="n_jobs"):
+        analyze(adapter, n_jobs=0, progress=False)
     with pytest.raises(ConfigError, match="GeneratorAdapter"):
         analyze(adapter.generator)
     with pytest.raises(ConfigError, match="method"):
