@@ -15,9 +15,11 @@ inflates single numbers, so compare rows of one table, measured together). Print
 Markdown table per step, ready for docs/cost.md.
 
 Then, side by side in this process, the whole default ``cfmodules analyze`` with the
-reference clustering engine (``--backend sklearn``, the implementation before the fast
-engine) and with the default one, each from scratch (no checkpoint), and
-``cfmodules scan dcgan-faces`` over the four conv stages. The output ends with::
+reference clustering engine (``--backend sklearn --jobs 1``: scikit-learn in one process,
+the implementation before the fast engine) and with the default one, each from scratch
+(no checkpoint; imports warmed for both first, rounds alternating, best of ``--rounds``),
+the sweep's statistics of both side by side, and ``cfmodules scan dcgan-faces`` over the
+four conv stages. The output ends with::
 
     RESULT job=analyze speedup=...x ours_s=... reference_s=... same_k=True
     RESULT job=scan layers=4 scan_s=... reference_analyze_s=...
@@ -77,28 +79,84 @@ def table(head: list[str], rows: list[list[str]]) -> None:
     print(flush=True)
 
 
+def _analyze(out: Path, backend: str, extra: list[str]) -> float:
+    from cfmodules import cli
+
+    t = time.perf_counter()
+    code = cli.main(["analyze", "--out", str(out), "--quiet", "--backend", backend, *extra])
+    if code != 0:
+        raise SystemExit(f"cfmodules analyze --backend {backend} failed ({code})")
+    return time.perf_counter() - t
+
+
+def _stop_workers() -> float:
+    """Shut the clustering's worker processes down (a fresh ``cfmodules analyze`` starts
+    them again); returns how long starting two of them and importing the engine takes."""
+    from joblib import Parallel, delayed
+    from joblib.externals.loky import get_reusable_executor
+
+    from cfmodules.modules import fits
+
+    get_reusable_executor().shutdown(wait=True)
+    t = time.perf_counter()
+    Parallel(n_jobs=2, backend="loky")(delayed(fits.default_jobs)() for _ in range(2))
+    start = time.perf_counter() - t
+    get_reusable_executor().shutdown(wait=True)
+    return start
+
+
+def _compare_stability(ref, ours) -> float:
+    """Print the sweep's statistics of both engines per method and K; the largest gap."""
+    gap = 0.0
+    print("stability, mean over splits: reference -> ours (difference)")
+    for i, m in enumerate(ref.methods):
+        for metric in ("consistency", "cosine"):
+            a, b = ref.mean(metric)[i], ours.mean(metric)[i]
+            gap = max(gap, float(np.abs(a - b).max()))
+            cells = "  ".join(f"K={int(k)} {x:.3f}->{y:.3f} ({y - x:+.3f})"
+                              for k, x, y in zip(ref.ks, a, b))
+            print(f"  {m:6s} {metric:11s} {cells}")
+    return gap
+
+
 def side_by_side(rounds: int, threads: int | None) -> None:
-    """The RESULT lines: default analyze, reference against ours; then the scan."""
+    """The RESULT lines: default analyze, reference against ours; then the scan.
+
+    Fair to both: every import and both engines are warmed by a tiny untimed analyze of
+    each first; the engines then alternate, round by round, and each keeps its best time.
+    The reference is today's engine as it ran before: scikit-learn, in one process
+    (``--backend sklearn --jobs 1``). Ours is the default, whose clustering worker
+    processes are shut down before each of its runs, so that it pays their start as a
+    fresh ``cfmodules analyze`` would.
+    """
     from cfmodules import cli
     from cfmodules.analysis import AnalysisResult
 
     extra = ["--threads", str(threads)] if threads is not None else []
+    args = {"sklearn": ["--jobs", "1", *extra], "fast": extra}
     times: dict[str, list[float]] = {"sklearn": [], "fast": []}
-    ks: dict[str, int | None] = {}
+    results: dict[str, AnalysisResult] = {}
     with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        tiny = ["--pairs", "2", "--n-init", "2", "--stability-ks", "2-3", "--stability-repeats",
+                "1", "--samples", "2", "--hybrids", "1"]
+        for backend in ("sklearn", "fast"):
+            _analyze(Path(tmp) / f"warm_{backend}", backend, [*tiny, *args[backend]])
+        print(f"warm-up (imports, both engines): {time.perf_counter() - t:.1f} s", flush=True)
         for r in range(rounds):
             # alternate, so both engines see the same machine load
             for backend in ("sklearn", "fast") if r % 2 == 0 else ("fast", "sklearn"):
+                if backend == "fast":
+                    print(f"clustering workers: 2 start in {_stop_workers():.1f} s", flush=True)
                 out = Path(tmp) / f"{backend}{r}"
-                t = time.perf_counter()
-                code = cli.main(["analyze", "--out", str(out), "--quiet", "--backend", backend,
-                                 *extra])
-                times[backend].append(time.perf_counter() - t)
-                if code != 0:
-                    raise SystemExit(f"cfmodules analyze --backend {backend} failed ({code})")
-                ks[backend] = AnalysisResult.load(out / "results.npz").suggested_k()
-                print(f"analyze --backend {backend}: {times[backend][-1]:.1f} s, suggested "
-                      f"K={ks[backend]}, load average {os.getloadavg()[0]:.1f}", flush=True)
+                times[backend].append(_analyze(out, backend, args[backend]))
+                results[backend] = AnalysisResult.load(out / "results.npz")
+                steps = ", ".join(f"{k} {v:.1f}" for k, v in results[backend].timings.items())
+                print(f"analyze --backend {backend}: {times[backend][-1]:.1f} s ({steps}), "
+                      f"suggested K={results[backend].suggested_k()}, load average "
+                      f"{os.getloadavg()[0]:.1f}", flush=True)
+        gap = _compare_stability(results["sklearn"].stability, results["fast"].stability)
+        print(f"largest difference of the sweep's statistics: {gap:.4f}")
         t = time.perf_counter()
         code = cli.main(["scan", "dcgan-faces", "--layers", "main.2,main.5,main.8,main.11",
                          "--out", str(Path(tmp) / "scan"), "--quiet", *extra])
@@ -106,9 +164,10 @@ def side_by_side(rounds: int, threads: int | None) -> None:
         if code != 0:
             raise SystemExit(f"cfmodules scan failed ({code})")
     ours, ref = min(times["fast"]), min(times["sklearn"])
+    same_k = results["fast"].suggested_k() == results["sklearn"].suggested_k()
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
     print(f"RESULT job=analyze speedup={ref / ours:.1f}x ours_s={ours:.1f} "
-          f"reference_s={ref:.1f} same_k={ks['fast'] == ks['sklearn']}")
+          f"reference_s={ref:.1f} same_k={same_k}")
     print(f"RESULT job=scan layers=4 scan_s={scan_s:.1f} reference_analyze_s={ref:.1f}")
 
 
@@ -121,8 +180,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--only-result", action="store_true",
                    help="skip the tables, measure only the RESULT lines")
-    p.add_argument("--rounds", type=int, default=1,
-                   help="analyze runs per engine for the RESULT line (best is kept)")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="analyze runs per engine for the RESULT line, alternating (best is "
+                        "kept; default 2)")
     args = p.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)

@@ -49,6 +49,10 @@ def test_memory_budget_shape_is_recorded_without_timing():
     res = influence_maps(ad, "act", n_pairs=3, progress=False)
     assert res.settings["batch"]["act"]["chosen_by"] == "memory budget"
     assert res.settings["batch"]["act"]["timed_ms_per_hybrid"] == {}
+    b = res.settings["batch"]["act"]
+    text = ad.explain("act").batching
+    assert text.endswith(f"the latest run used {b['units'] * b['pairs']} hybrid(s) per call "
+                         f"({b['path']} {b['units']} unit(s) x {b['pairs']} pair(s))")
 
 
 def test_candidates_include_pairs_and_units_layouts_and_the_naive_shape():

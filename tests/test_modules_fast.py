@@ -1,6 +1,6 @@
 """The fast clustering engine: the same k-means as scikit-learn (on the Gram matrix), NMF by
-accelerated HALS (another solver of the same problem, whose stability statistics agree with
-the reference's), and results that do not depend on the number of processes."""
+scikit-learn's updates batched and stopped earlier (its stability statistics agree with the
+reference's), and results that do not depend on the number of processes."""
 
 from __future__ import annotations
 
@@ -70,6 +70,28 @@ def test_nmf_starts_are_sklearns():
             pytest.skip("scikit-learn's _initialize_nmf moved")
         w1, h1 = _initialize_nmf(x, k, "nndsvda", random_state=int(seeds[0]))
         np.testing.assert_allclose(w0[0] @ h0[0], w1 @ h1, atol=2e-2 * np.abs(w1 @ h1).max())
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_hals_steps_are_sklearns_coordinate_descent(k):
+    # float64, a fixed number of iterations: the same W and H as scikit-learn's solver="cd"
+    # from the same start, to float rounding
+    import warnings
+
+    from sklearn.decomposition import NMF
+
+    flat, _ = features(seed=7)
+    w0, h0 = hals.nmf_starts(flat, k, 2, 3)
+    for n_iter in (1, 7):
+        w, h, err, _ = hals.nmf_hals(flat, w0, h0, n_iter, patience=10_000)
+        for r in range(2):
+            model = NMF(k, init="custom", solver="cd", max_iter=n_iter, tol=0.0)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # max_iter reached
+                w_ref = model.fit_transform(flat, W=w0[r].copy(), H=h0[r].copy())
+            np.testing.assert_allclose(w[r], w_ref, rtol=1e-9, atol=1e-12)
+            np.testing.assert_allclose(h[r], model.components_, rtol=1e-9, atol=1e-12)
+            assert err[r] == pytest.approx(model.reconstruction_err_, rel=1e-9)
 
 
 def test_hals_loss_is_the_reconstruction_error_and_never_increases():

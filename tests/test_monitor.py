@@ -361,8 +361,9 @@ def test_curves_and_template_strip_figures():
     black = fig.axes[0].lines[0]
     np.testing.assert_allclose(black.get_ydata(), hist.stability)
     strip = plots.plot_template_strip(hist, max_columns=2)
-    assert len(strip.axes) == 2 * 2  # K rows, first and last check
-    assert strip.axes[1].get_title() == "step 2"
+    assert len(strip.axes[0].images) == 2 * 2  # K rows, first and last check
+    texts = [t.get_text() for t in strip.axes[0].texts]
+    assert texts[:2] == ["step 0", "step 2"] and texts[2:] == ["module 0", "module 1"]
     with pytest.raises(ShapeError, match="stability_chance"):
         plots.plot_modularity_curves({"steps": hist.steps, "stability": hist.stability})
     with pytest.raises(ShapeError, match="T, K, H, W"):

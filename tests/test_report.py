@@ -232,6 +232,27 @@ def test_report_is_self_contained(tmp_path):
     assert not list((tmp_path / "out").glob(".*tmp"))
 
 
+@pytest.mark.numerics
+def test_report_drawn_in_workers_is_the_same(tmp_path):
+    import io
+
+    import matplotlib
+    import matplotlib.image
+
+    result = fake_result(k=2, n=1, stability=False)
+
+    def pngs(n_jobs, name):
+        out = write_report(result, tmp_path / name, n_jobs=n_jobs).parent
+        return {p.name: p.read_bytes() for p in out.glob("*.png")}
+
+    # a style set in this process reaches the workers: the figures look as they would here
+    with matplotlib.rc_context({"figure.facecolor": "#eeeeff"}):
+        workers = pngs(2, "workers")
+        assert workers == pngs(1, "here")
+    corner = matplotlib.image.imread(io.BytesIO(workers["samples.png"]))[0, 0, :3]
+    np.testing.assert_allclose(corner, [0xee / 255, 0xee / 255, 1.0], atol=1 / 255)
+
+
 def test_render_html_skips_missing_figures_and_escapes():
     result = fake_result(k=2, stability=False)
     result.model = "<b>gan</b>"

@@ -162,7 +162,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     # the results and the report are replaced together: never K=2 results beside K=3 figures
     with folder_update(out) as stage:
         result.save(stage / "results.npz")
-        write_report(result, stage, command=command, files={
+        write_report(result, stage, command=command, n_jobs=args.jobs, files={
             "results.npz": "maps, labels, templates, stability table, hybrids (numpy.load or "
                            "cfmodules.analysis.AnalysisResult.load)",
             "manifest.json": "the files of this report and their SHA-256, written last",
@@ -360,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
                             f"{checks.DEFAULT_PERCENTILE:g})")
         g.add_argument("--backend", choices=checks.CLUSTERING_BACKENDS,
                        help="clustering engine: fast (default: k-means on the Gram matrix, NMF "
-                            "by accelerated HALS) or sklearn (the reference, scikit-learn; slower)")
+                            "by batched HALS) or sklearn (the reference, scikit-learn; slower)")
 
     a = sub.add_parser("analyze", help="influence maps, modules, stability, hybrids and an "
                        "HTML report", description="Run the whole analysis and write report.html, "

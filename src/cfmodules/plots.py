@@ -94,6 +94,102 @@ def _new_figure(width: float, height: float) -> Figure:
     return Figure(figsize=(max(width, 1.0), max(height, 1.0)), layout="constrained")
 
 
+class _ImageGrid:
+    """A grid of equal cells, each holding one image, drawn on ONE axes of a figure laid out
+    in inches (no layout engine).
+
+    A report has about 150 images; one axes per image under a constrained layout took most
+    of the report's time (axes creation and the layout solver), while the pixels are the
+    same drawn as images placed by ``extent`` on one axes. Data coordinates are inches from
+    the grid's top-left corner, so cells, frames, captions and labels are placed exactly.
+
+    Parameters
+    ----------
+    nrows, ncols : int
+    cell : (float, float)
+        Width and height of a cell, inches.
+    gap : (float, float)
+        Horizontal and vertical space between cells, inches (captions sit in the vertical
+        space above their cell: see ``caption_height``).
+    left : float
+        Inches left of the grid, for the row labels.
+    caption_height : float
+        Inches above each row for its captions (0: none).
+    every_row : bool
+        Captions above every row (True) or above the first only (False).
+    title : str or None
+        Figure title (suptitle) above everything.
+    """
+
+    def __init__(self, nrows: int, ncols: int, cell: tuple[float, float], *,
+                 gap: tuple[float, float] = (0.06, 0.06), left: float = 0.05,
+                 caption_height: float = 0.0, every_row: bool = True,
+                 title: str | None = None) -> None:
+        from matplotlib.figure import Figure
+
+        self.nrows, self.ncols = max(int(nrows), 1), max(int(ncols), 1)
+        self.cw, self.ch = cell
+        self.gx = gap[0]
+        self.gy = gap[1] + (caption_height if every_row else 0.0)
+        grid_w = self.ncols * self.cw + (self.ncols - 1) * self.gx
+        grid_h = self.nrows * self.ch + (self.nrows - 1) * self.gy
+        top = caption_height + 0.06 + (0.4 if title else 0.0)
+        right = bottom = 0.06
+        width = max(left + grid_w + right, 1.0)
+        height = max(top + grid_h + bottom, 1.0)
+        self.fig = Figure(figsize=(width, height))
+        self.ax = self.fig.add_axes((left / width, 1 - (top + grid_h) / height,
+                                     grid_w / width, grid_h / height))
+        self.ax.set_axis_off()
+        self.ax.set_xlim(0, grid_w)
+        self.ax.set_ylim(grid_h, 0)
+        self.ax.set_autoscale_on(False)
+        if title:
+            self.fig.suptitle(title, y=1 - 0.08 / height, va="top")
+
+    def _corner(self, r: int, c: int) -> tuple[float, float]:
+        return c * (self.cw + self.gx), r * (self.ch + self.gy)
+
+    def image(self, r: int, c: int, img: np.ndarray, **kwargs: Any) -> Any:
+        """``imshow`` of ``img`` filling cell (r, c); keyword arguments go to imshow."""
+        x, y = self._corner(r, c)
+        kwargs.setdefault("interpolation", "nearest")
+        return self.ax.imshow(img, extent=(x, x + self.cw, y + self.ch, y), aspect="auto",
+                              **kwargs)
+
+    def frame(self, r: int, c: int, color: str, width: float) -> None:
+        """A coloured frame of ``width`` points around cell (r, c)."""
+        from matplotlib.patches import Rectangle
+
+        x, y = self._corner(r, c)
+        self.ax.add_patch(Rectangle((x, y), self.cw, self.ch, fill=False, edgecolor=color,
+                                    linewidth=width, clip_on=False))
+
+    def caption(self, r: int, c: int, text: str, fontsize: float, **kwargs: Any) -> None:
+        """``text`` centred above cell (r, c)."""
+        x, y = self._corner(r, c)
+        self.ax.text(x + self.cw / 2, y - 0.03, text, ha="center", va="bottom",
+                     fontsize=fontsize, clip_on=False, **kwargs)
+
+    def row_label(self, r: int, text: str, color: str = "black", fontsize: float = 8) -> None:
+        """``text`` right-aligned left of row ``r``, centred on it."""
+        _, y = self._corner(r, 0)
+        self.ax.text(-0.08, y + self.ch / 2, text, ha="right", va="center", color=color,
+                     fontsize=fontsize, clip_on=False)
+
+
+def _label_width(labels: Sequence[str], fontsize: float) -> float:
+    """Inches a column of right-aligned labels needs (longest line, DejaVu Sans ~0.6 em)."""
+    longest = max((len(line) for lab in labels for line in str(lab).split("\n")), default=0)
+    return 0.2 + longest * fontsize * 0.6 / 72 if longest else 0.05
+
+
+def _cell(shape: tuple[int, ...], size: float) -> tuple[float, float]:
+    """A cell ``size`` inches wide with the aspect of an (H, W, ...) image."""
+    h, w = shape[0], shape[1]
+    return size, size * h / max(w, 1)
+
+
 def _blank(ax: Any) -> None:
     ax.set_xticks([])
     ax.set_yticks([])
@@ -108,15 +204,11 @@ def _frame(ax: Any, color: str, width: float = 3.0) -> None:
         side.set_linewidth(width)
 
 
-def _show_map(ax: Any, m: np.ndarray, cmap: str, interpolation: str = "nearest") -> None:
-    """A map (H, W) scaled to its own maximum (an all-zero map stays zero), on [0, 1]."""
-    ax.imshow(m / m.max() if m.max() > 0 else m, cmap=cmap, vmin=0, vmax=1,
-              interpolation=interpolation)
-
-
-def _row_label(ax: Any, label: str, color: str) -> None:
-    """The label of a row of images, horizontal, left of its first image."""
-    ax.set_ylabel(label, fontsize=8, color=color, rotation=0, ha="right", va="center")
+def _show_map(grid: _ImageGrid, r: int, c: int, m: np.ndarray, cmap: str,
+              interpolation: str = "nearest") -> None:
+    """A map (H, W) in cell (r, c), scaled to its own maximum (an all-zero map stays zero)."""
+    grid.image(r, c, m / m.max() if m.max() > 0 else m, cmap=cmap, vmin=0, vmax=1,
+               interpolation=interpolation)
 
 
 def _titled(fig: Figure, title: str | None) -> Figure:
@@ -159,15 +251,13 @@ def plot_images(
     n = len(imgs)
     ncols = max(1, min(int(ncols), n))
     nrows = -(-n // ncols)
-    fig = _new_figure(ncols * size, nrows * size + (0.4 if title else 0))
-    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
-    for i, ax in enumerate(axes):
-        _blank(ax)
-        if i < n:
-            ax.imshow(imgs[i], interpolation="nearest")
-            if titles is not None and i < len(titles):
-                ax.set_title(str(titles[i]), fontsize=7)
-    return _titled(fig, title)
+    grid = _ImageGrid(nrows, ncols, _cell(imgs.shape[1:], size), title=title,
+                      caption_height=0.15 if titles is not None else 0.0)
+    for i in range(n):
+        grid.image(i // ncols, i % ncols, imgs[i])
+        if titles is not None and i < len(titles):
+            grid.caption(i // ncols, i % ncols, str(titles[i]), 7)
+    return grid.fig
 
 
 def plot_influence_maps(
@@ -222,24 +312,21 @@ def plot_influence_maps(
     rows = [np.flatnonzero(lab == j) for j in range(k)]
     rows = [r[np.argsort(-score[r], kind="stable")][:per_module] for r in rows]
     ncols = max(1, min(per_module, max((len(r) for r in rows), default=1)))
-    fig = _new_figure(ncols * size + 1.3, k * size + (0.4 if title else 0.1))
-    axes = fig.subplots(max(k, 1), ncols, squeeze=False)
+    row_labels = []
+    if labels is not None:
+        row_labels = [f"{module_names[j] if module_names is not None else module_name(j)}"
+                      f"\n({int((lab == j).sum())} ch.)" for j in range(k)]
+    grid = _ImageGrid(k, ncols, _cell(arr.shape[1:], size), gap=(0.1, 0.06),
+                      left=_label_width(row_labels, 8), caption_height=0.13, title=title)
     for j, row in enumerate(rows):
-        for i in range(ncols):
-            ax = axes[j, i]
-            _blank(ax)
-            if i >= len(row):
-                continue
-            m = arr[row[i]]
-            _show_map(ax, m, cmap)
+        for i, channel in enumerate(row):
+            _show_map(grid, j, i, arr[channel], cmap)
             if labels is not None:
-                _frame(ax, module_color(j), 2.0)
-            cap = names[row[i]] if names is not None else str(row[i])
-            ax.set_title(cap, fontsize=6, pad=2)
+                grid.frame(j, i, module_color(j), 2.0)
+            grid.caption(j, i, names[channel] if names is not None else str(channel), 6)
         if labels is not None:
-            label = module_names[j] if module_names is not None else module_name(j)
-            _row_label(axes[j, 0], f"{label}\n({int((lab == j).sum())} ch.)", module_color(j))
-    return _titled(fig, title)
+            grid.row_label(j, row_labels[j], module_color(j))
+    return grid.fig
 
 
 def plot_templates(
@@ -285,30 +372,27 @@ def plot_templates(
                 f"{tm.shape[1]}x{tm.shape[2]}; give an image of the maps' size."
             )
     nrows = 1 if bg is None else 2
-    fig = _new_figure(k * size + 0.4, nrows * size + 0.5 + (0.35 if title else 0))
-    axes = fig.subplots(nrows, k, squeeze=False)
+    row_labels = ["template", "over mean\nsample"] if bg is not None else []
+    grid = _ImageGrid(nrows, k, _cell(tm.shape[1:], size), gap=(0.12, 0.1),
+                      left=_label_width(row_labels, 8), caption_height=0.34, every_row=False,
+                      title=title)
+    for r, label in enumerate(row_labels):
+        grid.row_label(r, label)
     for j in range(k):
         t = tm[j] / tm[j].max() if tm[j].max() > 0 else tm[j]
         label = names[j] if names is not None else module_name(j)
         if sizes is not None:
             label += f"\n{int(sizes[j])} channels"
-        ax = axes[0, j]
-        _blank(ax)
-        ax.imshow(t, cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
-        _frame(ax, module_color(j))
-        ax.set_title(label, fontsize=9, color=module_color(j))
+        grid.image(0, j, t, cmap=cmap, vmin=0, vmax=1)
+        grid.frame(0, j, module_color(j), 3.0)
+        grid.caption(0, j, label, 9, color=module_color(j))
         if bg is not None:
-            ax = axes[1, j]
-            _blank(ax)
             gray = bg.mean(axis=2, keepdims=True).repeat(3, axis=2)
-            ax.imshow(0.2 + 0.6 * gray, interpolation="bilinear")
-            ax.imshow(t, cmap=cmap, vmin=0, vmax=1, alpha=0.25 + 0.6 * t,
-                      interpolation="bilinear")
-            _frame(ax, module_color(j))
-    if bg is not None:
-        axes[0, 0].set_ylabel("template", fontsize=8)
-        axes[1, 0].set_ylabel("over mean\nsample", fontsize=8)
-    return _titled(fig, title)
+            grid.image(1, j, 0.2 + 0.6 * gray, interpolation="bilinear")
+            grid.image(1, j, t, cmap=cmap, vmin=0, vmax=1, alpha=0.25 + 0.6 * t,
+                       interpolation="bilinear")
+            grid.frame(1, j, module_color(j), 3.0)
+    return grid.fig
 
 
 def plot_hybrid_grid(
@@ -376,28 +460,24 @@ def plot_hybrid_grid(
         if len(tm) != k:
             raise ShapeError(f"{len(tm)} templates for {k} rows of hybrids; give one per module.")
     extra = 0 if tm is None else 1
-    fig = _new_figure((n + extra) * size + 1.2, (k + 2) * size + (0.4 if title else 0.1))
-    axes = fig.subplots(k + 2, n + extra, squeeze=False)
     rows = [("Original 1", o1, "black"), ("Original 2", o2, "black")]
     rows += [(f"hybrid:\n{names[j]}", hy[j], module_color(ids[j])) for j in range(k)]
+    grid = _ImageGrid(k + 2, n + extra, _cell(o1.shape[1:], size), gap=(0.1, 0.1),
+                      left=_label_width([r[0] for r in rows], 8),
+                      caption_height=0.0 if tm is None else 0.05, every_row=False,
+                      title=title)
     for r, (label, imgs, color) in enumerate(rows):
         for i in range(n):
-            ax = axes[r, i + extra]
-            _blank(ax)
-            ax.imshow(imgs[i], interpolation="nearest")
+            grid.image(r, i + extra, imgs[i])
             if r >= 2:
-                _frame(ax, color, 2.5)
-        if tm is not None:
-            ax = axes[r, 0]
-            _blank(ax)
-            if r >= 2:
-                t = tm[r - 2]
-                _show_map(ax, t, "viridis", "bilinear")
-                _frame(ax, color, 1.0)
-                if r == 2:
-                    ax.set_title("template", fontsize=7)
-        _row_label(axes[r, 0], label, color)
-    return _titled(fig, title)
+                grid.frame(r, i + extra, color, 2.5)
+        if tm is not None and r >= 2:
+            _show_map(grid, r, 0, tm[r - 2], "viridis", "bilinear")
+            grid.frame(r, 0, color, 1.0)
+            if r == 2:
+                grid.caption(r, 0, "template", 7)
+        grid.row_label(r, label, color)
+    return grid.fig
 
 
 # ---------------------------------------------------------------------- curves
@@ -624,20 +704,18 @@ def plot_template_strip(
         raise ShapeError(f"steps must have shape ({t},), got {st.shape}.")
     max_columns = checks.positive_int(max_columns, "max_columns")
     cols = np.unique(np.linspace(0, t - 1, min(t, max_columns)).round().astype(int))
-    fig = _new_figure(len(cols) * size + 0.8, k * size + 0.5 + (0.3 if title else 0))
-    axes = fig.subplots(k, len(cols), squeeze=False)
+    row_labels = [module_name(j) for j in range(k)]
+    grid = _ImageGrid(k, len(cols), _cell(tm.shape[2:], size), gap=(0.08, 0.08),
+                      left=_label_width(row_labels, 8), caption_height=0.15, every_row=False,
+                      title=title)
     for c, i in enumerate(cols):
+        grid.caption(0, c, f"step {int(st[i])}", 7)
         for j in range(k):
-            a = axes[j, c]
-            _blank(a)
-            m = tm[i, j]
-            _show_map(a, m, cmap)
-            _frame(a, module_color(j), 2.0)
-            if j == 0:
-                a.set_title(f"step {int(st[i])}", fontsize=7)
-            if c == 0:
-                a.set_ylabel(f"module {j}", fontsize=8, color=module_color(j))
-    return _titled(fig, title)
+            _show_map(grid, j, c, tm[i, j], cmap)
+            grid.frame(j, c, module_color(j), 2.0)
+    for j, label in enumerate(row_labels):
+        grid.row_label(j, label, module_color(j))
+    return grid.fig
 
 
 def plot_scan(scan: Any, *, title: str | None = None) -> Figure:

@@ -13,9 +13,9 @@ import base64
 import html
 import os
 import platform
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from cfmodules.analysis import AnalysisResult
 
-__all__ = ["make_figures", "render_html", "write_report", "FIGURES"]
+__all__ = ["make_figures", "figure_recipes", "render_html", "write_report", "FIGURES"]
 
 FIGURES = {
     "templates": "Modules at a glance: the template of each module, alone and over the mean "
@@ -49,6 +49,41 @@ def _float_images(images: np.ndarray) -> np.ndarray:
     return np.asarray(images, dtype=np.float32) / 255.0
 
 
+def figure_recipes(result: AnalysisResult) -> dict[str, tuple[Callable[..., Figure], tuple,
+                                                               dict[str, Any]]]:
+    """How to draw each figure of the report: name -> (plot function, args, kwargs).
+
+    The arguments are plain arrays (and dicts), so a figure can be drawn in another
+    process (:func:`write_report` draws them on the clustering's worker processes).
+    """
+    names = result.module_names
+    sizes = result.module_sizes
+    labels = result.labels
+    o1, o2 = _float_images(result.original1), _float_images(result.original2)
+    hy = _float_images(result.hybrids)
+    weight = result.weights[np.arange(len(labels)), labels]
+    recipes: dict[str, tuple[Callable[..., Figure], tuple, dict[str, Any]]] = {
+        "templates": (plots.plot_templates, (result.templates,), dict(
+            background=result.mean_image, names=names, sizes=sizes)),
+        "hybrids": (plots.plot_hybrid_grid, (o1, o2, hy), dict(
+            module_names=names, templates=result.templates)),
+    }
+    for k in range(result.n_modules):
+        recipes[f"hybrids_module_{k}"] = (plots.plot_hybrid_grid, (o1, o2, hy[k:k + 1]), dict(
+            module_names=[names[k]], module_ids=[k], templates=result.templates[k:k + 1]))
+    recipes["influence_maps"] = (plots.plot_influence_maps, (result.maps, labels), dict(
+        names=result.unit_names, module_names=names, order=weight))
+    if result.stability is not None:
+        recipes["stability"] = (plots.plot_stability, (result.stability.to_dict(),),
+                                dict(chosen_k=result.n_modules))
+    recipes["module_influence"] = (plots.plot_module_influence,
+                                   (sizes, result.module_influence), dict(names=names))
+    recipes["samples"] = (plots.plot_images, (_float_images(result.samples),), {})
+    if getattr(result, "scan", None) is not None:
+        recipes["scan"] = (plots.plot_scan, (result.scan,), {})
+    return recipes
+
+
 def make_figures(result: AnalysisResult) -> dict[str, Figure]:
     """Every figure of the report, by name (see :data:`FIGURES`).
 
@@ -59,33 +94,31 @@ def make_figures(result: AnalysisResult) -> dict[str, Figure]:
         ``influence_maps``, ``stability`` (when the sweep ran), ``module_influence``,
         ``samples``, and ``scan`` when a scan chose the layer.
     """
-    names = result.module_names
-    sizes = result.module_sizes
-    labels = result.labels
-    o1, o2 = _float_images(result.original1), _float_images(result.original2)
-    hy = _float_images(result.hybrids)
-    weight = result.weights[np.arange(len(labels)), labels]
-    figs: dict[str, Figure] = {
-        "templates": plots.plot_templates(result.templates, background=result.mean_image,
-                                          names=names, sizes=sizes),
-        "hybrids": plots.plot_hybrid_grid(o1, o2, hy, module_names=names,
-                                          templates=result.templates),
-    }
-    for k in range(result.n_modules):
-        figs[f"hybrids_module_{k}"] = plots.plot_hybrid_grid(
-            o1, o2, hy[k:k + 1], module_names=[names[k]], module_ids=[k],
-            templates=result.templates[k:k + 1])
-    figs["influence_maps"] = plots.plot_influence_maps(
-        result.maps, labels, names=result.unit_names, module_names=names, order=weight)
-    if result.stability is not None:
-        figs["stability"] = plots.plot_stability(result.stability,
-                                                 chosen_k=result.n_modules)
-    figs["module_influence"] = plots.plot_module_influence(sizes, result.module_influence,
-                                                           names=names)
-    figs["samples"] = plots.plot_images(_float_images(result.samples))
-    if getattr(result, "scan", None) is not None:
-        figs["scan"] = plots.plot_scan(result.scan)
-    return figs
+    return {name: fn(*args, **kwargs)
+            for name, (fn, args, kwargs) in figure_recipes(result).items()}
+
+
+def _png(fn: Callable[..., Figure], args: tuple, kwargs: dict[str, Any], dpi: int,
+         rc: dict[str, Any]) -> bytes:
+    """Draw one figure with the matplotlib settings ``rc`` and return it as PNG bytes (a
+    task of :func:`write_report`)."""
+    import matplotlib
+
+    with matplotlib.rc_context(rc):
+        return plots.figure_to_png(fn(*args, **kwargs), dpi)
+
+
+def _changed_rc() -> dict[str, Any]:
+    """This process's matplotlib settings that differ from the defaults (a style the user
+    set), so that figures drawn in a worker look as they would here."""
+    import sys
+
+    mpl = sys.modules.get("matplotlib")
+    if mpl is None:
+        return {}
+    return {k: v for k, v in mpl.rcParams.items()
+            if k in mpl.rcParamsDefault and v != mpl.rcParamsDefault[k]
+            and k not in ("backend", "backend_fallback", "interactive")}
 
 
 _CSS = """
@@ -269,7 +302,7 @@ def _versions(result: AnalysisResult) -> list[tuple[str, str]]:
 
 def write_report(result: AnalysisResult, out_dir: str | os.PathLike, *,
                  command: str | None = None, dpi: int = 100,
-                 files: Mapping[str, str] | None = None) -> Path:
+                 files: Mapping[str, str] | None = None, n_jobs: int | None = None) -> Path:
     """Write ``report.html`` and every figure as ``<name>.png`` into ``out_dir``.
 
     Parameters
@@ -282,6 +315,9 @@ def write_report(result: AnalysisResult, out_dir: str | os.PathLike, *,
     dpi : int, default 100
     files : dict name -> description, optional
         Other files of the folder, listed in the report.
+    n_jobs : int or None, default None
+        Processes drawing the figures (the clustering's workers); None: the usable
+        cores (:func:`cfmodules.modules.fits.default_jobs`). The PNGs do not depend on it.
 
     Returns
     -------
@@ -290,11 +326,23 @@ def write_report(result: AnalysisResult, out_dir: str | os.PathLike, *,
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    pngs: dict[str, bytes] = {}
+    from cfmodules.modules.fits import check_jobs, run_parallel
+
     listed = dict(files or {})
-    for name, fig in make_figures(result).items():
-        pngs[name] = plots.figure_to_png(fig, dpi)
-        atomic_write(out / f"{name}.png", pngs[name])
+    recipes = figure_recipes(result)
+    # ~0.3-1.5 s per figure, most of it matplotlib's layout and drawing: spread over the
+    # cores (the scan figure, whose ScanResult would load torch in a worker, is drawn here)
+    here = {name: r for name, r in recipes.items() if name == "scan"}
+    away = {name: r for name, r in recipes.items() if name not in here}
+    rc = _changed_rc()
+    drawn = run_parallel(_png, [(fn, args, kwargs, dpi, rc)
+                                for fn, args, kwargs in away.values()], check_jobs(n_jobs))
+    pngs = dict(zip(away, drawn))
+    pngs.update({name: _png(fn, args, kwargs, dpi, rc)
+                 for name, (fn, args, kwargs) in here.items()})
+    pngs = {name: pngs[name] for name in recipes}  # the figures' order
+    for name, png in pngs.items():
+        atomic_write(out / f"{name}.png", png)
         listed.setdefault(f"{name}.png", FIGURES.get(name, "hybrids of one module"))
     path = out / "report.html"
     atomic_write(path, render_html(result, pngs, command=command, files=listed).encode())

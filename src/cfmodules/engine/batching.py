@@ -78,8 +78,12 @@ class BatchChoice:
                 "reason": self.reason,
                 "timed_ms_per_hybrid": {str(s): round(t * 1e3, 4) for s, t in self.timed}}
 
+    def shape_text(self) -> str:
+        """``"N hybrid(s) per call (path U unit(s) x P pair(s))"``."""
+        return f"{self.shape.rows} hybrid(s) per call ({self.shape})"
+
     def __str__(self) -> str:
-        s = f"{self.shape.rows} hybrid(s) per call ({self.shape}): {self.reason}"
+        s = f"{self.shape_text()}: {self.reason}"
         if self.timed:
             s += "; timed " + ", ".join(f"{c}: {t * 1e3:.3g} ms/hybrid" for c, t in self.timed)
         return s

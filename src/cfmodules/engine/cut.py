@@ -497,7 +497,7 @@ class Engine:
                 else "set by the memory budget (no operation grows with the batch)")
         last = self.batch_choices.get(layer)
         if last is not None:
-            text += f"; the latest run used {last}"
+            text += f"; the latest run used {last if last.timed else last.shape_text()}"
         return text
 
 

@@ -77,9 +77,10 @@ class ModuleClustering(ClusterMixin, BaseEstimator):
         Seed of the restarts; an int makes :meth:`fit` reproducible.
     backend : {"fast", "sklearn"}, default "fast"
         Engine (:mod:`cfmodules.modules.fits`). ``"sklearn"``, the reference: scikit-learn's
-        NMF and KMeans. ``"fast"``: k-means gives the same fit up to float rounding; NMF is
-        solved by accelerated HALS from the same starts, a different solver of the same
-        problem (:mod:`cfmodules.modules.hals`), so a fit can differ slightly.
+        NMF and KMeans. ``"fast"``: k-means gives the same fit up to float rounding; NMF runs
+        scikit-learn's updates (HALS) from the same starts in float32, restarts batched, and
+        stops when the labels are stable (:mod:`cfmodules.modules.hals`), so a fit can
+        differ slightly.
     n_jobs : int or None, default None
         Processes for the fast NMF's restarts (groups of 5); None: the usable cores
         (:func:`cfmodules.modules.fits.default_jobs`). The fit does not depend on it.

@@ -60,9 +60,9 @@ class ClusteringSettings:
         (:data:`STABILITY_MAX_ITER`) for each of the many fits of the stability protocol.
     backend : {"fast", "sklearn"}, default "fast"
         Engine of the clusterings (:mod:`cfmodules.modules.fits`): ``"sklearn"`` is the
-        reference (scikit-learn); ``"fast"`` runs the same k-means and solves NMF by
-        accelerated HALS from the same starts (a different solver of the same problem: the
-        sweep's statistics agree within 0.02 on the DCGAN faces).
+        reference (scikit-learn); ``"fast"`` runs the same k-means, and NMF with the same
+        updates and starts in float32, restarts batched, stopped when the labels are stable
+        (not bit for bit: the sweep's statistics agree within 0.02 on the DCGAN faces).
     seed : int in [0, 2**32), default 0
         Seed of the clusterings (and, in the analysis, scan and monitor, of the latent
         pairs).
