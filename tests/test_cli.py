@@ -176,6 +176,7 @@ def test_hybrids_refuses_another_model(analyzed, capsys, tmp_path):
     (["analyze", "--model", "planted-conv", "--k", "100"], ["K=100", "24 channels"]),
     (["analyze", "--model", "planted-conv", "--pairs", "0"], ["--pairs must be at least 1"]),
     (["layers", "planted-conv", "--threads", "0"], ["--threads must be at least 1"]),
+    (["analyze", "--model", "planted-conv", "--jobs", "0"], ["--jobs must be at least 1"]),
     (["analyze", "--k", "x"], ["argument --k: invalid int value: 'x'"]),
     (["analyze", "--method", "pca"], ["invalid choice: 'pca'"]),
     (["analyse"], ["invalid choice: 'analyse'"]),

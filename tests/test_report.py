@@ -22,7 +22,7 @@ from cfmodules.analysis import (
 )
 from cfmodules.errors import ConfigError, LayerNotFoundError, ResultFileError
 from cfmodules.hybrid import hybridize
-from cfmodules.report import FIGURES, make_figures, render_html, write_report
+from cfmodules.report import FIGURES, figure_recipes, make_figures, render_html, write_report
 from cfmodules.results import write_npz
 from report_helpers import blob, fake_result
 
@@ -97,6 +97,8 @@ def test_analyze_bad_input_fails_before_work():
         analyze(adapter, "main.33", progress=False)
     with pytest.raises(ConfigError, match="Did you mean 'n_pairs'"):
         analyze(adapter, n_pair=4, progress=False)
+    with pytest.raises(ConfigError, match="n_jobs"):
+        analyze(adapter, n_jobs=0, progress=False)
     with pytest.raises(ConfigError, match="GeneratorAdapter"):
         analyze(adapter.generator)
     with pytest.raises(ConfigError, match="method"):
@@ -232,25 +234,13 @@ def test_report_is_self_contained(tmp_path):
     assert not list((tmp_path / "out").glob(".*tmp"))
 
 
-@pytest.mark.numerics
-def test_report_drawn_in_workers_is_the_same(tmp_path):
-    import io
-
-    import matplotlib
-    import matplotlib.image
-
-    result = fake_result(k=2, n=1, stability=False)
-
-    def pngs(n_jobs, name):
-        out = write_report(result, tmp_path / name, n_jobs=n_jobs).parent
-        return {p.name: p.read_bytes() for p in out.glob("*.png")}
-
-    # a style set in this process reaches the workers: the figures look as they would here
-    with matplotlib.rc_context({"figure.facecolor": "#eeeeff"}):
-        workers = pngs(2, "workers")
-        assert workers == pngs(1, "here")
-    corner = matplotlib.image.imread(io.BytesIO(workers["samples.png"]))[0, 0, :3]
-    np.testing.assert_allclose(corner, [0xee / 255, 0xee / 255, 1.0], atol=1 / 255)
+def test_figure_recipes_draw_the_figures():
+    result = fake_result(k=2)
+    recipes = figure_recipes(result)
+    assert list(recipes) == list(make_figures(result))
+    fn, args, kwargs = recipes["stability"]
+    assert isinstance(args[0], dict)  # plain arrays and dicts: nothing heavy to send
+    assert fn(*args, **kwargs).axes
 
 
 def test_render_html_skips_missing_figures_and_escapes():

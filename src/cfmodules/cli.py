@@ -162,7 +162,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     # the results and the report are replaced together: never K=2 results beside K=3 figures
     with folder_update(out) as stage:
         result.save(stage / "results.npz")
-        write_report(result, stage, command=command, n_jobs=args.jobs, files={
+        write_report(result, stage, command=command, files={
             "results.npz": "maps, labels, templates, stability table, hybrids (numpy.load or "
                            "cfmodules.analysis.AnalysisResult.load)",
             "manifest.json": "the files of this report and their SHA-256, written last",

@@ -3,7 +3,9 @@
 Files, by concern:
 
 - :mod:`~cfmodules.engine.capture`: capture a forward as a ``torch.fx`` graph (the whole
-  forward, or a submodule whose output is the generator's);
+  forward, or a submodule whose output is the generator's), or with ``torch.export``;
+- :mod:`~cfmodules.engine.exported`: the ``torch.export`` capture, its ATen nodes lifted
+  back into the standard modules' calls;
 - :mod:`~cfmodules.engine.split`: cut a graph into prefix and suffix (:class:`FxSplit`),
   or replace a layer's output with a hook (:class:`HookSplit`); :class:`SplitState`;
 - :mod:`~cfmodules.engine.cut`: the :class:`Engine` of an adapter: chooses the path,

@@ -14,12 +14,18 @@ the forward *after* the layer, so several captures are tried for each layer:
     non-tensor arguments it received (e.g. a float truncation) frozen as constants. The
     prefix runs the real forward up to ``M``'s call, records ``M``'s inputs and stops;
     the rest is ``M``'s graph. An ``nn.Sequential`` (DCGAN's ``main``) is the usual ``M``.
+``export``
+    The whole forward captured by ``torch.export`` (:mod:`cfmodules.engine.exported`),
+    tried when neither of the others works (it takes seconds; every capture's suffix is
+    what follows the layer, so none runs less than another that works).
 
-The layer itself is kept as one node of the graph (a custom block is not traced through),
-so any submodule that runs once in a forward can be cut. Each capture is checked on a
-probe batch: its output, the layer's value and the per-sample layout of every value the
-suffix reads must agree with the real forward, else the capture is refused with the
-reason (a forward that draws random numbers or reads state the graph froze). When no
+With ``torch.fx`` the layer itself is kept as one node of the graph (a custom block is
+not traced through), so any submodule that runs once in a forward can be cut; in an
+exported graph the layer's output is found from the nodes' module stacks. A value the
+suffix reads whose first dimension is not the batch is recomputed in the suffix
+(:func:`cut_per_sample`). Each capture is checked on a probe batch: its output, the
+layer's value and the per-sample layout of every value the suffix reads must agree with
+the real forward, else the capture is refused with the reason (a forward that draws random numbers or reads state the graph froze). When no
 capture works, the hook path (a full forward with a replacing hook) is exact for any
 forward.
 

@@ -26,8 +26,12 @@ Every capture is still checked against a real forward before use.
 
 from __future__ import annotations
 
+import io
+import logging
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager, redirect_stderr
 from typing import Any
 
 import torch
@@ -84,7 +88,7 @@ def export_forward(wrapper: nn.Module, gen: nn.Module, inputs: tuple[torch.Tenso
 
     batch = Dim("batch", min=MIN_BATCH)
     t0 = time.perf_counter()
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _quiet_torch_logs():
         warnings.simplefilter("ignore")
         ep = export(wrapper, tuple(inputs), dynamic_shapes=tuple({0: batch} for _ in inputs),
                     strict=False)
@@ -103,6 +107,24 @@ def export_forward(wrapper: nn.Module, gen: nn.Module, inputs: tuple[torch.Tenso
             target = str(node.target)
             owners[target] = constants[target] if target in constants else _getattr(gen, target)
     return fx.GraphModule(owners, graph), seconds
+
+
+@contextmanager
+def _quiet_torch_logs() -> Iterator[None]:
+    """torch's own loggers at ERROR, and ``sys.stderr`` kept, while exporting: a failed
+    export logs warnings and prints the partial graph it had traced to stderr; the
+    attempt's error says why, in one line (``explain``)."""
+    names = [n for n in logging.root.manager.loggerDict if n == "torch" or n.startswith("torch.")]
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def _out_spec(gm: fx.GraphModule) -> Any:

@@ -78,7 +78,7 @@ def nmf_init(x: np.ndarray, k: int, init: str, seed: int) -> tuple[np.ndarray, n
     if init != "nndsvda":
         raise ValueError(f"init must be 'nndsvda' or 'random', got {init!r}")
     x64 = x.astype(np.float64, copy=False)
-    evals, evecs = np.linalg.eigh(x64 @ x64.T)  # ascending
+    evals, evecs = np.linalg.eigh((x @ x.T).astype(np.float64))  # ascending
     s = np.sqrt(np.maximum(evals[::-1][:k], 0))
     u = evecs[:, ::-1][:, :k]
     v = (u.T @ x64) / np.where(s > 0, s, 1)[:, None]
@@ -148,15 +148,16 @@ def nmf_hals(
     history = np.zeros((n_r, max_iter))
     labels_prev = np.full((n_r, m), -1)
     same = np.zeros(n_r, dtype=np.int64)
-    masks: dict[int, np.ndarray] = {}
+    masks: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     hh = h @ h.T
     for it in range(1, max_iter + 1):
         r = len(active)
-        if r not in masks:  # (kR, kR): True between two columns of the same restart
-            masks[r] = np.tile(np.eye(r, dtype=bool), (k, k))
-        mask = masks[r]
-        # --- W: one product, then sweeps w_j <- max(eps, (a_j - sum_{i != j} w_i b_ij) / b_jj)
-        a, bz = _normalised(x @ h.T, hh, mask, axis=0)
+        if r not in masks:  # (kR, kR): between two columns of the same restart; and not on
+            block = np.tile(np.eye(r, dtype=bool), (k, k))  # the diagonal, as 0/1 numbers
+            masks[r] = (block, (block & ~np.eye(k * r, dtype=bool)).astype(dt))
+        mask, off = masks[r]
+        # --- W: one product, then sweeps w_j <- max(0, (a_j - sum_{i != j} w_i b_ij) / b_jj)
+        a, bz = _normalised(x @ h.T, hh, off, axis=0)
         for _ in range(inner_w):
             for j in range(k):
                 sl = slice(j * r, (j + 1) * r)
@@ -164,7 +165,7 @@ def nmf_hals(
         # --- H: the same, by rows
         wt = np.ascontiguousarray(w.T)
         d = wt @ w
-        c, dz = _normalised(wt @ x, d, mask, axis=1)
+        c, dz = _normalised(wt @ x, d, off, axis=1)
         for _ in range(inner_h):
             for j in range(k):
                 sl = slice(j * r, (j + 1) * r)
@@ -205,18 +206,17 @@ def nmf_hals(
     return out_w, out_h, err, iters
 
 
-def _normalised(p: np.ndarray, g: np.ndarray, mask: np.ndarray, axis: int
+def _normalised(p: np.ndarray, g: np.ndarray, off: np.ndarray, axis: int
                 ) -> tuple[np.ndarray, np.ndarray]:
     """One HALS sweep's constants: the product ``p`` and the Gram matrix ``g`` (kR, kR)
     of the other factor, divided by the diagonal of ``g`` (zero diagonals read as 1), with
-    ``g``'s diagonal and its entries between different restarts set to 0."""
+    ``g``'s diagonal and its entries between different restarts set to 0 (``off``: 1
+    where kept)."""
     diag = np.diagonal(g).copy()
     diag[diag <= 0] = 1
-    gz = np.where(mask, g, 0)
-    np.fill_diagonal(gz, 0)
-    if axis == 0:  # columns of W: p (m, kR), gz[:, j] / g_jj
-        return p / diag, (gz / diag).astype(p.dtype)
-    return p / diag[:, None], (gz / diag[:, None]).astype(p.dtype)
+    if axis == 0:  # columns of W: p (m, kR), g[:, j] / g_jj
+        return p / diag, g * off / diag
+    return p / diag[:, None], g * off / diag[:, None]
 
 
 def nmf_starts(x: np.ndarray, k: int, n_init: int, random_state: Any
