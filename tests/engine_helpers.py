@@ -203,6 +203,11 @@ class FloatArgument(nn.Module):
         return self.inner(z, float(t[0]))  # data-dependent: neither fx nor export trace it
 
 
+def cond_adapter() -> GeneratorAdapter:
+    """:class:`ConditionalDCGAN` wrapped: a (6, 1, 1) noise and a 3-class label per sample."""
+    return GeneratorAdapter(init(ConditionalDCGAN(), 0), ((6, 1, 1), (3,)), name="cond")
+
+
 def float_argument_adapter() -> GeneratorAdapter:
     """:class:`FloatArgument` wrapped, with the float input 0.5 for every sample."""
     return GeneratorAdapter(init(FloatArgument(), 1), ((4, 1, 1), (1,)),

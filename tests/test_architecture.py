@@ -16,7 +16,8 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 # low to high; a module imports only from its own layer or a lower one
 LAYERS: list[tuple[str, set[str]]] = [
-    ("foundation", {"errors", "_deprecation", "names", "checks", "results", "__version__",
+    ("foundation", {"errors", "_deprecation", "_lazy", "names", "checks", "results",
+                    "__version__",
                     "display", "images",  # notebook display and image grids
                     "split"}),  # split: the deprecated shim of engine/split
     ("latents and hooks", {"latents", "hooks", "noise"}),

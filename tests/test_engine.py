@@ -27,18 +27,15 @@ from engine_helpers import (
     TupleOut,
     Twice,
     assert_paths_agree,
+    cond_adapter,
     float_argument_adapter,
     init,
 )
 
 
-def _cond() -> GeneratorAdapter:
-    return GeneratorAdapter(init(ConditionalDCGAN(), 0), ((6, 1, 1), (3,)), name="cond")
-
-
 # ---------------------------------------------------------------------- capture paths
 def test_dim_control_flow_cat_view_is_captured_below_the_forward():
-    ad = _cond()
+    ad = cond_adapter()
     ex = ad.explain("main.5")
     assert isinstance(ex, Explanation)
     assert ex.path == "partial" and ex.capture == "partial at 'main'"
@@ -54,7 +51,7 @@ def test_dim_control_flow_cat_view_is_captured_below_the_forward():
 
 
 def test_linear_shortcut_applies_on_a_partial_capture(tmp_path):
-    ad = _cond()
+    ad = cond_adapter()
     ex = ad.explain("main.2")
     assert ex.path == "linear shortcut" and ex.linear_cut == "main.4"
     assert ex.limit > ad.explain("main.2", algorithm="split").limit
@@ -152,7 +149,7 @@ def test_hook_fallback_warns_once_with_reason_and_cost():
 
 
 def test_partial_prefix_leaves_no_hook_after_an_error():
-    ad = _cond()
+    ad = cond_adapter()
     ad.split("main.5")
     bad = (torch.zeros(2, 6, 1, 1), torch.zeros(2, 4))  # wrong class width: the conv refuses
     with pytest.raises(RuntimeError, match="channels"):
@@ -195,7 +192,7 @@ def test_python_attribute_change_is_seen():
 
 
 def test_replaced_submodule_is_seen():
-    ad = _cond()
+    ad = cond_adapter()
     z1, z2 = ad.sample_latents(3, seed=1), ad.sample_latents(3, seed=2)
     hybridize(ad, z1, z2, {"main.5": [0]})
     ad.generator.main[7] = init(nn.ConvTranspose2d(8, 3, 4, 2, 1, bias=False), 9)

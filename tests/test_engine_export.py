@@ -24,6 +24,7 @@ from engine_helpers import (
     TupleOut,
     Twice,
     assert_paths_agree,
+    cond_adapter,
     float_argument_adapter,
     init,
 )
@@ -39,12 +40,8 @@ def _exported(ad: GeneratorAdapter, layer: str) -> GeneratorAdapter:
     return ad
 
 
-def _cond() -> GeneratorAdapter:
-    return GeneratorAdapter(init(ConditionalDCGAN(), 0), ((6, 1, 1), (3,)), name="cond")
-
-
 def test_dim_control_flow_cat_view_and_standard_modules_lifted():
-    ad = _exported(_cond(), "main.5")
+    ad = _exported(cond_adapter(), "main.5")
     gm = ad.engine.graph("main.5")
     modules = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
     # each Conv/BN/ReLU/Dropout call is one module node again, so the fast passes apply

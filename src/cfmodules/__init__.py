@@ -15,8 +15,9 @@ so the main verbs are at the top level without making ``import cfmodules`` slow:
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from cfmodules._lazy import lazy_names
 
 __version__ = "0.1.0"
 
@@ -59,14 +60,4 @@ if TYPE_CHECKING:  # pragma: no cover
     from cfmodules.scan import scan_layers
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS or name in _DEPRECATED:
-        home = _EXPORTS.get(name) or _DEPRECATED.get(name)
-        if home is None:
-            return importlib.import_module(f"cfmodules.{name}")
-        return getattr(importlib.import_module(home), name)
-    raise AttributeError(f"module 'cfmodules' has no attribute '{name}'")
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_names(__name__, {**_EXPORTS, **_DEPRECATED}, __all__)

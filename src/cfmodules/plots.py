@@ -127,12 +127,12 @@ class _ImageGrid:
                  title: str | None = None) -> None:
         from matplotlib.figure import Figure
 
-        self.nrows, self.ncols = max(int(nrows), 1), max(int(ncols), 1)
+        nrows, ncols = max(int(nrows), 1), max(int(ncols), 1)
         self.cw, self.ch = cell
         self.gx = gap[0]
         self.gy = gap[1] + (caption_height if every_row else 0.0)
-        grid_w = self.ncols * self.cw + (self.ncols - 1) * self.gx
-        grid_h = self.nrows * self.ch + (self.nrows - 1) * self.gy
+        grid_w = ncols * self.cw + (ncols - 1) * self.gx
+        grid_h = nrows * self.ch + (nrows - 1) * self.gy
         top = caption_height + 0.06 + (0.4 if title else 0.0)
         right = bottom = 0.06
         width = max(left + grid_w + right, 1.0)

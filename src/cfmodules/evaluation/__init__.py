@@ -12,8 +12,9 @@ The main functions are re-exported here and loaded on first access, so
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from cfmodules._lazy import lazy_names
 
 _EXPORTS = {
     "frechet_distance": "cfmodules.evaluation.frechet",
@@ -47,11 +48,4 @@ if TYPE_CHECKING:  # pragma: no cover
     )
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'cfmodules.evaluation' has no attribute '{name}'")
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_names(__name__, _EXPORTS, __all__)

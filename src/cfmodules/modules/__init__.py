@@ -18,8 +18,9 @@ without scikit-learn and scipy.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from cfmodules._lazy import lazy_names
 
 # light (numpy only), and ``preprocess`` is also the name of its submodule: bound here, so
 # the function, not the submodule, is ``cfmodules.modules.preprocess`` as an attribute
@@ -63,13 +64,5 @@ if TYPE_CHECKING:  # pragma: no cover
     )
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(f"cfmodules.modules.{_EXPORTS[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'cfmodules.modules' has no attribute '{name}'")
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_names(
+    __name__, {name: f"cfmodules.modules.{home}" for name, home in _EXPORTS.items()}, __all__)
