@@ -8,6 +8,10 @@ blocks are left out), and each module may import only from its own layer or belo
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -137,3 +141,34 @@ def test_the_rule_catches_an_upward_import(tmp_path):
                      "    from cfmodules.adapter import GeneratorAdapter\n")
     assert _imports(typed) == set()
     assert _layer("report") > _layer("analysis") > _layer("influence") > _layer("adapter")
+
+
+IMPORT_COSTS = textwrap.dedent('''
+    import sys
+    import cfmodules, cfmodules.adapter, cfmodules.hybrid, cfmodules.analysis, cfmodules.cli
+    import cfmodules.modules
+    assert "matplotlib" not in sys.modules, "the core imported matplotlib"
+    import cfmodules.evaluation.frechet, cfmodules.evaluation.robustness
+    import cfmodules.evaluation.plots, cfmodules.plots as p
+    assert "matplotlib" not in sys.modules, "a figure module imported matplotlib at import"
+    import numpy as np
+    p.plot_images(np.zeros((1, 3, 4, 4)))
+    assert "matplotlib.pyplot" not in sys.modules, "pyplot used"
+    from cfmodules import analyze, zoo
+    analyze(zoo.load("planted-conv"), n_pairs=2, n_modules=2, stability_ks=(), n_samples=1,
+            n_hybrids=1, n_init=1, progress=False)
+    assert "torch._dynamo" not in sys.modules, "a traceable generator's analysis imported dynamo"
+''')
+
+
+def test_imports_that_cost_seconds_are_paid_only_when_used():
+    """matplotlib (0.6 s) only for figures, torch._dynamo (3 s) only for what needs it.
+
+    One fresh process checks both: a whole analysis of a generator that torch.fx traces
+    (the batch-shape probe included) never imports torch._dynamo, and no core or
+    evaluation module imports matplotlib, nor a figure uses pyplot (nothing is shown).
+    """
+    done = subprocess.run([sys.executable, "-c", IMPORT_COSTS], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(SRC)},
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
