@@ -32,26 +32,29 @@ SETTINGS = dict(n_pairs=6, seed=3, pairs_per_block=4, progress=False)
 TIMEOUT = datetime.timedelta(minutes=5)
 
 
-def _worker(rank: int, world_size: int, store: str, out: str, channels, ckpt) -> None:
+def _worker(rank: int, world_size: int, store: str, runs) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
                             world_size=world_size, timeout=TIMEOUT)
     try:
         ad = zoo.load("planted-conv")
-        res = distributed_influence_maps(ad, "main.3", channels, checkpoint=ckpt, **SETTINGS)
-        if rank == 0:
-            res.save(out)
+        for out, channels, ckpt in runs:
+            res = distributed_influence_maps(ad, "main.3", channels, checkpoint=ckpt,
+                                             **SETTINGS)
+            if rank == 0:
+                res.save(out)
         dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
-def _run(world_size, tmp_path, channels=None, ckpt=None) -> InfluenceResult:
-    out = str(tmp_path / f"maps{world_size}.npz")
-    store = str(tmp_path / f"store{world_size}")  # a fresh rendezvous file per run
-    mp.spawn(_worker, args=(world_size, store, out, channels, ckpt), nprocs=world_size,
-             join=True)
-    return InfluenceResult.load(out)
+def _run(world_size, tmp_path, runs) -> list[InfluenceResult]:
+    """Each of ``runs`` (out name, channels, checkpoint) in one group of ``world_size``
+    processes (spawning them costs more than the runs)."""
+    runs = [(str(tmp_path / name), channels, ckpt) for name, channels, ckpt in runs]
+    store = str(tmp_path / f"store{world_size}")  # a fresh rendezvous file per group
+    mp.spawn(_worker, args=(world_size, store, runs), nprocs=world_size, join=True)
+    return [InfluenceResult.load(out) for out, _, _ in runs]
 
 
 def test_shards_cover_every_channel_once():
@@ -64,22 +67,20 @@ def test_shards_cover_every_channel_once():
     assert shard_checkpoint("/x/maps.npz", 1, 4).name == "maps.rank1of4.npz"
 
 
-def test_distributed_two_gloo_ranks_equal_single_process(tmp_path):
+def test_distributed_three_gloo_ranks_equal_single_process(tmp_path):
+    """Every channel (each rank keeps its own checkpoint), then 2 channels: more ranks than
+    channels, so one rank has none, and the maps keep the order asked for."""
+    every, subset = _run(3, tmp_path, [("every.npz", None, str(tmp_path / "ck.npz")),
+                                       ("subset.npz", [5, 1], None)])
     single = influence_maps(zoo.load("planted-conv"), "main.3", **SETTINGS)
-    two = _run(2, tmp_path, ckpt=str(tmp_path / "ck.npz"))
-    assert two.names == single.names and two.n_pairs == single.n_pairs
-    np.testing.assert_allclose(two.maps, single.maps, rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(two.stderr, single.stderr, rtol=1e-4, atol=1e-7)
-    assert two.settings["world_size"] == 2
-    # each rank kept its own checkpoint
-    assert (tmp_path / "ck.rank0of2.npz").exists() and (tmp_path / "ck.rank1of2.npz").exists()
-
-
-def test_distributed_channel_subset_with_more_ranks_than_channels(tmp_path):
-    single = influence_maps(zoo.load("planted-conv"), "main.3", [5, 1], **SETTINGS)
-    three = _run(3, tmp_path, channels=[5, 1])
-    assert list(three.channels) == [5, 1]
-    np.testing.assert_allclose(three.maps, single.maps, rtol=1e-5, atol=1e-7)
+    assert every.names == single.names and every.n_pairs == single.n_pairs
+    np.testing.assert_allclose(every.maps, single.maps, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(every.stderr, single.stderr, rtol=1e-4, atol=1e-7)
+    assert every.settings["world_size"] == 3
+    assert sorted(p.name for p in tmp_path.glob("ck.rank*")) == [
+        f"ck.rank{r}of3.npz" for r in range(3)]  # each rank kept its own checkpoint
+    assert list(subset.channels) == [5, 1]
+    np.testing.assert_allclose(subset.maps, single.maps[[5, 1]], rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.numerics
