@@ -145,7 +145,12 @@ def test_the_rule_catches_an_upward_import(tmp_path):
 
 IMPORT_COSTS = textwrap.dedent('''
     import sys
-    import cfmodules, cfmodules.adapter, cfmodules.hybrid, cfmodules.analysis, cfmodules.cli
+    from cfmodules.analysis import AnalysisResult
+    result = AnalysisResult.load(sys.argv[1])
+    assert result.modules and result.stability is not None
+    heavy = sorted({"sklearn", "scipy"} & set(sys.modules))
+    assert not heavy, f"reading a result (its modules, its sweep) imported {heavy}"
+    import cfmodules, cfmodules.adapter, cfmodules.hybrid, cfmodules.cli
     import cfmodules.modules
     assert "matplotlib" not in sys.modules, "the core imported matplotlib"
     import cfmodules.evaluation.frechet, cfmodules.evaluation.robustness
@@ -161,14 +166,21 @@ IMPORT_COSTS = textwrap.dedent('''
 ''')
 
 
-def test_imports_that_cost_seconds_are_paid_only_when_used():
-    """matplotlib (0.6 s) only for figures, torch._dynamo (3 s) only for what needs it.
+def test_imports_that_cost_seconds_are_paid_only_when_used(tmp_path):
+    """scikit-learn and scipy (1-3 s) only to cluster, matplotlib (0.6 s) only for figures,
+    torch._dynamo (3 s) only for what needs it.
 
-    One fresh process checks both: a whole analysis of a generator that torch.fx traces
-    (the batch-shape probe included) never imports torch._dynamo, and no core or
-    evaluation module imports matplotlib, nor a figure uses pyplot (nothing is shown).
+    One fresh process checks them all: reading a result file (what ``cfmodules hybrids``
+    and the explorer do) imports neither scikit-learn nor scipy; no core or evaluation
+    module imports matplotlib, nor a figure uses pyplot (nothing is shown); and a whole
+    analysis of a generator that torch.fx traces (the batch-shape probe included) never
+    imports torch._dynamo.
     """
-    done = subprocess.run([sys.executable, "-c", IMPORT_COSTS], capture_output=True, text=True,
+    from report_helpers import fake_result
+
+    path = fake_result().save(tmp_path / "r.npz")
+    done = subprocess.run([sys.executable, "-c", IMPORT_COSTS, str(path)], capture_output=True,
+                          text=True,
                           env={**os.environ, "PYTHONPATH": str(SRC)},
                           timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
