@@ -1,17 +1,15 @@
-"""Influence maps sharded across 2 CPU ranks with gloo equal the single-process maps."""
+"""Influence maps sharded across CPU ranks with gloo equal the single-process maps."""
 
 from __future__ import annotations
 
-import datetime
+import json
 import os
 import subprocess
 import sys
+import textwrap
 
 import numpy as np
 import pytest
-import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from cfmodules import zoo
 from cfmodules.errors import ConfigError
@@ -25,36 +23,31 @@ from cfmodules.influence.result import InfluenceResult
 
 SETTINGS = dict(n_pairs=6, seed=3, pairs_per_block=4, progress=False)
 
+# One torchrun group of 3 ranks runs every check that needs real ranks: starting a rank (a
+# fresh interpreter importing torch) costs more than its maps.
+RANKS = textwrap.dedent('''
+    import json
+    import sys
+    from pathlib import Path
 
-# Robust on a loaded machine: the ranks meet through a file (no port to find free and lose
-# to another process), every wait has minutes of margin, and no rank leaves the group
-# while another may still talk to it (a barrier before destroy_process_group).
-TIMEOUT = datetime.timedelta(minutes=5)
+    from cfmodules import zoo
+    from cfmodules.cli import main
+    from cfmodules.influence.distributed import (distributed_influence_maps, init_from_env,
+                                                 world)
 
-
-def _worker(rank: int, world_size: int, store: str, runs) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
-                            world_size=world_size, timeout=TIMEOUT)
-    try:
-        ad = zoo.load("planted-conv")
-        for out, channels, ckpt in runs:
-            res = distributed_influence_maps(ad, "main.3", channels, checkpoint=ckpt,
-                                             **SETTINGS)
-            if rank == 0:
-                res.save(out)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
-
-def _run(world_size, tmp_path, runs) -> list[InfluenceResult]:
-    """Each of ``runs`` (out name, channels, checkpoint) in one group of ``world_size``
-    processes (spawning them costs more than the runs)."""
-    runs = [(str(tmp_path / name), channels, ckpt) for name, channels, ckpt in runs]
-    store = str(tmp_path / f"store{world_size}")  # a fresh rendezvous file per group
-    mp.spawn(_worker, args=(world_size, store, runs), nprocs=world_size, join=True)
-    return [InfluenceResult.load(out) for out, _, _ in runs]
+    out, settings = Path(sys.argv[1]), json.loads(sys.argv[2])
+    ad = zoo.load("planted-conv")
+    assert init_from_env(), "torchrun's group was not set up"
+    rank, _ = world()
+    every = distributed_influence_maps(ad, "main.3", checkpoint=out / "ck.npz", **settings)
+    subset = distributed_influence_maps(ad, "main.3", [5, 1], **settings)  # a rank has none
+    if rank == 0:
+        every.save(out / "every.npz")
+        subset.save(out / "subset.npz")
+    # then the command line, as `torchrun ... -m cfmodules analyze ...` runs it
+    sys.exit(main(["analyze", "--model", "planted-conv", "--layer", "main.3", "--pairs", "4",
+                   "--k", "3", "--stability-repeats", "2", "--out", str(out / "o")]))
+''')
 
 
 def test_shards_cover_every_channel_once():
@@ -67,22 +60,6 @@ def test_shards_cover_every_channel_once():
     assert shard_checkpoint("/x/maps.npz", 1, 4).name == "maps.rank1of4.npz"
 
 
-def test_distributed_three_gloo_ranks_equal_single_process(tmp_path):
-    """Every channel (each rank keeps its own checkpoint), then 2 channels: more ranks than
-    channels, so one rank has none, and the maps keep the order asked for."""
-    every, subset = _run(3, tmp_path, [("every.npz", None, str(tmp_path / "ck.npz")),
-                                       ("subset.npz", [5, 1], None)])
-    single = influence_maps(zoo.load("planted-conv"), "main.3", **SETTINGS)
-    assert every.names == single.names and every.n_pairs == single.n_pairs
-    np.testing.assert_allclose(every.maps, single.maps, rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(every.stderr, single.stderr, rtol=1e-4, atol=1e-7)
-    assert every.settings["world_size"] == 3
-    assert sorted(p.name for p in tmp_path.glob("ck.rank*")) == [
-        f"ck.rank{r}of3.npz" for r in range(3)]  # each rank kept its own checkpoint
-    assert list(subset.channels) == [5, 1]
-    np.testing.assert_allclose(subset.maps, single.maps[[5, 1]], rtol=1e-5, atol=1e-7)
-
-
 @pytest.mark.numerics
 def test_without_a_process_group_it_is_influence_maps():
     ad = zoo.load("planted-conv")
@@ -92,13 +69,28 @@ def test_without_a_process_group_it_is_influence_maps():
 
 
 @pytest.mark.slow
-def test_distributed_analyze_runs_under_torchrun(tmp_path):
-    """`cfmodules analyze` under torchrun with 2 gloo ranks writes one set of results."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def test_three_gloo_ranks_under_torchrun_equal_one_process(tmp_path):
+    """Under torchrun with 3 gloo ranks: the maps of every channel (each rank keeps its own
+    checkpoint) and of 2 channels (more ranks than channels, the order asked for kept)
+    equal the single-process maps, and `cfmodules analyze` writes one set of results."""
+    script = tmp_path / "ranks.py"
+    script.write_text(RANKS)
     # --standalone: the rendezvous store binds port 0 itself (a free port, no race)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           "-m", "cfmodules", "analyze", "--model", "planted-conv", "--layer", "main.3",
-           "--pairs", "4", "--k", "3", "--stability-repeats", "2", "--out", str(tmp_path / "o")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=3",
+           str(script), str(tmp_path), json.dumps(SETTINGS)]
+    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    single = influence_maps(zoo.load("planted-conv"), "main.3", **SETTINGS)
+    every = InfluenceResult.load(tmp_path / "every.npz")
+    assert every.names == single.names and every.n_pairs == single.n_pairs
+    np.testing.assert_allclose(every.maps, single.maps, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(every.stderr, single.stderr, rtol=1e-4, atol=1e-7)
+    assert every.settings["world_size"] == 3
+    assert sorted(p.name for p in tmp_path.glob("ck.rank*")) == [
+        f"ck.rank{r}of3.npz" for r in range(3)]  # each rank kept its own checkpoint
+    subset = InfluenceResult.load(tmp_path / "subset.npz")
+    assert list(subset.channels) == [5, 1]
+    np.testing.assert_allclose(subset.maps, single.maps[[5, 1]], rtol=1e-5, atol=1e-7)
     assert (tmp_path / "o" / "report.html").exists()
+    assert (tmp_path / "o" / "results.npz").exists()
