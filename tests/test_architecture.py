@@ -159,10 +159,13 @@ IMPORT_COSTS = textwrap.dedent('''
     import numpy as np
     p.plot_images(np.zeros((1, 3, 4, 4)))
     assert "matplotlib.pyplot" not in sys.modules, "pyplot used"
-    from cfmodules import analyze, zoo
-    analyze(zoo.load("planted-conv"), n_pairs=2, n_modules=2, stability_ks=(), n_samples=1,
-            n_hybrids=1, n_init=1, progress=False)
-    assert "torch._dynamo" not in sys.modules, "a traceable generator's analysis imported dynamo"
+    from cfmodules import hybridize, zoo
+    from cfmodules.influence import influence_maps, module_influence_maps
+    ad = zoo.load("planted-conv")
+    influence_maps(ad, "main.3", n_pairs=2, progress=False)
+    module_influence_maps(ad, [{"main.3": [0, 1]}], n_pairs=2, progress=False)
+    hybridize(ad, ad.sample_latents(2, seed=1), ad.sample_latents(2, seed=2), {"main.3": [0]})
+    assert "torch._dynamo" not in sys.modules, "the engine imported dynamo for a traceable model"
 ''')
 
 
@@ -172,9 +175,9 @@ def test_imports_that_cost_seconds_are_paid_only_when_used(tmp_path):
 
     One fresh process checks them all: reading a result file (what ``cfmodules hybrids``
     and the explorer do) imports neither scikit-learn nor scipy; no core or evaluation
-    module imports matplotlib, nor a figure uses pyplot (nothing is shown); and a whole
-    analysis of a generator that torch.fx traces (the batch-shape probe included) never
-    imports torch._dynamo.
+    module imports matplotlib, nor a figure uses pyplot (nothing is shown); and the
+    engine's work for a generator that torch.fx traces (influence maps of units and
+    modules with the batch-shape probe, hybrids) never imports torch._dynamo.
     """
     from report_helpers import fake_result
 
