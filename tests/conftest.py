@@ -10,7 +10,12 @@ import torch
 from torch import nn
 
 # small models: threads cost more than they save; .ci/run also tries 2 (other reductions)
-torch.set_num_threads(int(os.environ.get("CFMODULES_TEST_THREADS", "1")))
+THREADS = os.environ.get("CFMODULES_TEST_THREADS", "1")
+torch.set_num_threads(int(THREADS))
+# the processes the tests start (the CLI, torchrun's ranks, the notebook's kernel) too: with
+# one test worker per core (pytest -n auto), a process with a thread per core makes the
+# cores wait on each other (the notebook's kernel burnt 22 s of CPU for 11 s of work)
+os.environ.setdefault("OMP_NUM_THREADS", THREADS)
 
 
 def _fixed(module: nn.Module, seed: int) -> nn.Module:

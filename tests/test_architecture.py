@@ -8,6 +8,10 @@ blocks are left out), and each module may import only from its own layer or belo
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -137,3 +141,49 @@ def test_the_rule_catches_an_upward_import(tmp_path):
                      "    from cfmodules.adapter import GeneratorAdapter\n")
     assert _imports(typed) == set()
     assert _layer("report") > _layer("analysis") > _layer("influence") > _layer("adapter")
+
+
+IMPORT_COSTS = textwrap.dedent('''
+    import sys
+    from cfmodules.analysis import AnalysisResult
+    result = AnalysisResult.load(sys.argv[1])
+    assert result.modules and result.stability is not None
+    heavy = sorted({"sklearn", "scipy"} & set(sys.modules))
+    assert not heavy, f"reading a result (its modules, its sweep) imported {heavy}"
+    import cfmodules, cfmodules.adapter, cfmodules.hybrid, cfmodules.cli
+    import cfmodules.modules
+    assert "matplotlib" not in sys.modules, "the core imported matplotlib"
+    import cfmodules.evaluation.frechet, cfmodules.evaluation.robustness
+    import cfmodules.evaluation.plots, cfmodules.plots as p
+    assert "matplotlib" not in sys.modules, "a figure module imported matplotlib at import"
+    import numpy as np
+    p.plot_images(np.zeros((1, 3, 4, 4)))
+    assert "matplotlib.pyplot" not in sys.modules, "pyplot used"
+    from cfmodules import hybridize, zoo
+    from cfmodules.influence import influence_maps, module_influence_maps
+    ad = zoo.load("planted-conv")
+    influence_maps(ad, "main.3", n_pairs=2, progress=False)
+    module_influence_maps(ad, [{"main.3": [0, 1]}], n_pairs=2, progress=False)
+    hybridize(ad, ad.sample_latents(2, seed=1), ad.sample_latents(2, seed=2), {"main.3": [0]})
+    assert "torch._dynamo" not in sys.modules, "the engine imported dynamo for a traceable model"
+''')
+
+
+def test_imports_that_cost_seconds_are_paid_only_when_used(tmp_path):
+    """scikit-learn and scipy (1-3 s) only to cluster, matplotlib (0.6 s) only for figures,
+    torch._dynamo (3 s) only for what needs it.
+
+    One fresh process checks them all: reading a result file (what ``cfmodules hybrids``
+    and the explorer do) imports neither scikit-learn nor scipy; no core or evaluation
+    module imports matplotlib, nor a figure uses pyplot (nothing is shown); and the
+    engine's work for a generator that torch.fx traces (influence maps of units and
+    modules with the batch-shape probe, hybrids) never imports torch._dynamo.
+    """
+    from report_helpers import fake_result
+
+    path = fake_result().save(tmp_path / "r.npz")
+    done = subprocess.run([sys.executable, "-c", IMPORT_COSTS, str(path)], capture_output=True,
+                          text=True,
+                          env={**os.environ, "PYTHONPATH": str(SRC)},
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -1,17 +1,15 @@
-"""Influence maps sharded across 2 CPU ranks with gloo equal the single-process maps."""
+"""Influence maps sharded across CPU ranks with gloo equal the single-process maps."""
 
 from __future__ import annotations
 
-import datetime
+import json
 import os
 import subprocess
 import sys
+import textwrap
 
 import numpy as np
 import pytest
-import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from cfmodules import zoo
 from cfmodules.errors import ConfigError
@@ -25,33 +23,33 @@ from cfmodules.influence.result import InfluenceResult
 
 SETTINGS = dict(n_pairs=6, seed=3, pairs_per_block=4, progress=False)
 
+# One torchrun group of 2 ranks runs every check that needs real ranks: starting a rank (a
+# fresh interpreter importing torch) costs more than its maps.
+RANKS = textwrap.dedent('''
+    import json
+    import sys
+    from pathlib import Path
 
-# Robust on a loaded machine: the ranks meet through a file (no port to find free and lose
-# to another process), every wait has minutes of margin, and no rank leaves the group
-# while another may still talk to it (a barrier before destroy_process_group).
-TIMEOUT = datetime.timedelta(minutes=5)
+    from cfmodules import zoo
+    from cfmodules.cli import main
+    from cfmodules.influence.distributed import (distributed_influence_maps, init_from_env,
+                                                 world)
 
-
-def _worker(rank: int, world_size: int, store: str, out: str, channels, ckpt) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
-                            world_size=world_size, timeout=TIMEOUT)
-    try:
-        ad = zoo.load("planted-conv")
-        res = distributed_influence_maps(ad, "main.3", channels, checkpoint=ckpt, **SETTINGS)
-        if rank == 0:
-            res.save(out)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
-
-def _run(world_size, tmp_path, channels=None, ckpt=None) -> InfluenceResult:
-    out = str(tmp_path / f"maps{world_size}.npz")
-    store = str(tmp_path / f"store{world_size}")  # a fresh rendezvous file per run
-    mp.spawn(_worker, args=(world_size, store, out, channels, ckpt), nprocs=world_size,
-             join=True)
-    return InfluenceResult.load(out)
+    out, settings = Path(sys.argv[1]), json.loads(sys.argv[2])
+    ad = zoo.load("planted-conv")
+    assert init_from_env(), "torchrun's group was not set up"
+    rank, _ = world()
+    every = distributed_influence_maps(ad, "main.3", checkpoint=out / "ck.npz", **settings)
+    two = distributed_influence_maps(ad, "main.3", [5, 1], **settings)  # order kept
+    one = distributed_influence_maps(ad, "main.3", [5], **settings)  # a rank has none
+    if rank == 0:
+        every.save(out / "every.npz")
+        two.save(out / "two.npz")
+        one.save(out / "one.npz")
+    # then the command line, as `torchrun ... -m cfmodules analyze ...` runs it
+    sys.exit(main(["analyze", "--model", "planted-conv", "--layer", "main.3", "--pairs", "4",
+                   "--k", "3", "--stability-repeats", "2", "--out", str(out / "o")]))
+''')
 
 
 def test_shards_cover_every_channel_once():
@@ -64,24 +62,6 @@ def test_shards_cover_every_channel_once():
     assert shard_checkpoint("/x/maps.npz", 1, 4).name == "maps.rank1of4.npz"
 
 
-def test_distributed_two_gloo_ranks_equal_single_process(tmp_path):
-    single = influence_maps(zoo.load("planted-conv"), "main.3", **SETTINGS)
-    two = _run(2, tmp_path, ckpt=str(tmp_path / "ck.npz"))
-    assert two.names == single.names and two.n_pairs == single.n_pairs
-    np.testing.assert_allclose(two.maps, single.maps, rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(two.stderr, single.stderr, rtol=1e-4, atol=1e-7)
-    assert two.settings["world_size"] == 2
-    # each rank kept its own checkpoint
-    assert (tmp_path / "ck.rank0of2.npz").exists() and (tmp_path / "ck.rank1of2.npz").exists()
-
-
-def test_distributed_channel_subset_with_more_ranks_than_channels(tmp_path):
-    single = influence_maps(zoo.load("planted-conv"), "main.3", [5, 1], **SETTINGS)
-    three = _run(3, tmp_path, channels=[5, 1])
-    assert list(three.channels) == [5, 1]
-    np.testing.assert_allclose(three.maps, single.maps, rtol=1e-5, atol=1e-7)
-
-
 @pytest.mark.numerics
 def test_without_a_process_group_it_is_influence_maps():
     ad = zoo.load("planted-conv")
@@ -91,13 +71,30 @@ def test_without_a_process_group_it_is_influence_maps():
 
 
 @pytest.mark.slow
-def test_distributed_analyze_runs_under_torchrun(tmp_path):
-    """`cfmodules analyze` under torchrun with 2 gloo ranks writes one set of results."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def test_two_gloo_ranks_under_torchrun_equal_one_process(tmp_path):
+    """Under torchrun with 2 gloo ranks: the maps of every channel (each rank keeps its own
+    checkpoint), of 2 channels (the order asked for kept) and of 1 channel (more ranks than
+    channels) equal the single-process maps, and `cfmodules analyze` writes one set of
+    results."""
+    script = tmp_path / "ranks.py"
+    script.write_text(RANKS)
     # --standalone: the rendezvous store binds port 0 itself (a free port, no race)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           "-m", "cfmodules", "analyze", "--model", "planted-conv", "--layer", "main.3",
-           "--pairs", "4", "--k", "3", "--stability-repeats", "2", "--out", str(tmp_path / "o")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+           str(script), str(tmp_path), json.dumps(SETTINGS)]
+    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    single = influence_maps(zoo.load("planted-conv"), "main.3", **SETTINGS)
+    every = InfluenceResult.load(tmp_path / "every.npz")
+    assert every.names == single.names and every.n_pairs == single.n_pairs
+    np.testing.assert_allclose(every.maps, single.maps, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(every.stderr, single.stderr, rtol=1e-4, atol=1e-7)
+    assert every.settings["world_size"] == 2
+    assert sorted(p.name for p in tmp_path.glob("ck.rank*")) == [
+        "ck.rank0of2.npz", "ck.rank1of2.npz"]  # each rank kept its own checkpoint
+    for name, channels in (("two", [5, 1]), ("one", [5])):
+        part = InfluenceResult.load(tmp_path / f"{name}.npz")
+        assert list(part.channels) == channels
+        np.testing.assert_allclose(part.maps, single.maps[channels], rtol=1e-5, atol=1e-7)
     assert (tmp_path / "o" / "report.html").exists()
+    assert (tmp_path / "o" / "results.npz").exists()

@@ -37,12 +37,13 @@ def test_face_module_moves_the_expression_more_than_the_side_modules():
     except ModelNotAvailableError as exc:
         pytest.skip(str(exc))
     layer = "main.5"
-    maps = influence_maps(ad, layer, n_pairs=16, seed=0, progress=False).maps
+    maps = influence_maps(ad, layer, n_pairs=8, seed=0, progress=False).maps
     clust = ModuleClustering(3, "nmf", random_state=0).fit(maps)
     share = central_share(clust.templates_)
     face = int(np.argmax(share))
     modules = {f"C{k}": {layer: m.tolist()} for k, m in enumerate(clust.modules_)}
-    res = classifier_robustness(ad, {"fer": fer}, modules, n_pairs=240, seed=1, top_k=7)
+    # 160 pairs (120 informative): the orderings below hold by 0.11, 2.5 standard errors
+    res = classifier_robustness(ad, {"fer": fer}, modules, n_pairs=160, seed=1, top_k=7)
     r = res.rates("fer")
     print(res.to_text())
     assert r["n_informative"][0] >= 100

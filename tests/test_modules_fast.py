@@ -219,3 +219,29 @@ def test_pooled_nmf_is_block_constant_and_recorded():
         cluster_stability(maps, ks=[3], nmf_pool=0)
     with pytest.raises(ConfigError, match="larger than the maps"):
         cluster_stability(maps, ks=[3], nmf_pool=9)
+
+
+def test_blas_is_limited_to_one_thread_once_per_sweep_not_once_per_fit(monkeypatch):
+    """Each limit costs ~3 ms (threadpoolctl lists the loaded libraries): a sweep of 16
+    fits, each nesting a batch of restarts, sets it once, and the fits run inside it."""
+    import threadpoolctl
+
+    from cfmodules.modules import batched
+
+    real, calls, inside = threadpoolctl.threadpool_limits, [], []
+    monkeypatch.setattr(threadpoolctl, "threadpool_limits",
+                        lambda *a, **k: calls.append(k) or real(*a, **k))
+
+    def blas_threads() -> set[int]:
+        return {i["num_threads"] for i in threadpoolctl.threadpool_info()
+                if i["user_api"] == "blas"}
+
+    for module, name in ((hals, "nmf_hals"), (batched, "kmeans_many")):
+        fn = getattr(module, name)
+        monkeypatch.setattr(module, name,
+                            lambda *a, fn=fn, **k: inside.append(blas_threads()) or fn(*a, **k))
+    maps, _ = block_maps((4, 4, 4), shape=(8, 8), seed=0, noise=0.1)
+    cluster_stability(maps, ks=[2, 3], methods=["nmf", "kmeans"], n_repeats=2, seed=0,
+                      n_jobs=1)
+    assert calls == [{"limits": 1, "user_api": "blas"}]
+    assert len(inside) >= 16 and all(t <= {1} for t in inside)

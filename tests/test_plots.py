@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
@@ -137,17 +134,3 @@ def test_save_figure_writes_png(tmp_path):
     path = plots.save_figure(plots.plot_images(np.zeros((1, 3, 4, 4))), tmp_path / "a.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert list(tmp_path.iterdir()) == [path]  # no temp file left
-
-
-def test_nothing_is_shown_and_core_never_imports_matplotlib():
-    code = (
-        "import sys\n"
-        "import cfmodules, cfmodules.adapter, cfmodules.hybrid, cfmodules.analysis, "
-        "cfmodules.cli, cfmodules.modules\n"
-        "assert 'matplotlib' not in sys.modules, 'core imported matplotlib'\n"
-        "import numpy as np, cfmodules.plots as p\n"
-        "assert 'matplotlib' not in sys.modules, 'plots imported matplotlib at import'\n"
-        "p.plot_images(np.zeros((1, 3, 4, 4)))\n"
-        "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot used'\n"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True)

@@ -223,15 +223,14 @@ KILL_IN_COMMIT = textwrap.dedent('''
 ''')
 
 
-@pytest.mark.slow  # four runs of the CLI
-def test_a_killed_rerun_of_analyze_never_leaves_k2_results_beside_k3_figures(tmp_path):
+@pytest.mark.slow  # a CLI process to kill, and three runs of the CLI in this process
+def test_a_killed_rerun_of_analyze_never_leaves_k2_results_beside_k3_figures(tmp_path, capsys):
+    from cfmodules.cli import main
+
     out = tmp_path / "o"
     small = ["--model", "planted-conv", "--pairs", "4", "--no-stability", "--samples", "2",
              "--hybrids", "2", "--quiet", "--device", "cpu", "--out", str(out)]
-    cli = [sys.executable, "-m", "cfmodules"]
-    first = subprocess.run([*cli, "analyze", "--k", "3", *small], env=_env(),
-                           capture_output=True, text=True, timeout=TIMEOUT)
-    assert first.returncode == 0, first.stderr[-2000:]
+    assert main(["analyze", "--k", "3", *small]) == 0
     assert (out / "hybrids_module_2.png").exists()
     script = tmp_path / "kill.py"
     script.write_text(KILL_IN_COMMIT)
@@ -241,14 +240,12 @@ def test_a_killed_rerun_of_analyze_never_leaves_k2_results_beside_k3_figures(tmp
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     with pytest.raises(ResultFileError, match="half-way"):
         check_folder(out)
-    hybrids = subprocess.run([*cli, "hybrids", "--modules", str(out / "results.npz"), "--out",
-                              str(tmp_path / "h.png")], env=_env(), capture_output=True,
-                             text=True, timeout=TIMEOUT)
-    assert hybrids.returncode == 2 and "half-way" in hybrids.stderr
-    assert len(hybrids.stderr.strip().splitlines()) == 1
-    again = subprocess.run([*cli, "analyze", "--k", "2", *small], env=_env(),
-                           capture_output=True, text=True, timeout=TIMEOUT)
-    assert again.returncode == 0, again.stderr[-2000:]
+    capsys.readouterr()
+    assert main(["hybrids", "--modules", str(out / "results.npz"), "--out",
+                 str(tmp_path / "h.png")]) == 2
+    err = capsys.readouterr().err
+    assert "half-way" in err and len(err.strip().splitlines()) == 1
+    assert main(["analyze", "--k", "2", *small]) == 0
     check_folder(out)
     assert read_npz(out / "results.npz")[0]["templates"].shape[0] == 2
     assert not (out / "hybrids_module_2.png").exists()  # K=3's figure is gone

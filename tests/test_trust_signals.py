@@ -1,8 +1,11 @@
 """Issue 12 item 6: SIGTERM and SIGHUP save the checkpoint like Ctrl-C, then resume exactly.
 
-The subprocess tests run a real process on a tiny generator, send the signal after the
-process reports a finished block (never a fixed sleep), and compare the resumed maps
-bitwise with an uninterrupted run: exact by design, the same blocks by the same code path.
+A real process on a tiny generator gets SIGTERM from outside after it reports a finished
+block (never a fixed sleep) and while it waits; SIGHUP (the same handler) and SIGINT
+(Python's own KeyboardInterrupt) are sent by the test's process to itself at the same
+point, which costs no new interpreter. Each run then resumes from its checkpoint and the
+resumed maps are compared bitwise with an uninterrupted run: exact by design, the same
+blocks by the same code path.
 """
 
 from __future__ import annotations
@@ -31,30 +34,27 @@ TIMEOUT = 300  # generous: the machine may be loaded; normally a few seconds
 
 SCRIPT = textwrap.dedent('''
     import sys, threading
-    import numpy as np
     from cfmodules.influence import influence_maps
     from cfmodules.influence.interrupt import Interrupted
     from influence_helpers import convt_adapter
 
-    ck, out, hold = sys.argv[1], sys.argv[2], sys.argv[3] == "hold"
     release = threading.Event()
 
     def callback(p):
         print(f"block {p.n_pairs_done}", flush=True)
-        if hold and p.n_pairs_done == 6:
+        if p.n_pairs_done == 6:
             release.wait(120)  # the parent's signal ends this wait (or the test times out)
 
     try:
-        res = influence_maps(convt_adapter(), "5", n_pairs=12, pairs_per_block=3,
-                             checkpoint=ck, checkpoint_every=3600, progress=False,
-                             callback=callback)
+        influence_maps(convt_adapter(), "5", n_pairs=12, pairs_per_block=3,
+                       checkpoint=sys.argv[1], checkpoint_every=3600, progress=False,
+                       callback=callback)
     except Interrupted as e:
         print("interrupted", e.signum, flush=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         print("interrupted", 2, flush=True)
         sys.exit(130)
-    np.save(out, res.maps)
     print("done", flush=True)
 ''')
 
@@ -63,20 +63,20 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, TESTS]), "OMP_NUM_THREADS": "1"}
 
 
-def _run_script(tmp_path: Path, ck: Path, out: Path, sig: int | None) -> subprocess.CompletedProcess:
+def _signalled_run(tmp_path: Path, ck: Path, sig: int) -> subprocess.CompletedProcess:
+    """Run SCRIPT in a process of its own and send it `sig` once it holds after block 6."""
     script = tmp_path / "run.py"
     script.write_text(SCRIPT)
-    cmd = [sys.executable, str(script), str(ck), str(out), "hold" if sig else "go"]
+    cmd = [sys.executable, str(script), str(ck)]
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     lines = []
     try:
-        if sig is not None:
-            for line in proc.stdout:  # wait for block 6, where the script holds
-                lines.append(line)
-                if line.strip() == "block 6":
-                    proc.send_signal(sig)
-                    break
+        for line in proc.stdout:  # wait for block 6, where the script holds
+            lines.append(line)
+            if line.strip() == "block 6":
+                proc.send_signal(sig)
+                break
         out_text, err = proc.communicate(timeout=TIMEOUT)
     finally:
         if proc.poll() is None:
@@ -85,20 +85,42 @@ def _run_script(tmp_path: Path, ck: Path, out: Path, sig: int | None) -> subproc
     return subprocess.CompletedProcess(cmd, proc.returncode, "".join(lines) + out_text, err)
 
 
-@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGHUP, 129),
-                                      (signal.SIGINT, 130)])
-def test_a_signal_saves_the_checkpoint_and_the_rerun_resumes_bitwise(tmp_path, sig, code):
-    ck, out = tmp_path / "run.ckpt", tmp_path / "maps.npy"
-    killed = _run_script(tmp_path, ck, out, sig)
-    assert killed.returncode == code, killed.stderr[-2000:]
-    assert "Traceback" not in killed.stderr
+def _signalled_here(ck: Path, sig: int) -> KeyboardInterrupt:
+    """The same run in this process, which signals itself once block 6 is done."""
+    def callback(p):
+        if p.n_pairs_done == 6:
+            os.kill(os.getpid(), sig)  # the handler runs at the next bytecode, as from outside
+
+    with pytest.raises(KeyboardInterrupt) as caught:
+        influence_maps(convt_adapter(), "5", n_pairs=12, pairs_per_block=3, checkpoint=ck,
+                       checkpoint_every=3600, progress=False, callback=callback)
+    return caught.value
+
+
+@pytest.mark.parametrize("sig,code,where", [(signal.SIGTERM, 143, "own process"),
+                                            (signal.SIGHUP, 129, "this process"),
+                                            (signal.SIGINT, 130, "this process")])
+def test_a_signal_saves_the_checkpoint_and_the_rerun_resumes_bitwise(tmp_path, sig, code,
+                                                                     where):
+    ck = tmp_path / "run.ckpt"
+    if where == "own process":
+        killed = _signalled_run(tmp_path, ck, sig)
+        assert killed.returncode == code, killed.stderr[-2000:]
+        assert f"interrupted {int(sig)}" in killed.stdout and "done" not in killed.stdout
+        assert "Traceback" not in killed.stderr
+    else:
+        e = _signalled_here(ck, sig)
+        assert getattr(e, "exit_code", 130) == code  # what cfmodules' command line exits with
+        assert isinstance(e, Interrupted) == (sig != signal.SIGINT)
     _, header = read_npz(ck, kind="influence-checkpoint")
     assert header["n_pairs_done"] == 6  # saved on the signal (checkpoint_every is an hour)
-    resumed = _run_script(tmp_path, ck, out, None)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "block 3" not in resumed.stdout and "block 9" in resumed.stdout  # resumed at 6
+    blocks = []
+    resumed = influence_maps(convt_adapter(), "5", n_pairs=12, pairs_per_block=3,
+                             checkpoint=ck, checkpoint_every=3600, progress=False,
+                             callback=lambda p: blocks.append(p.n_pairs_done))
+    assert 3 not in blocks and blocks[-2:] == [9, 12]  # resumed at 6
     full = influence_maps(convt_adapter(), "5", n_pairs=12, pairs_per_block=3, progress=False)
-    np.testing.assert_array_equal(np.load(out), full.maps)  # exact: same blocks, same path
+    np.testing.assert_array_equal(resumed.maps, full.maps)  # exact: same blocks, same path
 
 
 def test_handlers_are_installed_only_during_the_run_and_restored():
@@ -186,20 +208,22 @@ FACTORY = textwrap.dedent('''
 ''')
 
 
-@pytest.mark.slow  # three runs of the CLI: a minute on a loaded 2-core machine
-def test_cli_analyze_shorter_than_checkpoint_every_resumes_after_sigterm(tmp_path):
+@pytest.mark.slow  # a CLI process to signal, then two runs of the CLI in this process
+def test_cli_analyze_shorter_than_checkpoint_every_resumes_after_sigterm(tmp_path, monkeypatch):
     """`cfmodules analyze` killed by SIGTERM exits 143 and the rerun resumes the maps."""
+    import time
+
+    from cfmodules.cli import main
+
     (tmp_path / "gen.py").write_text(FACTORY)
     marker = tmp_path / "marker"
-    env = {**_env(), "CFM_MARKER": str(marker)}
-    args = [sys.executable, "-m", "cfmodules", "analyze", "--model",
-            f"{tmp_path / 'gen.py'}:make", "--latent-shape", "4,1,1", "--layer", "act",
-            "--pairs", "96", "--k", "2", "--no-stability", "--samples", "2", "--hybrids", "2",
-            "--quiet", "--device", "cpu"]
-    proc = subprocess.Popen([*args, "--out", str(tmp_path / "o")], env=env,
+    args = ["analyze", "--model", f"{tmp_path / 'gen.py'}:make", "--latent-shape", "4,1,1",
+            "--layer", "act", "--pairs", "96", "--k", "2", "--no-stability", "--samples", "2",
+            "--hybrids", "2", "--quiet", "--device", "cpu"]
+    proc = subprocess.Popen([sys.executable, "-m", "cfmodules", *args, "--out",
+                             str(tmp_path / "o")], env={**_env(), "CFM_MARKER": str(marker)},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        import time
         deadline = time.monotonic() + TIMEOUT
         while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)  # polling for the marker, not a fixed wait
@@ -216,12 +240,17 @@ def test_cli_analyze_shorter_than_checkpoint_every_resumes_after_sigterm(tmp_pat
     assert len(ckpts) == 1
     assert read_npz(ckpts[0])[1]["n_pairs_done"] == 32  # the first block, saved on SIGTERM
     # the rerun (the marker exists: no more waiting) resumes; compare with a fresh run
-    again = subprocess.run([*args, "--out", str(tmp_path / "o")], env=env, capture_output=True,
-                           text=True, timeout=TIMEOUT)
-    assert again.returncode == 0, again.stderr[-2000:]
-    fresh = subprocess.run([*args, "--out", str(tmp_path / "fresh")], env=env,
-                           capture_output=True, text=True, timeout=TIMEOUT)
-    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    import cfmodules.influence.maps as maps_module
+
+    monkeypatch.setenv("CFM_MARKER", str(marker))
+    found = []
+    load = maps_module.load_checkpoint
+    monkeypatch.setattr(maps_module, "load_checkpoint",
+                        lambda *a, **k: found.append(load(*a, **k)) or found[-1])
+    assert main([*args, "--out", str(tmp_path / "o")]) == 0
+    assert found[0] is not None and found[0][0] == 32  # resumed after the first block
+    assert main([*args, "--out", str(tmp_path / "fresh")]) == 0
+    assert found[-1] is None  # a fresh run starts from nothing
     a = read_npz(tmp_path / "o" / "results.npz")[0]["maps"]
     b = read_npz(tmp_path / "fresh" / "results.npz")[0]["maps"]
     np.testing.assert_array_equal(a, b)  # exact: the same blocks by the same code path

@@ -98,6 +98,13 @@ def default_shape(n_pairs: int, max_rows: int, path: str) -> BatchShape:
 class _Groups(TorchDispatchMode):
     """Records the ``groups`` argument of every convolution."""
 
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # torch wraps a mode's __torch_dispatch__ in torch._dynamo.disable unless this says
+        # False; that wrapper imports torch._dynamo (3 s) on its first call, and the probe
+        # never runs under torch.compile (the pattern of torch's own docstring here)
+        return False
+
     def __init__(self) -> None:
         super().__init__()
         self.groups: list[tuple[str, int]] = []

@@ -30,8 +30,8 @@ from cfmodules.modules.preprocess import as_maps, preprocess, smooth, threshold
 _EXPORTS = {
     "ModuleClustering": "clustering",
     "METHODS": "clustering",
-    "module_sizes": "clustering",
-    "modules_from_labels": "clustering",
+    "module_sizes": "labels",
+    "modules_from_labels": "labels",
     "ClusteringSettings": "settings",
     "locality": "measures",
     "module_locality": "measures",
@@ -46,12 +46,8 @@ _EXPORTS = {
 __all__ = [*_EXPORTS, "as_maps", "smooth", "threshold", "preprocess"]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from cfmodules.modules.clustering import (
-        METHODS,
-        ModuleClustering,
-        module_sizes,
-        modules_from_labels,
-    )
+    from cfmodules.modules.clustering import METHODS, ModuleClustering
+    from cfmodules.modules.labels import module_sizes, modules_from_labels
     from cfmodules.modules.measures import locality, module_locality
     from cfmodules.modules.settings import ClusteringSettings
     from cfmodules.modules.stability import (

@@ -19,10 +19,12 @@ imports only numpy at import time so that a worker starts fast.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import threading
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -129,13 +131,31 @@ def run_parallel(fn: Callable[..., Any], tasks: Sequence[tuple], n_jobs: int, *,
 
 
 def _run_batch(fn: Callable[..., Any], tasks: list[tuple]) -> list[Any]:
+    with _one_blas_thread():
+        return [fn(*t) for t in tasks]
+
+
+_LIMITED = threading.local()
+"""``_LIMITED.on``: this thread runs inside :func:`_one_blas_thread`."""
+
+
+@contextlib.contextmanager
+def _one_blas_thread() -> Iterator[None]:
     # One BLAS thread: NMF and k-means multiply skinny matrices thousands of times, where
     # threaded BLAS only adds synchronisation (NMF was 14x slower with 2 threads on a busy
-    # 2-core machine). Restored afterwards.
+    # 2-core machine). Restored afterwards. Set once, by the outermost batch: a limit costs
+    # ~3 ms (threadpoolctl lists the loaded libraries), and a sweep's fits each nest a batch.
+    if getattr(_LIMITED, "on", False):
+        yield
+        return
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(limits=1, user_api="blas"):
-        return [fn(*t) for t in tasks]
+        _LIMITED.on = True
+        try:
+            yield
+        finally:
+            _LIMITED.on = False
 
 
 # ---------------------------------------------------------------------- fits

@@ -16,13 +16,10 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
-from sklearn.utils import check_random_state
 
 from cfmodules import checks
 from cfmodules._deprecation import warn_renamed
 from cfmodules.errors import ConfigError, ShapeError
-from cfmodules.modules.clustering import METHODS
 from cfmodules.modules.fits import (
     BACKENDS,
     check_jobs,
@@ -83,6 +80,8 @@ def match_labels(labels_a: Any, labels_b: Any, n_modules: int | None = None
     k = int(max(a.max(), b.max())) + 1 if n_modules is None else int(n_modules)
     if k <= max(a.max(), b.max()):
         raise ConfigError(f"Labels go up to {int(max(a.max(), b.max()))} but n_modules={k}.")
+    from scipy.optimize import linear_sum_assignment  # here: loading a result needs no scipy
+
     counts = np.zeros((k, k), dtype=np.int64)
     np.add.at(counts, (a, b), 1)
     rows, cols = linear_sum_assignment(counts, maximize=True)
@@ -305,7 +304,7 @@ def _check_ks(ks: Iterable[int]) -> np.ndarray:
 def cluster_stability(
     maps: Any,
     ks: Iterable[int] = DEFAULT_KS,
-    methods: Sequence[str] = METHODS,
+    methods: Sequence[str] = checks.CLUSTERING_METHODS,
     *,
     n_repeats: int = 20,
     window: int | tuple[int, int] = DEFAULT_WINDOW,
@@ -372,7 +371,8 @@ def cluster_stability(
         seed = random_state
     methods = tuple(methods) if not isinstance(methods, str) else (methods,)
     if not methods or len(set(methods)) != len(methods):
-        raise ConfigError(f"methods must be distinct names among {METHODS}, got {methods!r}.")
+        raise ConfigError(f"methods must be distinct names among {checks.CLUSTERING_METHODS}, "
+                          f"got {methods!r}.")
     for m in methods:
         checks.clustering_method(m, "each of methods")
     k_arr = _check_ks(ks)
@@ -402,6 +402,8 @@ def cluster_stability(
     # Splits depend only on (seed, repetition); each clustering's seed only on
     # (seed, repetition, method, K): a method's curve is the same run alone or
     # side by side with the other.
+    from sklearn.utils import check_random_state  # here: loading a result needs no sklearn
+
     base = check_random_state(seed)
     split_seed, cluster_seed = (int(s) for s in base.randint(np.iinfo(np.int32).max, size=2))
     split_rng = np.random.RandomState(split_seed)
@@ -422,9 +424,10 @@ def cluster_stability(
     # not depend on how the tasks are spread over processes
     tasks, where = [], []
     for i, method in enumerate(methods):
+        m = checks.CLUSTERING_METHODS.index(method)
         for j, k in enumerate(int(k) for k in k_arr):
-            seeds = [np.random.SeedSequence([cluster_seed, r, METHODS.index(method), k]
-                                            ).generate_state(2) for r in range(n_repeats)]
+            seeds = [np.random.SeedSequence([cluster_seed, r, m, k]).generate_state(2)
+                     for r in range(n_repeats)]
             data = pooled if method == "nmf" else flat
             g = gram if method == "kmeans" else None
             for r, (first, second, _, _) in enumerate(splits):
