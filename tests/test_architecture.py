@@ -166,6 +166,9 @@ IMPORT_COSTS = textwrap.dedent('''
     module_influence_maps(ad, [{"main.3": [0, 1]}], n_pairs=2, progress=False)
     hybridize(ad, ad.sample_latents(2, seed=1), ad.sample_latents(2, seed=2), {"main.3": [0]})
     assert "torch._dynamo" not in sys.modules, "the engine imported dynamo for a traceable model"
+    from cfmodules.display import ImageGrid
+    ImageGrid.from_images(np.zeros((2, 3, 4, 4)))._repr_html_()  # what show() displays
+    assert "torchvision" not in sys.modules, "an image grid imported torchvision (and dynamo)"
 ''')
 
 
@@ -177,7 +180,8 @@ def test_imports_that_cost_seconds_are_paid_only_when_used(tmp_path):
     and the explorer do) imports neither scikit-learn nor scipy; no core or evaluation
     module imports matplotlib, nor a figure uses pyplot (nothing is shown); and the
     engine's work for a generator that torch.fx traces (influence maps of units and
-    modules with the batch-shape probe, hybrids) never imports torch._dynamo.
+    modules with the batch-shape probe, hybrids) never imports torch._dynamo, nor does a
+    notebook's image grid (importing torchvision would).
     """
     from report_helpers import fake_result
 

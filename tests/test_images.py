@@ -46,3 +46,21 @@ def test_save_image_grid_writes_the_same_pixels_atomically(tmp_path):
     assert list(tmp_path.iterdir()) == [path]
     np.testing.assert_array_equal(np.asarray(Image.open(path).convert("RGB")),
                                   image_grid(imgs, nrow=3))
+
+
+@pytest.mark.parametrize("n, nrow, padding, channels", [(5, 2, 1, 3), (1, 8, 2, 3),
+                                                       (7, 3, 0, 1), (4, 4, 3, 4)])
+def test_grids_are_torchvisions_pixels_and_png_bytes(tmp_path, n, nrow, padding, channels):
+    """The same layout and rounding as make_grid + save_image (the reference), without
+    importing torchvision: its import pulls in torch._dynamo (seconds)."""
+    import io
+
+    tv = pytest.importorskip("torchvision.utils")
+    imgs = torch.rand(n, channels, 5, 6, generator=torch.Generator().manual_seed(n))
+    ref = tv.make_grid(imgs[:, :3], nrow=nrow, padding=padding, pad_value=0.25)
+    ref = (ref * 255 + 0.5).clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    np.testing.assert_array_equal(image_grid(imgs, nrow, padding, pad_value=0.25), ref)
+    buf = io.BytesIO()
+    tv.save_image(imgs[:, :3], buf, nrow=nrow, padding=padding, pad_value=0.25, format="png")
+    path = save_image_grid(imgs, tmp_path / "g.png", nrow, padding, pad_value=0.25)
+    assert path.read_bytes() == buf.getvalue()

@@ -8,7 +8,7 @@ One home for the notebook display of the library:
   takes it with one line: inherit from ``HtmlRepr`` and define ``_html_figures``.
 - :func:`show` / :meth:`ImageGrid.from_images`: a batch of images (samples, originals,
   hybrids) as one grid laid out by :func:`cfmodules.images.image_grid`
-  (``torchvision.utils.make_grid``); ``show`` displays it in the notebook.
+  (the layout of ``torchvision.utils.make_grid``); ``show`` displays it in the notebook.
 
 Nothing here imports matplotlib, torch or IPython at import time.
 """

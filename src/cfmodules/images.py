@@ -1,9 +1,12 @@
 """Images for people: uint8 display arrays and image grids (one home for both).
 
 Generators produce float images in their own output range; figures, the report, the
-explorer and notebooks show them as ``uint8`` arrays and grids. Grids are laid out by
-``torchvision.utils.make_grid`` and PNG files written by ``torchvision.utils.save_image``
-(through :func:`cfmodules.results.atomic_write`, so a crash never leaves half a file).
+explorer and notebooks show them as ``uint8`` arrays and grids. Grids are laid out and
+rounded exactly as ``torchvision.utils.make_grid`` and ``save_image`` lay them out and
+round them (the same pixels and PNG bytes: tested), but without importing torchvision,
+whose import pulls in ``torch._dynamo`` (2.5 s on a notebook's first ``show``). PNG files
+are written by Pillow through :func:`cfmodules.results.atomic_write`, so a crash never
+leaves half a file.
 """
 
 from __future__ import annotations
@@ -48,7 +51,8 @@ def as_uint8(images: torch.Tensor | np.ndarray) -> np.ndarray:
 
 def image_grid(images: Any, nrow: int = 8, padding: int = 2, pad_value: float = 1.0
                ) -> np.ndarray:
-    """A grid of images as one ``(H, W, 3)`` uint8 array (``torchvision.utils.make_grid``).
+    """A grid of images as one ``(H, W, 3)`` uint8 array, laid out as
+    ``torchvision.utils.make_grid`` lays it out.
 
     Parameters
     ----------
@@ -57,30 +61,41 @@ def image_grid(images: Any, nrow: int = 8, padding: int = 2, pad_value: float = 
     nrow : int, default 8
         Images per row.
     padding : int, default 2
-        Pixels between images.
+        Pixels around and between images (none around a single image).
     pad_value : float, default 1.0
         Colour of the padding (1: white).
 
     Returns
     -------
     ndarray (H', W', 3) uint8
+        Rounded as ``torchvision.utils.save_image`` rounds, so a PNG file of the grid has
+        exactly these pixels.
     """
-    from torchvision.utils import make_grid
-
     t = _batch(images)[:, :3]
-    grid = make_grid(t, nrow=nrow, padding=padding, pad_value=pad_value)
-    # the rounding of torchvision's save_image, so the PNG file has exactly these pixels
+    if t.shape[1] == 1:
+        t = t.expand(-1, 3, -1, -1)
+    n, c, h, w = t.shape
+    if n == 1:
+        grid = t[0]
+    else:
+        cols = min(int(nrow), n)
+        rows = -(-n // cols)
+        grid = torch.full((c, rows * (h + padding) + padding, cols * (w + padding) + padding),
+                          float(pad_value))
+        for k in range(n):
+            r, q = divmod(k, cols)
+            y, x = r * (h + padding) + padding, q * (w + padding) + padding
+            grid[:, y:y + h, x:x + w] = t[k]
     return (grid * 255 + 0.5).clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
 
 
 def save_image_grid(images: Any, path: str | os.PathLike, nrow: int = 8, padding: int = 2,
                     pad_value: float = 1.0) -> Path:
     """Write :func:`image_grid` of ``images`` to a PNG file, atomically; return its path."""
-    from torchvision.utils import save_image
+    from PIL import Image
 
     from cfmodules.results import atomic_write
 
     buf = io.BytesIO()
-    save_image(_batch(images)[:, :3], buf, nrow=nrow, padding=padding, pad_value=pad_value,
-               format="png")
+    Image.fromarray(image_grid(images, nrow, padding, pad_value)).save(buf, format="png")
     return atomic_write(path, buf.getvalue())
