@@ -137,10 +137,21 @@ def test_scan_result_roundtrip_and_figure(mixed_scan, tmp_path):
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
     with pytest.raises(ResultFileError):
         ScanResult.load(tmp_path / "bad.npz")
-    from cfmodules.plots import plot_scan
+    from cfmodules.plots import figure_to_png, plot_scan
 
-    fig = plot_scan(back)
-    assert len(fig.axes) >= 1 + len(back.layers)
+    fig = plot_scan(back, title="scan")
+    grid, heat, _ = fig.axes  # one axes of templates, the heatmap, its colorbar
+    assert [t.get_text() for t in heat.get_yticklabels()] == [
+        f"{la} ({c})" for la, c in zip(back.layers, back.channels)]
+    n_k = [int(k) for k in back.layer_k]
+    assert len(grid.images) == sum(n_k)  # each layer's K templates, nothing more
+    frames = [p.get_edgecolor() for p in grid.patches]
+    assert len(frames) == sum(n_k) and len({tuple(f) for f in frames}) == max(n_k)
+    titles = [t.get_text() for t in grid.texts]
+    assert titles == [f"{la} K={k}" for la, k in zip(back.layers, n_k)]
+    best = [p for p in heat.patches if p.get_linewidth() == 3]
+    assert len(best) == 1  # the suggested (layer, K), boxed in black
+    assert figure_to_png(fig).startswith(b"\x89PNG")
 
 
 def test_scan_shows_its_table_and_figure_in_a_notebook(mixed_scan):

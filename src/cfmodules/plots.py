@@ -119,12 +119,21 @@ class _ImageGrid:
         Captions above every row (True) or above the first only (False).
     title : str or None
         Figure title (suptitle) above everything.
+    top, bottom : float
+        More inches above the captions (e.g. for a panel title) and below the grid (the
+        left margin and these leave room for other axes, as in :func:`plot_scan`).
+
+    Attributes
+    ----------
+    fig, ax : the figure, and the one axes of the grid
+    rect : (left, bottom, width, height)
+        The grid's axes in inches from the figure's bottom-left corner.
     """
 
     def __init__(self, nrows: int, ncols: int, cell: tuple[float, float], *,
                  gap: tuple[float, float] = (0.06, 0.06), left: float = 0.05,
                  caption_height: float = 0.0, every_row: bool = True,
-                 title: str | None = None) -> None:
+                 title: str | None = None, top: float = 0.0, bottom: float = 0.06) -> None:
         from matplotlib.figure import Figure
 
         nrows, ncols = max(int(nrows), 1), max(int(ncols), 1)
@@ -133,11 +142,12 @@ class _ImageGrid:
         self.gy = gap[1] + (caption_height if every_row else 0.0)
         grid_w = ncols * self.cw + (ncols - 1) * self.gx
         grid_h = nrows * self.ch + (nrows - 1) * self.gy
-        top = caption_height + 0.06 + (0.4 if title else 0.0)
-        right = bottom = 0.06
+        top = top + caption_height + 0.06 + (0.4 if title else 0.0)
+        right = 0.06
         width = max(left + grid_w + right, 1.0)
         height = max(top + grid_h + bottom, 1.0)
         self.fig = Figure(figsize=(width, height))
+        self.rect = (left, height - top - grid_h, grid_w, grid_h)
         self.ax = self.fig.add_axes((left / width, 1 - (top + grid_h) / height,
                                      grid_w / width, grid_h / height))
         self.ax.set_axis_off()
@@ -188,20 +198,6 @@ def _cell(shape: tuple[int, ...], size: float) -> tuple[float, float]:
     """A cell ``size`` inches wide with the aspect of an (H, W, ...) image."""
     h, w = shape[0], shape[1]
     return size, size * h / max(w, 1)
-
-
-def _blank(ax: Any) -> None:
-    ax.set_xticks([])
-    ax.set_yticks([])
-    for side in ax.spines.values():
-        side.set_visible(False)
-
-
-def _frame(ax: Any, color: str, width: float = 3.0) -> None:
-    for side in ax.spines.values():
-        side.set_visible(True)
-        side.set_color(color)
-        side.set_linewidth(width)
 
 
 def _show_map(grid: _ImageGrid, r: int, c: int, m: np.ndarray, cmap: str,
@@ -744,10 +740,17 @@ def plot_scan(scan: Any, *, title: str | None = None) -> Figure:
                          f"got {score.shape}.")
     layer_k = np.asarray(scan.layer_k).astype(int)
     n_cols = max(int(layer_k.max()), 1)
-    fig = _new_figure(3.0 + 0.55 * len(ks) + 1.1 * n_cols,
-                      1.0 + 1.1 * len(layers) + (0.3 if title else 0))
-    left, right = fig.subfigures(1, 2, width_ratios=[1.0 + 0.55 * len(ks), 1.1 * n_cols])
-    ax = left.subplots()
+    names = [f"{la} ({int(c)})" for la, c in zip(layers, scan.channels)]
+    # inches: layer labels | heatmap | colorbar and its ticks | gap | one grid of templates
+    label_w, heat_w = _label_width(names, 10), 0.55 * len(ks)
+    grid = _ImageGrid(len(layers), n_cols, (1.0, 1.0), gap=(0.1, 0.1),
+                      left=label_w + heat_w + 0.15 + 0.15 + 0.45 + 0.3, caption_height=0.2,
+                      title=title, top=0.3, bottom=0.55)
+    fig, (_, y0, grid_w, grid_h) = grid.fig, grid.rect
+    width, height = fig.get_size_inches()
+    ax = fig.add_axes((label_w / width, y0 / height, heat_w / width, grid_h / height))
+    cax = fig.add_axes(((label_w + heat_w + 0.15) / width, y0 / height, 0.15 / width,
+                        grid_h / height))
     masked = np.ma.masked_invalid(score)
     im = ax.imshow(masked, cmap="viridis", vmin=0, vmax=1, aspect="auto")
     for i in range(len(layers)):
@@ -764,27 +767,22 @@ def plot_scan(scan: Any, *, title: str | None = None) -> Figure:
                                edgecolor="black" if i == best else "#dddddd",
                                linewidth=3 if i == best else 1.5))
     ax.set_xticks(range(len(ks)), [str(k) for k in ks])
-    ax.set_yticks(range(len(layers)),
-                  [f"{la} ({int(c)})" for la, c in zip(layers, scan.channels)])
+    ax.set_yticks(range(len(layers)), names)
     ax.set_xlabel("number of modules K")
-    ax.set_title("modularity = consistency x similarity x locality", fontsize=9)
-    left.colorbar(im, ax=ax, shrink=0.8)
-    axes = right.subplots(len(layers), n_cols, squeeze=False)
+    ax.set_title("modularity = consistency x similarity x locality", fontsize=9, pad=8)
+    fig.colorbar(im, cax=cax)
     for i, tm in enumerate(scan.templates):
         tm = _array(tm, "templates")[:int(layer_k[i])]
-        for j in range(n_cols):
-            a = axes[i, j]
-            _blank(a)
-            if j < len(tm):
-                a.imshow(tm[j], cmap="gray", vmin=0, vmax=max(float(tm[j].max()), 1e-12))
-                _frame(a, module_color(j), 2.0)
-                if i == 0 or j == 0:
-                    a.set_title(f"{layers[i]} K={int(layer_k[i])}" if j == 0 else "",
-                                fontsize=8, loc="left")
-            elif j == 0:
-                a.set_visible(False)
-    right.suptitle("templates at each layer's K", fontsize=9)
-    return _titled(fig, title)
+        x, y = grid._corner(i, 0)
+        grid.ax.text(x, y - 0.03, f"{layers[i]} K={int(layer_k[i])}", ha="left",
+                     va="bottom", fontsize=8, clip_on=False)
+        for j in range(len(tm)):
+            grid.image(i, j, tm[j], cmap="gray", vmin=0, vmax=max(float(tm[j].max()), 1e-12))
+            grid.frame(i, j, module_color(j), 2.0)
+    grid_x = grid.rect[0] + grid_w / 2
+    fig.text(grid_x / width, (y0 + grid_h + 0.2 + 0.12) / height,
+             "templates at each layer's K", ha="center", va="bottom", fontsize=9)
+    return fig
 
 
 def figure_to_png(fig: Figure, dpi: int = 100) -> bytes:
