@@ -175,11 +175,13 @@ class _ImageGrid:
         self.ax.add_patch(Rectangle((x, y), self.cw, self.ch, fill=False, edgecolor=color,
                                     linewidth=width, clip_on=False))
 
-    def caption(self, r: int, c: int, text: str, fontsize: float, **kwargs: Any) -> None:
-        """``text`` centred above cell (r, c)."""
+    def caption(self, r: int, c: int, text: str, fontsize: float, *, ha: str = "center",
+                **kwargs: Any) -> None:
+        """``text`` above cell (r, c): centred, or from its left edge (``ha="left"``, for a
+        row's title that may run on over the next cells)."""
         x, y = self._corner(r, c)
-        self.ax.text(x + self.cw / 2, y - 0.03, text, ha="center", va="bottom",
-                     fontsize=fontsize, clip_on=False, **kwargs)
+        self.ax.text(x + (self.cw / 2 if ha == "center" else 0.0), y - 0.03, text, ha=ha,
+                     va="bottom", fontsize=fontsize, clip_on=False, **kwargs)
 
     def row_label(self, r: int, text: str, color: str = "black", fontsize: float = 8) -> None:
         """``text`` right-aligned left of row ``r``, centred on it."""
@@ -746,7 +748,7 @@ def plot_scan(scan: Any, *, title: str | None = None) -> Figure:
     grid = _ImageGrid(len(layers), n_cols, (1.0, 1.0), gap=(0.1, 0.1),
                       left=label_w + heat_w + 0.15 + 0.15 + 0.45 + 0.3, caption_height=0.2,
                       title=title, top=0.3, bottom=0.55)
-    fig, (_, y0, grid_w, grid_h) = grid.fig, grid.rect
+    fig, (grid_x, y0, grid_w, grid_h) = grid.fig, grid.rect
     width, height = fig.get_size_inches()
     ax = fig.add_axes((label_w / width, y0 / height, heat_w / width, grid_h / height))
     cax = fig.add_axes(((label_w + heat_w + 0.15) / width, y0 / height, 0.15 / width,
@@ -773,14 +775,11 @@ def plot_scan(scan: Any, *, title: str | None = None) -> Figure:
     fig.colorbar(im, cax=cax)
     for i, tm in enumerate(scan.templates):
         tm = _array(tm, "templates")[:int(layer_k[i])]
-        x, y = grid._corner(i, 0)
-        grid.ax.text(x, y - 0.03, f"{layers[i]} K={int(layer_k[i])}", ha="left",
-                     va="bottom", fontsize=8, clip_on=False)
+        grid.caption(i, 0, f"{layers[i]} K={int(layer_k[i])}", 8, ha="left")
         for j in range(len(tm)):
             grid.image(i, j, tm[j], cmap="gray", vmin=0, vmax=max(float(tm[j].max()), 1e-12))
             grid.frame(i, j, module_color(j), 2.0)
-    grid_x = grid.rect[0] + grid_w / 2
-    fig.text(grid_x / width, (y0 + grid_h + 0.2 + 0.12) / height,
+    fig.text((grid_x + grid_w / 2) / width, (y0 + grid_h + 0.2 + 0.12) / height,
              "templates at each layer's K", ha="center", va="bottom", fontsize=9)
     return fig
 

@@ -22,6 +22,7 @@ from cfmodules._deprecation import warn_renamed
 from cfmodules.errors import ConfigError, ShapeError
 from cfmodules.modules.fits import (
     BACKENDS,
+    as_random_state,
     check_jobs,
     engine_description,
     fit_rows,
@@ -402,9 +403,7 @@ def cluster_stability(
     # Splits depend only on (seed, repetition); each clustering's seed only on
     # (seed, repetition, method, K): a method's curve is the same run alone or
     # side by side with the other.
-    from sklearn.utils import check_random_state  # here: loading a result needs no sklearn
-
-    base = check_random_state(seed)
+    base = as_random_state(seed)
     split_seed, cluster_seed = (int(s) for s in base.randint(np.iinfo(np.int32).max, size=2))
     split_rng = np.random.RandomState(split_seed)
     splits = []
