@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import logging
+import sys
+import threading
 
 import numpy as np
 import pytest
@@ -18,6 +21,7 @@ from engine_helpers import (
     ConditionalDCGAN,
     DictOut,
     DropoutGen,
+    FloatArgument,
     InPlace,
     SkipDecoder,
     StyleLike,
@@ -118,6 +122,58 @@ def test_export_error_is_listed_and_another_capture_runs(capsys):
     assert_paths_agree(ad, "inner.act")
     with pytest.raises(ConfigError, match="captures"):
         ad.engine.captures = ("jit",)
+
+
+def test_a_failed_export_silences_its_own_thread_only(capsys):
+    """torch prints a failed export's partial graph to stderr and logs warnings; the export
+    keeps those quiet without swallowing what another thread prints or logs meanwhile
+    (a notebook's output, a training loop's logs), and leaves stderr and the loggers as
+    they were."""
+    log = logging.getLogger("torch.fx.experimental.symbolic_shapes")
+    seen: list[str] = []
+    collect = logging.Handler()
+    collect.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
+    log.addHandler(collect)
+    stderr, filters = sys.stderr, {name: list(lg.filters) for name, lg
+                                   in logging.root.manager.loggerDict.items()
+                                   if isinstance(lg, logging.Logger)}
+
+    def other_thread() -> None:
+        print("printed by another thread", file=sys.stderr)
+        log.warning("logged by another thread")
+
+    class Chatty(FloatArgument):
+        def forward(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            if isinstance(z.shape[0], torch.SymInt):  # only while torch.export traces
+                print("printed by the exporting thread", file=sys.stderr)
+                log.warning("logged by the exporting thread")
+                worker = threading.Thread(target=other_thread)
+                worker.start()
+                worker.join()
+            return super().forward(z, t)
+
+    ad = GeneratorAdapter(init(Chatty(), 1), ((4, 1, 1), (1,)),
+                          prior=lambda n, g: (torch.randn(n, 4, 1, 1, generator=g),
+                                              torch.full((n, 1), 0.5)))
+    ad.engine.captures = ("export",)
+    try:
+        ex = ad.explain("inner.act")
+        (attempt,) = ex.attempts
+        assert attempt.kind == "export" and attempt.error  # it failed, so torch printed
+        err = capsys.readouterr().err
+        assert "printed by another thread\n" in err and "logged by another thread" in err
+        assert "exporting thread" not in err and "def forward" not in err, err
+        assert seen == ["logged by another thread"]
+        assert sys.stderr is stderr
+        assert filters == {name: list(lg.filters) for name, lg
+                           in logging.root.manager.loggerDict.items()
+                           if isinstance(lg, logging.Logger) and name in filters}
+        print("after", file=sys.stderr)
+        log.warning("after")
+        assert "after\n" in capsys.readouterr().err
+        assert seen == ["logged by another thread", "after"]
+    finally:
+        log.removeHandler(collect)
 
 
 # ---------------------------------------------------------------------- following the generator

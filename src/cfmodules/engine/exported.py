@@ -26,12 +26,13 @@ Every capture is still checked against a real forward before use.
 
 from __future__ import annotations
 
-import io
 import logging
+import sys
+import threading
 import time
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager, redirect_stderr
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -109,22 +110,79 @@ def export_forward(wrapper: nn.Module, gen: nn.Module, inputs: tuple[torch.Tenso
     return fx.GraphModule(owners, graph), seconds
 
 
+class _ThisThreadQuiet(logging.Filter):
+    """Drops torch's records below ERROR that the exporting threads log; other threads'
+    records pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR or record.thread not in _quiet_threads
+
+
+class _QuietStderr:
+    """Stands in for ``sys.stderr`` while some thread exports: the exporting threads'
+    writes are dropped, every other thread's go to the stream that was there."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        if threading.get_ident() in _quiet_threads:
+            return len(text)
+        return self.stream.write(text)
+
+    def __getattr__(self, name: str) -> Any:  # flush, fileno, encoding, isatty, ...
+        return getattr(self.stream, name)
+
+
+_quiet_lock = threading.Lock()
+_quiet_threads: set[int] = set()
+_quiet_state: dict[str, Any] = {}
+
+
 @contextmanager
 def _quiet_torch_logs() -> Iterator[None]:
-    """torch's own loggers at ERROR, and ``sys.stderr`` kept, while exporting: a failed
-    export logs warnings and prints the partial graph it had traced to stderr; the
-    attempt's error says why, in one line (``explain``)."""
-    names = [n for n in logging.root.manager.loggerDict if n == "torch" or n.startswith("torch.")]
-    loggers = [logging.getLogger(n) for n in names]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
+    """Keep this thread's export quiet: a failed export logs warnings and prints the
+    partial graph it had traced to ``sys.stderr``; the attempt's error says why, in one
+    line (``explain``).
+
+    Only the calling thread is silenced: ``sys.stderr`` is wrapped (not replaced by a
+    buffer) and torch's loggers get a filter on the thread, so what other threads print
+    or log meanwhile (a notebook's, a training loop's) still appears. Nested and
+    concurrent exports share one wrapper; the last to finish restores ``sys.stderr``,
+    unless something else replaced it meanwhile.
+    """
+    me = threading.get_ident()
+    with _quiet_lock:
+        if me in _quiet_threads:  # nested in this thread: already quiet
+            nested = True
+        else:
+            nested = False
+            if not _quiet_threads:
+                names = [n for n in logging.root.manager.loggerDict
+                         if n == "torch" or n.startswith("torch.")]
+                loggers = [logging.getLogger(n) for n in names]
+                quiet = _ThisThreadQuiet()
+                for lg in loggers:
+                    lg.addFilter(quiet)
+                wrapper = _QuietStderr(sys.stderr)
+                sys.stderr = wrapper
+                _quiet_state.update(loggers=loggers, filter=quiet, wrapper=wrapper)
+            _quiet_threads.add(me)
+    if nested:
+        yield
+        return
     try:
-        with redirect_stderr(io.StringIO()):
-            yield
+        yield
     finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
+        with _quiet_lock:
+            _quiet_threads.discard(me)
+            if not _quiet_threads:
+                for lg in _quiet_state["loggers"]:
+                    lg.removeFilter(_quiet_state["filter"])
+                wrapper = _quiet_state["wrapper"]
+                if sys.stderr is wrapper:
+                    sys.stderr = wrapper.stream
+                _quiet_state.clear()
 
 
 def _out_spec(gm: fx.GraphModule) -> Any:
