@@ -2,10 +2,14 @@
 
 A real process on a tiny generator gets SIGTERM from outside after it reports a finished
 block (never a fixed sleep) and while it waits; SIGHUP (the same handler) and SIGINT
-(Python's own KeyboardInterrupt) are sent by the test's process to itself at the same
-point, which costs no new interpreter. Each run then resumes from its checkpoint and the
-resumed maps are compared bitwise with an uninterrupted run: exact by design, the same
-blocks by the same code path.
+(Python's own KeyboardInterrupt) are raised in the test's own main thread at the same
+point, which costs no new interpreter. ``signal.raise_signal`` directs the signal at this
+thread, and Python runs the handler before the call returns. ``os.kill`` of our own pid
+is sent to the process: the kernel may hand it to any thread (pytest-xdist's I/O
+thread, say), and the main thread runs the handler when it next notices; once, in a
+whole-suite run, the run ended first ("DID NOT RAISE"). Each run then resumes from its
+checkpoint and the resumed maps are compared bitwise with an uninterrupted run: exact by
+design, the same blocks by the same code path.
 """
 
 from __future__ import annotations
@@ -86,10 +90,11 @@ def _signalled_run(tmp_path: Path, ck: Path, sig: int) -> subprocess.CompletedPr
 
 
 def _signalled_here(ck: Path, sig: int) -> KeyboardInterrupt:
-    """The same run in this process, which signals itself once block 6 is done."""
+    """The same run in this process, whose main thread gets the signal once block 6 is done
+    (the real handler, run by Python before ``raise_signal`` returns)."""
     def callback(p):
         if p.n_pairs_done == 6:
-            os.kill(os.getpid(), sig)  # the handler runs at the next bytecode, as from outside
+            signal.raise_signal(sig)
 
     with pytest.raises(KeyboardInterrupt) as caught:
         influence_maps(convt_adapter(), "5", n_pairs=12, pairs_per_block=3, checkpoint=ck,
