@@ -90,7 +90,10 @@ def _train(steps: int, monitor_every: int | None, tmp_path=None, seed: int = 0):
 def test_training_with_the_monitor_ends_bitwise_identical(tmp_path):
     plain, opt_a, _ = _train(7, None)
     state_a = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
-    watched, opt_b, monitor = _train(7, 2, tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        watched, opt_b, monitor = _train(7, 2, tmp_path)
+    assert not [w for w in caught if "train mode" in str(w.message)]  # training is the point
     state_b = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
     assert [c.step for c in monitor.checks] == [0, 2, 4, 6]  # it did run, in train mode
     for (name, a), b in zip(plain.state_dict().items(), watched.state_dict().values()):
@@ -118,10 +121,12 @@ def test_maps_follow_the_weights_the_optimizer_changes():
     torch.manual_seed(1)
     g = TrainableGenerator()
     adapter = GeneratorAdapter(g, latent_shape=4)
-    monitor = ModularityMonitor(adapter, "act", n_modules=2, **FAST)
-    monitor.check(0)  # captures the graph (and any cached weights) before training
-    before = influence_maps(adapter, "act", n_pairs=4, progress=False).maps
-    _, _, _ = None, None, None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the monitor's checks: no train-mode notice
+        monitor = ModularityMonitor(adapter, "act", n_modules=2, **FAST)
+        monitor.check(0)  # captures the graph (and any cached weights) before training
+    with pytest.warns(UserWarning, match="in train mode"):  # the user's own call still warns
+        before = influence_maps(adapter, "act", n_pairs=4, progress=False).maps
     opt = torch.optim.SGD(g.parameters(), lr=0.5)
     for _ in range(3):
         g.train()
@@ -130,8 +135,9 @@ def test_maps_follow_the_weights_the_optimizer_changes():
         loss.backward()
         opt.step()
     reused = influence_maps(adapter, "act", n_pairs=4, progress=False)
-    fresh = influence_maps(GeneratorAdapter(copy.deepcopy(g), latent_shape=4), "act", n_pairs=4,
-                           progress=False)
+    with pytest.warns(UserWarning, match="in train mode"):  # a new adapter: warned again
+        fresh = influence_maps(GeneratorAdapter(copy.deepcopy(g), latent_shape=4), "act",
+                               n_pairs=4, progress=False)
     assert not np.allclose(before, fresh.maps, rtol=1e-3)  # training did change the maps
     np.testing.assert_allclose(reused.maps, fresh.maps, rtol=1e-5, atol=1e-7)
     check = monitor.check(3)
@@ -311,7 +317,7 @@ def test_a_failing_check_warns_and_training_goes_on(tmp_path):
     monitor = ModularityMonitor(adapter, "act", n_modules=2, every=1, log_dir=tmp_path,
                                 tensorboard=False, **FAST)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # the adapter's train-mode notice
+        warnings.simplefilter("error")  # no train-mode notice: training is the point
         assert monitor.step(0) is not None
     with torch.no_grad():
         g.out.bias.fill_(float("nan"))  # training diverged

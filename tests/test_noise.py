@@ -228,7 +228,8 @@ def test_hybrids_keep_original_1s_noise():
 
 def test_influence_maps_have_no_noise_floor():
     ad = GeneratorAdapter(NoisyGenerator(), 4, noise="per-sample")
-    res = influence_maps(ad, "act", n_pairs=6, pairs_per_block=4, progress=False)
+    with pytest.warns(UserWarning, match="noise fixed per sample.*every hybrid is a full forward"):
+        res = influence_maps(ad, "act", n_pairs=6, pairs_per_block=4, progress=False)
     assert res.maps.shape == (8, 4, 4)
     assert res.maps[DEAD].max() < 1e-6  # a channel that does nothing has a zero map
     live = [c for c in range(8) if c != DEAD]
@@ -288,8 +289,9 @@ def test_a_whole_analysis_of_a_noisy_generator():
     from cfmodules.analysis import AnalysisSettings, analyze
 
     ad = GeneratorAdapter(NoisyGenerator(), 4, noise="per-sample", name="noisy")
-    res = analyze(ad, "act", AnalysisSettings(n_pairs=4, n_modules=2, stability_repeats=2,
-                                              stability_ks=(2,), n_samples=2, n_hybrids=2),
-                  progress=False)
+    with pytest.warns(UserWarning, match="noise fixed per sample"):
+        res = analyze(ad, "act", AnalysisSettings(n_pairs=4, n_modules=2, stability_repeats=2,
+                                                  stability_ks=(2,), n_samples=2, n_hybrids=2),
+                      progress=False)
     assert res.maps[DEAD].max() < 1e-6
     assert res.maps.shape == (8, 4, 4) and set(np.unique(res.labels)) == {0, 1}

@@ -341,6 +341,20 @@ class GeneratorAdapter:
             for m, t in modes:
                 m.training = t
 
+    @contextmanager
+    def _train_mode_expected(self) -> Iterator[None]:
+        """No train-mode warning from :meth:`eval_mode` inside the block.
+
+        For the training monitor, whose generator is in train mode by design and whose
+        documentation says each check runs in eval mode; outside the block the adapter
+        warns as before (once, if it has not yet).
+        """
+        warned, self._warned_train = self._warned_train, True
+        try:
+            yield
+        finally:
+            self._warned_train = warned
+
     def _call(self, z: L.Latent) -> Any:
         """The generator's forward on ``z``, as the user defined it (nothing else)."""
         if self.forward_fn is not None:

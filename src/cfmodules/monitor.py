@@ -29,7 +29,8 @@ TensorBoard scalars and template images when ``tensorboard`` is installed
 :func:`cfmodules.plots.plot_template_strip` draw the curves and the templates over training.
 
 The monitor does not disturb training: it runs without gradients, in eval mode (every
-module's mode is restored), on the adapter's device, and it restores the global random
+module's mode is restored; the adapter's notice that the generator is in train mode is not
+shown, since here it is by design), on the adapter's device, and it restores the global random
 number generators (Python, numpy, torch CPU and CUDA); it never touches the optimizer, and
 BatchNorm running statistics do not move in eval mode. A run with the monitor ends with
 weights bitwise identical to a run without it.
@@ -456,6 +457,9 @@ def match_templates(previous: Any, current: Any) -> tuple[np.ndarray, np.ndarray
 def _isolated(adapter: GeneratorAdapter) -> Iterator[None]:
     """Restore the global RNGs (Python, numpy, torch CPU and CUDA) and the grad mode after the block.
 
+    The adapter does not warn that the generator is in train mode: it is, by design, and
+    the check runs it in eval mode (module docstring).
+
     The monitor draws its latents from its own ``torch.Generator`` streams already; this
     guarantees that nothing inside (a user's prior, scikit-learn, a generator with random
     layers) can shift the training's random stream.
@@ -464,7 +468,8 @@ def _isolated(adapter: GeneratorAdapter) -> Iterator[None]:
     np_state = np.random.get_state()
     devices = (list(range(torch.cuda.device_count()))
                if torch.cuda.is_available() and torch.cuda.is_initialized() else [])
-    with torch.random.fork_rng(devices=devices), torch.no_grad():
+    with torch.random.fork_rng(devices=devices), torch.no_grad(), \
+            adapter._train_mode_expected():
         autocast_off = (torch.autocast(adapter.device.type, enabled=False)
                         if adapter.device.type in ("cpu", "cuda") else _null())
         with autocast_off:
@@ -534,7 +539,8 @@ class ModularityMonitor:
 
         self.adapter = adapter
         self.layer = resolve_layer(adapter.generator, layer).name
-        n_channels = adapter.layer_channels(self.layer)
+        with adapter._train_mode_expected():  # a generator in training: no notice
+            n_channels = adapter.layer_channels(self.layer)
         k = self.settings.n_modules
         if k > n_channels:
             raise ConfigError(f"n_modules={k} is more than the {n_channels} channels of "
