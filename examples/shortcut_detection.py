@@ -228,7 +228,7 @@ class Settings:
     robustness_pairs: int = 300
 
 
-FAST = Settings(gen_steps=300, train_images=1500, epochs=3, influence_pairs=32, robustness_pairs=150)
+FAST = Settings(gen_steps=300, train_images=3000, epochs=3, influence_pairs=32, robustness_pairs=150)
 
 
 def run(settings: Settings, seed: int = 0, verbose: bool = True) -> dict:

@@ -32,6 +32,8 @@ from engine_helpers import (
     init,
 )
 
+pytestmark = pytest.mark.numerics  # the fast paths against the hook path, by design
+
 
 # ---------------------------------------------------------------------- capture paths
 def test_dim_control_flow_cat_view_is_captured_below_the_forward():
@@ -278,7 +280,8 @@ def test_overridden_generate_is_honoured_everywhere():
     with pytest.warns(UserWarning, match="overrides generate"):
         res = influence_maps(m, "act", n_pairs=2, progress=False)
     plain = influence_maps(GeneratorAdapter(gen, (4,)), "act", n_pairs=2, progress=False)
-    np.testing.assert_allclose(res.maps, plain.maps[..., ::-1], rtol=1e-5, atol=1e-7)
+    # the hook path against the fast path: float32 rounding, absolute in image units
+    np.testing.assert_allclose(res.maps, plain.maps[..., ::-1], rtol=1e-5, atol=1e-6)
 
 
 def test_forward_fn_method_is_kept_and_captured():

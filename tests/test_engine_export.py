@@ -33,6 +33,8 @@ from engine_helpers import (
     init,
 )
 
+pytestmark = pytest.mark.numerics  # the exported graph against the hook path
+
 
 def _exported(ad: GeneratorAdapter, layer: str) -> GeneratorAdapter:
     """``ad`` made to capture with torch.export only, checked to do so at ``layer``."""
@@ -207,4 +209,5 @@ def test_training_steps_between_calls_match_a_fresh_copy():
     fresh = GeneratorAdapter(copy.deepcopy(gen), ((6, 1, 1), (3,)))
     ref = influence_maps(fresh, "main.2", n_pairs=3, progress=False, algorithm="hook").maps
     assert np.abs(after - before).max() > 1e-3
-    np.testing.assert_allclose(after, ref, rtol=1e-5, atol=1e-7)
+    # the exported graph against the hook path: float32 rounding, absolute in image units
+    np.testing.assert_allclose(after, ref, rtol=1e-5, atol=1e-6)

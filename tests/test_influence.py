@@ -221,8 +221,9 @@ def test_eim_of_one_channel_equals_module_of_that_channel():
     ad = skip_adapter()
     a = influence_maps(ad, "r2", channels=[3], n_pairs=4, **KW)
     b = module_influence_maps(ad, [{"r2": [3]}], n_pairs=4, **KW)
-    # two entry points, possibly other kernels: float32 rounding, not bits
-    np.testing.assert_allclose(a.maps, b.maps, rtol=1e-5, atol=1e-7)
+    # two entry points, possibly other kernels: float32 rounding (absolute in image
+    # units), not bits
+    np.testing.assert_allclose(a.maps, b.maps, rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------------- chunking
@@ -233,16 +234,17 @@ def test_result_does_not_depend_on_chunking(factory, layer):
     base = influence_maps(ad, layer, n_pairs=9, **KW)
     tiny = influence_maps(ad, layer, n_pairs=9, max_batch_bytes=1, pairs_per_block=2, **KW)
     mid = influence_maps(ad, layer, n_pairs=9, max_batch_bytes=60_000, pairs_per_block=4, **KW)
-    for other in (tiny, mid):
-        np.testing.assert_allclose(other.maps, base.maps, rtol=1e-5, atol=1e-7)
-        np.testing.assert_allclose(other.stderr, base.stderr, rtol=1e-5, atol=1e-7)
+    for other in (tiny, mid):  # other batch sizes, other kernels: rounding in image units
+        np.testing.assert_allclose(other.maps, base.maps, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(other.stderr, base.stderr, rtol=1e-5, atol=1e-6)
 
 
 def test_channels_subset_and_order():
     ad = convt_adapter()
     full = influence_maps(ad, "2", n_pairs=4, **KW)
     sub = influence_maps(ad, "2", channels=[5, 1], n_pairs=4, **KW)
-    np.testing.assert_allclose(sub.maps, full.maps[[5, 1]], rtol=1e-5, atol=1e-8)
+    # other batches of channels: float32 rounding, absolute in image units
+    np.testing.assert_allclose(sub.maps, full.maps[[5, 1]], rtol=1e-5, atol=1e-6)
     assert list(sub.channels) == [5, 1] and sub.names == ["2[5]", "2[1]"]
 
 

@@ -226,7 +226,7 @@ def test_generator_built_under_inference_mode():
         ad = GeneratorAdapter(g, (3, 2, 2))
         a = influence_maps(ad, "1", n_pairs=3, progress=False)
     b = influence_maps(ad, "1", n_pairs=3, progress=False, algorithm="hook")
-    np.testing.assert_allclose(a.maps, b.maps, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(a.maps, b.maps, rtol=1e-5, atol=1e-6)  # rounding, image units
 
 
 def test_cpu_batches_keep_hybrids_and_fresh_suffix_tensors_small():

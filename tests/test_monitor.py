@@ -342,6 +342,7 @@ def test_dead_layer_is_reported_not_clustered(tiny):
         monitor.check(0)
 
 
+@pytest.mark.numerics
 def test_a_generator_wrapped_in_train_mode_is_traced_in_eval_mode():
     """fx bakes `training=self.training` of functional dropout into the graph at trace time."""
     g = TrainableGenerator().train()
@@ -350,7 +351,8 @@ def test_a_generator_wrapped_in_train_mode_is_traced_in_eval_mode():
         warnings.simplefilter("ignore", UserWarning)
         split = influence_maps(adapter, "act", n_pairs=4, algorithm="split", progress=False)
         hook = influence_maps(adapter, "act", n_pairs=4, algorithm="hook", progress=False)
-    np.testing.assert_allclose(split.maps, hook.maps, rtol=1e-5, atol=1e-7)
+    # two paths: float32 rounding, absolute in image units
+    np.testing.assert_allclose(split.maps, hook.maps, rtol=1e-5, atol=1e-6)
     assert g.training
 
 

@@ -285,6 +285,9 @@ def test_a_deterministic_generator_is_checked_without_a_dispatch_mode(tiny, monk
     assert ad._noise_checked
 
 
+# the dead channel's map is exactly zero with some CPU kernels (then the clustering says
+# so) and ~1e-8 with others (hybrids and originals batched differently)
+@pytest.mark.filterwarnings("ignore:.*have an all-zero map:UserWarning")
 def test_a_whole_analysis_of_a_noisy_generator():
     from cfmodules.analysis import AnalysisSettings, analyze
 
