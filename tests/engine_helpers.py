@@ -208,9 +208,10 @@ def cond_adapter() -> GeneratorAdapter:
     return GeneratorAdapter(init(ConditionalDCGAN(), 0), ((6, 1, 1), (3,)), name="cond")
 
 
-def float_argument_adapter() -> GeneratorAdapter:
-    """:class:`FloatArgument` wrapped, with the float input 0.5 for every sample."""
-    return GeneratorAdapter(init(FloatArgument(), 1), ((4, 1, 1), (1,)),
+def float_argument_adapter(cls: type[FloatArgument] = FloatArgument) -> GeneratorAdapter:
+    """:class:`FloatArgument` (or a subclass) wrapped, with the float input 0.5 for every
+    sample."""
+    return GeneratorAdapter(init(cls(), 1), ((4, 1, 1), (1,)),
                             prior=lambda n, g: (torch.randn(n, 4, 1, 1, generator=g),
                                                 torch.full((n, 1), 0.5)))
 

@@ -136,9 +136,12 @@ def test_a_failed_export_silences_its_own_thread_only(capsys):
     collect = logging.Handler()
     collect.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
     log.addHandler(collect)
-    stderr, filters = sys.stderr, {name: list(lg.filters) for name, lg
-                                   in logging.root.manager.loggerDict.items()
-                                   if isinstance(lg, logging.Logger)}
+
+    def logger_filters() -> dict[str, list]:
+        return {name: list(lg.filters) for name, lg in logging.root.manager.loggerDict.items()
+                if isinstance(lg, logging.Logger)}
+
+    stderr, filters = sys.stderr, logger_filters()
 
     def other_thread() -> None:
         print("printed by another thread", file=sys.stderr)
@@ -154,9 +157,7 @@ def test_a_failed_export_silences_its_own_thread_only(capsys):
                 worker.join()
             return super().forward(z, t)
 
-    ad = GeneratorAdapter(init(Chatty(), 1), ((4, 1, 1), (1,)),
-                          prior=lambda n, g: (torch.randn(n, 4, 1, 1, generator=g),
-                                              torch.full((n, 1), 0.5)))
+    ad = float_argument_adapter(Chatty)
     ad.engine.captures = ("export",)
     try:
         ex = ad.explain("inner.act")
@@ -167,9 +168,7 @@ def test_a_failed_export_silences_its_own_thread_only(capsys):
         assert "exporting thread" not in err and "def forward" not in err, err
         assert seen == ["logged by another thread"]
         assert sys.stderr is stderr
-        assert filters == {name: list(lg.filters) for name, lg
-                           in logging.root.manager.loggerDict.items()
-                           if isinstance(lg, logging.Logger) and name in filters}
+        assert filters == {n: f for n, f in logger_filters().items() if n in filters}
         print("after", file=sys.stderr)
         log.warning("after")
         assert "after\n" in capsys.readouterr().err

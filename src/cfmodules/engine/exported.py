@@ -115,7 +115,7 @@ class _ThisThreadQuiet(logging.Filter):
     records pass."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.ERROR or record.thread not in _quiet_threads
+        return record.levelno >= logging.ERROR or record.thread not in _quiet_depth
 
 
 class _QuietStderr:
@@ -126,7 +126,7 @@ class _QuietStderr:
         self.stream = stream
 
     def write(self, text: str) -> int:
-        if threading.get_ident() in _quiet_threads:
+        if threading.get_ident() in _quiet_depth:
             return len(text)
         return self.stream.write(text)
 
@@ -134,9 +134,15 @@ class _QuietStderr:
         return getattr(self.stream, name)
 
 
+_QUIET_FILTER = _ThisThreadQuiet()
 _quiet_lock = threading.Lock()
-_quiet_threads: set[int] = set()
-_quiet_state: dict[str, Any] = {}
+_quiet_depth: dict[int, int] = {}
+"""Exporting thread -> how many exports it is in (nested ones included)."""
+
+
+def _torch_loggers() -> list[logging.Logger]:
+    return [logging.getLogger(n) for n in logging.root.manager.loggerDict
+            if n == "torch" or n.startswith("torch.")]
 
 
 @contextmanager
@@ -153,36 +159,23 @@ def _quiet_torch_logs() -> Iterator[None]:
     """
     me = threading.get_ident()
     with _quiet_lock:
-        if me in _quiet_threads:  # nested in this thread: already quiet
-            nested = True
-        else:
-            nested = False
-            if not _quiet_threads:
-                names = [n for n in logging.root.manager.loggerDict
-                         if n == "torch" or n.startswith("torch.")]
-                loggers = [logging.getLogger(n) for n in names]
-                quiet = _ThisThreadQuiet()
-                for lg in loggers:
-                    lg.addFilter(quiet)
-                wrapper = _QuietStderr(sys.stderr)
-                sys.stderr = wrapper
-                _quiet_state.update(loggers=loggers, filter=quiet, wrapper=wrapper)
-            _quiet_threads.add(me)
-    if nested:
-        yield
-        return
+        if not _quiet_depth:  # the first export: install the filter and the wrapper
+            for lg in _torch_loggers():
+                lg.addFilter(_QUIET_FILTER)
+            sys.stderr = _QuietStderr(sys.stderr)
+        _quiet_depth[me] = _quiet_depth.get(me, 0) + 1
     try:
         yield
     finally:
         with _quiet_lock:
-            _quiet_threads.discard(me)
-            if not _quiet_threads:
-                for lg in _quiet_state["loggers"]:
-                    lg.removeFilter(_quiet_state["filter"])
-                wrapper = _quiet_state["wrapper"]
-                if sys.stderr is wrapper:
-                    sys.stderr = wrapper.stream
-                _quiet_state.clear()
+            _quiet_depth[me] -= 1
+            if not _quiet_depth[me]:
+                del _quiet_depth[me]
+            if not _quiet_depth:  # the last export: undo both
+                for lg in _torch_loggers():
+                    lg.removeFilter(_QUIET_FILTER)
+                if isinstance(sys.stderr, _QuietStderr):
+                    sys.stderr = sys.stderr.stream
 
 
 def _out_spec(gm: fx.GraphModule) -> Any:
