@@ -6,10 +6,20 @@ done since the last checkpoint would be lost. While an influence run is going,
 :func:`save_on_signals` turns these signals into :class:`Interrupted`, a
 ``KeyboardInterrupt``, so the run writes its checkpoint on the way out exactly as for
 Ctrl-C. Handlers are installed only in the main thread, only for signals that still
-have their default action (a signal the program ignores, e.g. SIGHUP under ``nohup``, or
-handles itself is left alone), and the previous handlers are restored when the run ends.
-The command line exits with the conventional code ``128 + signal number`` (143 for
-SIGTERM, 129 for SIGHUP; 130 for Ctrl-C).
+have their default action, and the previous handlers are restored when the block ends.
+
+A signal the program ignores is left ignored, never re-enabled: under ``nohup cmd &``
+(and in background jobs of scripts, some schedulers and CI runners) SIGHUP and SIGINT
+are inherited as ignored, so a hang-up or a Ctrl-C meant for the shell does not end the
+run, as the user asked; SIGTERM still saves. SIGINT itself is Python's: its
+KeyboardInterrupt handler when the program started with SIGINT at its default, nothing
+when it started ignored. A handler the program set itself is left alone too.
+
+Only the first signal raises: a second one while the run saves its checkpoint on the
+way out (a hang-up sends SIGHUP twice, from the terminal and from the shell; a scheduler
+may repeat SIGTERM) is noted and dropped, so it cannot cut the save short. The command
+line exits with the conventional code ``128 + signal number`` (143 for SIGTERM, 129 for
+SIGHUP; 130 for Ctrl-C).
 """
 
 from __future__ import annotations
@@ -42,13 +52,21 @@ class Interrupted(KeyboardInterrupt):
         super().__init__(f"ended by {signal.Signals(self.signum).name}")
 
 
-def _raise(signum: int, frame: Any) -> None:
-    raise Interrupted(signum)
-
-
 @contextmanager
 def save_on_signals() -> Iterator[None]:
-    """Within the block, SIGTERM and SIGHUP raise :class:`Interrupted` (main thread only)."""
+    """Within the block, the first SIGTERM or SIGHUP raises :class:`Interrupted` (main
+    thread only; signals that are ignored or handled elsewhere are left as they are).
+
+    Put the save on the way out inside the block: later signals are dropped until the
+    block ends.
+    """
+    received: list[int] = []
+
+    def _raise(signum: int, frame: Any) -> None:
+        received.append(signum)
+        if len(received) == 1:
+            raise Interrupted(signum)
+
     previous: dict[int, Any] = {}
     if threading.current_thread() is threading.main_thread():
         for sig in SIGNALS:

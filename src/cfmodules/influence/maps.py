@@ -369,64 +369,68 @@ def _run(adapter: GeneratorAdapter, units: list[_Unit], layer: str | None, *,
     def save(n_done: int, stats: RunningStats) -> None:
         save_checkpoint(checkpoint, identity, n_done, stats.count, stats.mean, stats.m2)
 
-    try:
-        with torch.inference_mode(), autocast, save_on_signals():
-            while done[0] < settings.n_pairs:
-                n_done, stats = done
-                if (settings.target_stderr is not None and n_done >= 2
-                        and max_stderr(n_done, stats) <= settings.target_stderr):
-                    break
-                n_p = min(settings.pairs_per_block, settings.n_pairs - n_done)
-                z1, z2 = L.pair_latents(adapter, n_p, settings.seed, n_done)
-                block = BlockSums(n_units)
-                for runner, rows in runners:
-                    def add(us: slice, d: torch.Tensor, rows: list[int] = rows,
-                            block: BlockSums = block) -> None:
-                        block.add(_index(rows, us), *_sums(d))
-                        if bar is not None:
-                            bar.update(d.shape[0] * d.shape[1])
+    # the signals' handlers stay for the saves on the way out: a second signal cannot
+    # cut them short, nor kill the process by its default action while they write
+    with save_on_signals():
+        try:
+            with torch.inference_mode(), autocast:
+                while done[0] < settings.n_pairs:
+                    n_done, stats = done
+                    if (settings.target_stderr is not None and n_done >= 2
+                            and max_stderr(n_done, stats) <= settings.target_stderr):
+                        break
+                    n_p = min(settings.pairs_per_block, settings.n_pairs - n_done)
+                    z1, z2 = L.pair_latents(adapter, n_p, settings.seed, n_done)
+                    block = BlockSums(n_units)
+                    for runner, rows in runners:
+                        def add(us: slice, d: torch.Tensor, rows: list[int] = rows,
+                                block: BlockSums = block) -> None:
+                            block.add(_index(rows, us), *_sums(d))
+                            if bar is not None:
+                                bar.update(d.shape[0] * d.shape[1])
 
-                    start = 0
-                    if runner.choice is None:  # the first block chooses the batch shape
-                        start = _choose_batch(adapter, runner, z1, z2, n_done, max_rows,
-                                              settings.algorithm, add)
+                        start = 0
+                        if runner.choice is None:  # the first block chooses the batch shape
+                            start = _choose_batch(adapter, runner, z1, z2, n_done, max_rows,
+                                                  settings.algorithm, add)
+                        else:
+                            runner.begin_block(z1, z2, n_done)
+                        shape = (runner.choice.shape if runner.choice.timed
+                                 else default_shape(n_p, max_rows, runner.swaps.path))
+                        for us, ps in _chunks(len(rows), n_p, shape, start):
+                            add(us, runner.diffs(us, ps))
+                        if not block.is_finite(_index(rows, slice(None))):
+                            _find_non_finite(runner, _chunks(len(rows), n_p, shape, 0), n_done)
+                    if stats is None:
+                        merged = RunningStats(n_units, block.shape, adapter.device)
+                    elif tuple(stats.mean.shape[1:]) != block.shape:
+                        raise CheckpointError(
+                            f"The checkpoint '{checkpoint}' holds maps of shape "
+                            f"{tuple(stats.mean.shape[1:])}, but this generator's images give "
+                            f"{block.shape}; delete the file or pass another checkpoint path.")
                     else:
-                        runner.begin_block(z1, z2, n_done)
-                    shape = (runner.choice.shape if runner.choice.timed
-                             else default_shape(n_p, max_rows, runner.swaps.path))
-                    for us, ps in _chunks(len(rows), n_p, shape, start):
-                        add(us, runner.diffs(us, ps))
-                    if not block.is_finite(_index(rows, slice(None))):
-                        _find_non_finite(runner, _chunks(len(rows), n_p, shape, 0), n_done)
-                if stats is None:
-                    merged = RunningStats(n_units, block.shape, adapter.device)
-                elif tuple(stats.mean.shape[1:]) != block.shape:
-                    raise CheckpointError(
-                        f"The checkpoint '{checkpoint}' holds maps of shape "
-                        f"{tuple(stats.mean.shape[1:])}, but this generator's images give "
-                        f"{block.shape}; delete the file or pass another checkpoint path.")
-                else:
-                    merged = stats.copy()  # the published statistics are never modified
-                block.merge_into(merged, n_p)
-                done = (n_done + n_p, merged)
-                if callback is not None:
-                    callback(InfluenceProgress(done[0], settings.n_pairs, max_stderr(*done),
-                                               time.perf_counter() - t0))
-                if checkpoint is not None and (
-                        time.perf_counter() - last_save >= checkpoint_every):
-                    save(*done)
-                    last_save, saved_at = time.perf_counter(), done[0]
-    except BaseException:
-        final = done  # one read: a consistent pair even if another signal lands here
-        if checkpoint is not None and final[1] is not None and final[0] > saved_at:
-            save(*final)
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
-    n_done, stats = done
-    if checkpoint is not None and stats is not None and n_done > saved_at:
-        save(n_done, stats)
+                        merged = stats.copy()  # the published statistics are never modified
+                    block.merge_into(merged, n_p)
+                    done = (n_done + n_p, merged)
+                    if callback is not None:
+                        callback(InfluenceProgress(done[0], settings.n_pairs, max_stderr(*done),
+                                                   time.perf_counter() - t0))
+                    if checkpoint is not None and (
+                            time.perf_counter() - last_save >= checkpoint_every):
+                        save(*done)
+                        last_save, saved_at = time.perf_counter(), done[0]
+            n_done, stats = done
+            if checkpoint is not None and stats is not None and n_done > saved_at:
+                save(n_done, stats)  # a signal during this save: saved again just below
+                saved_at = n_done
+        except BaseException:
+            final = done  # one read: a consistent pair even if another signal lands here
+            if checkpoint is not None and final[1] is not None and final[0] > saved_at:
+                save(*final)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
     assert stats is not None
     return InfluenceResult(
         maps=stats.mean.float().cpu().numpy(),
