@@ -10,6 +10,13 @@ thread, say), and the main thread runs the handler when it next notices; once, i
 whole-suite run, the run ended first ("DID NOT RAISE"). Each run then resumes from its
 checkpoint and the resumed maps are compared bitwise with an uninterrupted run: exact by
 design, the same blocks by the same code path.
+
+The suite may be started where SIGINT and SIGHUP are inherited as ignored (``nohup``, a
+background job of a non-interactive shell, some CI runners and schedulers). So the tests
+never rely on the dispositions they were started with: the in-process runs set the ones
+they need for their duration (``foreground_dispositions``), and the child processes are
+started through ``_launcher`` with the dispositions of a foreground start, or, for the test
+of cfmodules' behaviour under ``nohup``, with SIGINT and SIGHUP ignored.
 """
 
 from __future__ import annotations
@@ -37,14 +44,33 @@ TESTS = str(Path(__file__).resolve().parent)
 TIMEOUT = 300  # generous: the machine may be loaded; normally a few seconds
 
 SCRIPT = textwrap.dedent('''
-    import sys, threading
+    import os, signal, sys, threading
     from cfmodules.influence import influence_maps
     from cfmodules.influence.interrupt import Interrupted
     from influence_helpers import convt_adapter
 
     release = threading.Event()
 
+    if os.environ.get("CFM_SECOND_SIGNAL"):  # another signal lands while the save writes
+        import cfmodules.influence.maps as maps_module
+
+        save = maps_module.save_checkpoint
+
+        def save_checkpoint(*args, **kwargs):
+            signal.raise_signal(int(os.environ["CFM_SECOND_SIGNAL"]))
+            return save(*args, **kwargs)
+
+        maps_module.save_checkpoint = save_checkpoint
+
+    def dispositions():
+        names = {signal.SIG_IGN: "ignored", signal.SIG_DFL: "default",
+                 signal.default_int_handler: "python"}
+        return " ".join(f"{s.name}={names.get(signal.getsignal(s), 'handled')}"
+                        for s in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM))
+
     def callback(p):
+        if p.n_pairs_done == 6:
+            print("during", dispositions(), flush=True)
         print(f"block {p.n_pairs_done}", flush=True)
         if p.n_pairs_done == 6:
             release.wait(120)  # the parent's signal ends this wait (or the test times out)
@@ -55,6 +81,7 @@ SCRIPT = textwrap.dedent('''
                        callback=callback)
     except Interrupted as e:
         print("interrupted", e.signum, flush=True)
+        print("after", dispositions(), flush=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         print("interrupted", 2, flush=True)
@@ -63,23 +90,68 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
+LAUNCH = textwrap.dedent('''
+    import os, signal, sys
+    ignored = {getattr(signal, name) for name in sys.argv[1].split(",") if name}
+    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN if sig in ignored else signal.SIG_DFL)
+    os.execv(sys.argv[2], sys.argv[2:])  # dispositions SIG_DFL and SIG_IGN survive exec
+''')
+
+
+def _launcher(cmd: list[str], ignore: tuple[str, ...] = ()) -> list[str]:
+    """``cmd`` started with SIGINT, SIGHUP and SIGTERM at their defaults, or ignored (the
+    names in `ignore`, as ``nohup`` and ``&`` do), whatever this process inherited: a
+    Python started with SIGINT at its default installs its own KeyboardInterrupt handler."""
+    return [sys.executable, "-c", LAUNCH, ",".join(ignore), *cmd]
+
+
+def _disposition(sig: int) -> str:
+    h = signal.getsignal(sig)
+    return {signal.SIG_IGN: "ignored", signal.SIG_DFL: "default",
+            signal.default_int_handler: "python"}.get(h, "handled")
+
+
+@pytest.fixture
+def foreground_dispositions():
+    """SIGINT, SIGHUP and SIGTERM as in a foreground start (Python's KeyboardInterrupt
+    handler, the defaults) for the test's duration, then what they were before."""
+    wanted = {signal.SIGINT: signal.default_int_handler, signal.SIGHUP: signal.SIG_DFL,
+              signal.SIGTERM: signal.SIG_DFL}
+    try:
+        before = {sig: signal.signal(sig, handler) for sig, handler in wanted.items()}
+    except ValueError:  # signal.signal works in the main thread only
+        pytest.skip("the tests run outside the main thread (some runners do): signal "
+                    "handlers cannot be set, so no signal can be delivered to the run")
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
 def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, TESTS]), "OMP_NUM_THREADS": "1"}
 
 
-def _signalled_run(tmp_path: Path, ck: Path, sig: int) -> subprocess.CompletedProcess:
-    """Run SCRIPT in a process of its own and send it `sig` once it holds after block 6."""
+def _signalled_run(tmp_path: Path, ck: Path, *sigs: int, ignore: tuple[str, ...] = (),
+                   env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run SCRIPT in a process of its own, started with the signals named in `ignore`
+    ignored and the others at their defaults, and send it `sigs` in turn once it holds
+    after block 6."""
     script = tmp_path / "run.py"
     script.write_text(SCRIPT)
-    cmd = [sys.executable, str(script), str(ck)]
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    cmd = _launcher([sys.executable, str(script), str(ck)], ignore)
+    proc = subprocess.Popen(cmd, env={**_env(), **(env or {})}, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     lines = []
     try:
         for line in proc.stdout:  # wait for block 6, where the script holds
             lines.append(line)
             if line.strip() == "block 6":
-                proc.send_signal(sig)
+                for sig in sigs:
+                    proc.send_signal(sig)
                 break
         out_text, err = proc.communicate(timeout=TIMEOUT)
     finally:
@@ -106,12 +178,15 @@ def _signalled_here(ck: Path, sig: int) -> KeyboardInterrupt:
                                             (signal.SIGHUP, 129, "this process"),
                                             (signal.SIGINT, 130, "this process")])
 def test_a_signal_saves_the_checkpoint_and_the_rerun_resumes_bitwise(tmp_path, sig, code,
-                                                                     where):
+                                                                     where,
+                                                                     foreground_dispositions):
     ck = tmp_path / "run.ckpt"
     if where == "own process":
         killed = _signalled_run(tmp_path, ck, sig)
         assert killed.returncode == code, killed.stderr[-2000:]
+        assert "during SIGINT=python SIGHUP=handled SIGTERM=handled" in killed.stdout
         assert f"interrupted {int(sig)}" in killed.stdout and "done" not in killed.stdout
+        assert "after SIGINT=python SIGHUP=default SIGTERM=default" in killed.stdout
         assert "Traceback" not in killed.stderr
     else:
         e = _signalled_here(ck, sig)
@@ -128,15 +203,52 @@ def test_a_signal_saves_the_checkpoint_and_the_rerun_resumes_bitwise(tmp_path, s
     np.testing.assert_array_equal(resumed.maps, full.maps)  # exact: same blocks, same path
 
 
-def test_handlers_are_installed_only_during_the_run_and_restored():
-    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
+@pytest.mark.parametrize("first,second", [(signal.SIGHUP, signal.SIGHUP),
+                                          (signal.SIGTERM, signal.SIGHUP)])
+def test_a_second_signal_during_the_save_neither_cuts_it_nor_kills(tmp_path, first, second):
+    """A hang-up sends SIGHUP twice (from the terminal, then from the shell); a scheduler
+    may send SIGTERM and its job's SIGHUP. The second one, arriving while the checkpoint
+    is written on the way out, is dropped: the save completes, the exit code is the
+    first signal's (by its default action it once killed the process mid-save)."""
+    ck = tmp_path / "run.ckpt"
+    killed = _signalled_run(tmp_path, ck, first, env={"CFM_SECOND_SIGNAL": str(int(second))})
+    assert killed.returncode == 128 + first, killed.stderr[-2000:]
+    assert f"interrupted {int(first)}" in killed.stdout and "done" not in killed.stdout
+    assert "after SIGINT=python SIGHUP=default SIGTERM=default" in killed.stdout
+    assert "Traceback" not in killed.stderr
+    _, header = read_npz(ck, kind="influence-checkpoint")
+    assert header["n_pairs_done"] == 6
+
+
+def test_under_nohup_sigint_and_sighup_stay_ignored_and_sigterm_still_saves(tmp_path):
+    """Started as ``nohup cmd &`` starts it (SIGHUP and SIGINT ignored), a run leaves both
+    ignored, as the user asked: the hang-up of the terminal and a Ctrl-C meant for the
+    shell go unheeded. SIGTERM (``kill``, ``timeout``, a scheduler) still saves."""
+    ck = tmp_path / "run.ckpt"
+    # SIGHUP or SIGINT heeded would end the run first (129 or 130): these come first, and
+    # Python runs pending handlers in signal-number order
+    killed = _signalled_run(tmp_path, ck, signal.SIGHUP, signal.SIGINT, signal.SIGTERM,
+                            ignore=("SIGINT", "SIGHUP"))
+    assert killed.returncode == 143, killed.stderr[-2000:]
+    assert "during SIGINT=ignored SIGHUP=ignored SIGTERM=handled" in killed.stdout
+    assert "interrupted 15" in killed.stdout and "done" not in killed.stdout
+    assert "after SIGINT=ignored SIGHUP=ignored SIGTERM=default" in killed.stdout
+    assert "Traceback" not in killed.stderr
+    _, header = read_npz(ck, kind="influence-checkpoint")
+    assert header["n_pairs_done"] == 6  # saved on SIGTERM (checkpoint_every is an hour)
+
+
+def test_handlers_are_installed_only_during_the_run_and_restored(foreground_dispositions):
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     seen = {}
 
     def callback(p):
-        seen["term"] = signal.getsignal(signal.SIGTERM)
+        seen.update({s: _disposition(s) for s in before})
 
     influence_maps(convt_adapter(), "5", n_pairs=2, progress=False, callback=callback)
-    assert seen["term"] is not before[signal.SIGTERM]  # ours, during the run
+    # ours during the run; Ctrl-C stays Python's own KeyboardInterrupt
+    assert seen == {signal.SIGINT: "python", signal.SIGTERM: "handled",
+                    signal.SIGHUP: "handled"}
     assert {s: signal.getsignal(s) for s in before} == before  # restored after
 
 
@@ -225,8 +337,9 @@ def test_cli_analyze_shorter_than_checkpoint_every_resumes_after_sigterm(tmp_pat
     args = ["analyze", "--model", f"{tmp_path / 'gen.py'}:make", "--latent-shape", "4,1,1",
             "--layer", "act", "--pairs", "96", "--k", "2", "--no-stability", "--samples", "2",
             "--hybrids", "2", "--quiet", "--device", "cpu"]
-    proc = subprocess.Popen([sys.executable, "-m", "cfmodules", *args, "--out",
-                             str(tmp_path / "o")], env={**_env(), "CFM_MARKER": str(marker)},
+    proc = subprocess.Popen(_launcher([sys.executable, "-m", "cfmodules", *args, "--out",
+                                       str(tmp_path / "o")]),
+                            env={**_env(), "CFM_MARKER": str(marker)}, stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + TIMEOUT
