@@ -44,7 +44,7 @@ import torch
 from torch import fx, nn
 
 from cfmodules import latents as L
-from cfmodules.engine.exported import MIN_BATCH, export_forward, layer_calls
+from cfmodules.engine.exported import MIN_BATCH, batch_bound, export_forward, layer_calls
 from cfmodules.engine.split import FxSplit, fx_split
 from cfmodules.errors import CfModulesError, LayerCallError
 from cfmodules.hooks import LayerRef
@@ -293,7 +293,8 @@ def _probe(adapter, ref: LayerRef, containers: list[str]) -> _Probe:
 
 
 def cut_per_sample(adapter, gm: fx.GraphModule, ref: LayerRef, inputs: tuple,
-                   calls: list[fx.Node] | None = None, min_batch: int = 1) -> FxSplit:
+                   calls: list[fx.Node] | None = None, min_batch: int = 1,
+                   max_batch: int | None = None) -> FxSplit:
     """``fx_split`` of ``gm`` at ``ref`` whose prefix passes per-sample values only.
 
     A value the suffix reads whose first dimension is not the batch (StyleGAN2's
@@ -307,7 +308,7 @@ def cut_per_sample(adapter, gm: fx.GraphModule, ref: LayerRef, inputs: tuple,
         inputs = tuple(torch.cat([x, x[:1].expand(2 - x.shape[0], *x.shape[1:])]) for x in inputs)
     n = inputs[0].shape[0]
     for _ in range(len(gm.graph.nodes) + 1):
-        split = fx_split(gm, ref, calls, min_batch, force)
+        split = fx_split(gm, ref, calls, min_batch, force, max_batch)
         with adapter.eval_mode():
             values = split.prefix_module(*inputs)
         bad = {node for node, v in zip(split.frontier_nodes[1:], values[1:])
@@ -515,7 +516,8 @@ def _try_export(adapter, ref: LayerRef, n_inputs: int, inputs: tuple, probe: _Pr
     seconds = None
     try:
         gm, seconds = adapter.engine.exported(n_inputs, inputs)
-        split = cut_per_sample(adapter, gm, ref, inputs, layer_calls(gm, ref.path), MIN_BATCH)
+        split = cut_per_sample(adapter, gm, ref, inputs, layer_calls(gm, ref.path), MIN_BATCH,
+                               batch_bound(gm))
         _check(adapter, split, inputs, probe)
         found.append(Capture("export", "forward", split, gm))
         attempts.append(Attempt("export", "forward", None, seconds))

@@ -21,7 +21,11 @@ of ATen operations, so three things turn it into the engine's kind of graph:
 The graph holds for batches of 2 or more (the batch is exported as a symbol with that
 lower bound, so that ``squeeze()`` is not specialised away); a smaller batch is run
 padded with copies of its first sample (:func:`cfmodules.engine.split.run_padded`).
-Every capture is still checked against a real forward before use.
+Some forwards hold only for a bounded batch (a diffusers ``UNet2DModel``'s attention
+guards ``batch <= 63``): export then fails with a suggested fix (``Dim('batch',
+max=63)``), and the export is retried once with the bound it suggests. The graph keeps
+the bound (:func:`batch_bound`) and larger batches run in chunks. Every capture is still
+checked against a real forward before use.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-__all__ = ["export_forward", "layer_calls", "LIFTED_TYPES", "MIN_BATCH"]
+__all__ = ["export_forward", "layer_calls", "batch_bound", "LIFTED_TYPES", "MIN_BATCH"]
 
 MIN_BATCH = 2
 """The smallest batch an exported graph is valid for (smaller ones are padded)."""
@@ -87,15 +91,21 @@ def export_forward(wrapper: nn.Module, gen: nn.Module, inputs: tuple[torch.Tenso
     """
     from torch.export import Dim, export
 
-    batch = Dim("batch", min=MIN_BATCH)
+    shapes: Any = tuple({0: Dim("batch", min=MIN_BATCH)} for _ in inputs)
     t0 = time.perf_counter()
     with warnings.catch_warnings(), _quiet_torch_logs():
         warnings.simplefilter("ignore")
-        ep = export(wrapper, tuple(inputs), dynamic_shapes=tuple({0: batch} for _ in inputs),
-                    strict=False)
+        try:
+            ep = export(wrapper, tuple(inputs), dynamic_shapes=shapes, strict=False)
+        except Exception as error:  # export raises many types; a bound may fix it
+            shapes = _bounded_batch(error, shapes)
+            if shapes is None:
+                raise
+            ep = export(wrapper, tuple(inputs), dynamic_shapes=shapes, strict=False)
         exported = ep.module()
     seconds = time.perf_counter() - t0
-    graph, constants = _reroot(exported)
+    bound = _batch_max(shapes)
+    graph, constants = _reroot(exported, gen)
     _lift(graph, gen)
     for node in reversed(list(graph.nodes)):  # tensors only lifted calls read
         if node.op == "get_attr" and not node.users:
@@ -107,7 +117,51 @@ def export_forward(wrapper: nn.Module, gen: nn.Module, inputs: tuple[torch.Tenso
         elif node.op == "get_attr":
             target = str(node.target)
             owners[target] = constants[target] if target in constants else _getattr(gen, target)
-    return fx.GraphModule(owners, graph), seconds
+    gm = fx.GraphModule(owners, graph)
+    gm.meta[_BOUND_KEY] = bound
+    return gm, seconds
+
+
+_BOUND_KEY = "cfmodules_max_batch"
+
+
+def batch_bound(gm: fx.GraphModule) -> int | None:
+    """The largest batch an exported graph holds for (None: no bound)."""
+    return gm.meta.get(_BOUND_KEY)
+
+
+def _bounded_batch(error: BaseException, shapes: Any) -> Any:
+    """The dynamic shapes with the batch bound export's error suggests, or None.
+
+    Only a fix that keeps the batch a symbol holding for ``MIN_BATCH`` samples and more,
+    up to a bound, is taken (a graph specialised to one batch size could not run the
+    hybrids); the lower bound stays ``MIN_BATCH``.
+    """
+    from torch.export import Dim
+    from torch.export.dynamic_shapes import refine_dynamic_shapes_from_suggested_fixes
+
+    text = getattr(error, "msg", None)
+    if not isinstance(text, str) or "Suggested fixes" not in text:
+        return None
+    try:
+        refined = refine_dynamic_shapes_from_suggested_fixes(text, shapes)
+    except Exception:  # a fix this torch cannot parse or apply: no retry
+        return None
+    highs = _batch_max(refined)
+    if highs is None or highs < MIN_BATCH or len(refined) != len(shapes):
+        return None
+    lows = [getattr(s.get(0), "min", None) if isinstance(s, dict) else None for s in refined]
+    if any(low is None or low > MIN_BATCH for low in lows):
+        return None  # specialised (an int), or a larger lower bound: the probe would fail
+    batch = Dim("batch", min=MIN_BATCH, max=highs)
+    return tuple({0: batch} for _ in shapes)
+
+
+def _batch_max(shapes: Any) -> int | None:
+    """The batch's upper bound in export's dynamic shapes (None: unbounded)."""
+    highs = [s[0].max for s in shapes if isinstance(s, dict) and hasattr(s.get(0), "max")]
+    highs = [int(h) for h in highs if h is not None and h < sys.maxsize - 1 and h != float("inf")]
+    return min(highs) if highs else None
 
 
 class _ThisThreadQuiet(logging.Filter):
@@ -183,11 +237,12 @@ def _out_spec(gm: fx.GraphModule) -> Any:
     return None if info is None else info.out_spec
 
 
-def _reroot(exported: fx.GraphModule) -> tuple[fx.Graph, dict[str, Any]]:
+def _reroot(exported: fx.GraphModule, gen: nn.Module) -> tuple[fx.Graph, dict[str, Any]]:
     """``exported``'s graph with the generator's own names, and the constants export made.
 
     ``get_attr`` targets become the generator's paths (``main.0.weight``); constants
-    (lifted tensors, submodules of control-flow operators) ``_cfmodules_constant_i``.
+    (lifted tensors, submodules of control-flow operators, wherever export attached
+    them) ``_cfmodules_constant_i``.
     """
     spec = _out_spec(exported)
     graph = fx.Graph()
@@ -209,13 +264,21 @@ def _reroot(exported: fx.GraphModule) -> tuple[fx.Graph, dict[str, Any]]:
         if node.op == "get_attr":
             target = str(node.target)
             inner = _inner_path(target)
-            if not inner:
+            if not inner or not _has_path(gen, inner):
                 name = f"_cfmodules_constant_{len(constants)}"
                 constants[name] = _getattr(exported, target)
                 inner = name
             copy.target = inner
         env[node] = copy
     return graph, constants
+
+
+def _has_path(root: Any, path: str) -> bool:
+    try:
+        _getattr(root, path)
+    except AttributeError:
+        return False
+    return True
 
 
 def _getattr(root: Any, path: str) -> Any:

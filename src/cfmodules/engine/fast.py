@@ -374,5 +374,6 @@ class FastSplit:
             activation = activation.clone()
             frontier = tuple(f.clone() for f in frontier)
         with self.adapter.eval_mode():
-            raw = run_padded(module, (activation, *frontier), self._plain.min_batch)
+            raw = run_padded(module, (activation, *frontier), self._plain.min_batch,
+                             self._plain.max_batch)
         return self.adapter.images(raw, activation.shape[0])

@@ -118,20 +118,38 @@ def _has_inplace(gm: fx.GraphModule, nodes: list[fx.Node]) -> bool:
     return False
 
 
-def run_padded(fn: Callable[..., object], args: tuple[torch.Tensor, ...], min_batch: int
-               ) -> object:
-    """``fn(*args)`` for a batch smaller than ``min_batch``, padded with its first sample.
+def run_padded(fn: Callable[..., object], args: tuple[torch.Tensor, ...], min_batch: int,
+               max_batch: int | None = None) -> object:
+    """``fn(*args)`` on a graph that holds for batches of ``min_batch`` to ``max_batch``.
 
-    Every argument is per-sample (batch first); the output (tensor, tuple, list or dict of
-    tensors, batch first) is cut back to the real batch. Exact, as samples do not mix.
+    A smaller batch is padded with copies of its first sample; a larger one runs in
+    chunks of at most ``max_batch`` (the last chunk padded if needed). Every argument is
+    per-sample (batch first); the output (tensor, tuple, list or dict of tensors, batch
+    first) is cut back to / joined into the real batch. Exact, as samples do not mix.
     """
     n = args[0].shape[0]
+    if max_batch is not None and n > max_batch:
+        parts = [run_padded(fn, tuple(a[i:i + max_batch] for a in args), min_batch)
+                 for i in range(0, n, max_batch)]
+        return _join(parts)
     if n >= min_batch:
         return fn(*args)
     pad = torch.zeros(min_batch - n, dtype=torch.long)
     idx = torch.cat([torch.arange(n), pad])
     out = fn(*(a.index_select(0, idx.to(a.device)) for a in args))
     return _rows(out, n)
+
+
+def _join(parts: list[object]) -> object:
+    """The outputs of consecutive chunks of a batch, joined along the batch."""
+    first = parts[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(parts)  # type: ignore[arg-type]
+    if isinstance(first, (tuple, list)):
+        return type(first)(_join([p[i] for p in parts]) for i in range(len(first)))  # type: ignore[index]
+    if isinstance(first, dict):
+        return {k: _join([p[k] for p in parts]) for k in first}  # type: ignore[index]
+    return first
 
 
 def _rows(out: object, n: int) -> object:
@@ -150,18 +168,21 @@ class FxSplit(Split):
     exact_graph = True
 
     def __init__(self, prefix: fx.GraphModule, suffix: fx.GraphModule, layer: str,
-                 clone_frontier: bool, min_batch: int = 1):
+                 clone_frontier: bool, min_batch: int = 1, max_batch: int | None = None):
         self.prefix_module, self.suffix_module, self.layer = prefix, suffix, layer
         self._clone = clone_frontier
         self.min_batch = min_batch
         """The smallest batch the graphs hold for (an exported graph: 2); smaller ones
         are run padded (:func:`run_padded`)."""
+        self.max_batch = max_batch
+        """The largest batch the graphs hold for (None: any); larger ones run in chunks
+        (an exported graph whose forward guards the batch, e.g. ``batch <= 63``)."""
         self.frontier_nodes: tuple[fx.Node, ...] = ()
         """The nodes of the uncut graph whose values the prefix passes (the layer first)."""
 
     def prefix(self, z: L.Latent) -> SplitState:
         args = z if isinstance(z, tuple) else (z,)
-        values = run_padded(self.prefix_module, args, self.min_batch)
+        values = run_padded(self.prefix_module, args, self.min_batch, self.max_batch)
         if self._clone:
             values = tuple(v.clone() for v in values)
         return SplitState(activation=values[0], frontier=tuple(values[1:]), latent=z)
@@ -171,7 +192,8 @@ class FxSplit(Split):
         if self._clone:
             activation = activation.clone()
             frontier = tuple(f.clone() for f in frontier)
-        return run_padded(self.suffix_module, (activation, *frontier), self.min_batch)
+        return run_padded(self.suffix_module, (activation, *frontier), self.min_batch,
+                          self.max_batch)
 
 
 _SHAPE_METHODS = frozenset({"size", "dim", "numel", "ndimension", "nelement"})
@@ -203,13 +225,14 @@ def _is_shape(node: fx.Node) -> bool:
 
 
 def fx_split(gm: fx.GraphModule, ref: LayerRef, calls: list[fx.Node] | None = None,
-             min_batch: int = 1, force: frozenset[fx.Node] = frozenset()) -> FxSplit:
+             min_batch: int = 1, force: frozenset[fx.Node] = frozenset(),
+             max_batch: int | None = None) -> FxSplit:
     """Cut the traced graph ``gm`` at the output of ``ref``.
 
     ``calls``: the output node of each call of the layer, when they are not
     ``call_module`` nodes of its name (an exported graph; see
-    :func:`cfmodules.engine.exported.layer_calls`). ``min_batch``: the smallest batch
-    the graph holds for. ``force``: nodes computed in the suffix although they do not
+    :func:`cfmodules.engine.exported.layer_calls`). ``min_batch``, ``max_batch``: the
+    batches the graph holds for (None: no largest). ``force``: nodes computed in the suffix although they do not
     depend on the layer (values whose first dimension is not the batch, e.g. a
     convolution's batch folded into its channels, cannot be passed per sample).
 
@@ -294,6 +317,6 @@ def fx_split(gm: fx.GraphModule, ref: LayerRef, calls: list[fx.Node] | None = No
     prefix = fx.GraphModule(gm, pg)
     suffix = fx.GraphModule(gm, sg)
     clone = _has_inplace(gm, prefix_nodes) or _has_inplace(gm, ordered_suffix)
-    split = FxSplit(prefix, suffix, ref.name, clone, min_batch)
+    split = FxSplit(prefix, suffix, ref.name, clone, min_batch, max_batch)
     split.frontier_nodes = tuple(frontier)
     return split
