@@ -54,8 +54,7 @@ def test_layer_typo_suggests_names(tiny):
     with pytest.raises(LayerNotFoundError, match="Did you mean 'act'") as e:
         ad.submodule("acts")
     assert isinstance(e.value, KeyError)  # the family also inherits the builtin
-    with pytest.warns(DeprecationWarning, match="submodule"):
-        assert ad.module("act") is ad.submodule("act")
+    assert not hasattr(ad, "module")  # a layer's nn.Module is a submodule
     with pytest.raises(LayerNotFoundError):
         with ad.trace(["act", "nope"]):
             pass

@@ -20,10 +20,9 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 # low to high; a module imports only from its own layer or a lower one
 LAYERS: list[tuple[str, set[str]]] = [
-    ("foundation", {"errors", "_deprecation", "_lazy", "names", "checks", "results",
+    ("foundation", {"errors", "_lazy", "names", "checks", "results",
                     "__version__",
-                    "display", "images",  # notebook display and image grids
-                    "split"}),  # split: the deprecated shim of engine/split
+                    "display", "images"}),  # notebook display and image grids
     ("latents and hooks", {"latents", "hooks", "noise"}),
     ("engine", {"engine"}),
     ("adapter", {"adapter"}),
@@ -70,10 +69,6 @@ def _imports(path: Path) -> set[str]:
         # sanctioned upward import (only a notebook calls it, never the core)
         if isinstance(node, ast.FunctionDef) and node.name in DISPLAY_HOOKS:
             skip.update(id(n) for n in ast.walk(node))
-        # old names kept one release point at their new home, wherever it is
-        if isinstance(node, ast.Call) and ast.unparse(node.func) in ("moved_names",
-                                                                     "moved_module"):
-            skip.update(id(n) for n in ast.walk(node))
     out = set()
     for node in ast.walk(tree):
         if id(node) in skip:
@@ -87,7 +82,7 @@ def _imports(path: Path) -> set[str]:
             out.update(a.name for a in node.names if a.name.startswith("cfmodules."))
         elif isinstance(node, ast.Constant) and isinstance(node.value, str) and \
                 node.value.startswith("cfmodules.") and ":" in node.value:
-            out.add(node.value.split(":")[0])  # moved_names / zoo registry targets
+            out.add(node.value.split(":")[0])  # zoo registry targets
     return out
 
 

@@ -287,8 +287,6 @@ def test_biggan_two_layer_modules_from_joint_labels(ad) -> None:
     from cfmodules.modules import modules_from_labels
 
     mods = modules_from_labels(labels, {conv_1: 16, conv_2: 16})
-    with pytest.warns(DeprecationWarning, match="modules_from_labels"):
-        assert biggan.two_layer_modules(g, 4, labels) == mods
     assert mods == [
         {conv_1: list(range(8)), conv_2: list(range(4, 16))},
         {conv_1: list(range(8, 16)), conv_2: list(range(4))},

@@ -270,13 +270,11 @@ def test_results_file_is_plain_numpy(analyzed):
         assert f["labels"].shape == (24,) and f["templates"].shape == (3, 16, 16)
 
 
-def test_model_loading_lives_in_models_and_the_old_cli_names_warn():
+def test_model_loading_lives_in_models_only():
     from cfmodules import cli, models
 
-    with pytest.warns(DeprecationWarning, match="cfmodules.models.load_model"):
-        assert cli.load_model is models.load_model
-    with pytest.warns(DeprecationWarning, match="cfmodules.models.parse_latent_shape"):
-        assert cli.parse_latent_shape("2,1,1") == (2, 1, 1)
+    assert not hasattr(cli, "load_model") and not hasattr(cli, "parse_latent_shape")
+    assert models.parse_latent_shape("2,1,1") == (2, 1, 1)
     assert models.split_spec("gen.py:make") == ("gen.py", "make")
     assert models.split_spec("dcgan-faces") is None
 

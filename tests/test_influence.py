@@ -50,33 +50,17 @@ def test_pairs_are_even_and_odd_samples_of_the_stream():
     assert torch.equal(z1, z[4:10:2]) and torch.equal(z2, z[5:10:2])
 
 
-def test_old_pair_latents_spelling_warns_and_gives_the_same_pairs():
+def test_the_old_influence_names_are_gone():
     from cfmodules import influence
 
-    ad = hand_adapter()
-    with pytest.warns(DeprecationWarning, match="cfmodules.latents.pair_latents"):
-        old = influence.pair_latents(ad, 3, 2, 3)  # (adapter, seed, start, n)
-    new = pair_latents(ad, 3, seed=3, start=2)
-    assert all(torch.equal(a, b) for a, b in zip(old, new))
-
-
-def test_old_influence_names_warn_and_agree():
-    from cfmodules import influence
-
-    ad = hand_adapter()
-    mods = [{"layer": [0]}]
-    new = module_influence_maps(ad, mods, n_pairs=3, algorithm="split", **KW)
-    with pytest.warns(DeprecationWarning, match="module_influence_maps"):
-        old = influence.module_influence(ad, mods, n_pairs=3, algorithm="split", **KW)
-    with pytest.warns(DeprecationWarning, match="algorithm="):
-        old_kw = module_influence_maps(ad, mods, n_pairs=3, method="split", **KW)
-    assert np.array_equal(old.maps, new.maps) and np.array_equal(old_kw.maps, new.maps)
-    assert new.settings["algorithm"] == "split"
+    assert not hasattr(influence, "pair_latents")  # cfmodules.latents.pair_latents
+    assert not hasattr(influence, "module_influence")  # module_influence_maps
+    with pytest.raises(ConfigError, match="Unknown argument 'method'"):  # algorithm=
+        module_influence_maps(hand_adapter(), [{"layer": [0]}], n_pairs=3, method="split")
 
 
 def test_module_influence_maps_takes_the_options_of_influence_maps():
     import inspect
-    import warnings
 
     opts = {n: p for n, p in inspect.signature(influence_maps).parameters.items()
             if p.kind is p.KEYWORD_ONLY}
@@ -89,10 +73,6 @@ def test_module_influence_maps_takes_the_options_of_influence_maps():
     for fn, target in ((influence_maps, "layer"), (module_influence_maps, [{"layer": [0]}])):
         with pytest.raises(ConfigError, match="n_pairs"):  # one check for both
             fn(ad, target, n_pairs=0, progress=False)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            fn(ad, target, n_pairs=2, method="split", progress=False)
-        assert [w.filename for w in caught if w.category is DeprecationWarning] == [__file__]
 
 
 @pytest.mark.parametrize("n,start", [(0, 0), (2.0, 0), (2, -1)])

@@ -260,23 +260,12 @@ def test_modules_from_labels_for_one_layer_several_layers_and_explicit_units():
         modules_from_labels(labels, "a", n_modules=2)
 
 
-def test_to_modules_is_a_deprecated_spelling_of_modules_from_labels():
+def test_labels_become_modules_by_modules_from_labels_only():
     maps, _ = block_maps((2, 3), shape=(4, 6))
-
-    class Result:
-        def __init__(self, maps):
-            self.maps, self.layer = maps, "main.8"
-
-    clust = ModuleClustering(2, random_state=0)
-    with pytest.raises(NotFittedError), pytest.warns(DeprecationWarning):
-        clust.to_modules()
-    clust.fit(Result(maps))
-    with pytest.warns(DeprecationWarning, match="modules_from_labels"):
-        mods = clust.to_modules()
-    assert mods == modules_from_labels(clust.labels_, "main.8")
-    assert mods == [{"main.8": clust.modules_[k].tolist()} for k in range(2)]
-    with pytest.raises(ConfigError, match="no layer name"), pytest.warns(DeprecationWarning):
-        ModuleClustering(2, random_state=0).fit(maps).to_modules()
+    clust = ModuleClustering(2, random_state=0).fit(maps)
+    assert not hasattr(clust, "to_modules")
+    assert modules_from_labels(clust.labels_, "main.8") == [
+        {"main.8": clust.modules_[k].tolist()} for k in range(2)]
 
 
 def test_clustering_runs_with_one_blas_thread_and_restores_it(monkeypatch):

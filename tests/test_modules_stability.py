@@ -102,8 +102,7 @@ def test_stable_at_true_k_and_result_shapes():
     assert res.suggest_k() == 3 and res.suggest_k("kmeans") == 3
     assert res.mean().shape == res.std("cosine").shape == (2, 4)
     assert "nmf consistency" in repr(res) and "kmeans cosine" in res.to_text()
-    with pytest.warns(DeprecationWarning, match="to_text"):
-        assert res.table() == res.to_text()
+    assert not hasattr(res, "table")  # one verb: to_text
 
 
 @pytest.mark.numerics
@@ -118,9 +117,8 @@ def test_deterministic_and_methods_independent():
     # a method's curve is the same whether or not the other method ran beside it
     assert np.array_equal(alone.consistency[0], both.consistency[1])
     other = cluster_stability(maps, ks=[2, 3], n_repeats=3, seed=6)
-    with pytest.warns(DeprecationWarning, match="seed="):
-        old = cluster_stability(maps, ks=[2, 3], n_repeats=3, random_state=5)
-    np.testing.assert_array_equal(old.consistency, both.consistency)
+    with pytest.raises(TypeError, match="random_state"):  # functions take seed=
+        cluster_stability(maps, ks=[2, 3], n_repeats=3, random_state=5)
     assert not np.array_equal(other.cosine, both.cosine)
 
 

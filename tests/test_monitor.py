@@ -31,7 +31,6 @@ from cfmodules.monitor import (
     MonitorSettings,
     chance_consistency,
     map_entropy,
-    map_locality,  # deprecated: kept unchanged for one release
     match_templates,
 )
 from cfmodules.synthetic import load_planted_conv
@@ -204,12 +203,6 @@ def test_locality_entropy_and_chance_by_hand():
     maps[0] = 1.0  # even
     maps[1, 2, 3] = 5.0  # one pixel
     maps[2, :1] = 1.0  # one row of ten: the top 10% of the pixels
-    with pytest.warns(DeprecationWarning, match="cfmodules.modules.locality"):
-        np.testing.assert_allclose(map_locality(maps), [0.1, 1.0, 1.0])  # the old numbers
-    with pytest.warns(DeprecationWarning):
-        assert np.isnan(map_locality(np.zeros((1, 2, 2)))[0])
-    with pytest.raises(ConfigError), pytest.warns(DeprecationWarning):
-        map_locality(-maps)
     # the monitor's locality is the library's one definition
     np.testing.assert_allclose(locality(maps), [0.0, 1 - 1 / 100, 0.9])
     np.testing.assert_allclose(map_entropy(maps), [1.0, 0.0, np.log(10) / np.log(100)])

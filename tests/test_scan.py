@@ -54,14 +54,12 @@ def test_module_locality_is_the_mean_over_the_modules_mean_maps():
         module_locality(maps, [0, 1], 2)
 
 
-def test_the_scan_and_monitor_names_of_locality_are_deprecated():
-    import cfmodules.modules.measures as home
+def test_locality_has_one_home():
+    import cfmodules.monitor as monitor
     import cfmodules.scan as scan
 
-    with pytest.warns(DeprecationWarning, match="cfmodules.modules.measures.locality"):
-        assert scan.locality is home.locality
-    with pytest.warns(DeprecationWarning, match="module_locality"):
-        assert scan.module_locality is home.module_locality
+    assert not hasattr(scan, "locality") and not hasattr(scan, "module_locality")
+    assert not hasattr(monitor, "map_locality")  # the monitor's former measure is gone
 
 
 class MixedPlanted(nn.Module):

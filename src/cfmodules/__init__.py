@@ -41,9 +41,6 @@ _EXPORTS: dict[str, str | None] = {
     "explore": "cfmodules.explorer",
 }
 
-# Old names, still resolved (they warn when used) but not advertised.
-_DEPRECATED = {"module_influence": "cfmodules.influence"}
-
 __all__ = ["__version__", *_EXPORTS]
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -60,4 +57,4 @@ if TYPE_CHECKING:  # pragma: no cover
     from cfmodules.scan import scan_layers
 
 
-__getattr__, __dir__ = lazy_names(__name__, {**_EXPORTS, **_DEPRECATED}, __all__)
+__getattr__, __dir__ = lazy_names(__name__, _EXPORTS, __all__)

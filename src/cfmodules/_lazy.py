@@ -28,8 +28,7 @@ def lazy_names(
         The package's ``__name__``.
     homes : dict name -> module
         The module that defines each lazy name; ``None`` when the name is a subpackage of
-        ``package`` itself (``cfmodules.zoo``). Names left out of ``public`` (old names kept
-        one release) still resolve.
+        ``package`` itself (``cfmodules.zoo``).
     public : sequence of str
         What ``dir(package)`` lists (its ``__all__``).
 

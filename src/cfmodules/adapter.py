@@ -22,7 +22,6 @@ from torch import fx, nn
 from cfmodules import checks
 from cfmodules import latents as L
 from cfmodules import noise as N
-from cfmodules._deprecation import warn_renamed
 from cfmodules.engine.cut import Cut, Engine, Explanation
 from cfmodules.errors import (
     ChannelError,
@@ -536,11 +535,6 @@ class GeneratorAdapter:
         suggestions). Not a *module* in the paper's sense (a group of channels, see
         :data:`cfmodules.hybrid.Module`)."""
         return resolve_layer(self.generator, layer).module
-
-    def module(self, layer: str) -> nn.Module:
-        """Deprecated alias of :meth:`submodule`."""
-        warn_renamed("GeneratorAdapter.module(layer)", "GeneratorAdapter.submodule(layer)")
-        return self.submodule(layer)
 
     def layers(self) -> list[LayerInfo]:
         """Every named submodule with its output shape and channel count (one dry forward)."""

@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from cfmodules import checks, models
-from cfmodules._deprecation import moved_names
 from cfmodules.errors import CfModulesError, ConfigError
 
 __all__ = ["main", "load_model_for", "read_modules", "build_parser"]
@@ -531,8 +530,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
-
-
-# the model loading moved to cfmodules.models (one home, usable without the command line)
-__getattr__ = moved_names(__name__, {"load_model": "cfmodules.models:load_model",
-                                     "parse_latent_shape": "cfmodules.models:parse_latent_shape"})

@@ -60,7 +60,6 @@ import numpy as np
 import torch
 
 from cfmodules import checks
-from cfmodules._deprecation import warn_renamed
 from cfmodules.adapter import GeneratorAdapter
 from cfmodules.errors import CfModulesError, ConfigError, ShapeError
 from cfmodules.modules.measures import locality
@@ -312,40 +311,6 @@ class MonitorHistory:
 
 
 # ---------------------------------------------------------------------- measures
-def map_locality(maps: Any, top: float = 0.1) -> np.ndarray:
-    """Deprecated: the monitor's former measure; the library's locality is
-    :func:`cfmodules.modules.locality`, which the monitor now logs.
-
-    Share of each map's total influence that falls on its ``top`` fraction of pixels (kept
-    unchanged for one release, so old callers get the numbers they had).
-
-    Parameters
-    ----------
-    maps : array (N, H, W), non-negative
-    top : float in (0, 1), default 0.1
-        Fraction of the pixels (the largest values of each map; at least one pixel).
-
-    Returns
-    -------
-    ndarray (N,)
-        About ``top`` for a map spread evenly over the image, 1 for a map whose influence
-        is all on its top pixels; NaN for an all-zero map.
-    """
-    warn_renamed("cfmodules.monitor.map_locality (the share of the top pixels)",
-                 "cfmodules.modules.locality (1 - the area above half maximum), the one "
-                 "definition the monitor and the scan use")
-    flat = _flat_maps(maps)
-    if not (isinstance(top, float) and 0 < top < 1):
-        raise ConfigError(f"top must be a fraction in (0, 1), got {top!r}.")
-    n_top = max(1, int(round(top * flat.shape[1])))
-    total = flat.sum(axis=1)
-    head = -np.sort(-flat, axis=1)[:, :n_top].sum(axis=1)
-    out = np.full(len(flat), np.nan)
-    ok = total > 0
-    out[ok] = head[ok] / total[ok]
-    return out
-
-
 def map_entropy(maps: Any) -> np.ndarray:
     """Normalized entropy of each map seen as a distribution over its pixels.
 

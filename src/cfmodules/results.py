@@ -41,7 +41,6 @@ from typing import Any, BinaryIO, ClassVar, TypeVar
 
 import numpy as np
 
-from cfmodules._deprecation import moved_names
 from cfmodules.display import HtmlRepr
 from cfmodules.errors import ResultFileError, ShapeError
 
@@ -520,6 +519,3 @@ def _manifest(path: Path) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) and isinstance(data.get("files"), dict) else {}
-
-
-__getattr__ = moved_names(__name__, {"InfluenceResult": "cfmodules.influence.result:InfluenceResult"})

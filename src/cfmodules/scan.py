@@ -37,7 +37,6 @@ from typing import Any, ClassVar
 import numpy as np
 
 from cfmodules import checks
-from cfmodules._deprecation import moved_names
 from cfmodules.adapter import GeneratorAdapter
 from cfmodules.errors import ConfigError, ShapeError
 from cfmodules.modules.settings import STABILITY_MAX_ITER, ClusteringSettings
@@ -430,9 +429,3 @@ def _version() -> str:
     from cfmodules import __version__
 
     return __version__
-
-
-__getattr__ = moved_names(__name__, {
-    "locality": "cfmodules.modules.measures:locality",
-    "module_locality": "cfmodules.modules.measures:module_locality",
-})

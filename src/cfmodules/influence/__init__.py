@@ -12,9 +12,7 @@ from cfmodules.influence.maps import (
     InfluenceProgress,
     InfluenceSettings,
     influence_maps,
-    module_influence,  # deprecated alias of module_influence_maps
     module_influence_maps,
-    pair_latents,  # deprecated: cfmodules.latents.pair_latents(adapter, n, seed, start)
 )
 from cfmodules.influence.result import InfluenceResult
 

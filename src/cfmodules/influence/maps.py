@@ -35,7 +35,6 @@ import torch
 
 from cfmodules import checks
 from cfmodules import latents as L
-from cfmodules._deprecation import renamed_function, warn_renamed
 from cfmodules.adapter import ChannelSpec, GeneratorAdapter, channel_index
 from cfmodules.engine import (
     BatchChoice,
@@ -162,17 +161,6 @@ def _dtype_name(dtype: torch.dtype | str | None) -> str:
                 return k
         raise ConfigError(f"dtype must be float32, bfloat16 or float16, got {dtype}.")
     return str(dtype)
-
-
-def pair_latents(adapter: GeneratorAdapter, seed: int, start: int, n: int
-                 ) -> tuple[L.Latent, L.Latent]:
-    """Deprecated: use :func:`cfmodules.latents.pair_latents` ``(adapter, n, seed, start)``.
-
-    This old spelling takes ``(adapter, seed, start, n)``; it returns the same pairs.
-    """
-    warn_renamed("cfmodules.influence.pair_latents(adapter, seed, start, n)",
-                 "cfmodules.latents.pair_latents(adapter, n, seed, start)")
-    return L.pair_latents(adapter, n, seed, start)
 
 
 # ---------------------------------------------------------------------- runners
@@ -543,16 +531,6 @@ def _find_non_finite(runner: _Runner, chunks: list[tuple[slice, slice]],
 
 
 # ---------------------------------------------------------------------- public API
-def _algorithm(algorithm: str, method: str | None, stacklevel: int = 3) -> str:
-    """``algorithm``, or the deprecated ``method=`` keyword it replaced."""
-    if method is None:
-        return algorithm
-    warn_renamed("The method= argument of the influence functions",
-                 "algorithm= (method means the clustering method: 'nmf' or 'kmeans')",
-                 stacklevel=stacklevel)
-    return method
-
-
 def influence_maps(
     adapter: GeneratorAdapter,
     layer: str,
@@ -569,7 +547,6 @@ def influence_maps(
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: float = 60.0,
     callback: Callable[[InfluenceProgress], Any] | None = None,
-    method: str | None = None,
     assume_same: bool = False,
 ) -> InfluenceResult:
     """Elementary influence maps (EIMs) of the channels of one layer (sec. 3.3-3.4, eq. 2).
@@ -597,7 +574,6 @@ def influence_maps(
         ConvTranspose / Linear (+ eval BatchNorm), else the prefix/suffix split;
         ``"split"`` never uses the shortcut; ``"hook"`` runs one full forward per channel
         with a replacing hook (the naive reference). Same maps up to float rounding.
-        (Called ``method`` before 0.2; ``method=`` still works with a DeprecationWarning.)
     dtype : torch.dtype or str, optional
         float32 (default); bfloat16 / float16 run the generator under CUDA autocast
         (CUDA only, statistics stay float64).
@@ -679,8 +655,7 @@ def _keyword_options() -> list[inspect.Parameter]:
 def _options(given: Mapping[str, Any], *, given_as_keywords: bool) -> dict[str, Any]:
     """The options of an influence run, from the keyword arguments of a public function.
 
-    Every option not given gets :func:`influence_maps`' default; ``method=`` (deprecated)
-    becomes ``algorithm=``. With ``given_as_keywords``, ``given`` are a ``**options`` and
+    Every option not given gets :func:`influence_maps`' default. With ``given_as_keywords``, ``given`` are a ``**options`` and
     an unknown name is an error (with a 'did you mean'); else they are the ``locals()`` of
     :func:`influence_maps` itself.
 
@@ -701,7 +676,7 @@ def _options(given: Mapping[str, Any], *, given_as_keywords: bool) -> dict[str, 
     settings = InfluenceSettings(
         n_pairs=kw.pop("n_pairs"), seed=kw.pop("seed"),
         pairs_per_block=kw.pop("pairs_per_block"), target_stderr=kw.pop("target_stderr"),
-        algorithm=_algorithm(kw.pop("algorithm"), kw.pop("method"), stacklevel=4),
+        algorithm=kw.pop("algorithm"),
         dtype=_dtype_name(kw.pop("dtype")))
     return {"settings": settings, **kw}
 
@@ -709,7 +684,3 @@ def _options(given: Mapping[str, Any], *, given_as_keywords: bool) -> dict[str, 
 module_influence_maps.__signature__ = inspect.signature(module_influence_maps).replace(  # type: ignore[attr-defined]
     parameters=[*list(inspect.signature(module_influence_maps).parameters.values())[:2],
                 *_keyword_options()])
-
-
-module_influence = renamed_function(module_influence_maps, "cfmodules.influence.module_influence",
-                                    "cfmodules.influence.module_influence_maps")

@@ -21,7 +21,6 @@ from sklearn.exceptions import NotFittedError as SklearnNotFittedError
 from sklearn.utils.validation import check_is_fitted
 
 from cfmodules import checks, errors
-from cfmodules._deprecation import warn_renamed
 from cfmodules.errors import ConfigError, ShapeError
 from cfmodules.modules.fits import BACKENDS, check_jobs, cluster_features
 from cfmodules.modules.labels import module_sizes, modules_from_labels
@@ -257,25 +256,6 @@ class ModuleClustering(ClusterMixin, BaseEstimator):
 
         w = np.stack([nnls(tmpl.T, row)[0] for row in flat])
         return w.argmax(axis=1)
-
-    def to_modules(self, layer: str | None = None) -> list[dict[str, list[int]]]:
-        """Deprecated: use ``modules_from_labels(clust.labels_, layer)``.
-
-        Parameters
-        ----------
-        layer : str, optional
-            Default: ``layer_``, the layer of the influence result that was fitted.
-        """
-        warn_renamed("ModuleClustering.to_modules()",
-                     "cfmodules.modules.modules_from_labels(clust.labels_, layer)")
-        self._check_fitted()
-        name = layer if layer is not None else self.layer_
-        if not isinstance(name, str):
-            raise ConfigError(
-                "These maps carried no layer name; give it: "
-                "modules_from_labels(clust.labels_, 'main.8')."
-            )
-        return modules_from_labels(self.labels_, name, self.n_modules)
 
     # ------------------------------------------------------------------ helpers
     def _check_params(self) -> None:

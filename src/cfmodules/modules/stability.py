@@ -18,7 +18,6 @@ from typing import Any, ClassVar
 import numpy as np
 
 from cfmodules import checks
-from cfmodules._deprecation import warn_renamed
 from cfmodules.errors import ConfigError, ShapeError
 from cfmodules.modules.fits import (
     BACKENDS,
@@ -232,11 +231,6 @@ class StabilityResult(Result):
             lines.append(f"{int(k):>4}  {cells}")
         return "\n".join(lines)
 
-    def table(self) -> str:
-        """Deprecated alias of :meth:`to_text`."""
-        warn_renamed("StabilityResult.table()", "StabilityResult.to_text()")
-        return self.to_text()
-
     def __repr__(self) -> str:
         n_rep = self.consistency.shape[-1]
         return (f"StabilityResult(ks={[int(k) for k in self.ks]}, methods={list(self.methods)}, "
@@ -316,7 +310,6 @@ def cluster_stability(
     progress: bool = False,
     backend: str = "fast",
     nmf_pool: int = 1,
-    random_state: Any = None,
     n_jobs: int | None = None,
 ) -> StabilityResult:
     """Run the paper's cluster stability protocol (sec. 4.1) over K and methods.
@@ -341,8 +334,7 @@ def cluster_stability(
         Restarts and iterations of each clustering (fewer restarts than
         :class:`ModuleClustering`'s default, as the protocol runs many clusterings).
     seed : int, numpy RandomState or None, default 0
-        Seed of the splits and of the clusterings (``random_state=`` before 0.2; that
-        keyword still works with a DeprecationWarning).
+        Seed of the splits and of the clusterings.
     progress : bool, default False
         Show a tqdm progress bar over the clusterings.
     backend : {"fast", "sklearn"}, default "fast"
@@ -367,9 +359,6 @@ def cluster_stability(
     -------
     StabilityResult
     """
-    if random_state is not None:
-        warn_renamed("cluster_stability(random_state=...)", "cluster_stability(seed=...)")
-        seed = random_state
     methods = tuple(methods) if not isinstance(methods, str) else (methods,)
     if not methods or len(set(methods)) != len(methods):
         raise ConfigError(f"methods must be distinct names among {checks.CLUSTERING_METHODS}, "

@@ -63,7 +63,6 @@ from cfmodules.errors import (
     ConfigError,
     LatentError,
     ModelNotAvailableError,
-    ShapeError,
 )
 from cfmodules.zoo._files import package_file
 
@@ -85,7 +84,6 @@ __all__ = [
     "gblock_path",
     "gblock_layers",
     "two_layer_module",
-    "two_layer_modules",
 ]
 
 INSTALL_COMMAND = "pip install --no-deps pytorch-pretrained-biggan==0.1.1"
@@ -487,31 +485,3 @@ def two_layer_module(
     a = [int(c) for c in channels_a]
     b = a if channels_b is None else [int(c) for c in channels_b]
     return {layer_a: a, layer_b: list(b)}
-
-
-def two_layer_modules(model: nn.Module, block: int, labels: Sequence[int]) -> list[dict[str, list[int]]]:
-    """Deprecated: ``modules_from_labels(labels, {conv_1: C1, conv_2: C2})``.
-
-    :func:`cfmodules.modules.modules_from_labels` turns labels into modules for one or
-    several layers; :func:`gblock_layers` gives the two layers of Gblock ``block``. This
-    old helper keeps only the labels some channel has, in label order.
-
-    Raises
-    ------
-    ShapeError
-        If ``labels`` does not have one entry per channel of the two layers.
-    """
-    from cfmodules._deprecation import warn_renamed
-    from cfmodules.modules import modules_from_labels
-
-    warn_renamed("cfmodules.zoo.biggan.two_layer_modules(model, block, labels)",
-                 "cfmodules.modules.modules_from_labels(labels, {conv_1: C1, conv_2: C2})")
-    layer_a, layer_b = gblock_layers(model, block)
-    modules = dict(model.named_modules())
-    n_a, n_b = modules[layer_a].out_channels, modules[layer_b].out_channels
-    if len(labels) != n_a + n_b:
-        raise ShapeError(
-            f"labels has {len(labels)} entries; Gblock {block} has {n_a} + {n_b} channels in "
-            f"{layer_a} and {layer_b} (stack the maps of {layer_a} first)."
-        )
-    return [m for m in modules_from_labels(labels, {layer_a: n_a, layer_b: n_b}) if m]
