@@ -30,9 +30,9 @@ import torch
 
 from cfmodules import plots
 from cfmodules.analysis import analyze
+from cfmodules.files import atomic_write
 from cfmodules.monitor import ModularityMonitor, MonitorHistory
 from cfmodules.report import write_report
-from cfmodules.results import atomic_write
 from cfmodules.zoo import began
 from cfmodules.zoo.vae_faces import olivetti_faces
 

@@ -20,7 +20,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 # low to high; a module imports only from its own layer or a lower one
 LAYERS: list[tuple[str, set[str]]] = [
-    ("foundation", {"errors", "_lazy", "names", "checks", "results",
+    ("foundation", {"errors", "_lazy", "names", "checks", "files", "results",
                     "__version__",
                     "display", "images"}),  # notebook display and image grids
     ("latents and hooks", {"latents", "hooks", "noise"}),

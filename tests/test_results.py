@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from cfmodules.errors import ResultFileError, ShapeError
+from cfmodules.files import atomic_write
 from cfmodules.influence import InfluenceResult
-from cfmodules.results import atomic_write, read_npz, write_npz
+from cfmodules.results import read_npz, write_npz
 
 
 def _result(layer: str | None = "main.8") -> InfluenceResult:

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cfmodules import files as F
 from cfmodules import results as R
 from cfmodules.errors import ResultFileError
 from cfmodules.results import check_folder, finish_folder_update, folder_update, read_npz
@@ -39,9 +40,10 @@ def _temps(folder: Path) -> list[str]:
 WRITER = textwrap.dedent('''
     import sys
     import numpy as np
+    import cfmodules.files as f
     import cfmodules.results as r
 
-    r._USE_O_TMPFILE = sys.argv[2] == "unnamed"
+    f._USE_O_TMPFILE = sys.argv[2] == "unnamed"
     big = np.random.default_rng(0).random(2 * 2**20)  # 16 MiB, a large checkpoint
     i = 0
     while True:
@@ -53,7 +55,7 @@ WRITER = textwrap.dedent('''
 
 @pytest.mark.parametrize("mode", ["unnamed", "named"])
 def test_kills_during_writes_leave_no_temporary_file_for_good(tmp_path, monkeypatch, mode):
-    if mode == "unnamed" and not R._USE_O_TMPFILE:
+    if mode == "unnamed" and not F._USE_O_TMPFILE:
         pytest.skip("no O_TMPFILE here")
     script = tmp_path / "writer.py"
     script.write_text(WRITER)
@@ -75,7 +77,7 @@ def test_kills_during_writes_leave_no_temporary_file_for_good(tmp_path, monkeypa
         if mode == "unnamed":  # the file has no name until it is complete
             assert len(_temps(target.parent)) <= 1  # at most one killed between link and rename
     # the next write of the same file removes what killed writers left
-    monkeypatch.setattr(R, "_STALE_TEMP_S", 0.0)
+    monkeypatch.setattr(F, "_STALE_TEMP_S", 0.0)
     R.write_npz(target, {"mean": np.zeros(2)}, {"kind": "t"})
     assert _temps(target.parent) == []
 
@@ -89,15 +91,16 @@ def test_a_fresh_temporary_file_of_a_live_writer_is_not_removed(tmp_path):
 
 
 def test_atomic_write_gives_umask_permissions_and_no_temporary_file(tmp_path):
-    path = R.atomic_write(tmp_path / "x.bin", b"abc")
+    path = F.atomic_write(tmp_path / "x.bin", b"abc")
     assert path.read_bytes() == b"abc" and _temps(tmp_path) == []
-    assert path.stat().st_mode & 0o777 == 0o666 & ~R._umask()
+    assert path.stat().st_mode & 0o777 == 0o666 & ~F._umask()
 
 
 # ------------------------------------------------------------------ report folders
 UPDATER = textwrap.dedent('''
     import os, signal, sys
     from pathlib import Path
+    import cfmodules.files as f
     import cfmodules.results as r
 
     out, kill_at = Path(sys.argv[1]), int(sys.argv[2])
@@ -122,7 +125,7 @@ UPDATER = textwrap.dedent('''
     with r.folder_update(out) as stage:  # the new run: K=2, one figure fewer
         for name, text in [("results.npz", "K=2"), ("report.html", "K=2"),
                            ("hybrids_module_0.png", "K=2"), ("hybrids_module_1.png", "K=2")]:
-            r.atomic_write(stage / name, text.encode())
+            f.atomic_write(stage / name, text.encode())
     print(calls)
 ''')
 

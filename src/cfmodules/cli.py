@@ -33,7 +33,7 @@ from typing import Any, NoReturn
 from cfmodules import checks, models
 from cfmodules.errors import CfModulesError, ConfigError
 
-__all__ = ["main", "load_model_for", "read_modules", "build_parser"]
+__all__ = ["main", "read_modules", "build_parser"]
 
 PROG = "cfmodules"
 EXIT_USAGE = 2
@@ -241,28 +241,7 @@ def read_modules(path: str, model: str | None = None, device: str = "auto",
 
         result = AnalysisResult.load(path)
         modules, seed = ModuleFile.from_result(result), result.settings.seed
-    return modules, load_model_for(modules, path, model, device, latent_shape), seed
-
-
-def load_model_for(modules: Any, path: str, model: str | None = None, device: str = "auto",
-                   latent_shape: str | None = None) -> Any:
-    """Load the model of ``modules`` (a ModuleFile read from ``path``) and check it matches.
-
-    ``model`` and ``latent_shape`` override the spec and options recorded in the file.
-
-    Raises
-    ------
-    ConfigError
-        The model cannot be loaded, or lacks the layers or channel counts of the modules.
-    """
-    spec = model or modules.model_spec
-    shape = latent_shape or modules.model_options.get("latent_shape")
-    adapter = models.load_model(spec, device, shape)
-    try:
-        modules.check_model(adapter, spec)
-    except ConfigError as e:
-        raise ConfigError(f"'{path}': {e}") from None
-    return adapter
+    return modules, models.load_model_for(modules, path, model, device, latent_shape), seed
 
 
 def _cmd_hybrids(args: argparse.Namespace) -> int:
@@ -291,7 +270,7 @@ def _cmd_explore(args: argparse.Namespace) -> int:
     from cfmodules.module_file import ModuleFile
 
     result = AnalysisResult.load(args.results)
-    adapter = load_model_for(ModuleFile.from_result(result), args.results, args.model,
+    adapter = models.load_model_for(ModuleFile.from_result(result), args.results, args.model,
                              args.device, args.latent_shape)
     explorer = Explorer(result, adapter)
     serve(explorer, host=args.host, port=args.port, open_browser=not args.no_browser)

@@ -228,7 +228,7 @@ class ImageGrid:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the grid as a PNG file (atomically); returns the path."""
-        from cfmodules.results import atomic_write
+        from cfmodules.files import atomic_write
 
         return atomic_write(path, self.to_png())
 

@@ -5,7 +5,7 @@ explorer and notebooks show them as ``uint8`` arrays and grids. Grids are laid o
 rounded exactly as ``torchvision.utils.make_grid`` and ``save_image`` lay them out and
 round them (the same pixels and PNG bytes: tested), but without importing torchvision,
 whose import pulls in ``torch._dynamo`` (2.5 s on a notebook's first ``show``). PNG files
-are written by Pillow through :func:`cfmodules.results.atomic_write`, so a crash never
+are written by Pillow through :func:`cfmodules.files.atomic_write`, so a crash never
 leaves half a file.
 """
 
@@ -94,7 +94,7 @@ def save_image_grid(images: Any, path: str | os.PathLike, nrow: int = 8, padding
     """Write :func:`image_grid` of ``images`` to a PNG file, atomically; return its path."""
     from PIL import Image
 
-    from cfmodules.results import atomic_write
+    from cfmodules.files import atomic_write
 
     buf = io.BytesIO()
     Image.fromarray(image_grid(images, nrow, padding, pad_value)).save(buf, format="png")

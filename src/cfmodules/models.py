@@ -18,7 +18,7 @@ from typing import Any
 from cfmodules import checks
 from cfmodules.errors import CfModulesError, ConfigError
 
-__all__ = ["load_model", "parse_latent_shape", "resolve_device", "split_spec"]
+__all__ = ["load_model", "load_model_for", "parse_latent_shape", "resolve_device", "split_spec"]
 
 
 def parse_latent_shape(text: str) -> tuple[int, ...] | tuple[tuple[int, ...], ...]:
@@ -173,6 +173,27 @@ def load_model(spec: str, device: str = "auto", latent_shape: str | None = None)
             f"{type(e).__name__}: {first_line(e)}. Check the latent shape (--latent-shape) "
             "or pass forward=/output_transform= to the GeneratorAdapter your factory returns."
         ) from e
+    return adapter
+
+
+def load_model_for(modules: Any, path: str, model: str | None = None, device: str = "auto",
+                   latent_shape: str | None = None) -> Any:
+    """Load the model of ``modules`` (a ModuleFile read from ``path``) and check it matches.
+
+    ``model`` and ``latent_shape`` override the spec and options recorded in the file.
+
+    Raises
+    ------
+    ConfigError
+        The model cannot be loaded, or lacks the layers or channel counts of the modules.
+    """
+    spec = model or modules.model_spec
+    shape = latent_shape or modules.model_options.get("latent_shape")
+    adapter = load_model(spec, device, shape)
+    try:
+        modules.check_model(adapter, spec)
+    except ConfigError as e:
+        raise ConfigError(f"'{path}': {e}") from None
     return adapter
 
 

@@ -100,7 +100,7 @@ class ModuleFile:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the file atomically (temp file + rename); returns the path."""
-        from cfmodules.results import atomic_write
+        from cfmodules.files import atomic_write
 
         return atomic_write(path, self.to_json().encode("utf-8"))
 

@@ -62,10 +62,11 @@ import torch
 from cfmodules import checks
 from cfmodules.adapter import GeneratorAdapter
 from cfmodules.errors import CfModulesError, ConfigError, ShapeError
+from cfmodules.files import atomic_write
 from cfmodules.modules.measures import locality
 from cfmodules.modules.preprocess import smooth
 from cfmodules.modules.settings import ClusteringSettings
-from cfmodules.results import atomic_write, read_npz, write_npz
+from cfmodules.results import read_npz, write_npz
 
 __all__ = [
     "ModularityMonitor",

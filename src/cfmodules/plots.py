@@ -21,8 +21,8 @@ import numpy as np
 
 from cfmodules import checks
 from cfmodules.errors import ShapeError
+from cfmodules.files import atomic_write
 from cfmodules.names import module_name
-from cfmodules.results import atomic_write
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure

@@ -158,7 +158,7 @@ def explore(result: Any, adapter: Any = None, *, host: str = "127.0.0.1", port: 
     from cfmodules.module_file import ModuleFile
 
     if adapter is None:
-        from cfmodules.cli import load_model_for
+        from cfmodules.models import load_model_for
 
         adapter = load_model_for(ModuleFile.from_result(result), path, None, "auto", None)
     else:

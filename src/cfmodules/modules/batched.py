@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from cfmodules.modules.randomness import as_random_state
+
 __all__ = ["kmeans_many", "KMEANS_TOL"]
 
 KMEANS_TOL = 1e-4
@@ -147,7 +149,6 @@ def kmeans_many(
     list of B tuples (labels (N_b,), centroid weights (K, N_b), inertia, converged)
         The restart with the smallest inertia; the centroids are ``weights @ X[rows]``.
     """
-    from cfmodules.modules.fits import as_random_state
 
     out = []
     for rows, seed in zip(subsets, seeds):

@@ -31,6 +31,7 @@ import numpy as np
 
 from cfmodules.checks import CLUSTERING_BACKENDS
 from cfmodules.errors import ConfigError
+from cfmodules.modules.randomness import as_random_state, draw_seed
 
 __all__ = ["BACKENDS", "cluster_features", "cluster_many", "fit_rows", "default_jobs",
            "check_jobs", "run_parallel", "engine_description", "RESTART_GROUP"]
@@ -265,7 +266,7 @@ def _sklearn_fit(flat: np.ndarray, k: int, method: str, n_init: int, max_iter: i
     rng = as_random_state(random_state)
     if method == "nmf":
         return _nmf(flat, k, n_init, max_iter, rng)
-    km = KMeans(n_clusters=k, n_init=n_init, max_iter=max_iter, random_state=_draw(rng))
+    km = KMeans(n_clusters=k, n_init=n_init, max_iter=max_iter, random_state=draw_seed(rng))
     labels = _quietly(km.fit_predict, flat)
     return (np.eye(k)[labels], km.cluster_centers_, float(np.sqrt(max(km.inertia_, 0.0))),
             bool(km.n_iter_ < max_iter))
@@ -299,7 +300,7 @@ def _nmf(
     best: tuple[float, np.ndarray, np.ndarray, bool] | None = None
     for i in range(n_init):
         init = "nndsvda" if i == 0 else "random"
-        model = NMF(n_components=k, init=init, max_iter=max_iter, random_state=_draw(rng))
+        model = NMF(n_components=k, init=init, max_iter=max_iter, random_state=draw_seed(rng))
         w = _quietly(model.fit_transform, flat)
         h = model.components_
         err = float(model.reconstruction_err_)
@@ -308,25 +309,6 @@ def _nmf(
     assert best is not None
     err, w, h, converged = best
     return (*_scaled(w, h), err, converged)
-
-
-def as_random_state(seed: Any) -> np.random.RandomState:
-    """scikit-learn's ``check_random_state`` without importing scikit-learn (for workers):
-    None -> numpy's global RandomState, an int -> a new RandomState, a RandomState as is."""
-    if seed is None:
-        return np.random.mtrand._rand
-    if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
-        return np.random.RandomState(seed)
-    if isinstance(seed, np.random.RandomState):
-        return seed
-    from sklearn.utils import check_random_state
-
-    return check_random_state(seed)  # its error for anything else
-
-
-def _draw(rng: np.random.RandomState) -> int:
-    """A seed for one restart, drawn from the clustering's stream."""
-    return int(rng.randint(np.iinfo(np.int32).max))
 
 
 def _quietly(fit: Any, flat: np.ndarray) -> Any:

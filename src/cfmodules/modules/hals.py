@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from cfmodules.modules.randomness import as_random_state, draw_seed
+
 __all__ = ["nmf_init", "nmf_starts", "nmf_hals", "PATIENCE", "RTOL", "INNER_W", "INNER_H"]
 
 PATIENCE = 10
@@ -231,9 +233,8 @@ def nmf_starts(x: np.ndarray, k: int, n_init: int, random_state: Any
     -------
     W0 (n_init, C, K), H0 (n_init, K, P), of the dtype of ``x``
     """
-    from cfmodules.modules.fits import _draw, as_random_state
 
     rng = as_random_state(random_state)
-    starts = [nmf_init(x, k, "nndsvda" if i == 0 else "random", _draw(rng))
+    starts = [nmf_init(x, k, "nndsvda" if i == 0 else "random", draw_seed(rng))
               for i in range(n_init)]
     return np.stack([s[0] for s in starts]), np.stack([s[1] for s in starts])

@@ -21,7 +21,6 @@ from cfmodules import checks
 from cfmodules.errors import ConfigError, ShapeError
 from cfmodules.modules.fits import (
     BACKENDS,
-    as_random_state,
     check_jobs,
     engine_description,
     fit_rows,
@@ -36,6 +35,7 @@ from cfmodules.modules.preprocess import (
     check_window,
     preprocess,
 )
+from cfmodules.modules.randomness import as_random_state
 from cfmodules.results import Result
 
 __all__ = [
