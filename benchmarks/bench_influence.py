@@ -28,7 +28,7 @@ It ends with one line per layer::
     RESULT layer=main.8 speedup=12.3x limit=8.1x max_rel_diff=2.1e-06 ours_s=... naive_s=... gflops=... peak_gflops=... model=... path=...
 
 ``limit`` is the FLOP ratio of one naive hybrid (a full forward) to one hybrid on the
-path cfmodules takes (``adapter.explain(layer)``); ``load`` the machine's load average.
+path cfmodules takes (``explain(adapter, layer)``); ``load`` the machine's load average.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from cfmodules import GeneratorAdapter
+from cfmodules.engine import explain
 from cfmodules.influence import influence_maps
 from cfmodules.latents import pair_latents
 from cfmodules.zoo.dcgan import load_dcgan_faces
@@ -374,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
             return naive_maps(adapter, layer, pairs)
 
         ours()  # warm up: graph capture, layer shapes, allocator
-        explanation = adapter.explain(layer)
+        explanation = explain(adapter, layer)
         print(explanation, flush=True)
         ours_s = naive_s = float("inf")
         for r in range(args.repeats):  # interleaved, so both see the same machine load

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from cfmodules import GeneratorAdapter
-from cfmodules.engine.split import FxSplit, HookSplit
+from cfmodules.engine import split
+from cfmodules.engine.paths import FxSplit, HookSplit
 from cfmodules.errors import (
     CfModulesError,
     ConfigError,
@@ -91,14 +92,14 @@ def test_fx_split_and_hook_split_give_the_same_numbers(skip):
     # untraceable (bool of a tensor) and post-processed after the generator: hooks only
     slow = GeneratorAdapter(skip, (3, 1, 1),
                             forward=lambda g, z: g(z) * 1.0 if bool(z.isfinite().all()) else None)
-    assert isinstance(fast.split("act").inner, FxSplit)
-    assert isinstance(slow.split("act").inner, HookSplit)
+    assert isinstance(split(fast, "act").inner, FxSplit)
+    assert isinstance(split(slow, "act").inner, HookSplit)
     z = fast.sample_latents(5)
     for ad in (fast, slow):
-        s = ad.split("act")
+        s = split(ad, "act")
         state = s.prefix(z)
         torch.testing.assert_close(s.suffix(state, state.activation), skip(z), rtol=1e-5, atol=1e-6)
-    sf, ss = fast.split("act"), slow.split("act")
+    sf, ss = split(fast, "act"), split(slow, "act")
     stf, sts = sf.prefix(z), ss.prefix(z)
     edited = stf.activation * torch.tensor([1.0, 0.0, 2.0, 1.0])[None, :, None, None]
     torch.testing.assert_close(sf.suffix(stf, edited), ss.suffix(sts, edited), rtol=1e-5, atol=1e-6)
@@ -110,7 +111,7 @@ def test_fx_split_and_hook_split_give_the_same_numbers(skip):
 def test_split_keeps_conditional_inputs(conditional):
     ad = GeneratorAdapter(conditional, ((3,), (2,)))
     z = (torch.randn(4, 3), torch.eye(2)[[0, 1, 1, 0]])
-    s = ad.split("act")
+    s = split(ad, "act")
     assert isinstance(s.inner, FxSplit)
     st = s.prefix(z)
     torch.testing.assert_close(s.suffix(st, st.activation), conditional(*z))
@@ -177,7 +178,7 @@ def test_no_hook_left_when_the_forward_raises():
                 ad.generate(z)
         assert no_hooks_left(g)
     with pytest.raises(RuntimeError, match="boom"):
-        ad.split("1").prefix(z)
+        split(ad, "1").prefix(z)
     assert no_hooks_left(g)
 
 
@@ -207,8 +208,8 @@ def test_module_called_twice_needs_a_call_index():
     # the fx split also refuses the ambiguous name and accepts the named call
     fx_ad = GeneratorAdapter(g, (2, 1, 1))
     with pytest.raises(LayerCallError):
-        fx_ad.split("relu")
-    s = fx_ad.split("relu:0")
+        split(fx_ad, "relu")
+    s = split(fx_ad, "relu:0")
     st = s.prefix(z)
     torch.testing.assert_close(s.suffix(st, st.activation * 0), g.relu(g.a(torch.zeros_like(z))))
     assert no_hooks_left(g)

@@ -11,6 +11,7 @@ from torch import nn
 
 from cfmodules import GeneratorAdapter, hybridize
 from cfmodules import latents as L
+from cfmodules.engine import engine_of, split
 from cfmodules.errors import ConfigError, LatentError
 from conftest import no_hooks_left, tiny_sequential
 
@@ -59,7 +60,7 @@ def test_integer_bool_and_complex_latents_are_refused(dtype):
     ad.generator.train()
     z = torch.ones(3, 2, 1, 1, dtype=dtype)
     for call in (lambda: ad.generate(z), lambda: hybridize(ad, ad.sample_latents(3), z, {"act": [0]}),
-                 lambda: ad.split("act").prefix(z)):
+                 lambda: split(ad, "act").prefix(z)):
         with pytest.raises(LatentError, match=f"dtype {dtype}.*floating-point") as e:
             call()
         assert isinstance(e.value, ValueError)
@@ -174,9 +175,9 @@ def test_to_moves_the_generator_and_returns_the_adapter():
     ad = adapter()
     z = ad.sample_latents(3)
     y = hybridize(ad, z, z.flip(0), {"act": [2]})
-    assert ad.engine._entries
+    assert engine_of(ad)._entries
     assert ad.to("cpu") is ad and ad.device == torch.device("cpu")
-    assert not ad.engine._entries  # captures are rebuilt on the new device
+    assert not engine_of(ad)._entries  # captures are rebuilt on the new device
     torch.testing.assert_close(hybridize(ad, z, z.flip(0), {"act": [2]}), y)
     assert ad.to(torch.device("cpu")) is ad
 

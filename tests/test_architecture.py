@@ -24,8 +24,8 @@ LAYERS: list[tuple[str, set[str]]] = [
                     "__version__",
                     "display", "images"}),  # notebook display and image grids
     ("latents and hooks", {"latents", "hooks", "noise"}),
-    ("engine", {"engine"}),
     ("adapter", {"adapter"}),
+    ("engine", {"engine"}),
     ("modules, hybrids, ground truth", {"modules", "hybrid", "synthetic", "module_file"}),
     ("influence", {"influence"}),
     ("analysis, evaluation, zoo", {"analysis", "evaluation", "zoo", "scan", "monitor"}),
@@ -36,11 +36,7 @@ LAYERS: list[tuple[str, set[str]]] = [
 
 DISPLAY_HOOKS = {"_html_figures", "_repr_html_"}
 
-ALLOWED_UPWARD = {
-    # the engine asks, at run time, whether an adapter subclass overrides generate() or
-    # other extension points, by comparing with GeneratorAdapter's own methods (lazily)
-    ("cfmodules.engine.cut", "cfmodules.adapter"),
-}
+ALLOWED_UPWARD: set[tuple[str, str]] = set()  # none: say why in docs/architecture.md first
 
 
 def _unit(module: str) -> str:
@@ -59,7 +55,9 @@ def _layer(unit: str) -> int:
                          "add it (and to docs/architecture.md)")
 
 
-def _imports(path: Path) -> set[str]:
+def _imports(path: Path, exact: bool = False) -> set[str]:
+    """The cfmodules modules ``path`` imports. ``exact``: ``from cfmodules.p import m`` of a
+    submodule ``m`` is an arrow to ``cfmodules.p.m`` (else to ``cfmodules.p``)."""
     tree = ast.parse(path.read_text())
     skip: set[int] = set()
     for node in ast.walk(tree):  # `if TYPE_CHECKING:` blocks are annotations only
@@ -76,6 +74,10 @@ def _imports(path: Path) -> set[str]:
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             if node.module == "cfmodules":
                 out.update(f"cfmodules.{a.name}" for a in node.names)
+            elif node.module.startswith("cfmodules.") and exact:
+                for a in node.names:
+                    sub = f"{node.module}.{a.name}"
+                    out.add(sub if _file_of(sub) is not None else node.module)
             elif node.module.startswith("cfmodules."):
                 out.add(node.module)
         elif isinstance(node, ast.Import):
@@ -84,6 +86,14 @@ def _imports(path: Path) -> set[str]:
                 node.value.startswith("cfmodules.") and ":" in node.value:
             out.add(node.value.split(":")[0])  # zoo registry targets
     return out
+
+
+def _file_of(module: str) -> Path | None:
+    base = SRC.joinpath(*module.split("."))
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
 
 
 def _modules() -> list[tuple[str, Path]]:
@@ -186,3 +196,82 @@ def test_imports_that_cost_seconds_are_paid_only_when_used(tmp_path):
                           env={**os.environ, "PYTHONPATH": str(SRC)},
                           timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def _file_graph() -> dict[str, set[str]]:
+    """Every file of ``src/cfmodules`` (a package as its ``__init__``) -> the files it imports.
+
+    ``from cfmodules import GeneratorAdapter`` (a lazy name of the root) is an arrow to the
+    root package, ``from cfmodules.engine import split`` one to ``engine/__init__.py``.
+    """
+    files = {}
+    for path in sorted((SRC / "cfmodules").rglob("*.py")):
+        parts = list(path.relative_to(SRC).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        files[".".join(parts)] = path
+    graph = {}
+    for module, path in files.items():
+        targets = set()
+        for t in _imports(path, exact=True):
+            while t not in files:  # a name inside a module: the module that holds it
+                t = t.rsplit(".", 1)[0]
+            if t != module:
+                targets.add(t)
+        graph[module] = targets
+    return graph
+
+
+def _circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one file (Tarjan), sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    out: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return sorted(out)
+
+
+def test_no_import_circles_between_files():
+    """Every file a room, every import an arrow (inside functions too): no circle.
+
+    A package's ``__init__`` is a room of its own, so a file that imports its own package's
+    ``__init__`` (which imports that file) is a circle too.
+    """
+    circles = _circles(_file_graph())
+    assert not circles, ("import circles (each: files that import each other, directly or "
+                         f"round a loop): {circles}; move what both sides need one floor down")
+
+
+def test_the_circle_check_finds_a_circle():
+    assert _circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _circles({"a": {"b"}, "b": set()}) == []
+    graph = _file_graph()
+    assert "cfmodules.engine.cut" in graph["cfmodules.engine"]
+    assert "cfmodules.adapter" in graph["cfmodules.engine.cut"]
+    assert not any(t.startswith("cfmodules.engine") for t in graph["cfmodules.adapter"])

@@ -1,7 +1,8 @@
-"""``cfmodules explain MODEL --layer L``: what adapter.explain says, on the command line."""
+"""``cfmodules explain MODEL --layer L``: what cfmodules.explain says, on the command line."""
 
 from __future__ import annotations
 
+from cfmodules.engine import explain
 from cfmodules.zoo import load
 from report_helpers import factory_file
 from test_cli import one_line_error, run
@@ -10,7 +11,7 @@ from test_cli import one_line_error, run
 def test_explain_prints_the_adapters_explanation(capsys):
     code, out, err = run(capsys, "explain", "planted-conv", "--layer", "main.3")
     assert code == 0, err
-    expected = str(load("planted-conv").explain("main.3"))
+    expected = str(explain(load("planted-conv"), "main.3"))
     assert out.strip() == expected.strip()
     first = out.splitlines()[0]
     assert first.startswith("layer main.3: path ")

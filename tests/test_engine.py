@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from cfmodules import GeneratorAdapter
-from cfmodules.engine import Explanation
-from cfmodules.engine.split import FxSplit
+from cfmodules.engine import Explanation, engine_of, explain, split
+from cfmodules.engine.paths import FxSplit
 from cfmodules.errors import NondeterministicForwardError
 from cfmodules.hybrid import hybridize
 from cfmodules.influence import influence_maps
@@ -38,7 +38,7 @@ pytestmark = pytest.mark.numerics  # the fast paths against the hook path, by de
 # ---------------------------------------------------------------------- capture paths
 def test_dim_control_flow_cat_view_is_captured_below_the_forward():
     ad = cond_adapter()
-    ex = ad.explain("main.5")
+    ex = explain(ad, "main.5")
     assert isinstance(ex, Explanation)
     assert ex.path == "partial" and ex.capture == "partial at 'main'"
     graph, partial, export = ex.attempts
@@ -54,10 +54,10 @@ def test_dim_control_flow_cat_view_is_captured_below_the_forward():
 
 def test_linear_shortcut_applies_on_a_partial_capture(tmp_path):
     ad = cond_adapter()
-    ex = ad.explain("main.2")
+    ex = explain(ad, "main.2")
     assert ex.path == "linear shortcut" and ex.linear_cut == "main.4"
-    assert ex.limit > ad.explain("main.2", algorithm="split").limit
-    assert ad.explain("main.2", algorithm="hook").path == "hook"
+    assert ex.limit > explain(ad, "main.2", algorithm="split").limit
+    assert explain(ad, "main.2", algorithm="hook").path == "hook"
     assert_paths_agree(ad, "main.2")
     res = influence_maps(ad, "main.2", n_pairs=3, progress=False)
     assert res.settings["paths"] == {"main.2": "linear shortcut"}
@@ -69,8 +69,8 @@ def test_linear_shortcut_applies_on_a_partial_capture(tmp_path):
 def test_forward_function_is_captured_with_the_generator():
     gen = init(SkipDecoder(), 3)
     ad = GeneratorAdapter(gen, (4,), forward=lambda g, z: g(z * 2.0))
-    assert isinstance(ad.split("act").inner, FxSplit)
-    assert ad.explain("act").capture == "graph of the forward"
+    assert isinstance(split(ad, "act").inner, FxSplit)
+    assert explain(ad, "act").capture == "graph of the forward"
     assert_paths_agree(ad, "act")  # the skip from before the layer travels with its sample
 
 
@@ -78,16 +78,16 @@ def test_forward_function_is_captured_with_the_generator():
     (DictOut, lambda o: o["image"]), (TupleOut, lambda o: o[0])])
 def test_dict_and_tuple_outputs(model, transform):
     ad = GeneratorAdapter(init(model(), 1), (4,), output_transform=transform)
-    assert ad.explain("act").path == "split"
+    assert explain(ad, "act").path == "split"
     assert_paths_agree(ad, "act")
 
 
 def test_in_place_ops_after_the_layer():
     ad = GeneratorAdapter(init(InPlace(), 4), (4, 1, 1))
-    assert ad.explain("act").path in ("split", "linear shortcut")
+    assert explain(ad, "act").path in ("split", "linear shortcut")
     assert_paths_agree(ad, "act")
     # the prefix state is not clobbered by suffix runs
-    s = ad.split("act")
+    s = split(ad, "act")
     z = ad.sample_latents(2)
     st = s.prefix(z)
     before = st.activation.clone()
@@ -103,15 +103,15 @@ def test_module_called_twice():
 
 def test_stylegan_like_generator_has_no_linear_shortcut():
     ad = GeneratorAdapter(init(StyleLike(), 2), ((4,), (1, 4, 4), (1, 8, 8)))
-    ex = ad.explain("conv0")
+    ex = explain(ad, "conv0")
     assert ex.path == "split"  # sample-dependent weights: no linear shortcut
-    assert ad.engine.linear_plan("conv0") is None
+    assert engine_of(ad).linear_plan("conv0") is None
     assert_paths_agree(ad, "conv0")
     assert_paths_agree(ad, "conv1")
     # before conv0 the batch is folded into the channels (groups=N): those values are not
     # per-sample, so the suffix recomputes them from the per-sample ones they are made of
-    assert ad.explain("mapping.2").path == "split"
-    assert ad.explain("mapping.1").path == "linear shortcut"
+    assert explain(ad, "mapping.2").path == "split"
+    assert explain(ad, "mapping.1").path == "linear shortcut"
     assert_paths_agree(ad, "mapping.2")
     assert_paths_agree(ad, "mapping.1")
 
@@ -127,9 +127,9 @@ def test_generator_that_draws_its_own_noise_is_not_captured():
             return h + torch.randn_like(h)
 
     with pytest.raises(NondeterministicForwardError):
-        GeneratorAdapter(init(Noisy(), 0), (4, 1, 1)).explain("up")
+        explain(GeneratorAdapter(init(Noisy(), 0), (4, 1, 1)), "up")
     ad = GeneratorAdapter(init(Noisy(), 0), (4, 1, 1), noise="per-sample")
-    ex = ad.explain("act")
+    ex = explain(ad, "act")
     assert ex.path == "hook" and "noise='per-sample'" in ex.reason and not ex.attempts
     z1, z2 = ad.sample_latents(3, seed=1), ad.sample_latents(3, seed=2)
     torch.testing.assert_close(hybridize(ad, z1, z2, {"act": []}), ad.generate(z1))
@@ -139,7 +139,7 @@ def test_hook_fallback_warns_once_with_reason_and_cost():
     ad = GeneratorAdapter(init(DictOut(), 1), (4,),
                           forward=lambda g, z: g(z)["image"] * 1.0 if bool(z.isfinite().all())
                           else None)
-    assert ad.explain("act").path == "hook"
+    assert explain(ad, "act").path == "hook"
     with pytest.warns(UserWarning, match="one full forward .* per hybrid") as rec:
         res = influence_maps(ad, "act", n_pairs=2, progress=False)
     assert len([w for w in rec if "full forward" in str(w.message)]) == 1
@@ -152,20 +152,20 @@ def test_hook_fallback_warns_once_with_reason_and_cost():
 
 def test_partial_prefix_leaves_no_hook_after_an_error():
     ad = cond_adapter()
-    ad.split("main.5")
+    split(ad, "main.5")
     bad = (torch.zeros(2, 6, 1, 1), torch.zeros(2, 4))  # wrong class width: the conv refuses
     with pytest.raises(RuntimeError, match="channels"):
-        ad.split("main.5").inner.prefix(bad)  # the generator's own error, through the hook
+        split(ad, "main.5").inner.prefix(bad)  # the generator's own error, through the hook
     assert no_hooks_left(ad.generator)
 
 
 def test_partial_capture_freezes_non_tensor_arguments_per_value():
     ad = float_argument_adapter()
-    assert ad.explain("inner.act").capture == "partial at 'inner'"
+    assert explain(ad, "inner.act").capture == "partial at 'inner'"
     assert_paths_agree(ad, "inner.act")
     z = ad.sample_latents(3)
     z2 = (z[0], torch.full((3, 1), 2.0))  # another frozen value: its own capture
-    s = ad.split("inner.act")
+    s = split(ad, "inner.act")
     st = s.prefix(z2)
     torch.testing.assert_close(s.suffix(st, st.activation), ad.generate(z2))
 
@@ -275,7 +275,7 @@ def test_overridden_generate_is_honoured_everywhere():
     torch.testing.assert_close(hybridize(m, z1, z2, {"act": list(range(6))}),
                                hybridize(GeneratorAdapter(gen, (4,)), z1, z2,
                                          {"act": list(range(6))}).flip(-1), rtol=1e-5, atol=1e-6)
-    ex = m.explain("act")
+    ex = explain(m, "act")
     assert ex.path == "hook" and "overrides generate" in ex.reason
     with pytest.warns(UserWarning, match="overrides generate"):
         res = influence_maps(m, "act", n_pairs=2, progress=False)
@@ -289,7 +289,7 @@ def test_forward_fn_method_is_kept_and_captured():
     ad = WithForwardMethod(gen, (4,))
     z = ad.sample_latents(2)
     torch.testing.assert_close(ad.generate(z), gen(z * 0.5))
-    assert ad.explain("act").capture == "graph of the forward"
+    assert explain(ad, "act").capture == "graph of the forward"
     assert_paths_agree(ad, "act")
     # an explicit forward= still wins
     ad2 = WithForwardMethod(gen, (4,), forward=lambda g, z: g(z))
@@ -311,7 +311,7 @@ def test_biggan_with_its_forward_function_is_captured():
 
     ad = load_random(resolution=32, channel_width=4)
     layer = gblock_path(ad.generator, 2)
-    ex = ad.explain(layer)
+    ex = explain(ad, layer)
     assert ex.path == "partial" and ex.capture.startswith("partial at the generator")
     assert "control flow" in ex.attempts[0].error and ex.limit > 1
     assert_paths_agree(ad, layer, n=2, n_pairs=2, channels=[0, 5])

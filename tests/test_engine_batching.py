@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cfmodules import GeneratorAdapter
-from cfmodules.engine import batching
+from cfmodules.engine import batching, engine_of, explain
 from cfmodules.engine.batching import BatchShape, candidate_shapes, time_shapes
 from cfmodules.influence import influence_maps
 from engine_helpers import SkipDecoder, StyleLike, init
@@ -19,12 +19,12 @@ def _style() -> GeneratorAdapter:
 
 def test_grouped_convs_grown_with_the_batch_are_found():
     ad = _style()
-    why = ad.engine.batch_dependent_ops()
+    why = engine_of(ad).batch_dependent_ops()
     assert why is not None and "groups=2 for 2 samples, 3 for 3" in why
-    assert "timed on the first block" in ad.explain("conv0").batching
+    assert "timed on the first block" in explain(ad, "conv0").batching
     plain = GeneratorAdapter(init(SkipDecoder(), 3), (4,))
-    assert plain.engine.batch_dependent_ops() is None
-    assert "memory budget" in plain.explain("act").batching
+    assert engine_of(plain).batch_dependent_ops() is None
+    assert "memory budget" in explain(plain, "act").batching
 
 
 def test_timed_batch_shape_gives_the_hook_paths_maps_and_is_recorded(tmp_path):
@@ -41,7 +41,7 @@ def test_timed_batch_shape_gives_the_hook_paths_maps_and_is_recorded(tmp_path):
     assert res.settings["paths"]["conv0"] == batch["path"]
     res.save(tmp_path / "r.npz")
     assert type(res).load(tmp_path / "r.npz").settings["batch"] == res.settings["batch"]
-    assert "the latest run used" in str(ad.explain("conv0"))
+    assert "the latest run used" in str(explain(ad, "conv0"))
 
 
 def test_memory_budget_shape_is_recorded_without_timing():
@@ -50,7 +50,7 @@ def test_memory_budget_shape_is_recorded_without_timing():
     assert res.settings["batch"]["act"]["chosen_by"] == "memory budget"
     assert res.settings["batch"]["act"]["timed_ms_per_hybrid"] == {}
     b = res.settings["batch"]["act"]
-    text = ad.explain("act").batching
+    text = explain(ad, "act").batching
     assert text.endswith(f"the latest run used {b['units'] * b['pairs']} hybrid(s) per call "
                          f"({b['path']} {b['units']} unit(s) x {b['pairs']} pair(s))")
 

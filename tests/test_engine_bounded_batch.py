@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 from cfmodules import GeneratorAdapter
+from cfmodules.engine import engine_of, explain, split
 from cfmodules.engine.exported import batch_bound
-from cfmodules.engine.split import run_padded
+from cfmodules.engine.paths import run_padded
 from engine_helpers import assert_paths_agree
 
 pytestmark = pytest.mark.numerics  # the exported graph against the hook path
@@ -50,12 +51,12 @@ def _adapter() -> GeneratorAdapter:
 
 def test_the_bound_export_suggests_is_taken_and_larger_batches_run_in_chunks():
     ad = _adapter()
-    ex = ad.explain("act", algorithm="split")
+    ex = explain(ad, "act", algorithm="split")
     assert ex.path == "split" and ex.capture == "torch.export graph of the forward", str(ex)
     assert ex.attempts[-1].kind == "export" and ex.attempts[-1].error is None
-    assert batch_bound(ad.engine.graph("act")) == 5
-    split = ad.split("act").inner
-    assert (split.min_batch, split.max_batch) == (2, 5)
+    assert batch_bound(engine_of(ad).graph("act")) == 5
+    inner = split(ad, "act").inner
+    assert (inner.min_batch, inner.max_batch) == (2, 5)
     assert ex.limit > 1.3  # the suffix's FLOPs, not a full forward's (the hook path's 1.00x)
     # 12 samples: chunks of 5, 5 and 2; hybrids and maps equal the hook path's
     assert_paths_agree(ad, "act", n=12, n_pairs=13)

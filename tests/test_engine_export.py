@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from cfmodules import GeneratorAdapter
+from cfmodules.engine import engine_of, explain, split
 from cfmodules.errors import ConfigError
 from cfmodules.hybrid import hybridize
 from cfmodules.influence import influence_maps
@@ -38,8 +39,8 @@ pytestmark = pytest.mark.numerics  # the exported graph against the hook path
 
 def _exported(ad: GeneratorAdapter, layer: str) -> GeneratorAdapter:
     """``ad`` made to capture with torch.export only, checked to do so at ``layer``."""
-    ad.engine.captures = ("export",)
-    ex = ad.explain(layer)
+    engine_of(ad).captures = ("export",)
+    ex = explain(ad, layer)
     assert ex.capture == "torch.export graph of the forward", str(ex)
     (attempt,) = ex.attempts
     assert attempt.kind == "export" and attempt.error is None and attempt.seconds > 0
@@ -48,16 +49,16 @@ def _exported(ad: GeneratorAdapter, layer: str) -> GeneratorAdapter:
 
 def test_dim_control_flow_cat_view_and_standard_modules_lifted():
     ad = _exported(cond_adapter(), "main.5")
-    gm = ad.engine.graph("main.5")
+    gm = engine_of(ad).graph("main.5")
     modules = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
     # each Conv/BN/ReLU/Dropout call is one module node again, so the fast passes apply
     assert {"main.0", "main.1", "main.2", "main.3", "main.4", "main.5", "main.6",
             "main.7", "main.8"} <= modules
     assert_paths_agree(ad, "main.5")
-    assert ad.explain("main.2").path == "linear shortcut"  # found on the lifted graph
+    assert explain(ad, "main.2").path == "linear shortcut"  # found on the lifted graph
     assert_paths_agree(ad, "main.2")
     z = ad.sample_latents(1)  # one sample: the graph holds for 2 and more, run padded
-    s = ad.split("main.5")
+    s = split(ad, "main.5")
     st = s.prefix(z)
     torch.testing.assert_close(s.suffix(st, st.activation), ad.generate(z))
     assert no_hooks_left(ad.generator)
@@ -67,7 +68,7 @@ def test_dim_control_flow_cat_view_and_standard_modules_lifted():
     (DictOut, lambda o: o["image"]), (TupleOut, lambda o: o[0])])
 def test_dict_and_tuple_outputs(model, transform):
     ad = _exported(GeneratorAdapter(init(model(), 1), (4,), output_transform=transform), "act")
-    raw_split = ad.split("act").inner
+    raw_split = split(ad, "act").inner
     st = raw_split.prefix(ad.sample_latents(2))
     raw = raw_split.suffix(st, st.activation)
     assert type(raw) is type(init(model(), 1)(torch.zeros(2, 4)))  # the forward's structure
@@ -77,7 +78,7 @@ def test_dict_and_tuple_outputs(model, transform):
 def test_in_place_ops_module_called_twice_and_skip_decoder():
     ad = _exported(GeneratorAdapter(init(InPlace(), 4), (4, 1, 1)), "act")
     assert_paths_agree(ad, "act")
-    s, z = ad.split("act"), ad.sample_latents(2)
+    s, z = split(ad, "act"), ad.sample_latents(2)
     st = s.prefix(z)
     before = st.activation.clone()
     s.suffix(st, st.activation)
@@ -102,20 +103,20 @@ def test_stylegan_like_with_shape_unpacking_that_fx_cannot_trace():
             return self.to_rgb(x)
 
     ad = GeneratorAdapter(init(Unpacking(), 2), ((4,), (1, 4, 4), (1, 8, 8)))
-    ex = ad.explain("conv0")
+    ex = explain(ad, "conv0")
     assert ex.path == "split" and ex.capture == "torch.export graph of the forward"
     kinds = [(a.kind, a.error is None) for a in ex.attempts]
     assert kinds == [("graph", False), ("partial", False), ("export", True)] or (
         kinds[0] == ("graph", False) and kinds[-1] == ("export", True))
-    assert ad.engine.linear_plan("conv0") is None  # sample-dependent weights
+    assert engine_of(ad).linear_plan("conv0") is None  # sample-dependent weights
     assert_paths_agree(ad, "conv0")
     assert_paths_agree(ad, "mapping.2")  # the folded batch is recomputed per hybrid
 
 
 def test_export_error_is_listed_and_another_capture_runs(capsys):
     ad = float_argument_adapter()  # a float out of a tensor: data-dependent for export
-    ad.engine.captures = ("export", "graph", "partial")
-    ex = ad.explain("inner.act")
+    engine_of(ad).captures = ("export", "graph", "partial")
+    ex = explain(ad, "inner.act")
     assert capsys.readouterr().err == ""  # torch prints the partial graph; kept quiet
     export = ex.attempts[0]
     assert export.kind == "export" and export.error and export.seconds is not None
@@ -123,7 +124,7 @@ def test_export_error_is_listed_and_another_capture_runs(capsys):
     assert ex.capture == "partial at 'inner'"
     assert_paths_agree(ad, "inner.act")
     with pytest.raises(ConfigError, match="captures"):
-        ad.engine.captures = ("jit",)
+        engine_of(ad).captures = ("jit",)
 
 
 def test_a_failed_export_silences_its_own_thread_only(capsys):
@@ -158,9 +159,9 @@ def test_a_failed_export_silences_its_own_thread_only(capsys):
             return super().forward(z, t)
 
     ad = float_argument_adapter(Chatty)
-    ad.engine.captures = ("export",)
+    engine_of(ad).captures = ("export",)
     try:
-        ex = ad.explain("inner.act")
+        ex = explain(ad, "inner.act")
         (attempt,) = ex.attempts
         assert attempt.kind == "export" and attempt.error  # it failed, so torch printed
         err = capsys.readouterr().err

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from cfmodules.engine import engine_of
 from cfmodules.engine.linear import find_linear_plan
 from cfmodules.errors import (
     CfModulesError,
@@ -138,7 +139,7 @@ CASES = [
                          ids=[f"{f.__name__}-{ly}" for f, ly, _ in CASES])
 def test_fast_path_equals_naive(factory, layer, cut):
     ad = factory()
-    plan = find_linear_plan(ad, layer)
+    plan = find_linear_plan(engine_of(ad), layer)
     if cut is None:
         assert plan is None
     else:

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from cfmodules import GeneratorAdapter
+from cfmodules.engine import engine_of
 from cfmodules.engine import linear as linear_mod
 from cfmodules.engine import swaps as swaps_mod
 from cfmodules.engine.fast import (
@@ -179,7 +180,7 @@ def _twin(n, g):  # channel 1 equals channel 0, in [-1, 1] so that 3e38 * z is f
 
 def test_overflowing_hybrid_is_reported_even_where_add_and_relu_are_fused(monkeypatch):
     ad = GeneratorAdapter(_Cancelling().eval(), (2, 4, 4), prior=_twin, name="cancel")
-    assert FastSplit(ad, find_linear_plan(ad, "layer").cut).starts_with_relu
+    assert FastSplit(ad, find_linear_plan(engine_of(ad), "layer").cut).starts_with_relu
     with pytest.raises(GeneratorOutputError, match="contains NaN or inf"):
         influence_maps(ad, "layer", channels=[1], n_pairs=4, progress=False)
     # the guard is what reports it: the fused kernel alone would clamp inf to a finite value
@@ -202,7 +203,7 @@ def test_fast_split_does_not_modify_unowned_inputs():
 @pytest.mark.parametrize("layer", ["2", "5"])
 def test_influence_with_gemm_suffix_equals_naive(layer):
     ad = wide_convt_adapter()
-    plan = find_linear_plan(ad, layer)
+    plan = find_linear_plan(engine_of(ad), layer)
     assert plan is not None
     # after "2" the cut (BatchNorm "4") feeds a ReLU: the fused add+ReLU path
     assert FastSplit(ad, plan.cut).starts_with_relu == (layer == "2")
@@ -309,7 +310,7 @@ def test_channels_last_hybrids_equal_the_naive_maps():
 
 def test_channels_last_contributions_equal_the_plain_layout():
     ad = _dcgan_like()
-    plan = find_linear_plan(ad, "2")
+    plan = find_linear_plan(engine_of(ad), "2")
     prepared = linear_mod.prepare_weight(plan, plan.weight())
     delta = torch.randn(3, 16, 4, 4)
     ch = torch.tensor([0, 5, 15])

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cfmodules import GeneratorAdapter, hybridize
+from cfmodules.engine import explain, split, whole_graph
 from cfmodules.errors import ConfigError, GeneratorOutputError, NondeterministicForwardError
 from cfmodules.influence import influence_maps, module_influence_maps
 from conftest import no_hooks_left
@@ -111,7 +112,7 @@ def test_every_entry_point_refuses_and_leaves_no_hook():
         lambda ad: module_influence_maps(ad, [{"act": [0], "act2": [1]}], n_pairs=2,
                                     progress=False),
         lambda ad: ad.layers(),
-        lambda ad: ad.split("act").prefix(z1),
+        lambda ad: split(ad, "act").prefix(z1),
     ]
     for call in calls:
         ad = GeneratorAdapter(gen, 4)
@@ -192,12 +193,12 @@ def test_per_sample_noise_does_not_touch_the_global_random_stream():
 def test_the_engine_runs_full_forwards_with_per_sample_noise(tiny):
     ad = GeneratorAdapter(NoisyGenerator(), 4, noise="per-sample")
     assert ad.noise == "per-sample"
-    assert ad.graph() is None and "noise='per-sample'" in ad.explain("act").reason
-    assert not ad.split("act").exact_graph and ad.explain("act").path == "hook"
+    assert whole_graph(ad) is None and "noise='per-sample'" in explain(ad, "act").reason
+    assert not split(ad, "act").exact_graph and explain(ad, "act").path == "hook"
     plain = GeneratorAdapter(tiny, (2, 1, 1))
-    assert plain.graph() is not None and plain.split("act").exact_graph
+    assert whole_graph(plain) is not None and split(plain, "act").exact_graph
     plain.noise = "per-sample"  # set later: captured graphs and splits are dropped
-    assert plain.graph() is None and not plain.split("act").exact_graph
+    assert whole_graph(plain) is None and not split(plain, "act").exact_graph
 
 
 def test_hybrids_keep_original_1s_noise():

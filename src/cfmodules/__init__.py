@@ -27,6 +27,7 @@ _EXPORTS: dict[str, str | None] = {
     "GeneratorAdapter": "cfmodules.adapter",
     "LayerInfo": "cfmodules.adapter",
     "hybridize": "cfmodules.hybrid",
+    "explain": "cfmodules.engine",
     "CfModulesError": "cfmodules.errors",
     "zoo": None,
     "analyze": "cfmodules.analysis",
@@ -48,6 +49,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from cfmodules.adapter import GeneratorAdapter, LayerInfo
     from cfmodules.analysis import AnalysisResult, analyze
     from cfmodules.display import show
+    from cfmodules.engine import explain
     from cfmodules.errors import CfModulesError
     from cfmodules.explorer import explore
     from cfmodules.hybrid import hybridize

@@ -17,12 +17,11 @@ from typing import Any, Union
 
 import numpy as np
 import torch
-from torch import fx, nn
+from torch import nn
 
 from cfmodules import checks
 from cfmodules import latents as L
 from cfmodules import noise as N
-from cfmodules.engine.cut import Cut, Engine, Explanation
 from cfmodules.errors import (
     ChannelError,
     ConfigError,
@@ -122,7 +121,7 @@ class GeneratorAdapter:
     - ``generate(self, z, batch_size=None)``: if overridden, every counterfactual
       (hybrids, influence maps, evaluation) runs full forwards through it with a hook
       at the layer, so e.g. a mirrored output is mirrored in hybrids too (slower:
-      ``explain()`` says so).
+      ``cfmodules.explain`` says so).
     - ``sample_latents``, ``encode``, ``to_unit``: as documented.
 
     Parameters
@@ -214,7 +213,8 @@ class GeneratorAdapter:
         self._shared_draws: frozenset[int] = frozenset()
         self.noise = noise
         self._warned_train = False
-        self._engine: Engine | None = None
+        # the engine's cache (cfmodules.engine.engine_of fills it); the adapter only drops it
+        self._engine: Any = None
         self._warned_cast: set[torch.dtype] = set()
         self._sessions: list[HookSession] = []  # open trace/intervene blocks
 
@@ -642,54 +642,6 @@ class GeneratorAdapter:
             edits[r.name] = _replace_channels(r.name, idx, values)
         with self._session(edits):
             yield
-
-    # ------------------------------------------------------------------ prefix / suffix
-    @property
-    def engine(self) -> Engine:
-        """The :class:`~cfmodules.engine.Engine` that cuts this generator at layers."""
-        if self._engine is None:
-            self._engine = Engine(self)
-        return self._engine
-
-    def graph(self) -> fx.GraphModule | None:
-        """The whole forward (with ``forward``) traced by ``torch.fx`` in eval mode, or None."""
-        return self.engine.whole_graph()
-
-    def split(self, layer: str) -> Cut:
-        """Cut the generator at ``layer``: ``prefix(z)`` once, ``suffix(state, act)`` often.
-
-        The engine picks the fastest exact path (a captured graph of the forward, a
-        captured submodule, or a full forward with a replacing hook); all give the same
-        numbers up to float rounding. The suffix returns images (after
-        ``output_transform``). :meth:`explain` says which path runs.
-        """
-        return self.engine.cut(layer)
-
-    def explain(self, layer: str, algorithm: str = "auto") -> Explanation:
-        """Which path counterfactuals at ``layer`` take, why, and the FLOPs of one hybrid.
-
-        Parameters
-        ----------
-        layer : str
-        algorithm : {"auto", "split", "hook"}
-            As for :func:`cfmodules.influence_maps` (``"auto"`` may use the linear shortcut).
-
-        Returns
-        -------
-        Explanation
-            ``path`` ("linear shortcut", "split", "partial" or "hook"), the reason, every
-            capture tried with its error, ``flops_hybrid`` / ``flops_full`` and ``limit``
-            (their ratio). ``print()`` it for a summary.
-        """
-        return self.engine.explain(layer, algorithm)
-
-    def refresh(self) -> None:
-        """Forget every captured graph and weight copy (the next use captures again).
-
-        Changes are detected without this (see :mod:`cfmodules.engine.cut`); call it after
-        editing weights through ``.data`` while a callback runs inside an influence run.
-        """
-        self.engine.refresh()
 
     def __repr__(self) -> str:
         shape = self.latent_shape

@@ -92,8 +92,10 @@ def _cmd_layers(args: argparse.Namespace) -> int:
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
+    from cfmodules.engine import explain
+
     adapter = models.load_model(args.model, args.device, args.latent_shape)
-    print(adapter.explain(args.layer, algorithm=args.algorithm))
+    print(explain(adapter, args.layer, algorithm=args.algorithm))
     return 0
 
 

@@ -15,6 +15,7 @@ import torch
 from cfmodules import checks
 from cfmodules import latents as L
 from cfmodules.adapter import ChannelSpec, GeneratorAdapter, channel_index
+from cfmodules.engine import split
 from cfmodules.errors import ChannelError, LatentError, ModuleError
 
 __all__ = ["hybridize", "module_channels", "Module"]
@@ -102,12 +103,12 @@ def _hybrid_batch(
 ) -> torch.Tensor:
     if len(channels) == 1:
         (layer, idx), = channels.items()
-        split = adapter.split(layer)
-        state = split.prefix(z1)
-        donor = split.prefix(z2).activation
+        cut = split(adapter, layer)
+        state = cut.prefix(z1)
+        donor = cut.prefix(z2).activation
         act = state.activation.clone()
         act[:, idx.to(act.device)] = donor[:, idx.to(act.device)]
-        return split.suffix(state, act)
+        return cut.suffix(state, act)
     with adapter.trace(list(channels)) as acts:
         adapter.generate(z2)
     values = {layer: (idx, acts[layer][:, idx.to(acts[layer].device)])

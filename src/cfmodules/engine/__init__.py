@@ -6,7 +6,7 @@ Files, by concern:
   forward, or a submodule whose output is the generator's), or with ``torch.export``;
 - :mod:`~cfmodules.engine.exported`: the ``torch.export`` capture, its ATen nodes lifted
   back into the standard modules' calls;
-- :mod:`~cfmodules.engine.split`: cut a graph into prefix and suffix (:class:`FxSplit`),
+- :mod:`~cfmodules.engine.paths`: cut a graph into prefix and suffix (:class:`FxSplit`),
   or replace a layer's output with a hook (:class:`HookSplit`); :class:`SplitState`;
 - :mod:`~cfmodules.engine.cut`: the :class:`Engine` of an adapter: chooses the path,
   checks a capture against the generator before use, ``explain()``; :class:`Cut`;
@@ -18,8 +18,10 @@ Files, by concern:
   hurt (convolutions whose groups grow with the batch);
 - :mod:`~cfmodules.engine.workspace`: reused scratch buffers.
 
-Influence maps, hybrids, evaluation and the CLI use it through ``adapter.split(layer)``
-(a :class:`Cut`), ``adapter.explain(layer)`` and :func:`plan_swaps`.
+Influence maps, hybrids, evaluation and the CLI use it through :func:`split` (a
+:class:`Cut`), :func:`explain` and :func:`plan_swaps`. The engine reads an adapter; the
+adapter does not know the engine (its one :class:`Engine`, :func:`engine_of`, is cached on
+the adapter, which only ever drops it).
 """
 
 from cfmodules.engine.batching import (
@@ -30,10 +32,20 @@ from cfmodules.engine.batching import (
     default_shape,
     time_shapes,
 )
-from cfmodules.engine.cut import Cut, Engine, Explanation
-from cfmodules.engine.split import SplitState
+from cfmodules.engine.cut import (
+    Cut,
+    Engine,
+    Explanation,
+    engine_of,
+    explain,
+    refresh,
+    split,
+    whole_graph,
+)
+from cfmodules.engine.paths import SplitState
 from cfmodules.engine.swaps import HookSwaps, Swaps, plan_swaps
 
 __all__ = ["BatchChoice", "BatchShape", "Cut", "Engine", "Explanation", "HookSwaps",
            "SplitState", "Swaps", "batch_dependent_ops", "candidate_shapes", "default_shape",
-           "plan_swaps", "time_shapes"]
+           "engine_of", "explain", "plan_swaps", "refresh", "split", "time_shapes",
+           "whole_graph"]

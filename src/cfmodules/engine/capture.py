@@ -45,7 +45,7 @@ from torch import fx, nn
 
 from cfmodules import latents as L
 from cfmodules.engine.exported import MIN_BATCH, batch_bound, export_forward, layer_calls
-from cfmodules.engine.split import FxSplit, fx_split
+from cfmodules.engine.paths import FxSplit, fx_split
 from cfmodules.errors import CfModulesError, LayerCallError
 from cfmodules.hooks import LayerRef
 
@@ -445,9 +445,10 @@ CAPTURES = ("graph", "partial", "export")
 """The captures tried, in this order (``Engine.captures`` may change it)."""
 
 
-def capture_layer(adapter, ref: LayerRef, kinds: tuple[str, ...] = CAPTURES
+def capture_layer(engine, ref: LayerRef, kinds: tuple[str, ...] = CAPTURES
                   ) -> tuple[Capture | None, list[Attempt]]:
-    """Every capture of the forward that can be cut at ``ref``; the chosen one first.
+    """Every capture of the ``engine``'s adapter's forward that can be cut at ``ref``; the
+    chosen one first.
 
     Returns the working capture with the fewest suffix FLOPs per hybrid (the first one
     tried on a tie), and the attempts in the order they were tried. Every capture's
@@ -461,6 +462,7 @@ def capture_layer(adapter, ref: LayerRef, kinds: tuple[str, ...] = CAPTURES
     LayerCallError
         If the layer runs several times per forward and ``ref`` does not name one call.
     """
+    adapter = engine.adapter
     attempts: list[Attempt] = []
     found: list[Capture] = []
     containers = _containers(ref)
@@ -482,7 +484,7 @@ def capture_layer(adapter, ref: LayerRef, kinds: tuple[str, ...] = CAPTURES
                 attempts.append(Attempt("export", "forward", "not tried: a torch.fx capture "
                                         "works and this one's suffix would be the same"))
                 continue
-            _try_export(adapter, ref, n_inputs, inputs, probe, found, attempts)
+            _try_export(engine, ref, n_inputs, inputs, probe, found, attempts)
         elif kind == "partial":
             _try_partials(adapter, ref, containers, probe, found, attempts)
     if not found:
@@ -510,12 +512,13 @@ def _try_graph(adapter, ref: LayerRef, n_inputs: int, inputs: tuple, probe: _Pro
         attempts.append(Attempt("graph", "forward", _error_text(e)))
 
 
-def _try_export(adapter, ref: LayerRef, n_inputs: int, inputs: tuple, probe: _Probe,
+def _try_export(engine, ref: LayerRef, n_inputs: int, inputs: tuple, probe: _Probe,
                 found: list[Capture], attempts: list[Attempt]) -> None:
     """The whole forward by ``torch.export`` (made once per generator structure)."""
+    adapter = engine.adapter
     seconds = None
     try:
-        gm, seconds = adapter.engine.exported(n_inputs, inputs)
+        gm, seconds = engine.exported(n_inputs, inputs)
         split = cut_per_sample(adapter, gm, ref, inputs, layer_calls(gm, ref.path), MIN_BATCH,
                                batch_bound(gm))
         _check(adapter, split, inputs, probe)
@@ -525,7 +528,7 @@ def _try_export(adapter, ref: LayerRef, n_inputs: int, inputs: tuple, probe: _Pr
         raise
     except Exception as e:  # export raises many types; other captures or hooks are exact
         attempts.append(Attempt("export", "forward", _error_text(e),
-                                adapter.engine.export_seconds))
+                                engine.export_seconds))
 
 
 def export_graph(adapter, n_inputs: int, inputs: tuple) -> tuple[fx.GraphModule, float]:

@@ -1,6 +1,7 @@
 """The engine: cut a generator at a layer, choose how, and follow the generator as it changes.
 
-One :class:`Engine` per adapter (``adapter.engine``). ``engine.cut(layer)`` returns a
+One :class:`Engine` per adapter (:func:`engine_of`, kept on the adapter as its cache; the
+adapter never calls it). :func:`split` (``engine.cut(layer)``) returns a
 :class:`Cut`: ``prefix(z)`` once per batch, ``suffix(state, activation)`` per edit, run
 the adapter's way (device, eval mode, no gradients, ``output_transform``). Which *path*
 runs behind it:
@@ -16,7 +17,7 @@ runs behind it:
     One full forward per batch of edits with a hook that replaces the layer's output:
     exact for any forward, as slow as a naive rerun.
 
-``engine.explain(layer)`` says which path runs (and, for influence maps, whether the
+:func:`explain` (``engine.explain(layer)``) says which path runs (and, for influence maps, whether the
 linear shortcut of :mod:`cfmodules.engine.linear` applies), why the others do not, and
 the FLOPs of one hybrid against one full forward.
 
@@ -45,6 +46,7 @@ import torch
 from torch import fx, nn
 
 from cfmodules import latents as L
+from cfmodules.adapter import GeneratorAdapter
 from cfmodules.engine.batching import BatchChoice, batch_dependent_ops
 from cfmodules.engine.capture import (
     CAPTURES,
@@ -61,11 +63,12 @@ from cfmodules.engine.capture import (
     record_call,
     trace_partial,
 )
-from cfmodules.engine.split import FxSplit, HookSplit, Split, SplitState
+from cfmodules.engine.paths import FxSplit, HookSplit, Split, SplitState
 from cfmodules.errors import ConfigError, ShapeError
 from cfmodules.hooks import LayerRef, resolve_layer
 
-__all__ = ["Engine", "Cut", "PartialSplit", "Explanation", "fingerprint"]
+__all__ = ["Engine", "Cut", "PartialSplit", "Explanation", "engine_of", "explain", "fingerprint",
+           "refresh", "split", "whole_graph"]
 
 _MODULE_INTERNALS = frozenset(nn.Module().__dict__) | {"training"}
 _SIMPLE = (int, float, bool, str, type(None), torch.dtype, torch.device)
@@ -170,7 +173,7 @@ class PartialSplit(Split):
 
 @dataclass(frozen=True)
 class Explanation:
-    """How counterfactuals at one layer are computed (``adapter.explain(layer)``).
+    """How counterfactuals at one layer are computed (:func:`explain`).
 
     Attributes
     ----------
@@ -335,8 +338,6 @@ class Engine:
     # ------------------------------------------------------------------ choosing a path
     def _hook_reason(self) -> str | None:
         """Why no capture may be used for this adapter (None: captures may be tried)."""
-        from cfmodules.adapter import GeneratorAdapter
-
         ad = self.adapter
         if getattr(ad, "noise", None) is not None:
             return ("the adapter holds the forward's own noise fixed per sample "
@@ -361,7 +362,7 @@ class Engine:
         ad = self.adapter
         reason = self._hook_reason()
         capture, attempts = ((None, []) if reason is not None
-                             else capture_layer(ad, ref, self._captures))
+                             else capture_layer(self, ref, self._captures))
         if capture is None:
             if generate_is_overridden(ad):
                 split: Split = HookSplit(ad.generator, _generate_run(ad), ref.name)
@@ -425,7 +426,7 @@ class Engine:
         from cfmodules.engine.linear import find_linear_plan
 
         self.check()
-        return find_linear_plan(self.adapter, layer)
+        return find_linear_plan(self, layer)
 
     def warn_hook(self, layer: str, what: str) -> None:
         """Warn once per layer that ``what`` runs full forwards, with the reason and cost."""
@@ -437,7 +438,7 @@ class Engine:
         warnings.warn(
             f"{what} at layer '{layer}' of {self.adapter.name} runs one full forward of the "
             f"generator per hybrid (no faster path is exact): {entry.reason}. Captures "
-            f"tried: {tried}. adapter.explain('{layer}') shows the FLOPs.",
+            f"tried: {tried}. cfmodules.explain(adapter, '{layer}') shows the FLOPs.",
             UserWarning, stacklevel=4)
 
     # ------------------------------------------------------------------ explain
@@ -502,8 +503,6 @@ class Engine:
 
 
 def generate_is_overridden(adapter) -> bool:
-    from cfmodules.adapter import GeneratorAdapter
-
     return type(adapter).generate is not GeneratorAdapter.generate
 
 
@@ -573,3 +572,65 @@ class Cut:
                 return raw  # type: ignore[return-value]
             return ad.images(raw, n)
 
+
+
+# ---------------------------------------------------------------------- the engine's verbs
+def engine_of(adapter: GeneratorAdapter) -> Engine:
+    """The :class:`Engine` that cuts ``adapter``'s generator, made at first use.
+
+    It is kept on the adapter (its ``_engine`` slot, which the adapter only ever clears,
+    on :meth:`~cfmodules.adapter.GeneratorAdapter.to` or a change of ``noise``), so the
+    captures live as long as the adapter and every caller shares them.
+    """
+    if not isinstance(adapter, GeneratorAdapter):
+        raise ConfigError(f"The engine works on a GeneratorAdapter, got {type(adapter).__name__}; "
+                          "wrap the generator first: GeneratorAdapter(generator, latent_shape).")
+    engine = adapter._engine
+    if engine is None:
+        engine = adapter._engine = Engine(adapter)
+    return engine
+
+
+def split(adapter: GeneratorAdapter, layer: str) -> Cut:
+    """Cut the generator at ``layer``: ``prefix(z)`` once, ``suffix(state, act)`` often.
+
+    The engine picks the fastest exact path (a captured graph of the forward, a captured
+    submodule, or a full forward with a replacing hook); all give the same numbers up to
+    float rounding. The suffix returns images (after ``output_transform``). :func:`explain`
+    says which path runs.
+    """
+    return engine_of(adapter).cut(layer)
+
+
+def explain(adapter: GeneratorAdapter, layer: str, algorithm: str = "auto") -> Explanation:
+    """Which path counterfactuals at ``layer`` take, why, and the FLOPs of one hybrid.
+
+    Parameters
+    ----------
+    adapter : GeneratorAdapter
+    layer : str
+    algorithm : {"auto", "split", "hook"}
+        As for :func:`cfmodules.influence_maps` (``"auto"`` may use the linear shortcut).
+
+    Returns
+    -------
+    Explanation
+        ``path`` ("linear shortcut", "split", "partial" or "hook"), the reason, every
+        capture tried with its error, ``flops_hybrid`` / ``flops_full`` and ``limit``
+        (their ratio). ``print()`` it for a summary.
+    """
+    return engine_of(adapter).explain(layer, algorithm)
+
+
+def whole_graph(adapter: GeneratorAdapter) -> fx.GraphModule | None:
+    """The whole forward (with ``forward``) traced by ``torch.fx`` in eval mode, or None."""
+    return engine_of(adapter).whole_graph()
+
+
+def refresh(adapter: GeneratorAdapter) -> None:
+    """Forget every captured graph and weight copy of ``adapter`` (the next use captures again).
+
+    Changes are detected without this (see :mod:`cfmodules.engine.cut`); call it after
+    editing weights through ``.data`` while a callback runs inside an influence run.
+    """
+    engine_of(adapter).refresh()

@@ -20,7 +20,7 @@ of ATen operations, so three things turn it into the engine's kind of graph:
 
 The graph holds for batches of 2 or more (the batch is exported as a symbol with that
 lower bound, so that ``squeeze()`` is not specialised away); a smaller batch is run
-padded with copies of its first sample (:func:`cfmodules.engine.split.run_padded`).
+padded with copies of its first sample (:func:`cfmodules.engine.paths.run_padded`).
 Some forwards hold only for a bounded batch (a diffusers ``UNet2DModel``'s attention
 guards ``batch <= 63``): export then fails with a suggested fix (``Dim('batch',
 max=63)``), and the export is retried once with the bound it suggests. The graph keeps

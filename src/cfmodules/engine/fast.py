@@ -24,7 +24,8 @@ from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from cfmodules import latents as L
-from cfmodules.engine.split import SplitState, run_padded
+from cfmodules.engine.cut import engine_of, split
+from cfmodules.engine.paths import SplitState, run_padded
 from cfmodules.engine.workspace import Workspace
 
 if TYPE_CHECKING:  # the adapter imports the engine; annotations only
@@ -279,7 +280,7 @@ def strip_leading_relu(gm: fx.GraphModule) -> fx.GraphModule | None:
 
 
 class FastSplit:
-    """``adapter.split(layer)`` whose suffix runs the accelerated graph on owned tensors.
+    """``split(adapter, layer)`` whose suffix runs the accelerated graph on owned tensors.
 
     Parameters
     ----------
@@ -292,7 +293,7 @@ class FastSplit:
 
     def __init__(self, adapter: GeneratorAdapter, layer: str):
         self.adapter = adapter
-        self.base = adapter.split(layer)
+        self.base = split(adapter, layer)
         self.suffix_module: fx.GraphModule | None = None
         self.suffix_after_relu: fx.GraphModule | None = None
         self.suffix_layers: list[str] = []
@@ -301,7 +302,7 @@ class FastSplit:
 
     def follow(self, state: SplitState | None = None) -> None:
         """Rebuild the accelerated suffix if the weights or the capture changed."""
-        engine = self.adapter.engine
+        engine = engine_of(self.adapter)
         plain_split = self.base.graph_split(state)
         key = (engine.generation, engine.weights_generation, id(plain_split))
         if key == self._built:
@@ -333,7 +334,7 @@ class FastSplit:
         return sum(1 for n in self.suffix_module.graph.nodes if n.op == "placeholder") - 1
 
     def prefix(self, z: L.Latent) -> SplitState:
-        """As ``adapter.split(layer).prefix`` (and :meth:`follow` the generator)."""
+        """As ``split(adapter, layer).prefix`` (and :meth:`follow` the generator)."""
         state = self.base.prefix(z)
         self.follow(state)
         return state

@@ -27,8 +27,8 @@ from torch import fx, nn
 from cfmodules.engine.workspace import Workspace
 from cfmodules.hooks import resolve_layer
 
-if TYPE_CHECKING:  # the adapter imports the engine; annotations only
-    from cfmodules.adapter import GeneratorAdapter
+if TYPE_CHECKING:  # cut.py imports this file (lazily); annotations only
+    from cfmodules.engine.cut import Engine
 
 __all__ = ["LinearPlan", "find_linear_plan", "single_channel_contributions",
            "group_contribution", "add_base_", "fused_add_relu_is_exact",
@@ -118,16 +118,19 @@ def _op_supported(op: nn.Module, ndim: int) -> bool:
     return False
 
 
-def find_linear_plan(adapter: GeneratorAdapter, layer: str) -> LinearPlan | None:
+def find_linear_plan(engine: Engine, layer: str) -> LinearPlan | None:
     """The :class:`LinearPlan` for ``layer``, or None when the shortcut is not exact.
 
     Parameters
     ----------
-    adapter : GeneratorAdapter
+    engine : Engine
+        The engine of the adapter (:func:`cfmodules.engine.engine_of`), whose graphs the
+        shortcut reads; ``engine.linear_plan(layer)`` calls this.
     layer : str
         A layer name as accepted by the adapter (``path`` or ``path:k``).
     """
-    gm = adapter.engine.graph(layer)
+    adapter = engine.adapter
+    gm = engine.graph(layer)
     if gm is None:
         return None
     ref = resolve_layer(adapter.generator, layer)
@@ -157,7 +160,7 @@ def find_linear_plan(adapter: GeneratorAdapter, layer: str) -> LinearPlan | None
                 scale = _bn_scale(bn)
                 cut_node, bn_module = bn_node, bn
     try:
-        adapter.split(_call_name(gm, cut_node))
+        engine.cut(_call_name(gm, cut_node))
     except Exception:  # any failure to cut there: the general path is exact
         return None
     return LinearPlan(layer=layer, op=op, op_name=_call_name(gm, op_node),

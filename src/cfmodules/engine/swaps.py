@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 import torch
 
 from cfmodules import latents as L
+from cfmodules.engine.cut import engine_of, split
 from cfmodules.engine.fast import FastSplit
 from cfmodules.engine.linear import (
     LinearPlan,
@@ -29,7 +30,7 @@ from cfmodules.engine.linear import (
     prepare_weight,
     single_channel_contributions,
 )
-from cfmodules.engine.split import SplitState
+from cfmodules.engine.paths import SplitState
 from cfmodules.engine.workspace import Workspace
 
 __all__ = ["Swaps", "SplitSwaps", "LinearSwaps", "HookSwaps", "plan_swaps"]
@@ -136,7 +137,7 @@ class LinearSwaps(Swaps):
     def __init__(self, adapter, plan: LinearPlan, groups: list[Group]):
         self.adapter, self.plan, self.groups = adapter, plan, groups
         self.layer, self.cut = plan.layer, plan.cut
-        self.layer_split = adapter.split(plan.layer)
+        self.layer_split = split(adapter, plan.layer)
         self.cut_split = FastSplit(adapter, plan.cut)
         self.idx = [g[plan.layer].to(adapter.device) for g in groups]
         self.single = all(i.numel() == 1 for i in self.idx)
@@ -153,7 +154,7 @@ class LinearSwaps(Swaps):
 
     def _follow(self) -> None:
         """(Re)make the weight copies when the engine saw the weights change."""
-        now = self.adapter.engine.weights_generation
+        now = engine_of(self.adapter).weights_generation
         if now == self._weights_at:
             return
         self._weights_at = now
@@ -259,7 +260,7 @@ def plan_swaps(adapter, groups: list[Group], algorithm: str,
         else:
             multi.append(i)
     out: list[tuple[Swaps, list[int]]] = []
-    engine = adapter.engine
+    engine = engine_of(adapter)
     for layer, rows in by_layer.items():
         group = [groups[i] for i in rows]
         if engine.path(layer) == "hook":

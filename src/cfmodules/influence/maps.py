@@ -43,6 +43,7 @@ from cfmodules.engine import (
     Swaps,
     candidate_shapes,
     default_shape,
+    engine_of,
     plan_swaps,
     time_shapes,
 )
@@ -455,7 +456,7 @@ def _choose_batch(adapter: GeneratorAdapter, runner: _Runner, z1: L.Latent, z2: 
     """
     n_p, n_u = L.batch_size(z1), len(runner.units)
     path = runner.swaps.path
-    engine = adapter.engine
+    engine = engine_of(adapter)
     why = engine.batch_dependent_ops()
     if why is None:
         runner.begin_block(z1, z2, first_pair)
