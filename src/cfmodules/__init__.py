@@ -25,7 +25,7 @@ __version__ = "0.1.0"
 # A value of None means the name is itself a subpackage (``cfmodules.zoo``).
 _EXPORTS: dict[str, str | None] = {
     "GeneratorAdapter": "cfmodules.adapter",
-    "LayerInfo": "cfmodules.adapter",
+    "LayerInfo": "cfmodules.layers",
     "hybridize": "cfmodules.hybrid",
     "explain": "cfmodules.engine",
     "CfModulesError": "cfmodules.errors",
@@ -46,7 +46,7 @@ __all__ = ["__version__", *_EXPORTS]
 
 if TYPE_CHECKING:  # pragma: no cover
     from cfmodules import zoo
-    from cfmodules.adapter import GeneratorAdapter, LayerInfo
+    from cfmodules.adapter import GeneratorAdapter
     from cfmodules.analysis import AnalysisResult, analyze
     from cfmodules.display import show
     from cfmodules.engine import explain
@@ -54,6 +54,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from cfmodules.explorer import explore
     from cfmodules.hybrid import hybridize
     from cfmodules.influence import influence_maps, module_influence_maps
+    from cfmodules.layers import LayerInfo
     from cfmodules.modules import ModuleClustering, cluster_stability
     from cfmodules.monitor import ModularityMonitor
     from cfmodules.scan import scan_layers

@@ -7,106 +7,23 @@ the user's mode is restored afterwards.
 
 from __future__ import annotations
 
-import math
-import numbers
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from cfmodules import checks
 from cfmodules import latents as L
 from cfmodules import noise as N
-from cfmodules.errors import (
-    ChannelError,
-    ConfigError,
-    GeneratorOutputError,
-    LayerCallError,
-    LayerNotFoundError,
-    NondeterministicForwardError,
-    ShapeError,
-)
+from cfmodules.channels import Replacement, channel_index, replace_channels
+from cfmodules.errors import ConfigError, GeneratorOutputError, ShapeError
 from cfmodules.hooks import HookSession, hooked, resolve_layer, resolve_layers
+from cfmodules.layers import LayerInfo, call_shape, record_layers
 
-__all__ = ["GeneratorAdapter", "LayerInfo", "ChannelSpec", "channel_index"]
-
-ChannelSpec = Union[Sequence[int], torch.Tensor, range]
-"""Channel indices of one layer: a list, range, 1-d integer tensor or array."""
-
-Replacement = Union[tuple[ChannelSpec, torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]
-
-
-@dataclass(frozen=True)
-class LayerInfo:
-    """One layer of the generator, as seen in one dry forward of a single sample.
-
-    Attributes
-    ----------
-    name : str
-        Dotted name, usable in every cfmodules call.
-    kind : str
-        The module's class name.
-    shape : tuple of int or None
-        Output shape of one sample (``(C, H, W)`` for a conv layer), None if not a tensor.
-    channels : int or None
-        ``shape[0]``, the number of units that can be intervened on.
-    calls : int
-        How many times the module ran in one forward (more than 1 needs a ``:k`` suffix).
-    call_shapes : tuple
-        The output shape of each call (``call_shapes[k]`` is that of ``name:k``).
-    """
-
-    name: str
-    kind: str
-    shape: tuple[int, ...] | None
-    channels: int | None
-    calls: int = 1
-    call_shapes: tuple[tuple[int, ...] | None, ...] = ()
-
-    def __str__(self) -> str:
-        shape = "x".join(map(str, self.shape)) if self.shape else "-"
-        calls = f"  (runs {self.calls}x: use '{self.name}:k')" if self.calls > 1 else ""
-        return f"{self.name:<24} {self.kind:<18} {shape:<14} {self.channels or '-'}{calls}"
-
-
-def channel_index(spec: ChannelSpec, n_channels: int, layer: str,
-                  allow_empty: bool = True) -> torch.Tensor:
-    """Validate channel indices of ``layer`` and return them as a LongTensor.
-
-    Raises
-    ------
-    ChannelError
-        For non-integers, indices outside ``[0, n_channels)``, duplicates, or (unless
-        ``allow_empty``) an empty selection.
-    """
-    try:
-        idx = torch.as_tensor(list(spec) if not isinstance(spec, torch.Tensor) else spec)
-    except (TypeError, ValueError) as e:
-        raise ChannelError(f"Channels of layer '{layer}' must be integers, got {spec!r}.") from e
-    if idx.numel() == 0:
-        if not allow_empty:
-            raise ChannelError(f"The module has no channels in layer '{layer}'; give at least one.")
-        return torch.zeros(0, dtype=torch.long)
-    if idx.dim() != 1 or idx.is_floating_point() or idx.dtype == torch.bool:
-        raise ChannelError(
-            f"Channels of layer '{layer}' must be a flat list of integers, got {spec!r}."
-        )
-    idx = idx.long()
-    bad = idx[(idx < 0) | (idx >= n_channels)]
-    if bad.numel():
-        raise ChannelError(
-            f"Channel(s) {bad.tolist()[:5]} out of range for layer '{layer}', which has "
-            f"{n_channels} channels (valid: 0..{n_channels - 1})."
-        )
-    if torch.unique(idx).numel() != idx.numel():
-        dup = sorted({int(i) for i in idx if int((idx == i).sum()) > 1})
-        raise ChannelError(f"Channel(s) {dup[:5]} of layer '{layer}' are listed more than once.")
-    return idx
+__all__ = ["GeneratorAdapter"]
 
 
 class GeneratorAdapter:
@@ -193,7 +110,7 @@ class GeneratorAdapter:
             raise ConfigError(
                 f"GeneratorAdapter wraps a torch.nn.Module, got {type(generator).__name__}."
             )
-        shapes = _latent_shapes(latent_shape)
+        shapes = L.latent_shapes(latent_shape)
         if isinstance(prior, str) and prior not in ("normal", "uniform"):
             raise ConfigError(
                 f"Unknown prior {prior!r}: use 'normal', 'uniform' or a callable(n, generator)."
@@ -204,7 +121,7 @@ class GeneratorAdapter:
         if forward is not None:  # a subclass may define forward_fn as a method instead
             self.forward_fn = forward
         self.output_transform = output_transform
-        self.output_range = _output_range(output_range)
+        self.output_range = checks.output_range(output_range)
         self.encoder = encoder
         self.name = name or type(generator).__name__
         self.device = _resolve_device(device, generator)
@@ -280,7 +197,7 @@ class GeneratorAdapter:
         dtype = self.dtype
         if dtype is not None:
             for p in (z if isinstance(z, tuple) else (z,)):  # type: ignore[union-attr]
-                if (p.dtype != dtype and _loses_precision(p.dtype, dtype)
+                if (p.dtype != dtype and L.loses_precision(p.dtype, dtype)
                         and p.dtype not in self._warned_cast):
                     self._warned_cast.add(p.dtype)
                     warnings.warn(
@@ -374,67 +291,12 @@ class GeneratorAdapter:
         return N.PerSampleNoise(N.row_keys(z), self._shared_draws)
 
     def _check_noise(self) -> None:
-        """The first-use check: does the forward give the same images for the same latents?
-
-        Runs two samples three times (inside ``eval_mode``, no hooks open, the global random
-        state forked so that the user's stream is untouched); only when the images differ,
-        or with ``noise="per-sample"``, once more to name the random draws. Raises
-        NondeterministicForwardError when the images change between runs or with the
-        samples' order in the batch (unless ``noise="per-sample"`` holds them fixed). A
-        generator that fails on this probe is left to fail on the real call instead.
-        """
-        devices = [self.device] if self.device.type == "cuda" else []
-        try:
-            with torch.random.fork_rng(devices=devices, device_type=self.device.type
-                                       if devices else "cuda"):
-                z = self.sample_latents(2, seed=0)
-                swapped = L.select(z, torch.tensor([1, 0]))
-                y1 = self.images(self._call(z), 2)
-                y2 = self.images(self._call(z), 2)
-                y3 = self.images(self._call(swapped), 2).flip(0)
-                problem = _nondeterminism(y1, y2, y3)
-                if problem is None and self._noise is None:
-                    self._noise_checked = True  # the common case: no dispatch mode needed
-                    return
-                # name the draws (and learn which are shared by the batch): a dispatch mode,
-                # whose first use in a process costs an import of a few seconds
-                rec = N.DrawRecorder()
-                with rec:
-                    self._call(z)
-                self._shared_draws = frozenset(
-                    i for i, d in enumerate(rec.draws) if d.leading != 2)
-                if self._noise is None:
-                    raise NondeterministicForwardError(
-                        _noise_message(self.name, problem, rec.draws))  # type: ignore[arg-type]
-                if problem is None and not rec.draws:
-                    warnings.warn(
-                        f"{self.name} draws no random numbers in its forward; "
-                        "noise='per-sample' changes nothing but makes every hybrid a "
-                        "full forward. Pass noise=None.", UserWarning, stacklevel=5)
-                self._check_per_sample(z, swapped)
-        except NondeterministicForwardError:
-            raise
-        except Exception:  # the real call will raise the generator's own error
-            return
-        self._noise_checked = True
-
-    def _check_per_sample(self, z: L.Latent, swapped: L.Latent) -> None:
-        """With ``noise="per-sample"``: the held noise must not depend on run, order or batch."""
-        def run(x: L.Latent) -> torch.Tensor:
-            with self._noise_scope(x):
-                return self.images(self._call(x), L.batch_size(x))
-
-        y1, y2, y3 = run(z), run(z), run(swapped).flip(0)
-        y4 = torch.cat([run(L.select(z, slice(i, i + 1))) for i in range(2)])
-        problem = _nondeterminism(y1, y2, y3) or _nondeterminism(y1, y1, y4, "batch size")
-        if problem is not None:
-            raise NondeterministicForwardError(
-                f"{self.name}'s forward is not deterministic even with noise='per-sample': "
-                f"{problem}. cfmodules holds fixed the random draws of torch operators; "
-                "randomness from numpy, Python's random module or state kept between "
-                "calls cannot be held. Make the forward deterministic, or pass the noise as "
-                "a per-sample input (latent_shape with one shape per input)."
-            )
+        """The first-use check (:func:`cfmodules.noise.check_forward`): does the forward
+        give the same images for the same latents? Raises NondeterministicForwardError."""
+        shared = N.check_forward(self)
+        if shared is not None:
+            self._shared_draws = shared
+            self._noise_checked = True
 
     @contextmanager
     def _one_forward(self) -> Iterator[None]:
@@ -538,51 +400,14 @@ class GeneratorAdapter:
 
     def layers(self) -> list[LayerInfo]:
         """Every named submodule with its output shape and channel count (one dry forward)."""
-        names = [n for n, _ in self.generator.named_modules() if n]
-        shapes: dict[str, list[tuple[int, ...] | None]] = {}
-        modules = dict(self.generator.named_modules())
-        handles = []
-
-        def make(name: str) -> Callable[[nn.Module, Any, Any], None]:
-            def hook(module: nn.Module, inputs: Any, output: Any) -> None:
-                shapes.setdefault(name, []).append(
-                    tuple(output.shape[1:]) if isinstance(output, torch.Tensor) else None)
-            return hook
-
         z = self.sample_latents(1, seed=0)
-        with self.eval_mode():  # entered first: its first-use check runs without these hooks
-            try:
-                for n in names:
-                    handles.append(modules[n].register_forward_hook(make(n)))
-                self.images(self._raw(z), 1)
-            finally:
-                for h in handles:
-                    h.remove()
-        return [
-            LayerInfo(n, type(modules[n]).__name__, shapes[n][0],
-                      (shapes[n][0][0] if shapes[n][0] else None), len(shapes[n]),
-                      tuple(shapes[n]))
-            for n in names if n in shapes
-        ]
+        with self.eval_mode():  # entered first: its first-use check runs without the hooks
+            return record_layers(self.generator, lambda: self.images(self._raw(z), 1))
 
     def layer_shape(self, layer: str) -> tuple[int, ...]:
         """Per-sample output shape of ``layer`` (of call ``k`` for ``"path:k"``)."""
-        info = {i.name: i for i in self.layers_cached()}
-        ref = resolve_layer(self.generator, layer)
-        found = info.get(ref.path)
-        k = ref.call or 0
-        if found is not None and k >= found.calls:
-            raise LayerCallError(
-                f"Layer '{layer}' names call {k}, but '{ref.path}' ran {found.calls} time(s) "
-                f"in a forward; use a call index below {found.calls}."
-            )
-        shape = found.call_shapes[k] if found is not None else None
-        if not shape:
-            raise LayerNotFoundError(
-                f"Layer '{layer}' does not run in a forward of {self.name} or does not output "
-                "a tensor; choose one of adapter.layers()."
-            )
-        return shape
+        return call_shape(self.layers_cached(), resolve_layer(self.generator, layer), layer,
+                          self.name)
 
     def layer_channels(self, layer: str) -> int:
         """Number of channels of ``layer``'s output (dimension 1), as in :meth:`layer_shape`."""
@@ -639,7 +464,7 @@ class GeneratorAdapter:
                 )
             channels, values = rep
             idx = channel_index(channels, self.layer_channels(r.name), r.name)
-            edits[r.name] = _replace_channels(r.name, idx, values)
+            edits[r.name] = replace_channels(r.name, idx, values)
         with self._session(edits):
             yield
 
@@ -650,63 +475,6 @@ class GeneratorAdapter:
 
 
 _MODE_DEPENDENT = (nn.modules.batchnorm._NormBase, nn.modules.dropout._DropoutNd)
-
-
-def _replace_channels(layer: str, idx: torch.Tensor, values: torch.Tensor) -> Callable:
-    if not isinstance(values, torch.Tensor):
-        raise ConfigError(f"Values for layer '{layer}' must be a tensor, got {type(values).__name__}.")
-
-    def edit(out: torch.Tensor) -> torch.Tensor:
-        want = (out.shape[0], idx.numel(), *out.shape[2:])
-        if tuple(values.shape) != want:
-            raise ShapeError(
-                f"Replacement values for layer '{layer}' have shape {tuple(values.shape)}; "
-                f"expected {want} (batch, channels given, spatial size of the layer)."
-            )
-        new = out.clone()
-        new[:, idx.to(out.device)] = values.to(device=out.device, dtype=out.dtype)
-        return new
-
-    return edit
-
-
-def _latent_shapes(latent_shape: object) -> list[tuple[int, ...]]:
-    def is_dim(d: object) -> bool:  # numpy integers too, bools not
-        return isinstance(d, numbers.Integral) and not isinstance(d, bool) and int(d) > 0
-
-    def is_shape(s: object) -> bool:
-        return isinstance(s, (tuple, list, torch.Size)) and all(is_dim(d) for d in s)
-
-    def shape(s: Any) -> tuple[int, ...]:
-        return (int(s),) if is_dim(s) else tuple(int(d) for d in s)
-
-    if is_dim(latent_shape):
-        return [shape(latent_shape)]
-    if is_shape(latent_shape) and len(latent_shape) > 0:  # type: ignore[arg-type]
-        return [shape(latent_shape)]
-    if isinstance(latent_shape, (tuple, list)) and latent_shape and all(
-        is_shape(s) and len(s) > 0 or is_dim(s) for s in latent_shape
-    ):
-        return [shape(s) for s in latent_shape]
-    raise ConfigError(
-        f"latent_shape must be a per-sample shape such as (100, 1, 1), or a tuple of shapes "
-        f"for a generator with several inputs, got {latent_shape!r}."
-    )
-
-
-def _output_range(value: object) -> tuple[float, float]:
-    """``(low, high)`` as floats, finite, low < high (raises ConfigError)."""
-    if isinstance(value, (np.ndarray, torch.Tensor)) and value.ndim == 1:
-        value = tuple(value.tolist())
-    ok = (isinstance(value, (tuple, list)) and len(value) == 2 and all(
-        isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(float(v))
-        for v in value))
-    if not ok or not float(value[1]) > float(value[0]):  # type: ignore[index]
-        raise ConfigError(
-            f"output_range must be (low, high), two finite numbers with low < high, e.g. "
-            f"(-1, 1) for tanh outputs or (0, 1) for sigmoid ones; got {value!r}."
-        )
-    return float(value[0]), float(value[1])  # type: ignore[index]
 
 
 def _resolve_device(device: object, generator: nn.Module,
@@ -722,43 +490,3 @@ def _resolve_device(device: object, generator: nn.Module,
     if device is None:
         return tensors[0].device if tensors else torch.device("cpu")
     return checks.device(device)
-
-
-def _loses_precision(src: torch.dtype, dst: torch.dtype) -> bool:
-    """Whether casting floating ``src`` to ``dst`` can change a value."""
-    a, b = torch.finfo(src), torch.finfo(dst)
-    return b.bits < a.bits or b.eps > a.eps or b.max < a.max
-
-
-def _nondeterminism(y1: torch.Tensor, y2: torch.Tensor, y3: torch.Tensor,
-                    what: str = "order in the batch") -> str | None:
-    """Why three images of the same two samples disagree (None: they agree).
-
-    ``y1``, ``y2``: the same batch twice (must agree bitwise). ``y3``: the same samples run
-    another way (must agree to float rounding).
-    """
-    same = (y1 == y2) | (y1.isnan() & y2.isnan())
-    if not bool(same.all()):
-        diff = float((y1 - y2).abs().nan_to_num(0).max())
-        return f"two forwards of the same latents differ by up to {diff:.3g}"
-    scale = float(y1.abs().nan_to_num(0).max()) or 1.0
-    diff = float((y1 - y3).abs().nan_to_num(0).max())
-    if diff > 1e-4 * scale + 1e-6:
-        return f"a sample's image changes by up to {diff:.3g} with its {what}"
-    return None
-
-
-def _noise_message(name: str, problem: str, draws: Sequence[N.Draw]) -> str:
-    ops = sorted({d.op for d in draws})
-    seen = (f"It calls {', '.join(ops)} ({len(draws)} random draw(s) per forward). "
-            if ops else "No torch random operator was seen, so the randomness comes from "
-            "elsewhere (numpy, Python's random module, state kept between calls)"
-            + (", or the forward mixes the samples of a batch. " if "order" in problem
-               else ". "))
-    fix = ("Pass GeneratorAdapter(..., noise='per-sample') to hold every draw fixed per "
-           "sample (same latent, same noise, in any batch; hybrids keep Original 1's noise), "
-           "or make the noise an input of the generator (a per-sample latent input)."
-           if ops else "Make the forward deterministic or pass the noise as a per-sample "
-           "latent input.")
-    return (f"{name}'s forward is not deterministic: {problem}. {seen}Hybrids and influence "
-            f"maps would sit on a noise floor, so cfmodules refuses. {fix}")

@@ -8,6 +8,7 @@ what was wrong and what is accepted: :class:`~cfmodules.errors.ConfigError`, and
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
 
 __all__ = ["integer", "positive_int", "seed", "positive_number", "real", "one_of",
            "clustering_method",
-           "window", "percentile", "module", "modules", "device", "SEED_LIMIT",
+           "window", "percentile", "module", "modules", "device", "output_range", "SEED_LIMIT",
            "CLUSTERING_METHODS", "CLUSTERING_BACKENDS", "DEFAULT_WINDOW", "DEFAULT_PERCENTILE"]
 
 CLUSTERING_METHODS = ("nmf", "kmeans")
@@ -279,3 +280,18 @@ def device(value: Any, name: str = "device") -> torch.device:
             raise ConfigError(f"{name}={str(dev)!r}, but {dev.type} is not available here. "
                               f"Devices available here: {_available_devices()}.")
     return dev
+
+
+def output_range(value: object) -> tuple[float, float]:
+    """``(low, high)`` as floats, finite, low < high (raises ConfigError)."""
+    if getattr(value, "ndim", None) == 1 and hasattr(value, "tolist"):  # an array or tensor
+        value = tuple(value.tolist())
+    ok = (isinstance(value, (tuple, list)) and len(value) == 2 and all(
+        isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(float(v))
+        for v in value))
+    if not ok or not float(value[1]) > float(value[0]):  # type: ignore[index]
+        raise ConfigError(
+            f"output_range must be (low, high), two finite numbers with low < high, e.g. "
+            f"(-1, 1) for tanh outputs or (0, 1) for sigmoid ones; got {value!r}."
+        )
+    return float(value[0]), float(value[1])  # type: ignore[index]

@@ -14,7 +14,8 @@ import torch
 
 from cfmodules import checks
 from cfmodules import latents as L
-from cfmodules.adapter import ChannelSpec, GeneratorAdapter, channel_index
+from cfmodules.adapter import GeneratorAdapter
+from cfmodules.channels import ChannelSpec, channel_index
 from cfmodules.engine import split
 from cfmodules.errors import ChannelError, LatentError, ModuleError
 

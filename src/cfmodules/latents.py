@@ -7,8 +7,9 @@ so that selecting, concatenating or moving a batch moves every input of each sam
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Sequence
-from typing import Protocol, Union
+from typing import Any, Protocol, Union
 
 import numpy as np
 import torch
@@ -27,6 +28,8 @@ __all__ = [
     "sample",
     "sample_seed",
     "pair_latents",
+    "latent_shapes",
+    "loses_precision",
     "LatentSource",
 ]
 
@@ -211,3 +214,38 @@ def pair_latents(source: LatentSource, n: int, seed: int = 0, start: int = 0
     z = source.sample_latents(2 * n, seed=seed, start=2 * start)
     even = torch.arange(0, 2 * n, 2)
     return select(z, even), select(z, even + 1)
+
+
+def latent_shapes(latent_shape: object) -> list[tuple[int, ...]]:
+    """``latent_shape`` as a list of per-sample shapes, one per input (raises ConfigError).
+
+    ``100``, ``(100, 1, 1)`` and ``((100,), (10,))`` (two inputs) are accepted; numpy
+    integers too, bools and non-positive sizes are not.
+    """
+    def is_dim(d: object) -> bool:  # numpy integers too, bools not
+        return isinstance(d, numbers.Integral) and not isinstance(d, bool) and int(d) > 0
+
+    def is_shape(s: object) -> bool:
+        return isinstance(s, (tuple, list, torch.Size)) and all(is_dim(d) for d in s)
+
+    def shape(s: Any) -> tuple[int, ...]:
+        return (int(s),) if is_dim(s) else tuple(int(d) for d in s)
+
+    if is_dim(latent_shape):
+        return [shape(latent_shape)]
+    if is_shape(latent_shape) and len(latent_shape) > 0:  # type: ignore[arg-type]
+        return [shape(latent_shape)]
+    if isinstance(latent_shape, (tuple, list)) and latent_shape and all(
+        is_shape(s) and len(s) > 0 or is_dim(s) for s in latent_shape
+    ):
+        return [shape(s) for s in latent_shape]
+    raise ConfigError(
+        f"latent_shape must be a per-sample shape such as (100, 1, 1), or a tuple of shapes "
+        f"for a generator with several inputs, got {latent_shape!r}."
+    )
+
+
+def loses_precision(src: torch.dtype, dst: torch.dtype) -> bool:
+    """Whether casting floating ``src`` to ``dst`` can change a value."""
+    a, b = torch.finfo(src), torch.finfo(dst)
+    return b.bits < a.bits or b.eps > a.eps or b.max < a.max

@@ -8,7 +8,8 @@ forward at the level of PyTorch's operators (a ``TorchDispatchMode``), so ``torc
 ``torch.empty(...).normal_()``, ``torch.bernoulli``, ``torch.normal`` and train-mode
 dropout are all seen, wherever in the forward they happen.
 
-:class:`DrawRecorder` lists the draws of a forward (used by the adapter's first-use check).
+:class:`DrawRecorder` lists the draws of a forward; :func:`check_forward` is the adapter's
+first-use check (same images for the same latents, in any order and batch?).
 
 :class:`PerSampleNoise` replaces every draw by one that is fixed per sample:
 
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -43,7 +45,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from cfmodules import latents as L
 from cfmodules.errors import NondeterministicForwardError
 
-__all__ = ["NOISE_MODES", "Draw", "DrawRecorder", "PerSampleNoise", "row_keys", "is_random"]
+__all__ = ["NOISE_MODES", "Draw", "DrawRecorder", "PerSampleNoise", "check_forward", "is_random",
+           "row_keys"]
 
 NOISE_MODES = ("per-sample",)
 """Values of ``GeneratorAdapter(noise=...)`` besides ``None``."""
@@ -281,3 +284,110 @@ def _fill_fn(kind: str, b: dict[str, Any]) -> Callable[[torch.Tensor, torch.Gene
     low = int(b.get("low", 0) or 0)
     high = int(b["high"])
     return lambda t, g: t.random_(low, high, generator=g)
+
+
+# ---------------------------------------------------------------------- the first-use check
+def check_forward(adapter: Any) -> frozenset[int] | None:
+    """The adapter's first-use check: does the forward give the same images for the same
+    latents?
+
+    Runs two samples three times (inside ``eval_mode``, no hooks open, the global random
+    state forked so that the user's stream is untouched); only when the images differ,
+    or with ``noise="per-sample"``, once more to name the random draws. Raises
+    NondeterministicForwardError when the images change between runs or with the
+    samples' order in the batch (unless ``noise="per-sample"`` holds them fixed). A
+    generator that fails on this probe is left to fail on the real call instead.
+
+    Returns
+    -------
+    frozenset of int or None
+        Once the forward passed: the ordinals of its draws that the batch shares (see
+        :class:`PerSampleNoise`; empty when the forward needs no dispatch mode). None when
+        the probe itself failed.
+    """
+    devices = [adapter.device] if adapter.device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices, device_type=adapter.device.type
+                                   if devices else "cuda"):
+            z = adapter.sample_latents(2, seed=0)
+            swapped = L.select(z, torch.tensor([1, 0]))
+            y1 = adapter.images(adapter._call(z), 2)
+            y2 = adapter.images(adapter._call(z), 2)
+            y3 = adapter.images(adapter._call(swapped), 2).flip(0)
+            problem = nondeterminism(y1, y2, y3)
+            if problem is None and adapter.noise is None:
+                return frozenset()  # the common case: no dispatch mode needed
+            # name the draws (and learn which are shared by the batch): a dispatch mode,
+            # whose first use in a process costs an import of a few seconds
+            rec = DrawRecorder()
+            with rec:
+                adapter._call(z)
+            shared = frozenset(i for i, d in enumerate(rec.draws) if d.leading != 2)
+            if adapter.noise is None:
+                raise NondeterministicForwardError(
+                    noise_message(adapter.name, problem, rec.draws))  # type: ignore[arg-type]
+            if problem is None and not rec.draws:
+                warnings.warn(
+                    f"{adapter.name} draws no random numbers in its forward; "
+                    "noise='per-sample' changes nothing but makes every hybrid a "
+                    "full forward. Pass noise=None.", UserWarning, stacklevel=6)
+            _check_per_sample(adapter, z, swapped, shared)
+    except NondeterministicForwardError:
+        raise
+    except Exception:  # the real call will raise the generator's own error
+        return None
+    return shared
+
+
+def _check_per_sample(adapter: Any, z: L.Latent, swapped: L.Latent,
+                      shared: frozenset[int]) -> None:
+    """With ``noise="per-sample"``: the held noise must not depend on run, order or batch."""
+    def run(x: L.Latent) -> torch.Tensor:
+        with PerSampleNoise(row_keys(x), shared):
+            return adapter.images(adapter._call(x), L.batch_size(x))
+
+    y1, y2, y3 = run(z), run(z), run(swapped).flip(0)
+    y4 = torch.cat([run(L.select(z, slice(i, i + 1))) for i in range(2)])
+    problem = nondeterminism(y1, y2, y3) or nondeterminism(y1, y1, y4, "batch size")
+    if problem is not None:
+        raise NondeterministicForwardError(
+            f"{adapter.name}'s forward is not deterministic even with noise='per-sample': "
+            f"{problem}. cfmodules holds fixed the random draws of torch operators; "
+            "randomness from numpy, Python's random module or state kept between "
+            "calls cannot be held. Make the forward deterministic, or pass the noise as "
+            "a per-sample input (latent_shape with one shape per input)."
+        )
+
+
+def nondeterminism(y1: torch.Tensor, y2: torch.Tensor, y3: torch.Tensor,
+                    what: str = "order in the batch") -> str | None:
+    """Why three images of the same two samples disagree (None: they agree).
+
+    ``y1``, ``y2``: the same batch twice (must agree bitwise). ``y3``: the same samples run
+    another way (must agree to float rounding).
+    """
+    same = (y1 == y2) | (y1.isnan() & y2.isnan())
+    if not bool(same.all()):
+        diff = float((y1 - y2).abs().nan_to_num(0).max())
+        return f"two forwards of the same latents differ by up to {diff:.3g}"
+    scale = float(y1.abs().nan_to_num(0).max()) or 1.0
+    diff = float((y1 - y3).abs().nan_to_num(0).max())
+    if diff > 1e-4 * scale + 1e-6:
+        return f"a sample's image changes by up to {diff:.3g} with its {what}"
+    return None
+
+
+def noise_message(name: str, problem: str, draws: Sequence[Draw]) -> str:
+    ops = sorted({d.op for d in draws})
+    seen = (f"It calls {', '.join(ops)} ({len(draws)} random draw(s) per forward). "
+            if ops else "No torch random operator was seen, so the randomness comes from "
+            "elsewhere (numpy, Python's random module, state kept between calls)"
+            + (", or the forward mixes the samples of a batch. " if "order" in problem
+               else ". "))
+    fix = ("Pass GeneratorAdapter(..., noise='per-sample') to hold every draw fixed per "
+           "sample (same latent, same noise, in any batch; hybrids keep Original 1's noise), "
+           "or make the noise an input of the generator (a per-sample latent input)."
+           if ops else "Make the forward deterministic or pass the noise as a per-sample "
+           "latent input.")
+    return (f"{name}'s forward is not deterministic: {problem}. {seen}Hybrids and influence "
+            f"maps would sit on a noise floor, so cfmodules refuses. {fix}")

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from cfmodules.adapter import ChannelSpec, GeneratorAdapter, channel_index
+from cfmodules.adapter import GeneratorAdapter
+from cfmodules.channels import ChannelSpec, channel_index
 from cfmodules.errors import ConfigError
 from cfmodules.hooks import resolve_layer
 from cfmodules.influence.maps import influence_maps
