@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, set[str]]] = [
                     "display", "images"}),  # notebook display and image grids
     ("latents and hooks", {"latents", "hooks", "noise", "channels", "layers"}),
     ("adapter", {"adapter"}),
-    ("engine", {"engine"}),
+    ("engine", {"engine", "samplers"}),  # samplers: sampling chains, window swaps
     ("modules, hybrids, ground truth", {"modules", "hybrid", "synthetic", "module_file"}),
     ("influence", {"influence"}),
     ("analysis, evaluation, zoo", {"analysis", "evaluation", "zoo", "scan", "monitor"}),
