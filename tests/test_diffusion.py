@@ -284,3 +284,73 @@ def test_notebook_display_of_a_window_result(unet):
                          **KW)
     html = res._repr_html_()
     assert "<img" in html and LAYER in html
+
+
+# ---------------------------------------------------------------------- analysis, report
+@pytest.fixture(scope="module")
+def window_results(unet):
+    from cfmodules.window_analysis import analyze_windows
+
+    ad = SAMPLERS["ddim"](unet)
+    return analyze_windows(ad, LAYER, n_pairs=4, n_modules=2, stability_ks=(), n_hybrids=2,
+                           n_samples=4, progress=False)
+
+
+def test_analyze_windows_gives_one_result_per_window(window_results, tmp_path):
+    from cfmodules.analysis import AnalysisResult
+
+    assert list(window_results) == ["early", "middle", "late"]
+    assert [r.sampler["window"] for r in window_results.values()] == [[0, 1], [2, 3], [4, 5]]
+    late = window_results["late"]
+    late.save(tmp_path / "late.npz")
+    back = AnalysisResult.load(tmp_path / "late.npz")
+    assert back.sampler == late.sampler and back.window_name == "late"
+    assert "window: late" in back.to_text()
+    # the maps differ between windows: each window swaps at other steps
+    assert not np.allclose(window_results["early"].maps, late.maps)
+
+
+def test_analyze_window_matches_its_influence_maps(unet, window_results):
+    from cfmodules.analysis import analyze
+
+    ad = SAMPLERS["ddim"](unet)
+    res = analyze(ad, LAYER, n_pairs=4, n_modules=2, stability_ks=(), n_hybrids=2,
+                  n_samples=4, progress=False, window="late")
+    np.testing.assert_array_equal(res.maps, window_results["late"].maps)
+    direct = influence_maps(ad, LAYER, n_pairs=4, window="late", **KW)
+    np.testing.assert_allclose(res.maps, direct.maps, rtol=0, atol=1e-6)
+    with pytest.raises(ConfigError, match="window= is for diffusion"):
+        analyze(GeneratorAdapter(nn.Sequential(nn.Linear(4, 8), nn.Unflatten(1, (2, 2, 2))),
+                                 (4,)), "0", n_pairs=2, window="late", progress=False)
+
+
+def test_window_report_shows_the_windows_side_by_side(window_results, tmp_path):
+    from cfmodules.report import write_report, write_window_report
+
+    path = write_window_report(window_results, tmp_path, links={"late": "late/report.html"})
+    text = path.read_text()
+    for name in ("early", "middle", "late"):
+        assert f"<h2>{name}</h2>" in text
+        assert (tmp_path / f"window_{name}_templates.png").is_file()
+    assert "late/report.html" in text
+    one = write_report(window_results["late"], tmp_path / "late").read_text()
+    assert "at each of the steps late = [4, 5]" in one
+
+
+def test_explorer_makes_window_hybrids(unet, window_results):
+    from cfmodules.explorer import Explorer
+
+    ad = SAMPLERS["ddim"](unet)
+    result = window_results["late"]
+    ex = Explorer(result, ad, n_pairs=2)
+    got = ex.hybrids({LAYER: [0, 3]})
+    z1, z2 = pair_latents(ad, 2, ex.seed)
+    want = hybridize(ad.with_window("late"), z1, z2, {LAYER: [0, 3]})
+    np.testing.assert_array_equal(got, ex._display(want))
+    with pytest.raises(ConfigError, match="sampler differs"):
+        Explorer(result, from_diffusers(unet, DDIMScheduler(), 7), n_pairs=2)
+
+
+def test_notebook_display_of_a_window_analysis(window_results):
+    html = window_results["middle"]._repr_html_()
+    assert "<img" in html

@@ -38,6 +38,7 @@ from cfmodules.influence.distributed import distributed_influence_maps, world
 from cfmodules.modules.settings import STABILITY_N_INIT, ClusteringSettings
 from cfmodules.names import module_name, unit_name
 from cfmodules.results import Result
+from cfmodules.samplers import is_diffusion, windowed
 
 __all__ = [
     "AnalysisSettings",
@@ -60,7 +61,7 @@ KIND = "analysis"
 AUTO = "auto"
 """``analyze(adapter, AUTO)``: let the scan choose the layer and K."""
 
-DEFAULT_LAYERS = {"dcgan-faces": "main.8"}
+DEFAULT_LAYERS = {"dcgan-faces": "main.8", "ddpm-faces": "up_blocks.1.resnets.0"}
 """Layer analysed by default, per zoo model (the paper intervenes on an intermediate layer)."""
 
 
@@ -195,6 +196,9 @@ class AnalysisResult(Result):
         ISO date and time of the run.
     scan : ScanResult or None
         The scan that chose the layer and K (``analyze(adapter, "auto")``), else None.
+    sampler : dict
+        A diffusion model's sampler settings (scheduler, steps, timesteps, eta) and
+        ``window``, the steps at which every swap happened; empty for other generators.
     """
 
     kind: ClassVar[str] = KIND
@@ -229,6 +233,8 @@ class AnalysisResult(Result):
     created: str = ""
     # how the layer was chosen (analyze(layers="auto"))
     scan: Any | None = field(default=None, metadata={"from_dict": _scan_from_dict})
+    # a diffusion model's sampler and window (empty for a one-forward generator)
+    sampler: dict[str, Any] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ derived
     @property
@@ -268,6 +274,15 @@ class AnalysisResult(Result):
     def locations(self) -> list[str]:
         """Where each module's template lies in the image (see :func:`template_location`)."""
         return [template_location(t) for t in self.templates]
+
+    @property
+    def window_name(self) -> str:
+        """The window of a diffusion analysis (``"late"``, ``"steps 3-5"``...), else ``""``."""
+        if not self.sampler:
+            return ""
+        from cfmodules.samplers import window_label
+
+        return window_label(self.sampler["window"], int(self.sampler["n_steps"]))
 
     @property
     def module_names(self) -> list[str]:
@@ -326,6 +341,9 @@ class AnalysisResult(Result):
         infl = self.module_influence
         for k, (name, size) in enumerate(zip(self.module_names, self.module_sizes)):
             lines.append(f"  {name:<28} {int(size):>4} channels  influence {infl[k]:.4f}")
+        if self.sampler:
+            lines.append(f"  sampler {self.sampler.get('scheduler', 'own step')}, "
+                         f"{self.sampler.get('n_steps')} steps; window: {self.window_name}")
         if self.stability is not None:
             lines.append(f"  stability sweep K={[int(k) for k in self.stability.ks]}: "
                          f"suggested K={self.suggested_k()}")
@@ -642,6 +660,7 @@ def analyze(
     model_options: Mapping[str, Any] | None = None,
     assume_same: bool = False,
     n_jobs: int | None = None,
+    window: Any = None,
     **overrides: Any,
 ) -> AnalysisResult | None:
     """Run the whole analysis of sec. 3-4 of Besserve et al. (2020) on one or two layers.
@@ -683,6 +702,9 @@ def analyze(
     n_jobs : int or None, default None
         Processes for the clustering's restarts and the stability sweep; None: the usable
         cores (:func:`cfmodules.modules.fits.default_jobs`). The numbers do not depend on it.
+    window : "all", "early", "middle", "late" or list of int, optional
+        Diffusion models: the steps at which every swap happens (default: the adapter's
+        window), kept in ``result.sampler``; ``window_analysis.analyze_windows``: several.
 
     Returns
     -------
@@ -701,6 +723,7 @@ def analyze(
                           "wrap your generator with cfmodules.GeneratorAdapter(generator, "
                           "latent_shape).")
     s = _settings(settings, overrides)
+    adapter = windowed(adapter, window)
     from cfmodules.modules.fits import check_jobs
 
     jobs = check_jobs(n_jobs)
@@ -766,7 +789,8 @@ def analyze(
         module_maps=maps_of_modules, stability=stability, samples=samples,
         mean_image=mean_image, original1=original1, original2=original2, hybrids=hybrids,
         timings=steps.timings, model_options=dict(model_options or {}), version=_version(),
-        created=created, scan=scan)
+        created=created, scan=scan,
+        sampler=adapter.identity() if is_diffusion(adapter) else {})  # type: ignore[attr-defined]
 
 
 def _version() -> str:

@@ -128,6 +128,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 
     if layers and not auto:  # a typo fails before the output folder is made
         resolve_layers(adapter.generator, layers)
+    windows = _windows(args.window, adapter)
 
     if init_from_env(adapter.device):  # under torchrun: each rank takes a shard of channels
         local = os.environ.get("LOCAL_RANK")
@@ -140,8 +141,12 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         for f in ckpt.glob("eim_*.npz"):
             f.unlink(missing_ok=True)  # under torchrun every rank clears
     t0 = time.perf_counter()
+    if windows is not None and len(windows) > 1:
+        return _analyze_windows(args, adapter, "auto" if auto else (layers or None), settings,
+                                windows, out, ckpt, t0)
     try:
         result = analyze(adapter, "auto" if auto else (layers or None), settings,
+                         window=windows[0] if windows else None,
                          checkpoint_dir=ckpt, progress=not args.quiet,
                          model_spec=_portable_spec(args.model),
                          model_options={"latent_shape": args.latent_shape}
@@ -176,6 +181,61 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
               file=sys.stderr)
     print(f"Report:  {out / 'report.html'}")
     print(f"Results: {results_path}")
+    return 0
+
+
+def _windows(text: str | None, adapter: Any) -> list[Any] | None:
+    """``--window``: None (one-forward model), or the windows of a diffusion model."""
+    from cfmodules.samplers import WINDOWS, is_diffusion, window_steps
+
+    if not is_diffusion(adapter):
+        if text is not None:
+            raise ConfigError(f"--window is for diffusion models; {adapter.name} runs in one "
+                              "forward. Leave --window out.")
+        return None
+    if text is None:
+        return list(WINDOWS[1:])
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if parts and all(p.isdigit() for p in parts):
+        steps = [int(p) for p in parts]
+        window_steps(steps, adapter.n_steps)  # a step outside the schedule fails now
+        return [steps]
+    bad = [p for p in parts if p not in WINDOWS]
+    if not parts or bad:
+        raise ConfigError(f"--window takes window names ({', '.join(WINDOWS)}), separated by "
+                          f"commas, or step indices such as 0,1,2; got {text!r}.")
+    return parts
+
+
+def _analyze_windows(args: argparse.Namespace, adapter: Any, layers: Any, settings: Any,
+                     windows: list[Any], out: Path, ckpt: Path, t0: float) -> int:
+    """``cfmodules analyze`` of a diffusion model: one analysis per window, side by side."""
+    from cfmodules.window_analysis import analyze_windows
+    from cfmodules.report import write_report, write_window_report
+    from cfmodules.results import folder_update
+
+    results = analyze_windows(adapter, layers, settings, windows=windows, checkpoint_dir=ckpt,
+                              progress=not args.quiet, model_spec=_portable_spec(args.model),
+                              assume_same=args.assume_same, n_jobs=args.jobs)
+    command = " ".join(shlex.quote(a) for a in [PROG, *args.argv])
+    links = {}
+    for name, result in results.items():
+        folder = f"window-{name.replace(' ', '_')}"
+        with folder_update(out / folder) as stage:
+            result.save(stage / "results.npz")
+            write_report(result, stage, command=command, files={
+                "results.npz": "this window's maps, labels, templates, hybrids "
+                               "(cfmodules.analysis.AnalysisResult.load)",
+                "manifest.json": "the files of this report and their SHA-256, written last"})
+        links[name] = f"{folder}/report.html"
+        if not args.quiet:
+            print(repr(result), file=sys.stderr)
+    path = write_window_report(results, out, links=links, command=command)
+    if not args.quiet:
+        print(f"total {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    print(f"Report:  {path}")
+    for name, link in links.items():
+        print(f"Results ({name}): {out / link.replace('report.html', 'results.npz')}")
     return 0
 
 
@@ -379,6 +439,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--assume-same", action="store_true",
                    help="resume checkpoints in --out even where cfmodules cannot verify that "
                         "they were made by the same code (you state that they were)")
+    a.add_argument("--window", default=None, metavar="WINDOWS",
+                   help="diffusion models: the steps at which channels are swapped: windows "
+                        "early,middle,late (default: the three, side by side), all, one of "
+                        "them, or one window of step indices such as 0,1,2")
     a.add_argument("--quiet", action="store_true", help="no progress bars")
     clustering_args(a, n_init=10, max_iter="500; 300 in the stability sweep")
     model_args(a)

@@ -57,7 +57,7 @@ from cfmodules.influence.interrupt import save_on_signals
 from cfmodules.influence.result import InfluenceResult
 from cfmodules.influence.stats import BlockSums, RunningStats
 from cfmodules.names import unit_name
-from cfmodules.samplers import is_diffusion, plan_window_swaps
+from cfmodules.samplers import is_diffusion, plan_window_swaps, windowed
 
 __all__ = ["InfluenceSettings", "InfluenceProgress", "influence_maps", "module_influence_maps",
            "ALGORITHMS", "DEFAULT_MAX_BATCH_BYTES"]
@@ -300,12 +300,7 @@ def _run(adapter: GeneratorAdapter, units: list[_Unit], layer: str | None, *,
          checkpoint: str | os.PathLike | None, checkpoint_every: float,
          callback: Callable[[InfluenceProgress], Any] | None,
          assume_same: bool, window: Any = None) -> InfluenceResult:
-    if window is not None:
-        if not is_diffusion(adapter):
-            raise ConfigError(
-                f"window= is for diffusion models (a DiffusionAdapter, whose forward is a "
-                f"sampling chain); {adapter.name} runs in one forward. Leave window out.")
-        adapter = adapter.with_window(window)  # type: ignore[attr-defined]
+    adapter = windowed(adapter, window)
     sampler = adapter.identity() if is_diffusion(adapter) else None  # type: ignore[attr-defined]
     dtype = _DTYPES[settings.dtype]
     if dtype != torch.float32 and adapter.device.type != "cuda":

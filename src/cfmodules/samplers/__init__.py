@@ -19,6 +19,7 @@ from cfmodules.samplers.chain import (
     is_diffusion,
     window_label,
     window_steps,
+    windowed,
 )
 from cfmodules.samplers.schedules import DiffusersSchedule, StepFn, diffusers_schedule
 from cfmodules.samplers.window import (
@@ -32,4 +33,4 @@ from cfmodules.samplers.window import (
 __all__ = ["WINDOWS", "DiffusionAdapter", "DiffusersSchedule", "NaiveWindowSwaps", "StepFn",
            "WindowSwaps", "diffusers_schedule", "from_diffusers", "is_diffusion",
            "naive_window_hybrids", "plan_window_swaps", "window_hybrids", "window_label",
-           "window_steps"]
+           "window_steps", "windowed"]

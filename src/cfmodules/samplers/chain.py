@@ -31,7 +31,7 @@ from cfmodules.errors import ConfigError
 from cfmodules.samplers.schedules import StepFn, diffusers_schedule
 
 __all__ = ["DiffusionAdapter", "WINDOWS", "window_steps", "window_label", "is_diffusion",
-           "from_diffusers"]
+           "from_diffusers", "windowed"]
 
 WINDOWS = ("all", "early", "middle", "late")
 """Named windows: every step, and the first, middle and last third of the steps."""
@@ -105,6 +105,23 @@ def window_label(steps: Sequence[int], n_steps: int) -> str:
 def is_diffusion(adapter: object) -> bool:
     """Whether ``adapter`` is a :class:`DiffusionAdapter` (its hybrids are window hybrids)."""
     return isinstance(adapter, DiffusionAdapter)
+
+
+def windowed(adapter: GeneratorAdapter, window: Any) -> GeneratorAdapter:
+    """``adapter.with_window(window)``; ``adapter`` itself for ``window=None``.
+
+    Raises
+    ------
+    ConfigError
+        A window for a generator that is not a :class:`DiffusionAdapter`, or a bad window.
+    """
+    if window is None:
+        return adapter
+    if not is_diffusion(adapter):
+        raise ConfigError(
+            f"window= is for diffusion models (a DiffusionAdapter, whose forward is a "
+            f"sampling chain); {adapter.name} runs in one forward. Leave window out.")
+    return adapter.with_window(window)  # type: ignore[attr-defined]
 
 
 class DiffusionAdapter(GeneratorAdapter):

