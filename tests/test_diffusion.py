@@ -354,3 +354,30 @@ def test_explorer_makes_window_hybrids(unet, window_results):
 def test_notebook_display_of_a_window_analysis(window_results):
     html = window_results["middle"]._repr_html_()
     assert "<img" in html
+
+
+@pytest.mark.numerics
+def test_the_in_step_cut_replays_what_runs_before_the_layer(unet):
+    from cfmodules.samplers import WindowSwaps
+
+    ad = SAMPLERS["ddpm"](unet).with_window("late")  # steps 4, 5
+    z1, z2 = pair_latents(ad, 3, seed=2)
+    groups = [{LAYER: torch.tensor([c])} for c in (0, 4, 9)]
+    cut, full = WindowSwaps(ad, groups), WindowSwaps(ad, groups, in_step_cut=False)
+    cut.begin_block(z1, z2)
+    full.begin_block(z1, z2)
+    # everything before down_blocks.1.resnets.0 at step 4: the input conv, the time
+    # embedding, the first down block; not the layer's own block, nor what follows it
+    assert {"conv_in", "time_proj", "time_embedding", "down_blocks.0"} <= set(cut.cache.outputs)
+    assert not {"down_blocks.1", "mid_block", "up_blocks.0"} & set(cut.cache.outputs)
+    calls = []
+    # inside the replayed block (its own hooks fire on a replay too)
+    handle = unet.down_blocks[0].resnets[0].register_forward_hook(lambda m, i, o: calls.append(1))
+    try:
+        got = cut.hybrids(slice(0, 3), slice(0, 3))
+        assert len(calls) == 1  # step 5 only: step 4's first block was replayed
+        want = full.hybrids(slice(0, 3), slice(0, 3))
+        assert len(calls) == 3
+    finally:
+        handle.remove()
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)

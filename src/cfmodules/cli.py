@@ -210,9 +210,9 @@ def _windows(text: str | None, adapter: Any) -> list[Any] | None:
 def _analyze_windows(args: argparse.Namespace, adapter: Any, layers: Any, settings: Any,
                      windows: list[Any], out: Path, ckpt: Path, t0: float) -> int:
     """``cfmodules analyze`` of a diffusion model: one analysis per window, side by side."""
-    from cfmodules.window_analysis import analyze_windows
     from cfmodules.report import write_report, write_window_report
     from cfmodules.results import folder_update
+    from cfmodules.window_analysis import analyze_windows
 
     results = analyze_windows(adapter, layers, settings, windows=windows, checkpoint_dir=ckpt,
                               progress=not args.quiet, model_spec=_portable_spec(args.model),

@@ -17,8 +17,8 @@ A *window* is the set of steps at which a hybrid swaps channels
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from contextlib import nullcontext
-from typing import Any, ContextManager
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
 
 import numpy as np
 import torch
@@ -213,7 +213,7 @@ class DiffusionAdapter(GeneratorAdapter):
         return z[1][:, k] if isinstance(z, tuple) else None
 
     def run_steps(self, z: L.Latent, x: torch.Tensor, start: int = 0, stop: int | None = None,
-                  around: Callable[[int], ContextManager[Any]] | None = None) -> torch.Tensor:
+                  around: Callable[[int], AbstractContextManager[Any]] | None = None) -> torch.Tensor:
         """Run steps ``start .. stop - 1`` from ``x`` (``x_start``), each inside ``around(k)``."""
         stop = self.n_steps if stop is None else stop
         for k in range(start, stop):
