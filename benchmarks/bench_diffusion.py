@@ -74,7 +74,7 @@ def main() -> int:
         for _ in range(args.repeats):
             for algorithm in ("hook", "auto"):
                 t = time.perf_counter()
-                res = influence_maps(ad, args.layer, range(u), window=window,
+                res = influence_maps(ad, args.layer, range(u), step_window=window,
                                      algorithm=algorithm, **kw)
                 times[algorithm].append(time.perf_counter() - t)
                 maps[algorithm] = res.maps

@@ -211,8 +211,8 @@ def test_a_layer_that_does_not_run_every_step_is_refused():
 
 def test_window_on_a_one_forward_generator_is_refused():
     ad = GeneratorAdapter(nn.Sequential(nn.Linear(4, 8), nn.Unflatten(1, (2, 2, 2))), (4,))
-    with pytest.raises(ConfigError, match="window= is for diffusion models"):
-        influence_maps(ad, "0", n_pairs=2, window="late", **KW)
+    with pytest.raises(ConfigError, match="step_window= is for diffusion models"):
+        influence_maps(ad, "0", n_pairs=2, step_window="late", **KW)
 
 
 # ---------------------------------------------------------------------- influence maps
@@ -221,9 +221,9 @@ def test_window_on_a_one_forward_generator_is_refused():
 @pytest.mark.parametrize("window", ["all", "late", [1, 4]])
 def test_influence_maps_per_window_match_the_naive_chain(unet, kind, window):
     ad = SAMPLERS[kind](unet)
-    fast = influence_maps(ad, LAYER, [0, 5, 7], n_pairs=4, pairs_per_block=3, window=window,
+    fast = influence_maps(ad, LAYER, [0, 5, 7], n_pairs=4, pairs_per_block=3, step_window=window,
                           **KW)
-    naive = influence_maps(ad, LAYER, [0, 5, 7], n_pairs=4, pairs_per_block=3, window=window,
+    naive = influence_maps(ad, LAYER, [0, 5, 7], n_pairs=4, pairs_per_block=3, step_window=window,
                            algorithm="hook", **KW)
     assert fast.settings["paths"] == {LAYER: "window"}
     assert naive.settings["paths"] == {LAYER: "hook"}
@@ -236,8 +236,8 @@ def test_influence_maps_per_window_match_the_naive_chain(unet, kind, window):
 def test_module_maps_take_the_window(unet):
     ad = SAMPLERS["ddim"](unet)
     mods = [{LAYER: [0, 1]}, {LAYER: list(range(16))}]
-    late = module_influence_maps(ad, mods, n_pairs=3, window="late", **KW)
-    early = module_influence_maps(ad, mods, n_pairs=3, window="early", **KW)
+    late = module_influence_maps(ad, mods, n_pairs=3, step_window="late", **KW)
+    early = module_influence_maps(ad, mods, n_pairs=3, step_window="early", **KW)
     assert late.settings["sampler"]["window"] == [4, 5]
     assert not np.allclose(late.maps, early.maps)
 
@@ -266,21 +266,21 @@ def test_interrupted_window_run_resumes_to_the_same_maps(unet, tmp_path):
 def test_checkpoint_identity_holds_the_window_and_the_sampler(unet, tmp_path):
     ck = tmp_path / "w.ckpt"
     kw = {**KW, "checkpoint": ck, "n_pairs": 2}
-    influence_maps(SAMPLERS["ddim"](unet), LAYER, [1], window="late", **kw)
+    influence_maps(SAMPLERS["ddim"](unet), LAYER, [1], step_window="late", **kw)
     with pytest.raises(CheckpointError, match="sampler"):
-        influence_maps(SAMPLERS["ddim"](unet), LAYER, [1], window="early", **kw)
+        influence_maps(SAMPLERS["ddim"](unet), LAYER, [1], step_window="early", **kw)
     with pytest.raises(CheckpointError, match="sampler"):
-        influence_maps(from_diffusers(unet, DDIMScheduler(), 7), LAYER, [1], window=[4, 5],
+        influence_maps(from_diffusers(unet, DDIMScheduler(), 7), LAYER, [1], step_window=[4, 5],
                        **kw)
     with pytest.raises(CheckpointError):
-        influence_maps(SAMPLERS["ddim-eta"](unet), LAYER, [1], window="late", **kw)
-    again = influence_maps(SAMPLERS["ddim"](unet), LAYER, [1], window="late", **kw)
+        influence_maps(SAMPLERS["ddim-eta"](unet), LAYER, [1], step_window="late", **kw)
+    again = influence_maps(SAMPLERS["ddim"](unet), LAYER, [1], step_window="late", **kw)
     assert again.n_pairs == 2
 
 
 # ---------------------------------------------------------------------- display
 def test_notebook_display_of_a_window_result(unet):
-    res = influence_maps(SAMPLERS["ddim"](unet), LAYER, [0, 1, 2], n_pairs=2, window="late",
+    res = influence_maps(SAMPLERS["ddim"](unet), LAYER, [0, 1, 2], n_pairs=2, step_window="late",
                          **KW)
     html = res._repr_html_()
     assert "<img" in html and LAYER in html
@@ -315,13 +315,13 @@ def test_analyze_window_matches_its_influence_maps(unet, window_results):
 
     ad = SAMPLERS["ddim"](unet)
     res = analyze(ad, LAYER, n_pairs=4, n_modules=2, stability_ks=(), n_hybrids=2,
-                  n_samples=4, progress=False, window="late")
+                  n_samples=4, progress=False, step_window="late")
     np.testing.assert_array_equal(res.maps, window_results["late"].maps)
-    direct = influence_maps(ad, LAYER, n_pairs=4, window="late", **KW)
+    direct = influence_maps(ad, LAYER, n_pairs=4, step_window="late", **KW)
     np.testing.assert_allclose(res.maps, direct.maps, rtol=0, atol=1e-6)
-    with pytest.raises(ConfigError, match="window= is for diffusion"):
+    with pytest.raises(ConfigError, match="step_window= is for diffusion"):
         analyze(GeneratorAdapter(nn.Sequential(nn.Linear(4, 8), nn.Unflatten(1, (2, 2, 2))),
-                                 (4,)), "0", n_pairs=2, window="late", progress=False)
+                                 (4,)), "0", n_pairs=2, step_window="late", progress=False)
 
 
 def test_window_report_shows_the_windows_side_by_side(window_results, tmp_path):
@@ -381,3 +381,84 @@ def test_the_in_step_cut_replays_what_runs_before_the_layer(unet):
     finally:
         handle.remove()
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------------- the real model
+def _ddpm_faces(**kw):
+    from cfmodules import zoo
+    from cfmodules.errors import ModelNotAvailableError
+
+    try:
+        return zoo.load("ddpm-faces", **kw)
+    except ModelNotAvailableError as e:  # pragma: no cover - an install without the extra
+        pytest.skip(str(e))
+
+
+def test_ddpm_faces_samples_look_like_the_faces_it_was_trained_on():
+    from cfmodules.zoo.began import prepare_faces
+    from cfmodules.zoo.vae_faces import olivetti_faces
+
+    ad = _ddpm_faces(steps=10)
+    assert ad.name == "ddpm-faces" and ad.n_steps == 10 and not ad.stochastic
+    images = ad.generate(ad.sample_latents(16, seed=0))
+    assert images.shape == (16, 1, 32, 32)
+    faces = prepare_faces(olivetti_faces(), 32)
+    # the mean sample is the mean face (the faces are aligned): correlation near 1
+    a, b = images.mean(0).flatten(), faces.mean(0).flatten()
+    corr = float(torch.corrcoef(torch.stack([a, b]))[0, 1])
+    assert corr > 0.8, corr
+    # and the samples differ from each other (not one face)
+    assert float(images.std(0).mean()) > 0.1
+
+
+def test_ddpm_faces_weights_are_hash_checked(monkeypatch):
+    from cfmodules.errors import ModelNotAvailableError
+    from cfmodules.zoo import ddpm_faces
+
+    _ddpm_faces(steps=2)
+    monkeypatch.setattr(ddpm_faces, "WEIGHTS_SHA256", "0" * 64)
+    with pytest.raises(ModelNotAvailableError, match="SHA-256"):
+        ddpm_faces.load()
+    with pytest.raises(ConfigError, match="scheduler"):
+        ddpm_faces.load(scheduler="euler")
+
+
+# ---------------------------------------------------------------------- command line
+FACTORY = '''
+from diffusers import DDIMScheduler, UNet2DModel
+import torch
+from cfmodules.samplers import from_diffusers
+
+def make(device=None):
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
+                       block_out_channels=(8, 16), down_block_types=("DownBlock2D",) * 2,
+                       up_block_types=("UpBlock2D",) * 2, norm_num_groups=4,
+                       add_attention=False).eval()
+    return from_diffusers(unet, DDIMScheduler(), 6, name="tiny-unet")
+'''
+CLI_SMALL = ["--pairs", "3", "--k", "2", "--no-stability", "--hybrids", "2", "--samples", "4",
+             "--quiet", "--layer", LAYER]
+
+
+def test_cli_analyze_writes_the_windows_side_by_side(tmp_path, capsys):
+    from cfmodules.analysis import AnalysisResult
+    from cfmodules.cli import main
+
+    (tmp_path / "tiny.py").write_text(FACTORY)
+    out = tmp_path / "out"
+    assert main(["analyze", "--model", f"{tmp_path / 'tiny.py'}:make", "--out", str(out),
+                 *CLI_SMALL]) == 0
+    text = (out / "report.html").read_text()
+    for name in ("early", "middle", "late"):
+        assert f"window-{name}/report.html" in text
+        res = AnalysisResult.load(out / f"window-{name}" / "results.npz")
+        assert res.window_name == name
+    # one window, by its steps
+    assert main(["analyze", "--model", f"{tmp_path / 'tiny.py'}:make", "--out",
+                 str(tmp_path / "one"), "--step-window", "0,1", *CLI_SMALL]) == 0
+    assert AnalysisResult.load(tmp_path / "one" / "results.npz").sampler["window"] == [0, 1]
+    capsys.readouterr()
+    assert main(["analyze", "--model", f"{tmp_path / 'tiny.py'}:make", "--out",
+                 str(tmp_path / "bad"), "--step-window", "0,9", *CLI_SMALL]) == 2
+    assert "outside the schedule" in capsys.readouterr().err

@@ -660,7 +660,7 @@ def analyze(
     model_options: Mapping[str, Any] | None = None,
     assume_same: bool = False,
     n_jobs: int | None = None,
-    window: Any = None,
+    step_window: Any = None,
     **overrides: Any,
 ) -> AnalysisResult | None:
     """Run the whole analysis of sec. 3-4 of Besserve et al. (2020) on one or two layers.
@@ -702,9 +702,9 @@ def analyze(
     n_jobs : int or None, default None
         Processes for the clustering's restarts and the stability sweep; None: the usable
         cores (:func:`cfmodules.modules.fits.default_jobs`). The numbers do not depend on it.
-    window : "all", "early", "middle", "late" or list of int, optional
-        Diffusion models: the steps at which every swap happens (default: the adapter's
-        window), kept in ``result.sampler``; ``window_analysis.analyze_windows``: several.
+    step_window : "all", "early", "middle", "late" or list of int, optional
+        Diffusion models: the sampling steps at which every swap happens (default: the
+        adapter's window; not ``window``, the maps' smoothing), kept in ``result.sampler``.
 
     Returns
     -------
@@ -723,7 +723,7 @@ def analyze(
                           "wrap your generator with cfmodules.GeneratorAdapter(generator, "
                           "latent_shape).")
     s = _settings(settings, overrides)
-    adapter = windowed(adapter, window)
+    adapter = windowed(adapter, step_window)
     from cfmodules.modules.fits import check_jobs
 
     jobs = check_jobs(n_jobs)

@@ -128,7 +128,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 
     if layers and not auto:  # a typo fails before the output folder is made
         resolve_layers(adapter.generator, layers)
-    windows = _windows(args.window, adapter)
+    windows = _windows(args.step_window, adapter)
 
     if init_from_env(adapter.device):  # under torchrun: each rank takes a shard of channels
         local = os.environ.get("LOCAL_RANK")
@@ -146,7 +146,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
                                 windows, out, ckpt, t0)
     try:
         result = analyze(adapter, "auto" if auto else (layers or None), settings,
-                         window=windows[0] if windows else None,
+                         step_window=windows[0] if windows else None,
                          checkpoint_dir=ckpt, progress=not args.quiet,
                          model_spec=_portable_spec(args.model),
                          model_options={"latent_shape": args.latent_shape}
@@ -185,13 +185,13 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def _windows(text: str | None, adapter: Any) -> list[Any] | None:
-    """``--window``: None (one-forward model), or the windows of a diffusion model."""
+    """``--step-window``: None (one-forward model), or the windows of a diffusion model."""
     from cfmodules.samplers import WINDOWS, is_diffusion, window_steps
 
     if not is_diffusion(adapter):
         if text is not None:
-            raise ConfigError(f"--window is for diffusion models; {adapter.name} runs in one "
-                              "forward. Leave --window out.")
+            raise ConfigError(f"--step-window is for diffusion models; {adapter.name} runs in "
+                              "one forward. Leave --step-window out.")
         return None
     if text is None:
         return list(WINDOWS[1:])
@@ -202,7 +202,7 @@ def _windows(text: str | None, adapter: Any) -> list[Any] | None:
         return [steps]
     bad = [p for p in parts if p not in WINDOWS]
     if not parts or bad:
-        raise ConfigError(f"--window takes window names ({', '.join(WINDOWS)}), separated by "
+        raise ConfigError(f"--step-window takes window names ({', '.join(WINDOWS)}), separated by "
                           f"commas, or step indices such as 0,1,2; got {text!r}.")
     return parts
 
@@ -439,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--assume-same", action="store_true",
                    help="resume checkpoints in --out even where cfmodules cannot verify that "
                         "they were made by the same code (you state that they were)")
-    a.add_argument("--window", default=None, metavar="WINDOWS",
+    a.add_argument("--step-window", default=None, metavar="WINDOWS",
                    help="diffusion models: the steps at which channels are swapped: windows "
                         "early,middle,late (default: the three, side by side), all, one of "
                         "them, or one window of step indices such as 0,1,2")

@@ -299,8 +299,8 @@ def _run(adapter: GeneratorAdapter, units: list[_Unit], layer: str | None, *,
          settings: InfluenceSettings, max_batch_bytes: int | None, progress: bool,
          checkpoint: str | os.PathLike | None, checkpoint_every: float,
          callback: Callable[[InfluenceProgress], Any] | None,
-         assume_same: bool, window: Any = None) -> InfluenceResult:
-    adapter = windowed(adapter, window)
+         assume_same: bool, step_window: Any = None) -> InfluenceResult:
+    adapter = windowed(adapter, step_window)
     sampler = adapter.identity() if is_diffusion(adapter) else None  # type: ignore[attr-defined]
     dtype = _DTYPES[settings.dtype]
     if dtype != torch.float32 and adapter.device.type != "cuda":
@@ -557,7 +557,7 @@ def influence_maps(
     checkpoint_every: float = 60.0,
     callback: Callable[[InfluenceProgress], Any] | None = None,
     assume_same: bool = False,
-    window: Any = None,
+    step_window: Any = None,
 ) -> InfluenceResult:
     """Elementary influence maps (EIMs) of the channels of one layer (sec. 3.3-3.4, eq. 2).
 
@@ -611,7 +611,7 @@ def influence_maps(
         Resume a checkpoint even where cfmodules cannot verify that it was made by the
         same code (e.g. an ``output_transform`` that calls an object of an arbitrary
         class): you state that the run is the same. What can be verified still is.
-    window : "all", "early", "middle", "late" or list of int, optional
+    step_window : "all", "early", "middle", "late" or list of int, optional
         Diffusion models only (:class:`~cfmodules.samplers.DiffusionAdapter`): the steps
         of the sampling chain at which the channels are swapped (default: the adapter's
         own window, all steps unless set with ``adapter.with_window``). The window and
@@ -647,7 +647,7 @@ def module_influence_maps(
         for two successive layers, ``{"main.5": [3], "main.8": [0, 5]}``. All channels of
         a module are swapped together (each layer takes Original 2's unintervened values,
         as in :func:`cfmodules.hybridize`).
-    n_pairs, seed, pairs_per_block, target_stderr, algorithm, dtype, max_batch_bytes, progress, checkpoint, checkpoint_every, callback, assume_same, window
+    n_pairs, seed, pairs_per_block, target_stderr, algorithm, dtype, max_batch_bytes, progress, checkpoint, checkpoint_every, callback, assume_same, step_window
         The keyword-only arguments of :func:`influence_maps`, with the same defaults and
         checks (one list, shared). Single-layer modules use the prefix/suffix split (and
         the linear shortcut); multi-layer modules one full forward per module.

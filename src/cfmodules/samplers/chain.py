@@ -119,8 +119,8 @@ def windowed(adapter: GeneratorAdapter, window: Any) -> GeneratorAdapter:
         return adapter
     if not is_diffusion(adapter):
         raise ConfigError(
-            f"window= is for diffusion models (a DiffusionAdapter, whose forward is a "
-            f"sampling chain); {adapter.name} runs in one forward. Leave window out.")
+            f"step_window= is for diffusion models (a DiffusionAdapter, whose forward is a "
+            f"sampling chain); {adapter.name} runs in one forward. Leave step_window out.")
     return adapter.with_window(window)  # type: ignore[attr-defined]
 
 
