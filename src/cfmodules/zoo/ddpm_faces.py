@@ -52,7 +52,7 @@ DEFAULT_LAYER = "up_blocks.1.resnets.0"
 INSTALL_COMMAND = 'pip install "cfmodules[families]"  (or: pip install diffusers safetensors)'
 
 WEIGHTS_FILE = "ddpm_faces.safetensors"
-WEIGHTS_SHA256 = "unset"
+WEIGHTS_SHA256 = "98be04948b1154b302f63efbbdd9540297ea6e5297b5a6c034d578e958ab5201"
 """SHA-256 of the shipped weights file; :func:`load_unet` refuses any other file."""
 
 UNET_CONFIG: dict[str, Any] = dict(
