@@ -462,3 +462,12 @@ def test_cli_analyze_writes_the_windows_side_by_side(tmp_path, capsys):
     assert main(["analyze", "--model", f"{tmp_path / 'tiny.py'}:make", "--out",
                  str(tmp_path / "bad"), "--step-window", "0,9", *CLI_SMALL]) == 2
     assert "outside the schedule" in capsys.readouterr().err
+
+
+def test_checkpoint_identity_holds_an_own_step_function(tmp_path):
+    ck = tmp_path / "s.ckpt"
+    kw = {**KW, "checkpoint": ck, "n_pairs": 2}
+    influence_maps(state_adapter(), "body.1", [0], **kw)
+    other = DiffusionAdapter(StateNet(), (2, 4, 4), lambda den, k, x, noise: den(x) * 0.5, 6)
+    with pytest.raises(CheckpointError, match="sampler_step"):
+        influence_maps(other, "body.1", [0], **kw)

@@ -110,7 +110,8 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         raise ConfigError(f"--stability-methods takes nmf, kmeans or nmf,kmeans; got "
                           f"{args.stability_methods!r}.")
     settings = AnalysisSettings(
-        n_pairs=args.pairs, n_modules=args.k or 3, stability_ks=ks, stability_methods=methods,
+        n_pairs=64 if args.pairs is None else args.pairs, n_modules=args.k or 3, stability_ks=ks,
+        stability_methods=methods,
         stability_repeats=args.stability_repeats, n_samples=args.samples,
         n_hybrids=args.hybrids, stability_pool=args.stability_pool, **_clustering(args))
     # --layer main.5,main.8 and --layer main.5 --layer main.8 are the same; auto: the scan
@@ -129,6 +130,10 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     if layers and not auto:  # a typo fails before the output folder is made
         resolve_layers(adapter.generator, layers)
     windows = _windows(args.step_window, adapter)
+    if windows is not None and args.pairs is None:  # each hybrid is a chain of steps
+        import dataclasses
+
+        settings = dataclasses.replace(settings, n_pairs=DIFFUSION_PAIRS)
 
     if init_from_env(adapter.device):  # under torchrun: each rank takes a shard of channels
         local = os.environ.get("LOCAL_RANK")
@@ -182,6 +187,10 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     print(f"Report:  {out / 'report.html'}")
     print(f"Results: {results_path}")
     return 0
+
+
+DIFFUSION_PAIRS = 16
+"""``cfmodules analyze``'s default pairs for a diffusion model (64 for other generators)."""
 
 
 def _windows(text: str | None, adapter: Any) -> list[Any] | None:
@@ -412,8 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "main.8 for dcgan-faces); two layers (main.5,main.8 or --layer twice) "
                         "are clustered together; auto: `cfmodules scan` chooses the layer "
                         "and K")
-    a.add_argument("--pairs", type=int, default=64, metavar="N",
-                   help="latent pairs per influence map (default 64)")
+    a.add_argument("--pairs", type=int, default=None, metavar="N",
+                   help=f"latent pairs per influence map (default 64; {DIFFUSION_PAIRS} for a "
+                        "diffusion model, whose every hybrid is a chain of steps)")
     a.add_argument("--k", type=int, default=None, metavar="K",
                    help="number of modules K (default 3; with --layer auto, the scan's)")
     a.add_argument("--out", default="cfmodules-report", metavar="DIR",
