@@ -152,7 +152,7 @@ def test_unsupported_scheduler_and_settings_are_refused(unet):
 # ---------------------------------------------------------------------- hybrids
 @pytest.mark.numerics
 @pytest.mark.parametrize("kind", SAMPLERS)
-@pytest.mark.parametrize("window", WINDOWS)
+@pytest.mark.parametrize("window", ["all", "middle", [1, 4], [5]])
 def test_no_swap_is_original1_and_matches_the_naive_reference(unet, kind, window):
     ad = SAMPLERS[kind](unet).with_window(window)
     z1, z2 = pair_latents(ad, 3, seed=1)
