@@ -21,7 +21,8 @@ layer                      channels  size
 ``down_blocks.2.resnets.0``    64    8x8
 ``mid_block``                  64    8x8
 ``up_blocks.0.resnets.1``      64    8x8
-``up_blocks.1.resnets.0``      64    16x16 (:data:`DEFAULT_LAYER`)
+``up_blocks.1.resnets.0``      64    16x16
+``up_blocks.2.resnets.0``      32    32x32 (:data:`DEFAULT_LAYER`)
 ``up_blocks.2.resnets.1``      32    32x32
 =========================  ========  =====
 """
@@ -46,8 +47,10 @@ IMAGE_SIZE = 32
 DEFAULT_STEPS = 20
 """DDIM steps of :func:`load` by default."""
 
-DEFAULT_LAYER = "up_blocks.1.resnets.0"
-"""The layer :func:`cfmodules.analysis.analyze` uses by default: 64 channels at 16x16."""
+DEFAULT_LAYER = "up_blocks.2.resnets.0"
+"""The layer :func:`cfmodules.analysis.analyze` uses by default: 32 channels at 32x32, the
+decoder's last block, where swapping modules in the early steps visibly carries Original
+2's face into Original 1 (at ``up_blocks.1.resnets.0`` the skip connections hide it)."""
 
 INSTALL_COMMAND = 'pip install "cfmodules[families]"  (or: pip install diffusers safetensors)'
 
