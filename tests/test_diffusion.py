@@ -253,7 +253,7 @@ def _stop_after(pairs: int):
 @pytest.mark.numerics
 def test_interrupted_window_run_resumes_to_the_same_maps(unet, tmp_path):
     ad = SAMPLERS["ddpm"](unet)
-    kw = {**KW, "pairs_per_block": 2, "checkpoint_every": 0, "window": "middle"}
+    kw = {**KW, "pairs_per_block": 2, "checkpoint_every": 0, "step_window": "middle"}
     full = influence_maps(ad, LAYER, [1, 2], n_pairs=6, **kw)
     ck = tmp_path / "w.ckpt"
     with pytest.raises(KeyboardInterrupt):
