@@ -74,13 +74,15 @@ def best_time(fn, repeats: int, device: torch.device):
     return best, out
 
 
-def naive_maps(adapter, layer: str, n_pairs: int, seed: int = 0) -> torch.Tensor:
+def naive_maps(adapter, layer: str, n_pairs: int, seed: int = 0,
+               channels: list[int] | None = None) -> torch.Tensor:
     """One full forward per channel with a hook replacing it, batched over the pairs.
 
     The forward is the adapter's own raw call (its ``forward=`` function, e.g. BigGAN's
     truncation) and output transform. A layer that runs several times per forward is
-    named by its call, ``"path:k"``: the hook acts on call ``k`` only. Returns (C, H, W):
-    mean over pairs of |hybrid - Original 1|, averaged over colours.
+    named by its call, ``"path:k"``: the hook acts on call ``k`` only. Returns (C, H, W)
+    for the ``channels`` (default: all): mean over pairs of |hybrid - Original 1|, averaged
+    over colours.
     """
     gen = adapter.generator.eval()
     path, _, call = layer.partition(":")
@@ -113,7 +115,7 @@ def naive_maps(adapter, layer: str, n_pairs: int, seed: int = 0) -> torch.Tensor
         hooked_run(z2, lambda o: donor.append(o.clone()))  # append returns None: no edit
         a2 = donor[0]
         maps = []
-        for c in range(a2.shape[1]):
+        for c in (range(a2.shape[1]) if channels is None else channels):
             def replace(o, c=c):
                 o = o.clone()
                 o[:, c] = a2[:, c]
