@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import json
 import sys
 import types
 from pathlib import Path
@@ -55,6 +54,7 @@ from torch import nn
 
 from cfmodules import checks
 from cfmodules.errors import CheckpointError, ConfigError, ModelNotAvailableError
+from cfmodules.zoo._files import read_json_config
 from cfmodules.zoo._range import calibrate_display
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -307,15 +307,7 @@ def from_checkpoint(
 def _trainer_config(path: Path) -> dict[str, Any]:
     """The trainer's ``.config.json`` beside ``path`` ({} if there is none)."""
     file = path.parent / ".config.json"
-    if not file.is_file():
-        return {}
-    try:
-        config = json.loads(file.read_text("utf-8"))
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{file} is not valid JSON ({err}).") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{file} does not hold the trainer's configuration (a dict).")
-    return config
+    return read_json_config(file) if file.is_file() else {}
 
 
 # ---------------------------------------------------------------------------- the adapter

@@ -35,7 +35,6 @@ forward (it calls ``len`` on a proxy); ``torch.export`` can, with the batch boun
 from __future__ import annotations
 
 import importlib
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +43,7 @@ from torch import nn
 
 from cfmodules import checks
 from cfmodules.errors import CheckpointError, ConfigError, ModelNotAvailableError
+from cfmodules.zoo._files import read_json_config
 from cfmodules.zoo._range import calibrate_display
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -127,7 +127,7 @@ def from_folder(folder: str | Path) -> nn.Module:
             "(or a pipeline folder with unet/); cfmodules never downloads.")
     sub = _subfolder(folder)
     diffusers = _diffusers()
-    config = _read_json(folder / (sub or "") / "config.json")
+    config = read_json_config(folder / (sub or "") / "config.json")
     if config.get("_class_name", "UNet2DModel") != "UNet2DModel":
         raise CheckpointError(
             f"{folder}: the config describes a {config.get('_class_name')}, not a UNet2DModel.")
@@ -140,16 +140,6 @@ def from_folder(folder: str | Path) -> nn.Module:
             f"{folder}: the UNet2DModel cannot be loaded ({type(err).__name__}: "
             f"{text[0][:300] if text else ''}).") from None
     return model.eval()
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text("utf-8"))
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{path} is not valid JSON ({err}).") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} does not hold a configuration (a JSON object).")
-    return data
 
 
 class OneStep:
@@ -187,7 +177,7 @@ def _scheduler(folder: Path | None) -> Any:
         for f in (folder / "scheduler" / "scheduler_config.json",
                   folder.parent / "scheduler" / "scheduler_config.json"):
             if f.is_file():
-                return diffusers.DDPMScheduler.from_config(_read_json(f))
+                return diffusers.DDPMScheduler.from_config(read_json_config(f))
     return diffusers.DDPMScheduler()
 
 
