@@ -7,9 +7,10 @@ block, and a diffusers ``UNet2DModel`` as a one-step denoiser (the zoo entry ``u
 
 Ours is :func:`cfmodules.influence.influence_maps`; the naive method is
 ``bench_influence.naive_maps``: one full forward per channel with a hook replacing it
-(batched over the pairs), the same pairs, seeds, threads and channels (the first
-``--channels`` of the layer: the ratio is per channel, and all 128 channels of a 64x64
-StyleGAN2 make the naive side take many minutes on 2 cores), in this process,
+(batched over the pairs), the same pairs, seeds, threads and channels (StyleGAN2: the first ``--sg2-channels`` (32) of the
+layer, as the ratio is per channel and all 128 channels make the naive side take many
+minutes on 2 cores; the UNet: all; with few channels the prefix, run once per pair, weighs
+more), in this process,
 interleaved ``--repeats`` times (best of each). Few pairs make the naive side's batches
 small, which favours ours beyond the FLOP limit; 8 pairs keep that effect moderate. ``limit`` is the FLOP limit: the FLOPs of
 one full forward over the FLOPs of what follows the layer (``torch.utils.flop_counter``,
@@ -17,7 +18,7 @@ as ``cfmodules.explain`` counts them on the path that runs); ``path`` is that pa
 
 Run (needs ``pip install 'cfmodules[families]'`` and stylegan2-pytorch, see README)::
 
-    PYTHONPATH=src python benchmarks/bench_families.py [--pairs 8] [--channels 32] [--repeats 3]
+    PYTHONPATH=src python benchmarks/bench_families.py [--pairs 8] [--threads 1] [--repeats 3]
 
 It ends with one line per case::
 
@@ -66,8 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", nargs="+", default=["stylegan2", "unet"],
                     choices=["stylegan2", "unet"])
     ap.add_argument("--pairs", type=int, default=8)
-    ap.add_argument("--channels", type=int, default=32,
-                    help="the first N channels of each layer, for both methods (0: all)")
+    ap.add_argument("--sg2-channels", type=int, default=32,
+                    help="StyleGAN2: the first N channels of each layer, both methods (0: all)")
+    ap.add_argument("--unet-channels", type=int, default=0,
+                    help="UNet: the first N channels of each layer, both methods (0: all)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--sg2-size", type=int, default=64)
     ap.add_argument("--sg2-capacity", type=int, default=16)
@@ -87,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     lines = []
     for model, adapter, layer in cases:
         n = adapter.layer_channels(layer)
-        chans = list(range(min(args.channels, n) if args.channels else n))
+        limit = args.sg2_channels if model == "stylegan2" else args.unet_channels
+        chans = list(range(min(limit, n) if limit else n))
 
         def ours(adapter=adapter, layer=layer, chans=chans):
             return influence_maps(adapter, layer, chans, n_pairs=args.pairs, progress=False)
