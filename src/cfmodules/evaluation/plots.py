@@ -216,11 +216,11 @@ def plot_scorecard(card: Scorecard, background: Any = None) -> Figure:
     for m in range(k):
         r = int(card.region[m])
         outline = card.masks[r] if r >= 0 else None
-        region = f" ~ {card.regions[r]}" if r >= 0 else ""
+        region = f"\n~ {card.regions[r]}" if r >= 0 else ""
         ax = axes[m, 0]
         ax.imshow(card.maps[m], cmap="magma")
         ax.set_title(f"{card.modules[m]}{region}", fontsize=7, color=module_color(m))
-        ax.set_ylabel("change map", fontsize=7)
+        ax.set_ylabel("mean |hybrid - Original 1|", fontsize=6)
         ax = axes[m, 1]
         if bg is not None:
             ax.imshow(bg, cmap="gray" if bg.ndim == 2 else None, vmin=0, vmax=1)

@@ -16,16 +16,19 @@ Localisation (where the hybrids change the image)
       region. Needs no reference: a module that changes one part of the image is
       concentrated, a group that changes a little everywhere is not.
     - With reference region masks (planted regions of a synthetic generator, face parts,
-      or the user's ``masks``), each module is assigned the region of best ``iou``:
-      the intersection over union between the region and the module's top pixels. By
-      default the top pixels are as many as the region has (``iou_area="region"``: the
-      threshold is the percentile that leaves the region's area, so IoU measures *where*
-      the change is, not how large an area the clustering's percentile assumes);
-      ``iou_area="clustering"`` uses the change region instead.
-    - ``mass_share``: share of the map's mass inside the assigned region.
+      or the user's ``masks``), each module is assigned the region where its change per
+      pixel stands out most: the region of largest ``specificity`` (below; a per-pixel
+      contrast, so a large region is not favoured for its size, as it would be by IoU).
     - ``specificity``: ``(in - out) / (in + out)`` with ``in`` / ``out`` the mean change
       per pixel inside / outside the assigned region: 1 when the hybrids change the
-      region only, 0 when they change it no more than the rest.
+      region only, 0 when they change it no more than the rest, negative when less.
+    - ``iou``: intersection over union between the assigned region and the module's top
+      pixels. By default the top pixels are as many as the region has
+      (``iou_area="region"``: the threshold of the smoothed map is the percentile that
+      leaves the region's area, so IoU measures *where* the change is, not how large an
+      area the clustering's percentile assumes); ``iou_area="clustering"`` uses the
+      change region instead.
+    - ``mass_share``: share of the map's mass inside the assigned region.
 
 Causal effect (how much the hybrids change)
     - ``pixel_effect``: mean over pairs and pixels of ``d_p`` (in the generator's output
@@ -44,8 +47,8 @@ the same size at the same layer(s) share one set of random groups (their p-value
 dependent, which the Holm adjustment below allows). Every
 statistic is computed for the null groups exactly as for the module, **on the same pairs**
 (a paired design); statistics that need a region use, for a null group, the region it is
-itself assigned by the same rule (best IoU), so choosing the best of several regions is
-part of the null and not a source of bias.
+itself assigned by the same rule (largest specificity), so choosing the best of several
+regions is part of the null and not a source of bias.
 
 **p-values** are one-sided (the module scores *higher* than random groups: more
 localised, more specific, larger effect), Monte-Carlo permutation p-values
@@ -63,9 +66,14 @@ the whole table (:meth:`Scorecard.p_adjusted`), which controls the family-wise e
 of the table at ``alpha`` under any dependence. The scorecard does not adjust across
 several scorecards (several layers or K).
 
-**Confidence intervals** are percentile bootstrap intervals over pairs (``n_boot``
-resamples of the pairs with replacement, seeded): for each resample the module's map and
-effects are recomputed; localisation statistics keep the region assigned on all pairs.
+**Confidence intervals** are bias-corrected percentile bootstrap intervals (Efron 1981)
+over pairs (``n_boot`` resamples of the pairs with replacement, seeded): for each resample
+the module's map and effects are recomputed; localisation statistics keep the region
+assigned on all pairs. The bias correction matters for the localisation statistics: the
+mean map of a resample (with repeated pairs) is noisier, hence more peaked, than the
+mean map of the pairs, and plain percentiles could then miss the estimate itself. Where
+the estimate lies outside every resample the interval is NaN (shown as "n/a"): the
+statistic is then too biased by resampling for a bootstrap interval.
 ``*_ratio`` intervals recompute the null groups' mean on the same resample. The intervals
 describe the uncertainty due to the sample of pairs, for the given grouping of channels;
 they do not include the clustering's own variability (see the stability sweep for that).
@@ -241,7 +249,8 @@ def _localisation(maps: np.ndarray, masks: np.ndarray | None, window: int | tupl
                   ) -> dict[str, np.ndarray]:
     """Localisation statistics of mean change maps ``(G, H, W)``.
 
-    ``fixed``: the region index of each map (else each map gets its best-IoU region).
+    ``fixed``: the region index of each map (else each map gets its region of largest
+    specificity).
     """
     g = len(maps)
     flat = maps.reshape(g, -1)
@@ -255,24 +264,47 @@ def _localisation(maps: np.ndarray, masks: np.ndarray | None, window: int | tupl
     if masks is None:
         return out
     regions = masks.reshape(len(masks), -1)
-    area = regions.sum(1)
-    tops = {}
-    for r in range(len(masks)):
-        if iou_area == "region":
-            q = 100.0 * (1.0 - area[r] / regions.shape[1])
-            tops[r] = _binary(smoothed, q)
+    if fixed is None:  # the region where the change per pixel stands out most
+        specs = np.stack([_region_stats(flat, np.broadcast_to(regions[r], flat.shape),
+                                        change)[2] for r in range(len(masks))], axis=1)
+        fixed = specs.argmax(1)  # (G,); ties: the first region
+    fixed = np.asarray(fixed, dtype=np.int64)
+    top = np.zeros_like(change)
+    for r in np.unique(fixed):
+        rows = fixed == r
+        if iou_area == "region":  # as many top pixels as the region has
+            q = 100.0 * (1.0 - regions[r].sum() / regions.shape[1])
+            top[rows] = _binary(smoothed[rows], q)
         else:
-            tops[r] = change
-    if fixed is None:
-        ious = np.stack([_region_stats(flat, np.broadcast_to(regions[r], flat.shape), tops[r])[0]
-                         for r in range(len(masks))], axis=1)  # (G, R)
-        fixed = ious.argmax(1)
-    reg = regions[fixed]
-    top = np.stack([tops[int(r)][i] for i, r in enumerate(fixed)]) if g else change
-    iou, share, spec = _region_stats(flat, reg, top)
+            top[rows] = change[rows]
+    iou, share, spec = _region_stats(flat, regions[fixed], top)
     out.update(region=np.asarray(fixed, dtype=np.int64), iou=iou, mass_share=share,
                specificity=spec)
     return out
+
+
+def _bc_interval(boot: np.ndarray, observed: float, confidence: float) -> tuple[float, float]:
+    """Bias-corrected percentile bootstrap interval (Efron 1981).
+
+    The percentiles are shifted by ``z0 = Phi^-1(share of resamples below the estimate)``
+    (ties count half), which corrects for a statistic whose resampled values sit on one
+    side of it (e.g. the concentration of a noisier, resampled mean map).
+    """
+    from scipy.stats import norm
+
+    boot = np.asarray(boot, dtype=np.float64)
+    if not np.isfinite(observed) or np.all(boot == observed):
+        return float(observed), float(observed)
+    n = len(boot)
+    if np.all(boot > observed) or np.all(boot < observed):
+        # the estimate lies outside every resample: resampling biases this statistic so
+        # much that no percentile interval can be trusted; say so rather than guess
+        return float("nan"), float("nan")
+    below = (np.sum(boot < observed) + 0.5 * np.sum(boot == observed)) / n
+    z0 = norm.ppf(np.clip(below, 0.5 / n, 1 - 0.5 / n))
+    z = norm.ppf(0.5 + confidence / 2)
+    lo, hi = norm.cdf(2 * z0 - z), norm.cdf(2 * z0 + z)
+    return tuple(float(x) for x in np.percentile(boot, [100 * lo, 100 * hi]))  # type: ignore
 
 
 # ---------------------------------------------------------------------- main
@@ -343,10 +375,14 @@ def scorecard(
         every module needs at least one channel.
     adapter : GeneratorAdapter
         The generator, when ``source`` is a result.
-    masks : array (R, H, W) of bool, dict name -> (H, W) mask, optional
-        Reference regions at the images' resolution. Default: the planted regions of a
-        synthetic generator (:func:`reference_masks`), else none (no IoU, mass share or
-        specificity; the reference-free ``concentration`` is always computed).
+    masks : array (R, H, W) of bool, dict name -> (H, W) mask, "faces", optional
+        Reference regions at the images' resolution. ``"faces"``: the face parts
+        (eyes, brows, nose, mouth, face, hair and background) found by a landmark model
+        on the Original 1 images of the pairs (:func:`cfmodules.evaluation.face_parts.
+        face_part_masks`; needs ``libdlib-data`` and ``dlib-bin``). Default: the planted
+        regions of a synthetic generator (:func:`reference_masks`), else none (no IoU,
+        mass share or specificity; the reference-free ``concentration`` is always
+        computed).
     mask_names : list of R str, optional
     classifier : callable, optional
         ``classifier(images (N, C, H, W) in [0, 1]) -> (N, classes)`` logits (or
@@ -419,7 +455,13 @@ def scorecard(
     if classifier is not None and not callable(classifier):
         raise ConfigError("classifier must be a callable: images (N, C, H, W) in [0, 1] -> "
                           "(N, classes) scores.")
-    if masks is None:
+    faces = isinstance(masks, str)
+    if faces and masks != "faces":
+        raise ConfigError(f"masks must be an array (R, H, W), a dict name -> mask, 'faces' or "
+                          f"None; got {masks!r}.")
+    if faces:
+        ref = None  # found on the pairs' Original 1 below
+    elif masks is None:
         found = reference_masks(adapter)
         ref = (found[0], found[1] if mask_names is None else list(mask_names)) if found else None
         if ref is not None:
@@ -442,6 +484,17 @@ def scorecard(
 
     planned = plan_swaps(adapter, groups, algorithm, what="scorecard")
     z1_all, z2_all = L.pair_latents(adapter, n_pairs, seed, start)
+    if faces:  # the parts of the faces whose hybrids are measured
+        from cfmodules.evaluation.face_parts import face_part_masks
+
+        with torch.inference_mode():
+            found_parts = face_part_masks(adapter.to_unit(adapter.generate(z1_all)))
+        parts, part_names = found_parts[0], list(found_parts[1])
+        # the inner features together too (a module may hold all of them)
+        parts = np.concatenate([parts, parts[:4].any(0, keepdims=True)])
+        part_names.append("eyes, brows, nose, mouth")
+        kept = parts.reshape(len(parts), -1).any(1)  # parts that won pixels
+        ref = _check_masks(parts[kept], [n for n, k in zip(part_names, kept) if k])
     e_pix = np.zeros((n_groups, n_pairs))
     e_clf = np.zeros((n_groups, n_pairs)) if classifier is not None else None
     map_sum: np.ndarray | None = None
@@ -527,7 +580,6 @@ def scorecard(
     draws = boot_rng.integers(0, n_pairs, size=(n_boot, n_pairs))
     weights = np.stack([np.bincount(r, minlength=n_pairs) for r in draws]).astype(np.float64)
     weights /= n_pairs
-    lo_q, hi_q = 50 * (1 - confidence), 50 * (1 + confidence)
     ci_low: dict[str, np.ndarray] = {s: np.zeros(k_mod) for s in observed}
     ci_high: dict[str, np.ndarray] = {s: np.zeros(k_mod) for s in observed}
     eff = {"pixel_effect": e_pix} | ({"classifier_effect": e_clf} if e_clf is not None else {})
@@ -543,14 +595,18 @@ def scorecard(
             if s in bl:
                 boot[s] = bl[s]
         for s, v in boot.items():
-            ci_low[s][k], ci_high[s][k] = np.percentile(v, [lo_q, hi_q])
+            ci_low[s][k], ci_high[s][k] = _bc_interval(v, observed[s][k], confidence)
     per_pair = {s: e[:k_mod].copy() for s, e in eff.items()}
     info = {"model": adapter.name, "seed": seed, "start": start, "n_pairs": n_pairs,
             "n_null": n_null, "null_groups": n_groups - k_mod, "n_boot": n_boot, "window": list(window), "percentile": percentile,
             "iou_area": iou_area, "confidence": confidence, "alpha": alpha,
             "classifier": None if classifier is None else getattr(
                 classifier, "__name__", type(classifier).__name__),
-            "classifier_outputs": classifier_outputs, "seconds": time.perf_counter() - t0}
+            "classifier_outputs": classifier_outputs,
+            "masks": "face parts (dlib 68 landmarks, majority over the pairs' Original 1)"
+            if faces else ("given" if masks is not None else
+                           ("planted regions" if ref is not None else None)),
+            "seconds": time.perf_counter() - t0}
     return Scorecard(
         modules=names, module_channels={n: {la: [int(c) for c in idx] for la, idx in ch.items()}
                                         for n, ch in channels.items()},

@@ -21,7 +21,7 @@ __all__ = ["Scorecard", "holm", "STATISTICS", "TESTED"]
 KIND = "scorecard"
 
 STATISTICS = {
-    "iou": "IoU of the module's top pixels with its region (best of the references)",
+    "iou": "IoU of the module's top pixels with its region",
     "mass_share": "share of the change inside the module's region",
     "specificity": "(in - out) / (in + out), mean change per pixel in / out of the region",
     "concentration": "share of the change inside the module's own change region",
@@ -74,7 +74,7 @@ class Scorecard(Result):
     null : dict statistic -> ndarray (K, n_null)
         The same statistic for each module's random groups (tested statistics only).
     ci_low, ci_high : dict statistic -> ndarray (K,)
-        Bootstrap confidence interval (level ``info["confidence"]``).
+        Bias-corrected bootstrap interval over pairs (level ``info["confidence"]``).
     per_pair : dict statistic -> ndarray (K, P)
         ``pixel_effect`` (and ``classifier_effect``) of each pair, for re-analysis.
     info : dict
@@ -256,19 +256,20 @@ class Scorecard(Result):
             region = self.region_of(k)
             lines.append(f"{m} ({size} channels; {where})"
                          + (f" -> region '{region}'" if region is not None else ""))
-            lines.append(f"  {'statistic':<24}{'value':>8}  {'CI':<17}{'null mean':>10}"
+            lines.append(f"  {'statistic':<24}{'value':>8}  {'CI':<22}{'null mean':>10}"
                          f"{'pct':>7}{'p':>9}{'p Holm':>9}")
             for s in self.statistics:
                 v = self.observed[s][k]
-                ci = (f"[{self.ci_low[s][k]:.3f}, {self.ci_high[s][k]:.3f}]"
-                      if s in self.ci_low else "")
+                ci = ("" if s not in self.ci_low else "[n/a: resampling bias]"
+                      if not np.isfinite(self.ci_low[s][k]) else
+                      f"[{self.ci_low[s][k]:.3f}, {self.ci_high[s][k]:.3f}]")
                 if s in p:
                     star = " *" if pa[s][k] < i.get("alpha", 0.05) else ""
                     tail = (f"{np.mean(self.null[s][k]):>10.3f}{pc[s][k]:>7.1f}"
                             f"{p[s][k]:>9.4f}{pa[s][k]:>9.4f}{star}")
                 else:
                     tail = ""
-                lines.append(f"  {s:<24}{v:>8.3f}  {ci:<17}{tail}")
+                lines.append(f"  {s:<24}{v:>8.3f}  {ci:<22}{tail}")
         lines.append(f"* Holm-adjusted p < {i.get('alpha', 0.05)} (the module beats random "
                      "groups of its size on that statistic)")
         return "\n".join(lines)
