@@ -2,13 +2,16 @@
 
 The modules are the K=3 modules of the default ``cfmodules analyze`` (layer ``main.8``,
 64 pairs; the stability sweep, which does not change the modules, is skipped), or those of
-a ``results.npz`` given with ``--results``. The scorecard runs with its defaults (32 pairs,
-100 random groups per module, 1000 bootstrap resamples, no classifier; ``--fer`` adds the
+a ``results.npz`` given with ``--results``. The scorecard runs as ``cfmodules score`` runs it
+by default (32 pairs, 100 random groups per module, 1000 bootstrap resamples, face part
+masks from the landmark model when it is installed, no classifier; ``--fer`` adds the
 expression classifier) ``--repeats`` times; the median is printed::
 
     RESULT model=dcgan-faces modules=3 null_groups=300 seconds=...
 
-with ``null_groups`` the random groups evaluated (modules of the same size share theirs). Also printed: the baseline of the
+with ``null_groups`` the random groups evaluated (modules of the same size share theirs).
+The process's CPU seconds and the machine's load average are printed too: on a shared
+machine the wall time grows with the load, the CPU time much less. Also printed: the baseline of the
 same hybrids computed one module at a time by :func:`cfmodules.hybridize` (the naive path),
 timed on the first 10 null groups of each module and scaled, when ``--baseline`` is given.
 
@@ -18,6 +21,7 @@ timed on the first 10 null groups of each module and scaled, when ``--baseline``
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -37,7 +41,8 @@ def main() -> None:
 
     from cfmodules import zoo
     from cfmodules.analysis import AnalysisResult, analyze
-    from cfmodules.evaluation.scorecard import null_groups, scorecard
+    from cfmodules.cli import score_result
+    from cfmodules.evaluation.scorecard import null_groups
 
     adapter = zoo.load("dcgan-faces")
     if args.results:
@@ -46,17 +51,14 @@ def main() -> None:
         t = time.perf_counter()
         result = analyze(adapter, stability_ks=(), progress=False)
         print(f"analysis (no sweep): {time.perf_counter() - t:.1f} s")
-    clf = None
-    if args.fer:
-        from cfmodules.evaluation.fer import load_fer_classifier
-
-        clf = load_fer_classifier()
-    times = []
+    times, cpu = [], []
     for r in range(args.repeats):
-        t = time.perf_counter()
-        sc = scorecard(result, adapter=adapter, classifier=clf)
+        t, c = time.perf_counter(), time.process_time()
+        sc = score_result(result, adapter, fer=args.fer)
         times.append(time.perf_counter() - t)
-        print(f"repeat {r}: {times[-1]:.2f} s")
+        cpu.append(time.process_time() - c)
+        print(f"repeat {r}: {times[-1]:.2f} s wall, {cpu[-1]:.2f} s CPU, load average "
+              f"{os.getloadavg()[0]:.1f}")
     print(sc.to_text())
     n_groups = sc.info["null_groups"]  # distinct random groups (same-size modules share)
     if args.baseline:
@@ -75,6 +77,8 @@ def main() -> None:
         print(f"naive hybridize, scaled from {len(sample)} groups: {naive:.1f} s "
               f"(hybrids only; scorecard median {statistics.median(times):.1f} s, "
               f"ratio {naive / statistics.median(times):.2f}x)")
+    print(f"masks: {sc.info['masks']}; CPU seconds (median) {statistics.median(cpu):.2f} on "
+          f"{args.threads} thread(s); cores {os.cpu_count()}")
     print(f"RESULT model={adapter.name} modules={len(sc.modules)} null_groups={n_groups} "
           f"seconds={statistics.median(times):.2f}")
 
