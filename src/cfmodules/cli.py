@@ -540,7 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "groups of its size at its layer(s): where its hybrids change the "
                         "image (IoU, specificity against reference regions; concentration), "
                         "how much (pixels; --fer: the expression classifier), one-sided "
-                        "permutation p-values (raw and Holm over the table) and bootstrap "
+                        "permutation p-values (raw, and Holm over the modules of each statistic) and bootstrap "
                         "CIs over pairs. See docs/evaluation.md.")
     so.add_argument("results", metavar="RESULTS", help="results.npz written by cfmodules analyze")
     so.add_argument("--model", metavar="MODEL", help="model spec (default: the one stored in RESULTS)")

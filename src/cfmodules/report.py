@@ -161,7 +161,7 @@ def _scorecard_html(card: Any, pngs: Mapping[str, bytes]) -> list[str]:
            f"its layer(s), on {i.get('n_pairs')} new pairs (seed {i.get('seed')}, from pair "
            f"{i.get('start')}). Values with {100 * i.get('confidence', 0.95):g}% bootstrap "
            "intervals over pairs; p: one-sided permutation p-value (the module scores "
-           "higher than random groups); * Holm-adjusted over the table below "
+           "higher than random groups); * Holm-adjusted over the modules of that statistic below "
            f"{i.get('alpha', 0.05)}. Reference regions: {e(str(i.get('masks') or 'none'))}."
            "</p>",
            f"<table><tr><th>module</th><th>region</th>{head}</tr>{body}</table>",

@@ -64,10 +64,15 @@ random group is itself) and gets p = 1.
 
 **Multiple comparisons.** A scorecard makes ``K x S`` tests (K modules, S tested
 statistics: up to 5), which are not independent (the statistics of one module are
-correlated). Raw p-values are reported for each, and Holm's step-down adjustment over
-the whole table (:meth:`Scorecard.p_adjusted`), which controls the family-wise error rate
-of the table at ``alpha`` under any dependence. The scorecard does not adjust across
-several scorecards (several layers or K).
+correlated; modules of one size share their null). Raw p-values are reported for each;
+:meth:`Scorecard.p_adjusted` adjusts them by Holm's step-down method over the K modules
+of each statistic, a family per question ("more specific than random groups?", "larger
+effect?"), which controls the family-wise error rate of each statistic at ``alpha`` under
+any dependence. Nothing is adjusted across the S statistics, nor across several
+scorecards (layers, K): for one verdict over a whole table compare the adjusted values
+with ``alpha / S``. With ``n_null`` random groups the smallest Holm-adjusted p-value is
+``K / (1 + n_null)`` (0.03 for K = 3 and the default 100); a family over the whole table
+would need ``n_null >= K * S / alpha`` (300 for K = 3, S = 5) to ever reach 0.05.
 
 **Confidence intervals** are bias-corrected percentile bootstrap intervals (Efron 1981)
 over pairs (``n_boot`` resamples of the pairs with replacement, seeded): for each resample

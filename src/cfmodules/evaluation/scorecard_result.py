@@ -176,18 +176,21 @@ class Scorecard(Result):
                 for s in self.tested}
 
     def p_adjusted(self) -> dict[str, np.ndarray]:
-        """Holm-adjusted p-values over the whole table (every module x tested statistic).
+        """Holm-adjusted p-values over the modules, for each statistic apart.
 
-        Controls the probability of any false "better than random" in the table at the
-        chosen level, whatever the dependence between the tests.
+        Each statistic asks its own question ("is the module more specific than random
+        groups?", "is its effect larger?"), and the K modules are the family of that
+        question: Holm's adjustment controls, for each statistic, the probability of any
+        false "better than random" among the modules, whatever the dependence between
+        them. Nothing is adjusted across statistics: for one verdict over the whole table,
+        compare these with ``alpha / S`` (S tested statistics, Bonferroni).
         """
-        p = self.p_values()
-        keys = [(s, k) for s in p for k in range(len(self.modules)) if np.isfinite(p[s][k])]
-        flat = np.array([p[s][k] for s, k in keys])
-        adj = holm(flat)
-        out = {s: np.full(len(self.modules), np.nan) for s in p}
-        for (s, k), a in zip(keys, adj):
-            out[s][k] = a
+        out = {}
+        for s, pv in self.p_values().items():
+            adj = np.full(len(pv), np.nan)
+            ok = np.isfinite(pv)
+            adj[ok] = holm(pv[ok])
+            out[s] = adj
         return out
 
     def significant(self, alpha: float | None = None, adjusted: bool = True
@@ -199,7 +202,8 @@ class Scorecard(Result):
         return {s: np.nan_to_num(v, nan=1.0) < a for s, v in p.items()}
 
     def table(self) -> list[dict[str, Any]]:
-        """One row per module and statistic: value, CI, null mean, percentile, p, Holm p."""
+        """One row per module and statistic: value, CI, null mean, percentile, p, Holm p
+        (over the modules of that statistic)."""
         p, pa, pc = self.p_values(), self.p_adjusted(), self.percentiles()
         rows = []
         for k, m in enumerate(self.modules):
@@ -248,7 +252,8 @@ class Scorecard(Result):
                  f"{i.get('n_pairs', '?')} pairs (seed {i.get('seed', '?')}, from pair "
                  f"{i.get('start', '?')}); null: {self.n_null} random channel groups of "
                  f"each module's size at its layer(s); {i.get('n_boot', '?')} bootstrap "
-                 f"resamples of the pairs ({conf:g}% CI); p one-sided, Holm over the table"]
+                 f"resamples of the pairs ({conf:g}% CI); p one-sided (smallest possible "
+                 f"{1 / (1 + self.n_null):.4f}), Holm over the modules of each statistic"]
         p, pa, pc = self.p_values(), self.p_adjusted(), self.percentiles()
         for k, m in enumerate(self.modules):
             size = sum(len(c) for c in self.module_channels[m].values())
@@ -270,8 +275,9 @@ class Scorecard(Result):
                 else:
                     tail = ""
                 lines.append(f"  {s:<24}{v:>8.3f}  {ci:<22}{tail}")
-        lines.append(f"* Holm-adjusted p < {i.get('alpha', 0.05)} (the module beats random "
-                     "groups of its size on that statistic)")
+        lines.append(f"* Holm-adjusted p < {i.get('alpha', 0.05)}: the module beats random "
+                     "groups of its size on that statistic (families: the modules of one "
+                     "statistic; nothing is adjusted across statistics)")
         return "\n".join(lines)
 
     def __repr__(self) -> str:
