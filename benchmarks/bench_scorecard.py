@@ -41,8 +41,7 @@ def main() -> None:
 
     from cfmodules import zoo
     from cfmodules.analysis import AnalysisResult, analyze
-    from cfmodules.cli import score_result
-    from cfmodules.evaluation.scorecard import null_groups
+    from cfmodules.evaluation.scorecard import null_groups, scorecard
 
     adapter = zoo.load("dcgan-faces")
     if args.results:
@@ -54,7 +53,12 @@ def main() -> None:
     times, cpu = [], []
     for r in range(args.repeats):
         t, c = time.perf_counter(), time.process_time()
-        sc = score_result(result, adapter, fer=args.fer)
+        clf = None
+        if args.fer:
+            from cfmodules.evaluation.fer import load_fer_classifier
+
+            clf = load_fer_classifier()
+        sc = scorecard(result, adapter=adapter, masks="auto", classifier=clf)
         times.append(time.perf_counter() - t)
         cpu.append(time.process_time() - c)
         print(f"repeat {r}: {times[-1]:.2f} s wall, {cpu[-1]:.2f} s CPU, load average "

@@ -34,7 +34,7 @@ from typing import Any, NoReturn
 from cfmodules import checks, models
 from cfmodules.errors import CfModulesError, ConfigError
 
-__all__ = ["main", "read_modules", "build_parser", "score_result"]
+__all__ = ["main", "read_modules", "build_parser"]
 
 PROG = "cfmodules"
 EXIT_USAGE = 2
@@ -162,7 +162,9 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     card = None
     if args.scorecard:
         t_card = time.perf_counter()
-        card = score_result(result, adapter)
+        from cfmodules.evaluation.scorecard import scorecard
+
+        card = scorecard(result, adapter=adapter, masks="auto")
         result.timings["scorecard"] = time.perf_counter() - t_card
     t_report = time.perf_counter()
     command = " ".join(shlex.quote(a) for a in [PROG, *args.argv])
@@ -277,78 +279,43 @@ def _cmd_hybrids(args: argparse.Namespace) -> int:
     return 0
 
 
-def _score_masks(adapter: Any, choice: str) -> Any:
+def _score_masks(choice: str) -> Any:
     """The ``masks`` argument of scorecard() for ``--masks`` (auto, faces, none or a file)."""
-    if choice == "none":
-        return None
-    if choice == "faces":
-        return "faces"
-    if choice == "auto":
-        if "face" not in adapter.name:
-            return None  # a planted generator's regions are found by scorecard() itself
-        from cfmodules.errors import ModelNotAvailableError
-        from cfmodules.evaluation.face_parts import _dlib, landmark_model_path
-
-        try:
-            landmark_model_path()
-            _dlib()
-        except ModelNotAvailableError as e:
-            print(f"{PROG} score: no face part masks ({models.first_line(e)}); scoring "
-                  "without reference regions.", file=sys.stderr)
-            return None
-        return "faces"
+    if choice in ("auto", "faces", "none"):
+        return None if choice == "none" else choice
     import numpy as np
 
     try:
         with np.load(choice, allow_pickle=False) as f:
-            if "masks" not in f.files:
-                raise ConfigError(f"--masks {choice}: the .npz file needs an array 'masks' "
-                                  "(R, H, W) of booleans (and optionally 'names').")
             names = [str(n) for n in f["names"]] if "names" in f.files else None
             return dict(zip(names, f["masks"])) if names else f["masks"]
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, KeyError) as e:
         raise ConfigError(f"--masks takes auto, faces, none or an .npz file with an array "
-                          f"'masks'; cannot read {choice!r}: {e}") from None
-
-
-def score_result(result: Any, adapter: Any, *, masks: str = "auto", fer: bool = False,
-                 pairs: int = 32, null: int = 100, boot: int = 1000,
-                 seed: int | None = None) -> Any:
-    """The scorecard of an analysis' modules with the command line's choices."""
-    from cfmodules.evaluation.scorecard import scorecard
-
-    clf = None
-    if fer:
-        from cfmodules.evaluation.fer import load_fer_classifier
-
-        clf = load_fer_classifier(adapter.device)
-    return scorecard(result, adapter=adapter, masks=_score_masks(adapter, masks),
-                     classifier=clf, n_pairs=pairs, n_null=null, n_boot=boot, seed=seed)
+                          f"'masks' (and optionally 'names'); cannot read {choice!r}: "
+                          f"{models.first_line(e)}") from None
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
     from cfmodules.analysis import AnalysisResult
+    from cfmodules.evaluation.fer import load_fer_classifier
+    from cfmodules.evaluation.plots import plot_scorecard
+    from cfmodules.evaluation.scorecard import scorecard
     from cfmodules.module_file import ModuleFile
+    from cfmodules.plots import save_figure
 
     result = AnalysisResult.load(args.results)
     adapter = models.load_model_for(ModuleFile.from_result(result), args.results, args.model,
                                     args.device, args.latent_shape)
-    card = score_result(result, adapter, masks=args.masks, fer=args.fer, pairs=args.pairs,
-                        null=args.null, boot=args.boot, seed=args.seed)
+    card = scorecard(result, adapter=adapter, masks=_score_masks(args.masks),
+                     classifier=load_fer_classifier(adapter.device) if args.fer else None,
+                     n_pairs=args.pairs, n_null=args.null, n_boot=args.boot, seed=args.seed)
     print(card.to_text())
-    if args.out:
-        out = Path(args.out)
-        _writable_dir(str(out.parent if str(out.parent) else "."))
-        card.save(out)
-        print(f"Scorecard: {out}")
-    if args.figure:
-        from cfmodules.evaluation.plots import plot_scorecard
-        from cfmodules.plots import save_figure
-
-        fig = Path(args.figure)
-        _writable_dir(str(fig.parent if str(fig.parent) else "."))
-        save_figure(plot_scorecard(card, background=result.mean_image), fig)
-        print(f"Figure:    {fig}")
+    for path, what in ((args.out, "Scorecard"), (args.figure, "Figure")):
+        if path:
+            _writable_dir(str(Path(path).parent))
+            card.save(path) if what == "Scorecard" else save_figure(
+                plot_scorecard(card, background=result.mean_image), path)
+            print(f"{what + ':':<11}{path}")
     return 0
 
 

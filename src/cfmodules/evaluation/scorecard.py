@@ -105,6 +105,7 @@ from cfmodules.adapter import GeneratorAdapter
 from cfmodules.engine import plan_swaps
 from cfmodules.errors import ConfigError, GeneratorOutputError, ModuleError, ShapeError
 from cfmodules.evaluation._run import EvalNoGrad
+from cfmodules.evaluation.references import auto_masks, check_masks, reference_masks
 from cfmodules.evaluation.scorecard_result import STATISTICS, TESTED, Scorecard, holm
 from cfmodules.hybrid import module_channels
 from cfmodules.modules.preprocess import smooth, threshold
@@ -114,55 +115,6 @@ __all__ = ["Scorecard", "scorecard", "null_groups", "reference_masks", "holm",
 
 _DEFAULT_ROWS = 128
 """Hybrids per call at most (a batch of DCGAN main.8 hybrids then stays ~32 MiB at the cut)."""
-
-
-# ---------------------------------------------------------------------- references
-def reference_masks(adapter: GeneratorAdapter) -> tuple[np.ndarray, list[str]] | None:
-    """The known regions of a generator with planted modules, or None.
-
-    :class:`~cfmodules.synthetic.PlantedConvGenerator` has ``regions`` and
-    :class:`~cfmodules.synthetic.PlantedModel1` ``supports`` (``(K, H, W)`` bool): region
-    ``k`` is what planted module ``k`` paints. Any generator with such an attribute counts.
-    """
-    gen = adapter.generator
-    for attr in ("regions", "supports"):
-        value = getattr(gen, attr, None)
-        if isinstance(value, np.ndarray) and value.ndim == 3 and value.dtype == bool:
-            return value.copy(), [f"region {k}" for k in range(len(value))]
-    return None
-
-
-def _check_masks(masks: Any, names: Sequence[str] | None) -> tuple[np.ndarray, list[str]]:
-    if isinstance(masks, Mapping):
-        names = [str(n) for n in masks]
-        masks = [np.asarray(masks[n]) for n in masks]
-        shapes = {np.shape(m) for m in masks}
-        if len(shapes) > 1:
-            raise ShapeError(f"The masks have different shapes {sorted(shapes)}; every mask "
-                             "must be (H, W) like the images.")
-    if isinstance(masks, torch.Tensor):
-        masks = masks.detach().cpu().numpy()
-    arr = np.asarray(masks)
-    if arr.ndim == 2:
-        arr = arr[None]
-    if arr.ndim != 3 or arr.shape[0] == 0 or arr.dtype == object:
-        raise ShapeError(f"masks must be an array (regions, H, W) of booleans, got shape "
-                         f"{arr.shape}.")
-    if arr.dtype != bool:
-        if not np.isin(arr, (0, 1)).all():
-            raise ShapeError("masks must hold booleans (or 0 / 1): one (H, W) mask per region.")
-        arr = arr.astype(bool)
-    if names is None:
-        names = [f"region {r}" for r in range(len(arr))]
-    names = [str(n) for n in names]
-    if len(names) != len(arr) or len(set(names)) != len(names):
-        raise ConfigError(f"Give {len(arr)} distinct mask names, one per mask; got {names}.")
-    area = arr.reshape(len(arr), -1).sum(1)
-    for n, a in zip(names, area):
-        if a == 0 or a == arr[0].size:
-            raise ConfigError(f"Mask '{n}' is {'empty' if a == 0 else 'the whole image'}: a "
-                              "region must hold some pixels and leave some out.")
-    return arr.copy(), names
 
 
 # ---------------------------------------------------------------------- groups
@@ -383,11 +335,12 @@ def scorecard(
         every module needs at least one channel.
     adapter : GeneratorAdapter
         The generator, when ``source`` is a result.
-    masks : array (R, H, W) of bool, dict name -> (H, W) mask, "faces", optional
+    masks : array (R, H, W) of bool, dict name -> (H, W) mask, "faces", "auto", optional
         Reference regions at the images' resolution. ``"faces"``: the face parts
         (eyes, brows, nose, mouth, face, hair and background) found by a landmark model
         on the Original 1 images of the pairs (:func:`cfmodules.evaluation.face_parts.
-        face_part_masks`; needs ``libdlib-data`` and ``dlib-bin``). Default: the planted
+        face_part_masks`; needs ``libdlib-data`` and ``dlib-bin``); ``"auto"``: those
+        for a generator whose name says "face" when they are installed. Default: the planted
         regions of a synthetic generator (:func:`reference_masks`), else none (no IoU,
         mass share or specificity; the reference-free ``concentration`` is always
         computed).
@@ -463,19 +416,21 @@ def scorecard(
     if classifier is not None and not callable(classifier):
         raise ConfigError("classifier must be a callable: images (N, C, H, W) in [0, 1] -> "
                           "(N, classes) scores.")
+    if isinstance(masks, str) and masks == "auto":
+        masks = auto_masks(adapter)
     faces = isinstance(masks, str)
     if faces and masks != "faces":
-        raise ConfigError(f"masks must be an array (R, H, W), a dict name -> mask, 'faces' or "
-                          f"None; got {masks!r}.")
+        raise ConfigError(f"masks must be an array (R, H, W), a dict name -> mask, 'faces', "
+                          f"'auto' or None; got {masks!r}.")
     if faces:
         ref = None  # found on the pairs' Original 1 below
     elif masks is None:
         found = reference_masks(adapter)
         ref = (found[0], found[1] if mask_names is None else list(mask_names)) if found else None
         if ref is not None:
-            ref = _check_masks(*ref)
+            ref = check_masks(*ref)
     else:
-        ref = _check_masks(masks, mask_names)
+        ref = check_masks(masks, mask_names)
 
     names = list(named)
     k_mod = len(names)
@@ -502,7 +457,7 @@ def scorecard(
         parts = np.concatenate([parts, parts[:4].any(0, keepdims=True)])
         part_names.append("eyes, brows, nose, mouth")
         kept = parts.reshape(len(parts), -1).any(1)  # parts that won pixels
-        ref = _check_masks(parts[kept], [n for n, k in zip(part_names, kept) if k])
+        ref = check_masks(parts[kept], [n for n, k in zip(part_names, kept) if k])
     e_pix = np.zeros((n_groups, n_pairs))
     e_clf = np.zeros((n_groups, n_pairs)) if classifier is not None else None
     map_sum: np.ndarray | None = None
