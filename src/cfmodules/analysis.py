@@ -61,7 +61,8 @@ KIND = "analysis"
 AUTO = "auto"
 """``analyze(adapter, AUTO)``: let the scan choose the layer and K."""
 
-DEFAULT_LAYERS = {"dcgan-faces": "main.8", "ddpm-faces": "up_blocks.2.resnets.0"}
+DEFAULT_LAYERS = {"dcgan-faces": "main.8", "unet": "up_blocks.1",
+                  "ddpm-faces": "up_blocks.2.resnets.0"}
 """Layer analysed by default, per zoo model (the paper intervenes on an intermediate layer)."""
 
 

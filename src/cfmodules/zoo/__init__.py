@@ -26,6 +26,10 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "ddpm-faces": ("cfmodules.zoo.ddpm_faces:load",
                    "32x32 grayscale face DDPM UNet (diffusers), DDIM 20 steps, trained here on "
                    "Olivetti faces"),
+    "stylegan2": ("cfmodules.zoo.stylegan2:load",
+                  "StyleGAN2 (stylegan2-pytorch), random weights or a trainer checkpoint"),
+    "unet": ("cfmodules.zoo.unet:load",
+             "diffusers UNet2DModel as a one-step denoiser (random small config or a folder)"),
     "planted-model1": ("cfmodules.synthetic:load_planted_model1",
                        "the paper's Model 1 with K planted modules (known ground truth)"),
     "planted-conv": ("cfmodules.synthetic:load_planted_conv",
