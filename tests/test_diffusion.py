@@ -471,3 +471,13 @@ def test_checkpoint_identity_holds_an_own_step_function(tmp_path):
     other = DiffusionAdapter(StateNet(), (2, 4, 4), lambda den, k, x, noise: den(x) * 0.5, 6)
     with pytest.raises(CheckpointError, match="sampler_step"):
         influence_maps(other, "body.1", [0], **kw)
+
+
+def test_the_scorecard_refuses_a_diffusion_model(unet):
+    from cfmodules.evaluation.scorecard import scorecard
+
+    mask = np.zeros((1, 8, 8), bool)
+    mask[0, :4] = True
+    with pytest.raises(ConfigError, match="diffusion"):
+        scorecard(SAMPLERS["ddim"](unet), [{LAYER: [0, 1]}], masks=mask,
+                  n_pairs=2, n_null=19, n_boot=10)

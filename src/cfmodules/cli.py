@@ -131,6 +131,9 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     if layers and not auto:  # a typo fails before the output folder is made
         resolve_layers(adapter.generator, layers)
     windows = _windows(args.step_window, adapter)
+    if windows is not None and args.scorecard:
+        raise ConfigError("--scorecard does not handle diffusion models (window hybrids) yet; "
+                          "leave it out, or score a one-forward generator.")
     if windows is not None and args.pairs is None:  # each hybrid is a chain of steps
         import dataclasses
 
