@@ -481,3 +481,15 @@ def test_the_scorecard_refuses_a_diffusion_model(unet):
     with pytest.raises(ConfigError, match="diffusion"):
         scorecard(SAMPLERS["ddim"](unet), [{LAYER: [0, 1]}], masks=mask,
                   n_pairs=2, n_null=19, n_boot=10)
+
+
+def test_layers_are_listed_per_step(unet):
+    infos = {i.name: i for i in SAMPLERS["ddim"](unet).layers()}
+    assert infos[LAYER].calls == 1 and infos[LAYER].shape == (16, 4, 4)
+
+    def step(den, k, x, noise):
+        return den.extra(den(x)) if k % 2 else den(x)
+
+    infos = {i.name: i for i in DiffusionAdapter(StateNet(), (2, 4, 4), step, 6).layers()}
+    assert infos["body.1"].calls == 1
+    assert infos["extra"].calls == 3  # 3 of 6 steps: the chain's total, not per step

@@ -16,6 +16,7 @@ A *window* is the set of steps at which a hybrid swaps channels
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
@@ -28,6 +29,7 @@ from cfmodules import checks
 from cfmodules import latents as L
 from cfmodules.adapter import GeneratorAdapter
 from cfmodules.errors import ConfigError
+from cfmodules.layers import LayerInfo
 from cfmodules.samplers.schedules import StepFn, diffusers_schedule
 
 __all__ = ["DiffusionAdapter", "WINDOWS", "window_steps", "window_label", "is_diffusion",
@@ -224,6 +226,22 @@ class DiffusionAdapter(GeneratorAdapter):
     def forward_fn(self, generator: nn.Module, z: L.Latent) -> torch.Tensor:  # type: ignore[override]
         """The whole chain from ``x_0``: the raw output is ``x_S``."""
         return self.run_steps(z, self.initial(z))
+
+    def layers(self) -> list[LayerInfo]:
+        """The denoiser's layers, as one forward (the whole chain) sees them, per step.
+
+        ``calls`` counts the calls of one step where a layer runs the same number of times
+        at every step (1 for a layer a window hybrid can swap); else the chain's total.
+        """
+        per_chain = super().layers()
+        out = []
+        for info in per_chain:
+            if info.calls % self.n_steps == 0:
+                per_step = info.calls // self.n_steps
+                info = dataclasses.replace(info, calls=per_step,
+                                           call_shapes=info.call_shapes[:per_step])
+            out.append(info)
+        return out
 
     def __repr__(self) -> str:
         return (f"DiffusionAdapter({self.name}, {self.n_steps} steps, sample_shape="
