@@ -177,6 +177,8 @@ def test_hybrids_refuses_another_model(analyzed, capsys, tmp_path):
     (["analyze", "--model", "planted-conv", "--pairs", "0"], ["--pairs must be at least 1"]),
     (["layers", "planted-conv", "--threads", "0"], ["--threads must be at least 1"]),
     (["analyze", "--model", "planted-conv", "--jobs", "0"], ["--jobs must be at least 1"]),
+    (["analyze", "--model", "planted-conv", "--max-memory", "lots"],
+     ["--max-memory must be a number of bytes or a size like '2GB'"]),
     (["analyze", "--k", "x"], ["argument --k: invalid int value: 'x'"]),
     (["analyze", "--method", "pca"], ["invalid choice: 'pca'"]),
     (["analyse"], ["invalid choice: 'analyse'"]),

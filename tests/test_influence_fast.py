@@ -252,7 +252,7 @@ def test_cpu_batches_keep_hybrids_and_fresh_suffix_tensors_small():
         units = maps_mod._layer_units(ad, layer, None)[1]
         runners = maps_mod._runners(ad, units, "auto")
         shapes = {i.name: i.shape for i in ad.layers_cached()}
-        rows = maps_mod._max_rows(ad, runners, 2**40, 4)  # no budget limit
+        rows = maps_mod._speed_rows(ad, runners, 4, 2**40)  # no memory limit
         (runner, _), = runners
         cut = int(np.prod(shapes[runner.swaps.cut])) * 4
         fresh = max(int(np.prod(shapes[name])) * 4 for name in runner.swaps.suffix_layers)

@@ -101,9 +101,11 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
     from cfmodules.analysis import AnalysisSettings, analyze
+    from cfmodules.influence.memory import parse_memory
     from cfmodules.report import write_report
     from cfmodules.results import folder_update
 
+    parse_memory(args.max_memory, "--max-memory")  # a bad size fails before any work
     ks = () if args.no_stability else _parse_ks(args.stability_ks)
     methods = tuple(m.strip() for m in args.stability_methods.split(",") if m.strip())
     if not methods or any(m not in checks.CLUSTERING_METHODS for m in methods):
@@ -146,7 +148,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
                          model_spec=_portable_spec(args.model),
                          model_options={"latent_shape": args.latent_shape}
                          if args.latent_shape else None, assume_same=args.assume_same,
-                         n_jobs=args.jobs,
+                         n_jobs=args.jobs, max_memory=args.max_memory,
                          **({"n_modules": args.k} if auto and args.k else {}))
     finally:
         # the ranks' collectives are over: leave the group now, so that a rank done with
@@ -371,6 +373,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--jobs", type=int, default=None, metavar="N",
                    help="processes for the clustering and the stability sweep (default: the "
                         "usable cores, at most --threads); the results do not depend on it")
+    a.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="bound on the memory the influence maps add, e.g. 2GB or 512MB "
+                        "(default: half of the free memory); out-of-memory errors halve the "
+                        "batch and the run goes on")
     a.add_argument("--samples", type=int, default=16, metavar="N", help="samples shown (default 16)")
     a.add_argument("--hybrids", type=int, default=8, metavar="N",
                    help="new pairs hybridized per module (default 8)")
