@@ -287,13 +287,6 @@ def _speed_rows(adapter: GeneratorAdapter, runners: list[tuple[_Runner, list[int
 
 
 # ---------------------------------------------------------------------- main loop
-def _image_shape(adapter: GeneratorAdapter, seed: int) -> tuple[int, ...]:
-    """One sample's image shape ``(C, H, W)`` (one forward of one sample)."""
-    with torch.inference_mode():
-        y = adapter.generate(adapter.sample_latents(1, seed=seed))
-    return tuple(y.shape[1:])
-
-
 def _run(adapter: GeneratorAdapter, units: list[_Unit], layer: str | None, *,
          settings: InfluenceSettings, max_memory: int | str | None, progress: bool,
          checkpoint: str | os.PathLike | None, checkpoint_every: float,
@@ -311,7 +304,7 @@ def _run(adapter: GeneratorAdapter, units: list[_Unit], layer: str | None, *,
     itemsize = torch.finfo(dtype).bits // 8
     plan = plan_memory(
         adapter, [r.swaps for r, _ in runners], len(units),
-        _image_shape(adapter, settings.seed), settings.pairs_per_block, itemsize,
+        adapter.image_shape(), settings.pairs_per_block, itemsize,
         default_memory(adapter.device) if budget is None else budget,
         _speed_rows(adapter, runners, itemsize, len(units) * settings.pairs_per_block))
     max_rows = plan.rows
