@@ -81,7 +81,11 @@ def test_two_gloo_ranks_under_torchrun_equal_one_process(tmp_path):
     # --standalone: the rendezvous store binds port 0 itself (a free port, no race)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
            str(script), str(tmp_path), json.dumps(SETTINGS)]
-    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    # torchrun leaves its own folder (torchelastic_*) in TMPDIR: keep it under tmp_path
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1",
+                                    "TMPDIR": str(scratch)},
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     single = influence_maps(zoo.load("planted-conv"), "main.3", **SETTINGS)
