@@ -7,7 +7,7 @@ of the process's resident memory (``/proc/self/clear_refs``), runs ``influence_m
 the budget, and reports ``VmHWM - baseline``: the peak resident memory the run added,
 sampled by the kernel itself (``tracemalloc`` does not see torch's allocations). The
 maps are compared with the same run without a budget (its own fresh process, default
-``max_memory``: half of the free memory).
+``max_memory``: half of the available memory).
 
 Cases: the pretrained DCGAN faces at ``main.8`` (64 pairs) and BigGAN-deep with random
 weights at 128 px (``biggan-deep-random``, the zoo's channel width 4) at

@@ -134,3 +134,19 @@ def test_the_analysis_passes_max_memory_on():
     with pytest.raises(MemoryBudgetError):
         module_maps(ad, [{"5": [0]}], s, progress=False, max_memory="10kB")
     assert unit_influence_maps(ad, ["5"], s, progress=False, max_memory="1GB").maps.shape[0] > 0
+
+
+def test_the_default_budget_never_refuses_a_run(monkeypatch):
+    from cfmodules.influence import maps as maps_mod
+
+    monkeypatch.setattr(maps_mod, "default_memory", lambda device: 10)  # a nearly full machine
+    res = influence_maps(convt_adapter(), "5", n_pairs=2, **KW)
+    m = res.settings["memory"]
+    assert m["rows_per_call"] == 1 and m["pairs_per_prefix"] == 1
+
+
+def test_default_memory_is_half_of_what_is_available():
+    from cfmodules.influence.memory import default_memory
+
+    n = default_memory(torch.device("cpu"))
+    assert 0 < n < 2**62

@@ -690,7 +690,7 @@ def analyze(
         cores (:func:`cfmodules.modules.fits.default_jobs`). The numbers do not depend on it.
     max_memory : int or str, optional
         Bound on the memory the influence computations add, in bytes or as ``"2GB"``
-        (see :func:`cfmodules.influence.influence_maps`); default half of the free memory.
+        (see :func:`cfmodules.influence.influence_maps`); default half of the available memory.
         The numbers depend on it only by float rounding.
 
     Returns

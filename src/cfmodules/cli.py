@@ -375,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "usable cores, at most --threads); the results do not depend on it")
     a.add_argument("--max-memory", default=None, metavar="SIZE",
                    help="bound on the memory the influence maps add, e.g. 2GB or 512MB "
-                        "(default: half of the free memory); out-of-memory errors halve the "
+                        "(default: half of the available memory); out-of-memory errors halve the "
                         "batch and the run goes on")
     a.add_argument("--samples", type=int, default=16, metavar="N", help="samples shown (default 16)")
     a.add_argument("--hybrids", type=int, default=8, metavar="N",

@@ -306,7 +306,8 @@ def _run(adapter: GeneratorAdapter, units: list[_Unit], layer: str | None, *,
         adapter, [r.swaps for r, _ in runners], len(units),
         adapter.image_shape(), settings.pairs_per_block, itemsize,
         default_memory(adapter.device) if budget is None else budget,
-        _speed_rows(adapter, runners, itemsize, len(units) * settings.pairs_per_block))
+        _speed_rows(adapter, runners, itemsize, len(units) * settings.pairs_per_block),
+        strict=budget is not None)
     max_rows = plan.rows
     autocast = (torch.autocast("cuda", dtype=dtype) if dtype != torch.float32
                 else nullcontext())
@@ -593,8 +594,8 @@ def influence_maps(
     max_memory : int or str, optional
         Bound on the peak memory the run adds beyond the generator's weights (CPU: the
         process's resident memory; CUDA: ``max_memory_allocated``), in bytes or as
-        ``"2GB"``, ``"512MB"``, ``"1.5GiB"``. Default: half of the memory free on the
-        device when the run starts. The statistics, the pairs whose prefix runs together
+        ``"2GB"``, ``"512MB"``, ``"1.5GiB"``. Default: half of the memory available on
+        the device when the run starts (never refused: see :mod:`cfmodules.influence.memory`). The statistics, the pairs whose prefix runs together
         and the hybrids per call are planned from the layers' shapes
         (:mod:`cfmodules.influence.memory`); too small a budget raises
         MemoryBudgetError saying what one hybrid needs. On CPU a call is also kept small

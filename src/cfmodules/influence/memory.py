@@ -88,12 +88,24 @@ def format_bytes(n: float) -> str:
 
 
 def default_memory(device: torch.device) -> int:
-    """The budget when none is given: half of the memory the device has free now."""
+    """The budget when none is given: half of the memory the device has available now.
+
+    CUDA: half of ``torch.cuda.mem_get_info``'s free memory. CPU: half of Linux's
+    ``MemAvailable`` (free memory plus the page cache it can drop), else half of the
+    physical memory, else no bound.
+    """
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return max(1, free // 2)
     try:
-        return max(1, os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2)
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return max(1, int(line.split()[1]) * 1024 // 2)
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return max(1, os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2)
     except (ValueError, OSError, AttributeError):  # not POSIX: no bound beyond the batch's
         return 2**62
 
@@ -151,7 +163,8 @@ def _sizes(adapter) -> dict[str, int]:
 
 
 def plan_memory(adapter, swaps: list, n_units: int, image_shape: tuple[int, ...],
-                pairs_per_block: int, itemsize: int, budget: int, max_rows: int) -> MemoryPlan:
+                pairs_per_block: int, itemsize: int, budget: int, max_rows: int,
+                strict: bool = True) -> MemoryPlan:
     """The :class:`MemoryPlan` of a run of ``n_units`` units by ``swaps`` (the engine's).
 
     Parameters
@@ -165,6 +178,10 @@ def plan_memory(adapter, swaps: list, n_units: int, image_shape: tuple[int, ...]
     pairs_per_block, itemsize, budget : int
     max_rows : int
         The most hybrids per call wanted for speed (the budget may allow fewer).
+    strict : bool
+        Whether ``budget`` was given by the user. If not (the default budget) and nothing
+        fits, the smallest plan (one pair, one hybrid) is returned instead of an error:
+        out-of-memory errors, if any, are then handled as they come.
 
     Raises
     ------
@@ -191,6 +208,8 @@ def plan_memory(adapter, swaps: list, n_units: int, image_shape: tuple[int, ...]
             per_row = max(per_row, itemsize * (3 * cut + 4 * after + 3 * image))
     per_pair, per_row = max(per_pair, 1), max(per_row, 1)
     left = budget - fixed
+    if left < per_pair + per_row and not strict:
+        return MemoryPlan(budget, fixed, per_pair, per_row, 1, 1)
     if left < per_pair + per_row:
         raise MemoryBudgetError(
             f"max_memory={format_bytes(budget)} is too small for this influence run: the maps' "
