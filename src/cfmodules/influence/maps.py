@@ -595,8 +595,9 @@ def influence_maps(
         Bound on the peak memory the run adds beyond the generator's weights (CPU: the
         process's resident memory; CUDA: ``max_memory_allocated``), in bytes or as
         ``"2GB"``, ``"512MB"``, ``"1.5GiB"``. Default: half of the memory available on
-        the device when the run starts (never refused: see :mod:`cfmodules.influence.memory`). The statistics, the pairs whose prefix runs together
-        and the hybrids per call are planned from the layers' shapes
+        the device when the run starts (a run that does not fit it is not refused). The
+        statistics, the pairs whose prefix runs together and the hybrids per call are
+        planned from the layers' shapes
         (:mod:`cfmodules.influence.memory`); too small a budget raises
         MemoryBudgetError saying what one hybrid needs. On CPU a call is also kept small
         enough for speed (its hybrids at the cut within 32 MiB, no layer after the cut
