@@ -336,3 +336,21 @@ def test_clustering_options_are_the_same_in_every_command(command, cls):
     assert f"(default {d.window})" in helps["window"]
     assert f"(default {d.percentile:g})" in helps["percentile"]
     assert f"(default {d.method})" in helps["method"] and f"(default {d.seed})" in helps["seed"]
+
+
+@pytest.mark.parametrize("busy,argv,want", [
+    (True, [], [1]),  # other work fills the cores: one thread, said on stderr
+    (True, ["--threads", "2"], [2]),  # an explicit choice wins
+    (False, [], []),  # a quiet machine: torch's own default
+])
+def test_threads_on_a_busy_machine(capsys, monkeypatch, tmp_path, busy, argv, want):
+    import cfmodules.cli as cli_mod
+
+    seen: list[int] = []
+    monkeypatch.setattr(cli_mod, "_machine_is_busy", lambda: busy)
+    monkeypatch.setattr(torch, "set_num_threads", seen.append)
+    code, _, err = run(capsys, "analyze", "--model", "planted-conv", "--k", "100", "--out",
+                       str(tmp_path / "o"), *argv)
+    assert code != 0  # fails after the choice, before any computation
+    assert seen == want
+    assert ("machine is busy" in err) == (want == [1])

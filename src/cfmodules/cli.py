@@ -130,6 +130,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 
     if layers and not auto:  # a typo fails before the output folder is made
         resolve_layers(adapter.generator, layers)
+    _one_thread_if_busy(args)
 
     if init_from_env(adapter.device):  # under torchrun: each rank takes a shard of channels
         local = os.environ.get("LOCAL_RANK")
@@ -476,6 +477,42 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise ConfigError(f"--port must be between 0 and 65535, got {port}.")
     if getattr(args, "start", 0) < 0:
         raise ConfigError(f"--start must be >= 0, got {args.start}.")
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+def _one_thread_if_busy(args: argparse.Namespace) -> None:
+    """Without ``--threads``, one torch thread when other work fills every core."""
+    if args.threads is not None or not _machine_is_busy():
+        return
+    import torch
+
+    torch.set_num_threads(1)
+    if not getattr(args, "quiet", False):
+        print(f"{PROG} {args.command}: the machine is busy (load average "
+              f"{os.getloadavg()[0]:.1f} on {_cores()} cores): one torch thread, several "
+              "times faster than waiting for busy cores; --threads N overrides",
+              file=sys.stderr)
+
+
+def _machine_is_busy() -> bool:
+    """Whether other work already keeps every usable core busy (1-minute load average).
+
+    Then torch's default of one thread per core makes each operation wait for the slowest
+    thread: the influence maps of the default analysis took 12.7-29.8 s with 2 threads and
+    3.2-5.2 s with 1 at load 6 on 2 cores (docs/cost.md), with the same numbers.
+    """
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return False
+    cores = _cores()
+    return cores > 1 and load >= cores
 
 
 def main(argv: Sequence[str] | None = None) -> int:
