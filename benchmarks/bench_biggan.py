@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     adapter = load_random(resolution=args.resolution, channel_width=args.width)
     layer = f"{gblock_path(adapter.generator, args.block)}.{args.conv}"
     n_channels = adapter.layer_channels(layer)
-    print(f"loaded {adapter.name} ({sum(p.numel() for p in adapter.generator.parameters()) / 1e6:.1f}M "
+    n_params = sum(p.numel() for p in adapter.generator.parameters())
+    print(f"loaded {adapter.name} ({n_params / 1e6:.1f}M "
           f"parameters) in {time.perf_counter() - t:.1f} s; {layer}: "
           f"{adapter.layer_shape(layer)}", flush=True)
     def run(n: int):

@@ -13,8 +13,9 @@ The computation runs in blocks of pairs. For each block the generator's prefix r
 on Original 1 and Original 2; then units and pairs are put together on the batch axis
 (row ``u * P + p`` is unit ``u`` with pair ``p``) and only the suffix runs, in chunks that
 fit ``max_memory`` (planned from the layers' shapes, :mod:`cfmodules.influence.memory`;
-after an out-of-memory error the batch is halved and the run goes on). When the layer feeds only a linear module (Conv, ConvTranspose,
-Linear, maybe followed by an eval-mode BatchNorm), the hybrid is started after that
+after an out-of-memory error the batch is halved and the run goes on). When the layer
+feeds only a linear module (Conv, ConvTranspose, Linear, maybe followed by an eval-mode
+BatchNorm), the hybrid is started after that
 module from the original pre-activation plus the single channel's contribution (see
 :mod:`cfmodules.engine.linear`). Running means and variances are merged per block in
 float64, so only ``O(units x pixels)`` memory is kept, and a checkpoint after any block
@@ -443,7 +444,7 @@ def _run_part(adapter: GeneratorAdapter, runner: _Runner, rows: list[int], block
     else:
         runner.begin_block(z1, z2, first_pair)
     shape = capped(runner.choice.shape if runner.choice.timed
-                    else default_shape(n_p, max_rows, runner.swaps.path), runner.rows_cap)
+                   else default_shape(n_p, max_rows, runner.swaps.path), runner.rows_cap)
     run_chunks(runner, _chunks(len(rows), n_p, shape, start), shape, add, adapter.device)
     if not block.is_finite(_index(rows, slice(None))):
         _find_non_finite(runner, _chunks(len(rows), n_p, shape, 0), first_pair)
@@ -597,12 +598,12 @@ def influence_maps(
         ``"2GB"``, ``"512MB"``, ``"1.5GiB"``. Default: half of the memory available on
         the device when the run starts (a run that does not fit it is not refused). The
         statistics, the pairs whose prefix runs together and the hybrids per call are
-        planned from the layers' shapes
-        (:mod:`cfmodules.influence.memory`); too small a budget raises
-        MemoryBudgetError saying what one hybrid needs. On CPU a call is also kept small
-        enough for speed (its hybrids at the cut within 32 MiB, no layer after the cut
-        allocating more than 16 MiB at once). After an out-of-memory error the batch is
-        halved and the run goes on, warned once. Changes the maps only by float rounding.
+        planned from the layers' shapes (:mod:`cfmodules.influence.memory`); too small a
+        budget raises MemoryBudgetError saying what one hybrid needs. On CPU a call is
+        also kept small enough for speed (its hybrids at the cut within 32 MiB, no layer
+        after the cut allocating more than 16 MiB at once). After an out-of-memory error
+        the batch is halved and the run goes on, warned once. Changes the maps only by
+        float rounding.
     progress : bool, default True
         Show a tqdm progress bar (counted in hybrids).
     checkpoint : path, optional
