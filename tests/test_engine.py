@@ -315,3 +315,25 @@ def test_biggan_with_its_forward_function_is_captured():
     assert ex.path == "partial" and ex.capture.startswith("partial at the generator")
     assert "control flow" in ex.attempts[0].error and ex.limit > 1
     assert_paths_agree(ad, layer, n=2, n_pairs=2, channels=[0, 5])
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("op", [nn.ConvTranspose2d(12, 5, 4, 2, 1), nn.Conv2d(12, 5, 3, 1, 1),
+                                nn.Conv1d(12, 4, 3, 2, 0), nn.Linear(12, 3)],
+                         ids=["convT2d", "conv2d", "conv1d", "linear"])
+def test_group_contributions_equal_one_call_per_group(op):
+    """Groups of equal size run as one grouped convolution: the same sums as one call each."""
+    from cfmodules.engine.linear import LinearPlan, group_contribution, group_contributions
+
+    torch.manual_seed(0)
+    plan = LinearPlan(layer="x", op=op, op_name="op", cut="op", scale=None)
+    shape = {nn.ConvTranspose2d: (3, 12, 6, 6), nn.Conv2d: (3, 12, 7, 7),
+             nn.Conv1d: (3, 12, 9), nn.Linear: (3, 12)}[type(op)]
+    delta = torch.randn(shape)
+    w = plan.weight()
+    groups = [torch.tensor(g) for g in ([0, 3, 5], [1, 2, 11], [4, 6, 7], [8, 9], [10, 0],
+                                        [2], [3, 4, 5, 6, 7])]
+    got = group_contributions(plan, w, delta, groups)
+    want = torch.stack([group_contribution(plan, w, delta, g) for g in groups])
+    assert got.shape == want.shape and got.is_contiguous()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -1,4 +1,4 @@
-"""The command line: ``cfmodules analyze | layers | explain | scan | hybrids | explore``.
+"""The command line: ``cfmodules analyze | layers | explain | scan | hybrids | score | explore``.
 
 (also ``python -m cfmodules``)
 
@@ -15,6 +15,7 @@ Examples::
     cfmodules analyze --model my_gan.py:make_generator --latent-shape 128 --layer block3 --out out
     cfmodules hybrids --modules out/results.npz --pairs 12 --out out/new_hybrids.png
     cfmodules scan dcgan-faces --out scan            # which layer, which K
+    cfmodules score out/results.npz --out out/scorecard.npz   # modules against a null
     cfmodules explore out/results.npz
 """
 
@@ -161,12 +162,24 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
             dist.destroy_process_group()
     if result is None:  # a rank other than 0 has done its share of the influence maps
         return 0
+    card = None
+    if args.scorecard:
+        t_card = time.perf_counter()
+        from cfmodules.evaluation.scorecard import scorecard
+
+        card = scorecard(result, adapter=adapter, masks="auto")
+        result.timings["scorecard"] = time.perf_counter() - t_card
     t_report = time.perf_counter()
     command = " ".join(shlex.quote(a) for a in [PROG, *args.argv])
     # the results and the report are replaced together: never K=2 results beside K=3 figures
     with folder_update(out) as stage:
         result.save(stage / "results.npz")
-        write_report(result, stage, command=command, files={
+        extra = {}
+        if card is not None:
+            card.save(stage / "scorecard.npz")
+            extra["scorecard.npz"] = ("the modules' scorecard (cfmodules.evaluation."
+                                      "Scorecard.load)")
+        write_report(result, stage, command=command, scorecard=card, files={**extra,
             "results.npz": "maps, labels, templates, stability table, hybrids (numpy.load or "
                            "cfmodules.analysis.AnalysisResult.load)",
             "manifest.json": "the files of this report and their SHA-256, written last",
@@ -269,6 +282,46 @@ def _cmd_hybrids(args: argparse.Namespace) -> int:
     return 0
 
 
+def _score_masks(choice: str) -> Any:
+    """The ``masks`` argument of scorecard() for ``--masks`` (auto, faces, none or a file)."""
+    if choice in ("auto", "faces", "none"):
+        return None if choice == "none" else choice
+    import numpy as np
+
+    try:
+        with np.load(choice, allow_pickle=False) as f:
+            names = [str(n) for n in f["names"]] if "names" in f.files else None
+            return dict(zip(names, f["masks"])) if names else f["masks"]
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(f"--masks takes auto, faces, none or an .npz file with an array "
+                          f"'masks' (and optionally 'names'); cannot read {choice!r}: "
+                          f"{models.first_line(e)}") from None
+
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    from cfmodules.analysis import AnalysisResult
+    from cfmodules.evaluation.fer import load_fer_classifier
+    from cfmodules.evaluation.plots import plot_scorecard
+    from cfmodules.evaluation.scorecard import scorecard
+    from cfmodules.module_file import ModuleFile
+    from cfmodules.plots import save_figure
+
+    result = AnalysisResult.load(args.results)
+    adapter = models.load_model_for(ModuleFile.from_result(result), args.results, args.model,
+                                    args.device, args.latent_shape)
+    card = scorecard(result, adapter=adapter, masks=_score_masks(args.masks),
+                     classifier=load_fer_classifier(adapter.device) if args.fer else None,
+                     n_pairs=args.pairs, n_null=args.null, n_boot=args.boot, seed=args.seed)
+    print(card.to_text())
+    for path, what in ((args.out, "Scorecard"), (args.figure, "Figure")):
+        if path:
+            _writable_dir(str(Path(path).parent))
+            card.save(path) if what == "Scorecard" else save_figure(
+                plot_scorecard(card, background=result.mean_image), path)
+            print(f"{what + ':':<11}{path}")
+    return 0
+
+
 def _cmd_explore(args: argparse.Namespace) -> int:
     from cfmodules.analysis import AnalysisResult
     from cfmodules.explorer import Explorer, serve
@@ -290,13 +343,14 @@ _EPILOG = """examples:
   cfmodules analyze --model my_gan.py:make_generator --latent-shape 128 --layer block3 --out out
   cfmodules hybrids --modules out/results.npz --pairs 12 --out out/new_hybrids.png
   cfmodules scan dcgan-faces --out scan         # which layer, which K (scan.png, scan.npz)
+  cfmodules score out/results.npz             # each module against random channel groups
   cfmodules explore out/results.npz           # paint on the image, see the hybrids live
 
 `cfmodules COMMAND --help` describes each command."""
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``cfmodules`` (subcommands analyze, layers, explain, scan,
-    hybrids, explore)."""
+    hybrids, score, explore)."""
     from cfmodules import __version__
 
     p = _Parser(prog=PROG, description="Counterfactual discovery of the modules of a deep "
@@ -386,6 +440,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--assume-same", action="store_true",
                    help="resume checkpoints in --out even where cfmodules cannot verify that "
                         "they were made by the same code (you state that they were)")
+    a.add_argument("--scorecard", action="store_true",
+                   help="also score each module against random channel groups (about 10-30 s "
+                        "more on 2 cores; see cfmodules score) and add it to the report")
     a.add_argument("--quiet", action="store_true", help="no progress bars")
     clustering_args(a, n_init=10, max_iter="500; 300 in the stability sweep")
     model_args(a)
@@ -451,6 +508,34 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(h)
     h.set_defaults(func=_cmd_hybrids)
 
+    so = sub.add_parser("score", help="scorecard of the modules: localisation and effect "
+                        "against random channel groups, with p-values and CIs",
+                        description="Score each module of RESULTS against random channel "
+                        "groups of its size at its layer(s): where its hybrids change the "
+                        "image (IoU, specificity against reference regions; concentration), "
+                        "how much (pixels; --fer: the expression classifier), one-sided "
+                        "permutation p-values (raw, and Holm over the modules of each statistic) and bootstrap "
+                        "CIs over pairs. See docs/evaluation.md.")
+    so.add_argument("results", metavar="RESULTS", help="results.npz written by cfmodules analyze")
+    so.add_argument("--model", metavar="MODEL", help="model spec (default: the one stored in RESULTS)")
+    so.add_argument("--masks", default="auto", metavar="MASKS",
+                    help="reference regions: auto (face parts for face generators, planted "
+                         "regions for planted ones; default), faces, none, or an .npz with "
+                         "'masks' (R, H, W) and optionally 'names'")
+    so.add_argument("--fer", action="store_true",
+                    help="also score the fer expression classifier's outputs (slower)")
+    so.add_argument("--pairs", type=int, default=32, metavar="N", help="pairs (default 32)")
+    so.add_argument("--null", type=int, default=100, metavar="N",
+                    help="random groups per module (default 100, at least 19)")
+    so.add_argument("--boot", type=int, default=1000, metavar="B",
+                    help="bootstrap resamples of the pairs (default 1000)")
+    so.add_argument("--seed", type=int, default=None, metavar="S",
+                    help="latent stream (default: the analysis seed, on pairs it did not use)")
+    so.add_argument("--out", default=None, metavar="PATH", help="write the scorecard (.npz)")
+    so.add_argument("--figure", default=None, metavar="PATH", help="write its figure (.png)")
+    model_args(so)
+    so.set_defaults(func=_cmd_score)
+
     e = sub.add_parser("explore", help="a local web page to paint on the image and see the "
                        "hybrids of the channels under the brush",
                        description="Serve the explorer of an analysis on http://HOST:PORT "
@@ -468,7 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _check_numbers(args: argparse.Namespace) -> None:
     for name in ("pairs", "k", "n_init", "max_iter", "stability_repeats", "samples", "hybrids",
-                 "threads", "repeats", "stability_pool", "max_units", "jobs"):
+                 "threads", "repeats", "stability_pool", "max_units", "jobs", "boot"):
         v = getattr(args, name, None)
         if v is not None and v < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {v}.")

@@ -39,7 +39,12 @@ FIGURES = {
     "samples": "Samples of the model",
 }
 """Figure name (PNG file stem) -> caption. Per-module hybrid grids are ``hybrids_module_k``;
-an analysis whose layer was chosen by a scan (``--layer auto``) also has ``scan``."""
+an analysis whose layer was chosen by a scan (``--layer auto``) also has ``scan``, and a report
+written with a scorecard ``scorecard``."""
+SCORECARD_CAPTION = ("Scorecard: where each module's hybrids change the image (its mean "
+                     "change map and change region, its reference region outlined) and each "
+                     "statistic against random channel groups of the module's size (grey), "
+                     "the module in red with its bootstrap CI shaded")
 SCAN_CAPTION = ("Which layer, which K: modularity (label consistency x template similarity x "
                 "locality) of every scanned layer and K, and the templates of each layer at "
                 "its K")
@@ -133,8 +138,42 @@ def _rows(pairs: list[tuple[str, str]]) -> str:
                    for k, v in pairs)
 
 
+def _scorecard_html(card: Any, pngs: Mapping[str, bytes]) -> list[str]:
+    """The report's scorecard section: a table of the statistics and the figure."""
+    e = html.escape
+    i = card.info
+    p, pa = card.p_values(), card.p_adjusted()
+    stats = [s for s in card.statistics if s in p or s.endswith("_ratio")]
+    head = "".join(f"<th>{e(s.replace('_', ' '))}</th>" for s in stats)
+    body = ""
+    for k, m in enumerate(card.modules):
+        cells = ""
+        for s in stats:
+            v, lo, hi = card.observed[s][k], card.ci_low[s][k], card.ci_high[s][k]
+            ci = (f" [{lo:.2f}, {hi:.2f}]" if np.isfinite(lo) else " [n/a]")
+            pv = (f"<br>p={p[s][k]:.3g}{' *' if pa[s][k] < i.get('alpha', 0.05) else ''}"
+                  if s in p else "")
+            cells += f"<td class='num'>{v:.3f}{ci}{pv}</td>"
+        body += (f"<tr><td><span class='sw' style='background:{plots.module_color(k)}'></span>"
+                 f"{e(m)}</td><td>{e(card.region_of(k) or '-')}</td>{cells}</tr>")
+    out = ["<h2 id='scorecard'>Scorecard: modules against random channel groups</h2>",
+           f"<p>Each module against {card.n_null} random groups of channels of its size at "
+           f"its layer(s), on {i.get('n_pairs')} new pairs (seed {i.get('seed')}, from pair "
+           f"{i.get('start')}). Values with {100 * i.get('confidence', 0.95):g}% bootstrap "
+           "intervals over pairs; p: one-sided permutation p-value (the module scores "
+           "higher than random groups); * Holm-adjusted over the modules of that statistic below "
+           f"{i.get('alpha', 0.05)}. Reference regions: {e(str(i.get('masks') or 'none'))}."
+           "</p>",
+           f"<table><tr><th>module</th><th>region</th>{head}</tr>{body}</table>",
+           _figure(pngs, "scorecard", SCORECARD_CAPTION),
+           "<p class='note'>Definitions, the null and the multiple-comparison situation: "
+           "docs/evaluation.md (Scorecard).</p>"]
+    return out
+
+
 def render_html(result: AnalysisResult, pngs: Mapping[str, bytes], *,
-                command: str | None = None, files: Mapping[str, str] | None = None) -> str:
+                command: str | None = None, files: Mapping[str, str] | None = None,
+                scorecard: Any = None) -> str:
     """The report as one HTML string, every image embedded.
 
     Parameters
@@ -147,6 +186,8 @@ def render_html(result: AnalysisResult, pngs: Mapping[str, bytes], *,
         The command line that made the analysis, shown so it can be rerun.
     files : dict name -> description, optional
         The files written next to the report.
+    scorecard : Scorecard, optional
+        The modules' scorecard (:func:`cfmodules.evaluation.scorecard`): adds its section.
 
     Returns
     -------
@@ -240,6 +281,9 @@ def render_html(result: AnalysisResult, pngs: Mapping[str, bytes], *,
                    "wide layers, a random subset of the channels); the sections above are "
                    "the full analysis of its suggestion. See docs/choosing.md.</p>")
 
+    if scorecard is not None:
+        out.extend(_scorecard_html(scorecard, pngs))
+
     out.append("<h2>Module influence</h2>")
     out.append(_figure(pngs, "module_influence", FIGURES["module_influence"] + " (all its "
                        "channels swapped together; dashed: least-squares line, as in Fig. 8 "
@@ -280,7 +324,7 @@ def _versions(result: AnalysisResult) -> list[tuple[str, str]]:
 
 def write_report(result: AnalysisResult, out_dir: str | os.PathLike, *,
                  command: str | None = None, dpi: int = 100,
-                 files: Mapping[str, str] | None = None) -> Path:
+                 files: Mapping[str, str] | None = None, scorecard: Any = None) -> Path:
     """Write ``report.html`` and every figure as ``<name>.png`` into ``out_dir``.
 
     Parameters
@@ -293,6 +337,8 @@ def write_report(result: AnalysisResult, out_dir: str | os.PathLike, *,
     dpi : int, default 100
     files : dict name -> description, optional
         Other files of the folder, listed in the report.
+    scorecard : Scorecard, optional
+        Adds the scorecard section and its figure (``scorecard.png``).
 
     Returns
     -------
@@ -302,12 +348,19 @@ def write_report(result: AnalysisResult, out_dir: str | os.PathLike, *,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     listed = dict(files or {})
+    recipes = figure_recipes(result)
+    if scorecard is not None:
+        from cfmodules.evaluation.plots import plot_scorecard
+
+        recipes["scorecard"] = (plot_scorecard, (scorecard,), dict(background=result.mean_image))
     pngs = {name: plots.figure_to_png(fn(*args, **kwargs), dpi)
-            for name, (fn, args, kwargs) in figure_recipes(result).items()}
+            for name, (fn, args, kwargs) in recipes.items()}
     for name, png in pngs.items():
         atomic_write(out / f"{name}.png", png)
-        listed.setdefault(f"{name}.png", FIGURES.get(name, "hybrids of one module"))
+        listed.setdefault(f"{name}.png", FIGURES.get(
+            name, "the scorecard's figure" if name == "scorecard" else "hybrids of one module"))
     path = out / "report.html"
-    atomic_write(path, render_html(result, pngs, command=command, files=listed).encode())
+    atomic_write(path, render_html(result, pngs, command=command, files=listed,
+                                   scorecard=scorecard).encode())
     return path
 

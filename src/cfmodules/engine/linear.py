@@ -31,7 +31,7 @@ if TYPE_CHECKING:  # cut.py imports this file (lazily); annotations only
     from cfmodules.engine.cut import Engine
 
 __all__ = ["LinearPlan", "find_linear_plan", "single_channel_contributions",
-           "group_contribution", "add_base_", "fused_add_relu_is_exact",
+           "group_contribution", "group_contributions", "add_base_", "fused_add_relu_is_exact",
            "channels_last_supported"]
 
 _FLOAT32_SAFE = 1e37  # well below float32's largest value (3.4e38)
@@ -186,8 +186,14 @@ def group_contribution(plan: LinearPlan, weight: torch.Tensor, delta: torch.Tens
     Tensor (P, C_out, ...)
     """
     op = plan.op
-    x = torch.zeros_like(delta)
-    x[:, idx] = delta[:, idx]
+    if getattr(op, "groups", 1) == 1 and idx.numel() > 0:
+        # only the group's channels enter (the others' delta would be multiplied by zero):
+        # the cost grows with the group's size, not with the layer's width
+        x = delta.index_select(1, idx)
+        weight = weight.index_select(0 if isinstance(op, _CONVT) else 1, idx)
+    else:
+        x = torch.zeros_like(delta)
+        x[:, idx] = delta[:, idx]
     if isinstance(op, nn.Linear):
         return F.linear(x, weight)
     if isinstance(op, _CONVT):
@@ -199,6 +205,46 @@ def group_contribution(plan: LinearPlan, weight: torch.Tensor, delta: torch.Tens
         x = F.pad(x, op._reversed_padding_repeated_twice, mode=op.padding_mode)
         return fn(x, weight, None, op.stride, 0, op.dilation, op.groups)
     return fn(x, weight, None, op.stride, op.padding, op.dilation, op.groups)
+
+
+def group_contributions(plan: LinearPlan, weight: torch.Tensor, delta: torch.Tensor,
+                        groups: list[torch.Tensor]) -> torch.Tensor:
+    """:func:`group_contribution` of several groups, ``(U, P, C_out, ...)``.
+
+    Consecutive groups of the same size run as one grouped convolution (group ``u`` of
+    the call reads only its own channels, with its own rows of the weight): the same sums
+    as one call per group, in one kernel (3x faster for 8 groups of 45 of DCGAN's 128
+    channels at ``main.8``). Other ops and sizes: one :func:`group_contribution` each.
+    """
+    op = plan.op
+    grouped = (isinstance(op, (*_CONV, *_CONVT)) and op.groups == 1
+               and op.padding_mode == "zeros")
+    parts = []
+    i = 0
+    while i < len(groups):
+        j = i + 1
+        while j < len(groups) and groups[j].numel() == groups[i].numel():
+            j += 1
+        run, size = groups[i:j], groups[i].numel()
+        if grouped and size > 0 and len(run) > 1:
+            cat = torch.cat(run).to(delta.device)
+            x = delta.index_select(1, cat)
+            u, c_out = len(run), (weight.shape[1] if isinstance(op, _CONVT) else weight.shape[0])
+            spatial = x.dim() - 2
+            if isinstance(op, _CONVT):  # weight (C_in, C_out, *k): the groups' rows, in order
+                w = weight.index_select(0, cat)
+                fn = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[spatial]
+                y = fn(x, w, None, op.stride, op.padding, op.output_padding, u, op.dilation)
+            else:  # weight (C_out, C_in, *k) -> (U * C_out, size, *k)
+                w = weight.index_select(1, cat).unflatten(1, (u, size)).transpose(0, 1)
+                w = w.reshape(u * c_out, size, *weight.shape[2:])
+                fn = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[spatial]
+                y = fn(x, w, None, op.stride, op.padding, op.dilation, u)
+            parts.append(y.unflatten(1, (u, c_out)).transpose(0, 1))
+        else:
+            parts.append(torch.stack([group_contribution(plan, weight, delta, g) for g in run]))
+        i = j
+    return torch.cat(parts) if len(parts) > 1 else parts[0].contiguous()
 
 
 def _fast_2d(op: nn.Module) -> bool:

@@ -26,7 +26,7 @@ from cfmodules.engine.linear import (
     add_base_,
     channels_last_supported,
     fused_add_relu_is_exact,
-    group_contribution,
+    group_contributions,
     prepare_weight,
     single_channel_contributions,
 )
@@ -196,8 +196,7 @@ class LinearSwaps(Swaps):
                                                self.channels[units], workspace=self.workspace,
                                                channels_last=self.channels_last)
         else:
-            hyb = torch.stack([group_contribution(self.plan, self.weight, delta, self.idx[u])
-                               for u in ids])
+            hyb = group_contributions(self.plan, self.weight, delta, [self.idx[u] for u in ids])
         add_base_(hyb, pre.unsqueeze(0), relu=self.fuse_relu)
         hyb = hyb.reshape(-1, *pre.shape[1:])
         state = _state_rows(self.cut_split, self.state, len(ids), pairs, hyb)

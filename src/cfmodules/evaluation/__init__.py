@@ -4,7 +4,9 @@
   feature space of a network, and the hybrid-quality table (Table 2).
 - :mod:`cfmodules.evaluation.robustness`: how classifiers answer on hybrids: recognition
   of each original's class, entropy of the top classes, disagreements (Fig. 6, 14, 16, Table 3).
-- :mod:`cfmodules.evaluation.plots`: matplotlib figures of both (imports matplotlib lazily).
+- :mod:`cfmodules.evaluation.scorecard`: a scorecard of modules: localisation and causal
+  effect of each module against random channel groups of its size, with bootstrap CIs.
+- :mod:`cfmodules.evaluation.plots`: matplotlib figures of these (imports matplotlib lazily).
 
 The main functions are re-exported here and loaded on first access, so
 ``import cfmodules.evaluation`` stays cheap.
@@ -27,6 +29,8 @@ _EXPORTS = {
     "classifier_robustness": "cfmodules.evaluation.robustness",
     "robustness_from_probabilities": "cfmodules.evaluation.robustness",
     "RobustnessResult": "cfmodules.evaluation.robustness",
+    "scorecard": "cfmodules.evaluation.scorecard",
+    "Scorecard": "cfmodules.evaluation.scorecard_result",
 }
 
 __all__ = list(_EXPORTS)
@@ -46,6 +50,8 @@ if TYPE_CHECKING:  # pragma: no cover
         classifier_robustness,
         robustness_from_probabilities,
     )
+    from cfmodules.evaluation.scorecard import scorecard
+    from cfmodules.evaluation.scorecard_result import Scorecard
 
 
 __getattr__, __dir__ = lazy_names(__name__, _EXPORTS, __all__)

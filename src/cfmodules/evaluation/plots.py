@@ -19,6 +19,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from cfmodules.evaluation.frechet import DistanceTable
     from cfmodules.evaluation.robustness import RobustnessResult
+    from cfmodules.evaluation.scorecard import Scorecard
 
 __all__ = [
     "plot_distance_table",
@@ -27,6 +28,7 @@ __all__ = [
     "plot_entropy",
     "plot_disagreement",
     "plot_disagreements",
+    "plot_scorecard",
 ]
 
 
@@ -174,4 +176,82 @@ def plot_disagreements(result: RobustnessResult, adapter: Any, module: str, limi
             ax.set_title(f"{title} (pair {row['pair']})" if i == 0 else title, fontsize=7)
         axes[1, j].set_xlabel("\n".join(f"{c}: {row[c]}" for c in result.classifiers), fontsize=6)
     fig.suptitle(f"Hybrids of module {module} the classifiers disagree on", fontsize=9)
+    return fig
+
+
+_STAT_LABELS = {"iou": "IoU with its region", "specificity": "specificity",
+                "concentration": "concentration", "pixel_effect": "pixel effect",
+                "classifier_effect": "classifier effect"}
+
+
+def plot_scorecard(card: Scorecard, background: Any = None) -> Figure:
+    """The scorecard as a figure: one row per module.
+
+    Columns: the module's mean change map ``mean |hybrid - Original 1|`` (its assigned
+    reference region outlined), its change region (thresholded as the clustering does,
+    the region outlined again), then for each tested statistic the histogram of the null
+    groups' values with the module's value as a red line, its p-value and percentile.
+
+    Parameters
+    ----------
+    card : Scorecard
+    background : array (C, H, W) or (H, W, C) in [0, 1], optional
+        An image (e.g. the mean sample) drawn under the change region.
+    """
+    from cfmodules.plots import module_color
+
+    stats = card.tested
+    k = len(card.modules)
+    cols = 2 + len(stats)
+    fig = _figure(figsize=(1.9 * cols + 0.4, 1.85 * k + 0.5))
+    axes = np.atleast_2d(fig.subplots(k, cols, squeeze=False))
+    p, pc = card.p_values(), card.percentiles()
+    bg = None
+    if background is not None:
+        bg = np.asarray(background, dtype=np.float64)
+        if bg.ndim == 3 and bg.shape[0] in (1, 3) and bg.shape[-1] not in (1, 3):
+            bg = np.moveaxis(bg, 0, -1)
+        if bg.ndim == 3 and bg.shape[-1] == 1:
+            bg = bg[..., 0]
+    for m in range(k):
+        r = int(card.region[m])
+        outline = card.masks[r] if r >= 0 else None
+        region = f"\n~ {card.regions[r]}" if r >= 0 else ""
+        ax = axes[m, 0]
+        ax.imshow(card.maps[m], cmap="magma")
+        ax.set_title(f"{card.modules[m]}{region}", fontsize=7, color=module_color(m))
+        ax.set_ylabel("mean |hybrid - Original 1|", fontsize=6)
+        ax = axes[m, 1]
+        if bg is not None:
+            ax.imshow(bg, cmap="gray" if bg.ndim == 2 else None, vmin=0, vmax=1)
+            shown = np.ma.masked_where(~card.change[m], card.change[m].astype(float))
+            ax.imshow(shown, cmap="autumn", alpha=0.55, vmin=0, vmax=1)
+        else:
+            ax.imshow(card.change[m], cmap="gray", vmin=0, vmax=1)
+        ax.set_title("change region", fontsize=7)
+        for a in axes[m, :2]:
+            if outline is not None:
+                a.contour(outline.astype(float), levels=[0.5], colors="cyan", linewidths=1.0)
+            a.set_xticks([])
+            a.set_yticks([])
+        for j, s in enumerate(stats):
+            ax = axes[m, 2 + j]
+            obs = card.observed[s][m]
+            if not np.isfinite(obs):
+                ax.set_axis_off()
+                continue
+            null = card.null[s][m]
+            lo, hi = min(null.min(), obs), max(null.max(), obs)
+            pad = 0.05 * (hi - lo) if hi > lo else 0.05
+            ax.hist(null, bins=np.linspace(lo - pad, hi + pad, 21), color="0.6")
+            ax.axvline(obs, color="C3", linewidth=1.5)
+            if s in card.ci_low:
+                ax.axvspan(card.ci_low[s][m], card.ci_high[s][m], color="C3", alpha=0.15)
+            ax.set_title(f"{_STAT_LABELS.get(s, s)}\np={p[s][m]:.3g} ({pc[s][m]:.0f}th pct)",
+                         fontsize=7)
+            ax.tick_params(labelsize=6)
+            ax.set_yticks([])
+    fig.suptitle(f"Scorecard: grey = {card.n_null} random channel groups of the module's size,"
+                 f" red = the module (shaded: {100 * card.info.get('confidence', 0.95):g}% "
+                 "bootstrap CI); cyan: its region", fontsize=8)
     return fig
