@@ -90,7 +90,7 @@ def no_hooks_left(module: nn.Module) -> bool:
 @pytest.fixture(autouse=True)
 def _quiet_machine(monkeypatch):
     """The CLI's busy-machine rule (one torch thread) off: tests must not depend on the
-    machine's load; tests of the rule patch ``_machine_is_busy`` themselves."""
-    import cfmodules.cli
+    machine's load; tests of the rule patch ``machine_is_busy`` themselves."""
+    import cfmodules.models
 
-    monkeypatch.setattr(cfmodules.cli, "_machine_is_busy", lambda: False)
+    monkeypatch.setattr(cfmodules.models, "machine_is_busy", lambda: False)

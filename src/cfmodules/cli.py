@@ -102,11 +102,9 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
     from cfmodules.analysis import AnalysisSettings, analyze
-    from cfmodules.influence.memory import parse_memory
     from cfmodules.report import write_report
     from cfmodules.results import folder_update
 
-    parse_memory(args.max_memory, "--max-memory")  # a bad size fails before any work
     ks = () if args.no_stability else _parse_ks(args.stability_ks)
     methods = tuple(m.strip() for m in args.stability_methods.split(",") if m.strip())
     if not methods or any(m not in checks.CLUSTERING_METHODS for m in methods):
@@ -131,7 +129,6 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 
     if layers and not auto:  # a typo fails before the output folder is made
         resolve_layers(adapter.generator, layers)
-    _one_thread_if_busy(args)
 
     if init_from_env(adapter.device):  # under torchrun: each rank takes a shard of channels
         local = os.environ.get("LOCAL_RANK")
@@ -371,8 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="per-sample latent shape when the factory returns an nn.Module, "
                              "e.g. 100,1,1 (';' between inputs of a multi-input generator)")
         sp.add_argument("--threads", type=int, default=None, metavar="N",
-                        help="CPU threads for torch (default: torch's own choice); on a "
-                             "busy machine --threads 1 can be several times faster")
+                        help="CPU threads for torch (default: torch's own choice, or 1 "
+                             "when other work already fills every core: several times faster)")
         sp.add_argument("--device", default="auto", metavar="DEVICE",
                         help="cpu, cuda, cuda:1, mps, or auto (CUDA when available; default)")
 
@@ -428,10 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--jobs", type=int, default=None, metavar="N",
                    help="processes for the clustering and the stability sweep (default: the "
                         "usable cores, at most --threads); the results do not depend on it")
-    a.add_argument("--max-memory", default=None, metavar="SIZE",
-                   help="bound on the memory the influence maps add, e.g. 2GB or 512MB "
-                        "(default: half of the available memory); out-of-memory errors halve the "
-                        "batch and the run goes on")
+    a.add_argument("--max-memory", metavar="SIZE", help="bound on the memory the influence "
+                   "maps add, e.g. 2GB (default: half of the available memory)")
     a.add_argument("--samples", type=int, default=16, metavar="N", help="samples shown (default 16)")
     a.add_argument("--hybrids", type=int, default=8, metavar="N",
                    help="new pairs hybridized per module (default 8)")
@@ -564,42 +559,6 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise ConfigError(f"--start must be >= 0, got {args.start}.")
 
 
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not Linux
-        return os.cpu_count() or 1
-
-
-def _one_thread_if_busy(args: argparse.Namespace) -> None:
-    """Without ``--threads``, one torch thread when other work fills every core."""
-    if args.threads is not None or not _machine_is_busy():
-        return
-    import torch
-
-    torch.set_num_threads(1)
-    if not getattr(args, "quiet", False):
-        print(f"{PROG} {args.command}: the machine is busy (load average "
-              f"{os.getloadavg()[0]:.1f} on {_cores()} cores): one torch thread, several "
-              "times faster than waiting for busy cores; --threads N overrides",
-              file=sys.stderr)
-
-
-def _machine_is_busy() -> bool:
-    """Whether other work already keeps every usable core busy (1-minute load average).
-
-    Then torch's default of one thread per core makes each operation wait for the slowest
-    thread: the influence maps of the default analysis took 12.7-29.8 s with 2 threads and
-    3.2-5.2 s with 1 at load 6 on 2 cores (docs/cost.md), with the same numbers.
-    """
-    try:
-        load = os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return False
-    cores = _cores()
-    return cores > 1 and load >= cores
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``cfmodules``; returns the exit code (0 ok, 2 bad input, 130 Ctrl-C)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -614,10 +573,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.argv = argv
     try:
         _check_numbers(args)
-        if args.threads is not None:
-            import torch
-
-            torch.set_num_threads(args.threads)  # the user's explicit choice
+        models.set_threads(getattr(args, "threads", None),  # else: 1 thread if machine busy
+                           None if getattr(args, "quiet", False) else f"{PROG} {args.command}")
         return int(args.func(args))
     except CfModulesError as e:
         if args.debug:
