@@ -137,9 +137,9 @@ def test_the_analysis_passes_max_memory_on():
 
 
 def test_the_default_budget_never_refuses_a_run(monkeypatch):
-    from cfmodules.influence import maps as maps_mod
+    from cfmodules.influence import memory
 
-    monkeypatch.setattr(maps_mod, "default_memory", lambda device: 10)  # a nearly full machine
+    monkeypatch.setattr(memory, "default_memory", lambda device: 10)  # a nearly full machine
     res = influence_maps(convt_adapter(), "5", n_pairs=2, **KW)
     m = res.settings["memory"]
     assert m["rows_per_call"] == 1 and m["pairs_per_prefix"] == 1
@@ -150,3 +150,38 @@ def test_default_memory_is_half_of_what_is_available():
 
     n = default_memory(torch.device("cpu"))
     assert 0 < n < 2**62
+
+
+@pytest.mark.numerics
+def test_out_of_memory_in_the_prefix_halves_the_pairs_and_gives_the_same_maps(monkeypatch):
+    from cfmodules import latents as L
+
+    ad = convt_adapter()
+    want = influence_maps(ad, "5", n_pairs=7, pairs_per_block=4, **KW)
+    sizes: list[int] = []
+    real = swaps_mod.LinearSwaps.begin_block
+
+    def begin_block(self, z1, z2):
+        sizes.append(L.batch_size(z1))
+        if L.batch_size(z1) > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self, z1, z2)
+
+    monkeypatch.setattr(swaps_mod.LinearSwaps, "begin_block", begin_block)
+    with pytest.warns(RuntimeWarning, match="prefix of 4 pairs"):
+        got = influence_maps(ad, "5", n_pairs=7, pairs_per_block=4, **KW)
+    assert sizes[:3] == [4, 2, 1] and max(sizes[3:]) == 1  # halved, then kept
+    np.testing.assert_allclose(got.maps, want.maps, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got.stderr, want.stderr, rtol=1e-5, atol=1e-6)
+    assert got.n_pairs == 7
+
+
+def test_out_of_memory_in_the_prefix_of_one_pair_stops(monkeypatch):
+    def begin_block(self, z1, z2):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+                           "99999999999 bytes.")
+
+    monkeypatch.setattr(swaps_mod.LinearSwaps, "begin_block", begin_block)
+    with pytest.raises(MemoryBudgetError, match="even one pair"), \
+            pytest.warns(RuntimeWarning, match="prefix"):
+        influence_maps(convt_adapter(), "5", n_pairs=4, pairs_per_block=4, **KW)

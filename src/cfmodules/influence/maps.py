@@ -53,10 +53,10 @@ from cfmodules.engine import (
 from cfmodules.errors import CheckpointError, ConfigError, GeneratorOutputError, did_you_mean
 from cfmodules.hooks import resolve_layer
 from cfmodules.hybrid import module_channels
+from cfmodules.influence import memory
 from cfmodules.influence.checkpoint import load_checkpoint, save_checkpoint
 from cfmodules.influence.identity import adapter_fingerprints, model_fingerprint
 from cfmodules.influence.interrupt import save_on_signals
-from cfmodules.influence.memory import capped, default_memory, parse_memory, plan_memory, run_chunks
 from cfmodules.influence.result import InfluenceResult
 from cfmodules.influence.stats import BlockSums, RunningStats
 from cfmodules.names import unit_name
@@ -175,6 +175,7 @@ class _Runner:
         self.ys: dict[str, torch.Tensor] = {}
         self.choice: BatchChoice | None = None
         self.rows_cap: int | None = None  # hybrids per call after an out-of-memory error
+        self.prefix_pairs = 1  # pairs whose prefix runs together (set by the memory plan)
         self.warned_oom = False
 
     @property
@@ -299,17 +300,19 @@ def _run(adapter: GeneratorAdapter, units: list[_Unit], layer: str | None, *,
             f"dtype={settings.dtype} is for CUDA devices (autocast); on "
             f"{adapter.device.type} use the default float32."
         )
-    budget = parse_memory(max_memory)
+    budget = memory.parse_memory(max_memory)
     checks.real(checkpoint_every, "checkpoint_every", low=0, meaning="seconds")
     runners = _runners(adapter, units, settings.algorithm)
     itemsize = torch.finfo(dtype).bits // 8
-    plan = plan_memory(
+    plan = memory.plan_memory(
         adapter, [r.swaps for r, _ in runners], len(units),
         adapter.image_shape(), settings.pairs_per_block, itemsize,
-        default_memory(adapter.device) if budget is None else budget,
+        memory.default_memory(adapter.device) if budget is None else budget,
         _speed_rows(adapter, runners, itemsize, len(units) * settings.pairs_per_block),
         strict=budget is not None)
     max_rows = plan.rows
+    for runner, _ in runners:
+        runner.prefix_pairs = plan.pairs
     autocast = (torch.autocast("cuda", dtype=dtype) if dtype != torch.float32
                 else nullcontext())
     n_units = len(units)
@@ -373,12 +376,13 @@ def _run(adapter: GeneratorAdapter, units: list[_Unit], layer: str | None, *,
                     n_p = min(settings.pairs_per_block, settings.n_pairs - n_done)
                     block = BlockSums(n_units)
                     # the memory plan may run a block's prefix in parts of plan.pairs pairs
-                    for first in range(n_done, n_done + n_p, plan.pairs):
-                        n_s = min(plan.pairs, n_done + n_p - first)
-                        z1, z2 = L.pair_latents(adapter, n_s, settings.seed, first)
-                        for runner, rows in runners:
+                    for runner, rows in runners:  # the prefix in parts (memory plan, OOM)
+                        def part(first: int, n_s: int, runner: _Runner = runner,
+                                 rows: list[int] = rows, block: BlockSums = block) -> None:
+                            z1, z2 = L.pair_latents(adapter, n_s, settings.seed, first)
                             _run_part(adapter, runner, rows, block, z1, z2, first, max_rows,
                                       settings.algorithm, bar)
+                        memory.run_parts(runner, n_done, n_p, part, adapter.device)
                     if stats is None:
                         merged = RunningStats(n_units, block.shape, adapter.device)
                     elif tuple(stats.mean.shape[1:]) != block.shape:
@@ -442,10 +446,10 @@ def _run_part(adapter: GeneratorAdapter, runner: _Runner, rows: list[int], block
     if runner.choice is None:  # the first block chooses the batch shape
         start = _choose_batch(adapter, runner, z1, z2, first_pair, max_rows, algorithm, add)
     else:
-        runner.begin_block(z1, z2, first_pair)
-    shape = capped(runner.choice.shape if runner.choice.timed
-                   else default_shape(n_p, max_rows, runner.swaps.path), runner.rows_cap)
-    run_chunks(runner, _chunks(len(rows), n_p, shape, start), shape, add, adapter.device)
+        memory.begin_block(runner, z1, z2, first_pair)
+    shape = memory.capped(runner.choice.shape if runner.choice.timed
+                          else default_shape(n_p, max_rows, runner.swaps.path), runner.rows_cap)
+    memory.run_chunks(runner, _chunks(len(rows), n_p, shape, start), shape, add, adapter.device)
     if not block.is_finite(_index(rows, slice(None))):
         _find_non_finite(runner, _chunks(len(rows), n_p, shape, 0), first_pair)
 
@@ -473,7 +477,7 @@ def _choose_batch(adapter: GeneratorAdapter, runner: _Runner, z1: L.Latent, z2: 
     engine = engine_of(adapter)
     why = engine.batch_dependent_ops()
     if why is None:
-        runner.begin_block(z1, z2, first_pair)
+        memory.begin_block(runner, z1, z2, first_pair)
         runner.choice = BatchChoice(default_shape(n_p, max_rows, path),
                                     "set by the memory budget (no operation of the forward "
                                     "grows with the batch)")
@@ -483,7 +487,7 @@ def _choose_batch(adapter: GeneratorAdapter, runner: _Runner, z1: L.Latent, z2: 
     if algorithm == "auto" and path != "hook":
         runner.options["hook"] = HookSwaps(adapter, runner.swaps.groups)
         naive = "hook"
-    runner.begin_block(z1, z2, first_pair, paths=list(runner.options))
+    memory.begin_block(runner, z1, z2, first_pair, paths=list(runner.options))
 
     def run(shape: BatchShape, us: slice, ps: slice) -> None:
         add(us, runner.diffs(us, ps, shape.path))

@@ -46,7 +46,7 @@ from cfmodules.engine import BatchShape
 from cfmodules.errors import ConfigError, MemoryBudgetError
 
 __all__ = ["MemoryPlan", "parse_memory", "plan_memory", "default_memory", "format_bytes",
-           "run_chunks", "capped"]
+           "run_chunks", "run_parts", "begin_block", "capped", "is_out_of_memory"]
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -223,7 +223,7 @@ def plan_memory(adapter, swaps: list, n_units: int, image_shape: tuple[int, ...]
 
 
 # ---------------------------------------------------------------------- out of memory
-def _is_out_of_memory(e: BaseException) -> bool:
+def is_out_of_memory(e: BaseException) -> bool:
     """A CUDA out-of-memory error or a CPU allocation failure (not our own budget error)."""
     if isinstance(e, MemoryBudgetError):
         return False
@@ -264,7 +264,7 @@ def run_chunks(runner: Any, chunks: list[tuple[slice, slice]], shape: BatchShape
         try:
             d = runner.diffs(us, ps)
         except Exception as e:  # noqa: BLE001 - only out-of-memory errors are handled
-            if not _is_out_of_memory(e):
+            if not is_out_of_memory(e):
                 raise
             rows = (us.stop - us.start) * (ps.stop - ps.start)
             if device.type == "cuda":
@@ -292,3 +292,52 @@ def run_chunks(runner: Any, chunks: list[tuple[slice, slice]], shape: BatchShape
             pending = deque(c for chunk in rest for c in _split(chunk, shape))
             continue
         add(us, d)
+
+
+class _PrefixOutOfMemory(Exception):
+    """An out-of-memory error in a part's prefix, before any of its sums was added."""
+
+
+def begin_block(runner: Any, z1: Any, z2: Any, first_pair: int, **kw: Any) -> None:
+    """``runner.begin_block``, its out-of-memory errors marked for :func:`run_parts`."""
+    try:
+        runner.begin_block(z1, z2, first_pair, **kw)
+    except Exception as e:  # noqa: BLE001 - only out-of-memory errors are converted
+        if not is_out_of_memory(e):
+            raise
+        raise _PrefixOutOfMemory() from e
+
+
+def run_parts(runner: Any, n_done: int, n_p: int, part: Callable[[int, int], None],
+              device: torch.device) -> None:
+    """``part(first, n)`` over pairs ``n_done .. n_done + n_p``, ``runner.prefix_pairs`` at a time.
+
+    An out-of-memory error in a part's prefix (raised through :func:`begin_block`, so
+    before any of the part's sums was added) halves the part and the later ones, warned
+    once per run like the batches; one pair failing raises MemoryBudgetError.
+    """
+    step = runner.prefix_pairs
+    parts = deque((f, min(step, n_done + n_p - f)) for f in range(n_done, n_done + n_p, step))
+    while parts:
+        first, n = parts.popleft()
+        try:
+            part(first, n)
+            continue
+        except _PrefixOutOfMemory as e:
+            cause = e.__cause__
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if n <= 1:
+            raise MemoryBudgetError(
+                f"Out of memory running the generator's prefix for one pair on {device} "
+                f"({type(cause).__name__}); even one pair does not fit. Free memory on the "
+                "device, or use a smaller model or resolution.") from cause
+        runner.prefix_pairs = half = max(1, n // 2)
+        if not runner.warned_oom:
+            runner.warned_oom = True
+            warnings.warn(f"Out of memory in the prefix of {n} pairs ({type(cause).__name__}); "
+                          f"going on with {half} at a time. Nothing computed is lost and the "
+                          "maps are the same.", RuntimeWarning, stacklevel=4)
+        rest = [(first, n), *parts]
+        parts = deque((f, min(half, f0 + n0 - f)) for f0, n0 in rest
+                      for f in range(f0, f0 + n0, half))
