@@ -106,7 +106,7 @@ def test_out_of_memory_on_the_split_path(monkeypatch):
 def test_out_of_memory_for_one_row_stops_without_a_retry_storm(monkeypatch):
     ad = convt_adapter()
     calls = _fail_above(monkeypatch, 0)
-    with pytest.raises(MemoryBudgetError, match="even one row"), \
+    with pytest.raises(MemoryBudgetError, match="even one hybrid"), \
             pytest.warns(RuntimeWarning, match="Out of memory"):
         influence_maps(ad, "5", n_pairs=4, **KW)
     first = calls[0]
@@ -168,7 +168,7 @@ def test_out_of_memory_in_the_prefix_halves_the_pairs_and_gives_the_same_maps(mo
         return real(self, z1, z2)
 
     monkeypatch.setattr(swaps_mod.LinearSwaps, "begin_block", begin_block)
-    with pytest.warns(RuntimeWarning, match="prefix of 4 pairs"):
+    with pytest.warns(RuntimeWarning, match="4 pairs per call"):
         got = influence_maps(ad, "5", n_pairs=7, pairs_per_block=4, **KW)
     assert sizes[:3] == [4, 2, 1] and max(sizes[3:]) == 1  # halved, then kept
     np.testing.assert_allclose(got.maps, want.maps, rtol=1e-5, atol=1e-6)
@@ -183,5 +183,5 @@ def test_out_of_memory_in_the_prefix_of_one_pair_stops(monkeypatch):
 
     monkeypatch.setattr(swaps_mod.LinearSwaps, "begin_block", begin_block)
     with pytest.raises(MemoryBudgetError, match="even one pair"), \
-            pytest.warns(RuntimeWarning, match="prefix"):
+            pytest.warns(RuntimeWarning, match="pairs per call"):
         influence_maps(convt_adapter(), "5", n_pairs=4, pairs_per_block=4, **KW)

@@ -267,22 +267,8 @@ def run_chunks(runner: Any, chunks: list[tuple[slice, slice]], shape: BatchShape
             if not is_out_of_memory(e):
                 raise
             rows = (us.stop - us.start) * (ps.stop - ps.start)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            if rows <= 1:
-                raise MemoryBudgetError(
-                    f"Out of memory computing one hybrid of unit '{runner.units[us][0].name}' "
-                    f"on {device} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); even "
-                    "one row does not fit. Free memory on the device, or use a smaller "
-                    "model or output resolution.") from e
-            runner.rows_cap = rows // 2
-            if not runner.warned_oom:
-                runner.warned_oom = True
-                warnings.warn(
-                    f"Out of memory with {rows} hybrids per call ({type(e).__name__}); going on "
-                    f"with {rows // 2} and halving again if needed. Nothing computed is lost "
-                    "and the maps are the same; pass max_memory= to plan for less memory.",
-                    RuntimeWarning, stacklevel=4)
+            runner.rows_cap = _halve(runner, device, e, rows, "hybrid",
+                                     f"one hybrid of unit '{runner.units[us][0].name}'")
             small = capped(shape, runner.rows_cap)
             if small.rows >= rows:  # the failed call was already smaller than the shape
                 small = capped(BatchShape(us.stop - us.start, ps.stop - ps.start, shape.path),
@@ -292,6 +278,31 @@ def run_chunks(runner: Any, chunks: list[tuple[slice, slice]], shape: BatchShape
             pending = deque(c for chunk in rest for c in _split(chunk, shape))
             continue
         add(us, d)
+
+
+def _halve(runner: Any, device: torch.device, error: BaseException, n: int, what: str,
+           one: str) -> int:
+    """After an out-of-memory error with ``n`` of ``what`` per call: ``n // 2``, warned once.
+
+    Frees CUDA's cached blocks; with ``n == 1`` raises :class:`MemoryBudgetError` (``one``
+    names the work that did not fit).
+    """
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    text = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}" if str(error) else \
+        type(error).__name__
+    if n <= 1:
+        raise MemoryBudgetError(
+            f"Out of memory computing {one} on {device} ({text}); even one {what} does not "
+            "fit. Free memory on the device, or use a smaller model or output "
+            "resolution.") from error
+    if not runner.warned_oom:
+        runner.warned_oom = True
+        warnings.warn(
+            f"Out of memory with {n} {what}s per call ({text}); going on with {n // 2} and "
+            "halving again if needed. Nothing computed is lost and the maps are the same; "
+            "pass max_memory= to plan for less memory.", RuntimeWarning, stacklevel=5)
+    return n // 2
 
 
 class _PrefixOutOfMemory(Exception):
@@ -325,19 +336,8 @@ def run_parts(runner: Any, n_done: int, n_p: int, part: Callable[[int, int], Non
             continue
         except _PrefixOutOfMemory as e:
             cause = e.__cause__
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        if n <= 1:
-            raise MemoryBudgetError(
-                f"Out of memory running the generator's prefix for one pair on {device} "
-                f"({type(cause).__name__}); even one pair does not fit. Free memory on the "
-                "device, or use a smaller model or resolution.") from cause
-        runner.prefix_pairs = half = max(1, n // 2)
-        if not runner.warned_oom:
-            runner.warned_oom = True
-            warnings.warn(f"Out of memory in the prefix of {n} pairs ({type(cause).__name__}); "
-                          f"going on with {half} at a time. Nothing computed is lost and the "
-                          "maps are the same.", RuntimeWarning, stacklevel=4)
+        runner.prefix_pairs = half = _halve(runner, device, cause, n, "pair",
+                                            "the generator's prefix for one pair")
         rest = [(first, n), *parts]
         parts = deque((f, min(half, f0 + n0 - f)) for f0, n0 in rest
                       for f in range(f0, f0 + n0, half))
