@@ -74,40 +74,53 @@ def best_time(fn, repeats: int, device: torch.device):
     return best, out
 
 
-def naive_maps(adapter, layer: str, n_pairs: int, seed: int = 0) -> torch.Tensor:
+def naive_maps(adapter, layer: str, n_pairs: int, seed: int = 0,
+               channels: list[int] | None = None) -> torch.Tensor:
     """One full forward per channel with a hook replacing it, batched over the pairs.
 
     The forward is the adapter's own raw call (its ``forward=`` function, e.g. BigGAN's
-    truncation) and output transform. Returns (C, H, W): mean over pairs of
-    |hybrid - Original 1|, averaged over colours.
+    truncation) and output transform. A layer that runs several times per forward is
+    named by its call, ``"path:k"``: the hook acts on call ``k`` only. Returns (C, H, W)
+    for the ``channels`` (default: all): mean over pairs of |hybrid - Original 1|, averaged
+    over colours.
     """
     gen = adapter.generator.eval()
-    module = adapter.submodule(layer)
+    path, _, call = layer.partition(":")
+    k = int(call) if call else 0
+    module = adapter.submodule(path)
     z1, z2 = pair_latents(adapter, n_pairs, seed, 0)
 
     def run(z):
         return adapter.images(adapter._raw(z))
 
-    with torch.inference_mode():
-        y = run(z1)
-        donor = {}
-        h = module.register_forward_hook(lambda m, i, o: donor.setdefault("a", o.clone()))
+    def on_call(edit):
+        """A forward hook that applies ``edit`` to call ``k`` of the module in each forward."""
+        count = [0]
+
+        def hook(m, i, o):
+            count[0] += 1
+            return edit(o) if count[0] == k + 1 else None
+        return hook
+
+    def hooked_run(z, edit):
+        h = module.register_forward_hook(on_call(edit))
         try:
-            run(z2)
+            return run(z)
         finally:
             h.remove()
-        a2 = donor["a"]
+
+    with torch.inference_mode():
+        y = run(z1)
+        donor = []
+        hooked_run(z2, lambda o: donor.append(o.clone()))  # append returns None: no edit
+        a2 = donor[0]
         maps = []
-        for c in range(a2.shape[1]):
-            def replace(m, i, o, c=c):
+        for c in (range(a2.shape[1]) if channels is None else channels):
+            def replace(o, c=c):
                 o = o.clone()
                 o[:, c] = a2[:, c]
                 return o
-            h = module.register_forward_hook(replace)
-            try:
-                out = run(z1)
-            finally:
-                h.remove()
+            out = hooked_run(z1, replace)
             maps.append((out - y).abs().mean(1).mean(0))
         del gen
         return torch.stack(maps)

@@ -125,3 +125,26 @@ def test_own_generator_subclasses_are_honoured(guide) -> None:
     assert explain(half, layer).path != "hook"
     with_half = (0.5 * z1[0], z1[1], z1[2])
     torch.testing.assert_close(half.generate(z1), ad.generate(with_half))
+
+
+@pytest.mark.numerics
+def test_stylegan_style_example_is_exact_and_off_the_hook_path(guide) -> None:
+    """docs/own_generator.md's StyleGAN-style generator: modulated grouped convolutions,
+    `*x.shape[2:]`, noise as an input, skips to RGB. torch.export captures it, hybrids and
+    influence maps equal the hook path's, and the noise stays with Original 1."""
+    from engine_helpers import assert_paths_agree
+
+    ad, layer = guide["styled"], guide["style_layer"]
+    assert explain(ad, layer).path == "split"
+    assert "torch.export" in explain(ad, layer).capture
+    assert_paths_agree(ad, layer, channels=[0, 5, 11])
+    za, zb = guide["za"], guide["zb"]
+    y1, y2 = ad.generate(za), ad.generate(zb)
+    everything = hybridize(ad, za, zb, {layer: range(16)})
+    assert (everything - y2).abs().max() > 1e-3  # the next block's noise and style: Original 1's
+    # every channel where only the skip of Original 1 and its style follow: still Original 1's
+    rgb = hybridize(ad, za, zb, {"blocks.1.to_rgb": range(3)})
+    assert (rgb - y2).abs().max() > 1e-3
+    maps = guide["style_maps"].maps
+    assert maps.shape == (16, 16, 16) and (maps > 0).all()
+    assert not torch.equal(y1, y2)

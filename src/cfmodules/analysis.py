@@ -61,7 +61,7 @@ KIND = "analysis"
 AUTO = "auto"
 """``analyze(adapter, AUTO)``: let the scan choose the layer and K."""
 
-DEFAULT_LAYERS = {"dcgan-faces": "main.8"}
+DEFAULT_LAYERS = {"dcgan-faces": "main.8", "unet": "up_blocks.1"}
 """Layer analysed by default, per zoo model (the paper intervenes on an intermediate layer)."""
 
 

@@ -87,8 +87,8 @@ def _cmd_layers(args: argparse.Namespace) -> int:
     print(f"{adapter!r}")
     print(f"{'layer':<24} {'kind':<18} {'output':<14} channels")
     for info in adapter.layers_cached():
-        mark = "   <- default of `cfmodules analyze`" if info.name == default else ""
-        print(f"{info}{mark}")
+        here = default is not None and info.name == default.split(":")[0]
+        print(f"{info}" + (f"   <- default of `cfmodules analyze` ({default})" if here else ""))
     return 0
 
 

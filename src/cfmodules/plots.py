@@ -196,6 +196,12 @@ def _label_width(labels: Sequence[str], fontsize: float) -> float:
     return 0.2 + longest * fontsize * 0.6 / 72 if longest else 0.05
 
 
+def _fitting_font(text: str, width: float, fontsize: float, smallest: float = 3.5) -> float:
+    """``fontsize``, made smaller where ``text`` would be wider than ``width`` inches (long
+    layer names, e.g. ``G.blocks.2.activation:1[79]``, would overlap their neighbours)."""
+    return max(smallest, min(fontsize, width * 72 / (0.6 * max(len(text), 1))))
+
+
 def _cell(shape: tuple[int, ...], size: float) -> tuple[float, float]:
     """A cell ``size`` inches wide with the aspect of an (H, W, ...) image."""
     h, w = shape[0], shape[1]
@@ -321,7 +327,8 @@ def plot_influence_maps(
             _show_map(grid, j, i, arr[channel], cmap)
             if labels is not None:
                 grid.frame(j, i, module_color(j), 2.0)
-            grid.caption(j, i, names[channel] if names is not None else str(channel), 6)
+            text = names[channel] if names is not None else str(channel)
+            grid.caption(j, i, text, _fitting_font(text, grid.cw + grid.gx, 6))
         if labels is not None:
             grid.row_label(j, row_labels[j], module_color(j))
     return grid.fig

@@ -1,13 +1,27 @@
-"""Find a data file inside an installed package without importing (running) the package."""
+"""Find a data file inside an installed package without importing (running) the package;
+read a model's JSON configuration."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
+from typing import Any
 
-from cfmodules.errors import ModelNotAvailableError
+from cfmodules.errors import CheckpointError, ModelNotAvailableError
 
-__all__ = ["package_file"]
+__all__ = ["package_file", "read_json_config"]
+
+
+def read_json_config(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path`` (a model's configuration); CheckpointError otherwise."""
+    try:
+        data = json.loads(Path(path).read_text("utf-8"))
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path} is not valid JSON ({err}).") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} does not hold a configuration (a JSON object).")
+    return data
 
 
 def package_file(package: str, relative: str, install: str) -> Path:
