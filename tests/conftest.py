@@ -85,3 +85,12 @@ def no_hooks_left(module: nn.Module) -> bool:
     return all(
         not m._forward_hooks and not m._forward_pre_hooks for m in module.modules()
     )
+
+
+@pytest.fixture(autouse=True)
+def _quiet_machine(monkeypatch):
+    """The CLI's busy-machine rule (one torch thread) off: tests must not depend on the
+    machine's load; tests of the rule patch ``machine_is_busy`` themselves."""
+    import cfmodules.models
+
+    monkeypatch.setattr(cfmodules.models, "machine_is_busy", lambda: False)

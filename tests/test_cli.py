@@ -177,6 +177,8 @@ def test_hybrids_refuses_another_model(analyzed, capsys, tmp_path):
     (["analyze", "--model", "planted-conv", "--pairs", "0"], ["--pairs must be at least 1"]),
     (["layers", "planted-conv", "--threads", "0"], ["--threads must be at least 1"]),
     (["analyze", "--model", "planted-conv", "--jobs", "0"], ["--jobs must be at least 1"]),
+    (["analyze", "--model", "planted-conv", "--max-memory", "lots"],
+     ["max_memory must be a number of bytes or a size like '2GB'"]),
     (["analyze", "--k", "x"], ["argument --k: invalid int value: 'x'"]),
     (["analyze", "--method", "pca"], ["invalid choice: 'pca'"]),
     (["analyse"], ["invalid choice: 'analyse'"]),
@@ -334,3 +336,19 @@ def test_clustering_options_are_the_same_in_every_command(command, cls):
     assert f"(default {d.window})" in helps["window"]
     assert f"(default {d.percentile:g})" in helps["percentile"]
     assert f"(default {d.method})" in helps["method"] and f"(default {d.seed})" in helps["seed"]
+
+
+@pytest.mark.parametrize("busy,argv,want", [
+    (True, [], [1]),  # other work fills the cores: one thread, said on stderr
+    (True, ["--threads", "2"], [2]),  # an explicit choice wins
+    (False, [], []),  # a quiet machine: torch's own default
+])
+def test_threads_on_a_busy_machine(capsys, monkeypatch, busy, argv, want):
+    import cfmodules.models as models_mod
+
+    seen: list[int] = []
+    monkeypatch.setattr(models_mod, "machine_is_busy", lambda: busy)
+    monkeypatch.setattr(torch, "set_num_threads", seen.append)
+    code, _, err = run(capsys, "layers", "planted-conv", *argv)
+    assert code == 0 and seen == want
+    assert ("machine is busy" in err) == (want == [1])

@@ -213,8 +213,16 @@ def test_eim_of_one_channel_equals_module_of_that_channel():
 def test_result_does_not_depend_on_chunking(factory, layer):
     ad = factory()
     base = influence_maps(ad, layer, n_pairs=9, **KW)
-    tiny = influence_maps(ad, layer, n_pairs=9, max_batch_bytes=1, pairs_per_block=2, **KW)
-    mid = influence_maps(ad, layer, n_pairs=9, max_batch_bytes=60_000, pairs_per_block=4, **KW)
+    m = base.settings["memory"]
+    fixed, pair, row = m["fixed_bytes"], m["per_pair_bytes"], m["per_row_bytes"]
+    # the smallest budget: one pair's prefix and one hybrid per call
+    tiny = influence_maps(ad, layer, n_pairs=9, max_memory=fixed + pair + row + row // 2,
+                          pairs_per_block=2, **KW)
+    assert tiny.settings["memory"]["pairs_per_prefix"] == 1
+    assert tiny.settings["memory"]["rows_per_call"] == 1
+    mid = influence_maps(ad, layer, n_pairs=9, max_memory=fixed + 6 * pair + 1,
+                         pairs_per_block=4, **KW)
+    assert mid.settings["memory"]["pairs_per_prefix"] == 3  # a block in two parts
     for other in (tiny, mid):  # other batch sizes, other kernels: rounding in image units
         np.testing.assert_allclose(other.maps, base.maps, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(other.stderr, base.stderr, rtol=1e-5, atol=1e-6)
@@ -275,7 +283,9 @@ def test_generator_left_in_train_mode_is_restored():
     ({"algorithm": "fast"}, "algorithm"),
     ({"dtype": "int8"}, "dtype"),
     ({"dtype": torch.bfloat16}, "CUDA"),
-    ({"max_batch_bytes": 0}, "max_batch_bytes"),
+    ({"max_memory": 0}, "max_memory"),
+    ({"max_memory": "lots"}, "max_memory"),
+    ({"max_memory": True}, "max_memory"),
     ({"checkpoint_every": -1}, "checkpoint_every"),
 ])
 def test_bad_settings(kwargs, match):

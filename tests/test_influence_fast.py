@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import operator
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from cfmodules.engine.fast import (
     accelerate,
     fold_batchnorm,
     strip_leading_relu,
+    tanh_by_sigmoid_,
 )
 from cfmodules.engine.linear import add_base_, find_linear_plan, fused_add_relu_is_exact
 from cfmodules.errors import GeneratorOutputError
@@ -79,10 +81,11 @@ def test_accelerate_replaces_only_narrow_transposed_convs():
                           nn.ConvTranspose2d(32, 2, 4, 2, 1), nn.Tanh()).eval()
     gm = torch.fx.symbolic_trace(model)
     fast = accelerate(gm, torch.device("cpu"))
-    kinds = [type(fast.get_submodule(n.target)).__name__ if n.op == "call_module" else n.target
-             for n in fast.graph.nodes if n.op in ("call_module", "call_method")]
-    # the Tanh reads only the GEMM's fresh output, so it runs in place
-    assert kinds == ["ConvTranspose2d", "ReLU", "GemmConvTranspose2d", "tanh_"]
+    kinds = [type(fast.get_submodule(n.target)).__name__ if n.op == "call_module" else
+             getattr(n.target, "__name__", n.target)
+             for n in fast.graph.nodes if n.op in ("call_module", "call_method", "call_function")]
+    # the Tanh reads only the GEMM's fresh output, so it runs in place (by sigmoid: faster)
+    assert kinds == ["ConvTranspose2d", "ReLU", "GemmConvTranspose2d", "tanh_by_sigmoid_"]
     x = torch.randn(2, 32, 3, 3)
     torch.testing.assert_close(fast(x), model(x), rtol=1e-5, atol=1e-6)
     assert accelerate(gm, torch.device("meta")) is gm  # only on CPU
@@ -101,9 +104,21 @@ def test_accelerate_keeps_tanh_out_of_place_when_the_gemm_output_is_read_twice()
 
     model = Skip().eval()
     fast = accelerate(torch.fx.symbolic_trace(model), torch.device("cpu"))
-    assert not any(n.op == "call_method" for n in fast.graph.nodes)
+    assert not any(n.op in ("call_method", "call_function") for n in fast.graph.nodes
+                   if n.target is not operator.add)
     x = torch.randn(2, 32, 3, 3)
     torch.testing.assert_close(fast(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_tanh_by_sigmoid_is_tanh_to_float_rounding():
+    x = torch.linspace(-20, 20, 400_001)
+    want = torch.tanh(x.double())
+    got = tanh_by_sigmoid_(x.clone())
+    assert float((got.double() - want).abs().max()) < 3e-7  # absolute: images are in [-1, 1]
+    assert float((torch.tanh(x).double() - want).abs().max()) < 1e-7
+    assert torch.equal(tanh_by_sigmoid_(torch.tensor([0.0, float("inf"), -float("inf")])),
+                       torch.tensor([0.0, 1.0, -1.0]))
+    assert tanh_by_sigmoid_(torch.tensor([float("nan")])).isnan().all()
 
 
 @pytest.mark.parametrize("relu", [nn.ReLU(), nn.ReLU(inplace=True), torch.relu, "method"])
@@ -237,7 +252,7 @@ def test_cpu_batches_keep_hybrids_and_fresh_suffix_tensors_small():
         units = maps_mod._layer_units(ad, layer, None)[1]
         runners = maps_mod._runners(ad, units, "auto")
         shapes = {i.name: i.shape for i in ad.layers_cached()}
-        rows = maps_mod._max_rows(ad, runners, 2**40, 4)  # no budget limit
+        rows = maps_mod._speed_rows(ad, runners, 4, 2**40)  # no memory limit
         (runner, _), = runners
         cut = int(np.prod(shapes[runner.swaps.cut])) * 4
         fresh = max(int(np.prod(shapes[name])) * 4 for name in runner.swaps.suffix_layers)

@@ -30,14 +30,14 @@ def test_numpy_integers_are_accepted_and_stored_as_int(settings):
 def test_influence_maps_take_numpy_integers_and_refuse_float_seeds():
     ad = convt_adapter()
     a = influence_maps(ad, "5", n_pairs=np.int64(2), seed=np.int32(1),
-                       max_batch_bytes=np.int64(2**20), progress=False)
+                       max_memory=np.int64(2**30), progress=False)
     b = influence_maps(ad, "5", n_pairs=2, seed=1, progress=False)
     np.testing.assert_array_equal(a.maps, b.maps)  # exact: the very same computation
     for bad in (2**32, 1.5):
         with pytest.raises(ConfigError, match="seed"):
             influence_maps(ad, "5", n_pairs=2, seed=bad, progress=False)
-    with pytest.raises(ConfigError, match="max_batch_bytes"):
-        influence_maps(ad, "5", n_pairs=2, max_batch_bytes=2.5, progress=False)
+    with pytest.raises(ConfigError, match="max_memory"):
+        influence_maps(ad, "5", n_pairs=2, max_memory=2.5, progress=False)
 
 
 def test_sample_latents_refuses_aliasing_seeds():

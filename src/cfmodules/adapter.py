@@ -401,8 +401,24 @@ class GeneratorAdapter:
     def layers(self) -> list[LayerInfo]:
         """Every named submodule with its output shape and channel count (one dry forward)."""
         z = self.sample_latents(1, seed=0)
+        shape: list[tuple[int, ...]] = []
+
+        def run() -> torch.Tensor:
+            images = self.images(self._raw(z), 1)
+            shape.append(tuple(images.shape[1:]))
+            return images
+
         with self.eval_mode():  # entered first: its first-use check runs without the hooks
-            return record_layers(self.generator, lambda: self.images(self._raw(z), 1))
+            infos = record_layers(self.generator, run)
+        self._image_shape = shape[0]
+        return infos
+
+    def image_shape(self) -> tuple[int, ...]:
+        """Per-sample shape of the images, ``(C, H, W)``: from :meth:`layers_cached`' forward."""
+        self.layers_cached()
+        if getattr(self, "_image_shape", None) is None:  # the cache was made another way
+            self._layers_cache = self.layers()
+        return self._image_shape
 
     def layer_shape(self, layer: str) -> tuple[int, ...]:
         """Per-sample output shape of ``layer`` (of call ``k`` for ``"path:k"``)."""

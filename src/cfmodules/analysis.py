@@ -35,6 +35,7 @@ from cfmodules.errors import (
 from cfmodules.hybrid import hybridize
 from cfmodules.images import as_uint8
 from cfmodules.influence.distributed import distributed_influence_maps, world
+from cfmodules.influence.memory import parse_memory
 from cfmodules.modules.settings import STABILITY_N_INIT, ClusteringSettings
 from cfmodules.names import module_name, unit_name
 from cfmodules.results import Result
@@ -595,7 +596,8 @@ def sample_images(adapter: GeneratorAdapter, settings: AnalysisSettings
 
 def unit_influence_maps(adapter: GeneratorAdapter, layers: Sequence[str],
                         settings: AnalysisSettings, *, checkpoint_dir: Path | None = None,
-                        progress: bool = True, assume_same: bool = False) -> UnitMaps | None:
+                        progress: bool = True, assume_same: bool = False,
+                        max_memory: int | str | None = None) -> UnitMaps | None:
     """The EIMs of every channel of ``layers``, stacked in layer order (eq. 2).
 
     Under ``torch.distributed`` the channels are sharded across ranks; rank 0 gets the
@@ -609,7 +611,8 @@ def unit_influence_maps(adapter: GeneratorAdapter, layers: Sequence[str],
             path = checkpoint_dir / f"eim_{layer}_pairs{settings.n_pairs}_seed{settings.seed}.npz"
         results.append(distributed_influence_maps(
             adapter, layer, n_pairs=settings.n_pairs, seed=settings.seed,
-            progress=progress and rank == 0, checkpoint=path, assume_same=assume_same))
+            progress=progress and rank == 0, checkpoint=path, assume_same=assume_same,
+            max_memory=max_memory))
     if rank != 0:  # under torch.distributed, rank 0 alone clusters and reports
         return None
     return UnitMaps(
@@ -627,14 +630,15 @@ def cluster_maps(maps: np.ndarray, settings: AnalysisSettings, n_jobs: int | Non
 
 
 def module_maps(adapter: GeneratorAdapter, modules: Sequence[Mapping[str, Sequence[int]]],
-                settings: AnalysisSettings, *, progress: bool = True) -> np.ndarray:
+                settings: AnalysisSettings, *, progress: bool = True,
+                max_memory: int | str | None = None) -> np.ndarray:
     """(K, H, W) float32: the influence map of each module (zeros for an empty module)."""
     from cfmodules.influence import module_influence_maps
 
     nonempty = {k: m for k, m in enumerate(modules) if m}
     res = module_influence_maps(adapter, [nonempty[k] for k in nonempty],
                                 n_pairs=settings.n_pairs, seed=settings.seed,
-                                progress=progress)
+                                progress=progress, max_memory=max_memory)
     out = np.zeros((len(modules), *res.maps.shape[1:]), np.float32)
     out[list(nonempty)] = res.maps
     return out
@@ -661,6 +665,7 @@ def analyze(
     model_options: Mapping[str, Any] | None = None,
     assume_same: bool = False,
     n_jobs: int | None = None,
+    max_memory: int | str | None = None,
     step_window: Any = None,
     **overrides: Any,
 ) -> AnalysisResult | None:
@@ -703,6 +708,10 @@ def analyze(
     n_jobs : int or None, default None
         Processes for the clustering's restarts and the stability sweep; None: the usable
         cores (:func:`cfmodules.modules.fits.default_jobs`). The numbers do not depend on it.
+    max_memory : int or str, optional
+        Bound on the memory the influence computations add, in bytes or as ``"2GB"``
+        (see :func:`cfmodules.influence.influence_maps`); default half of the available memory.
+        The numbers depend on it only by float rounding.
     step_window : "all", "early", "middle", "late" or list of int, optional
         Diffusion models: the sampling steps at which every swap happens (default: the
         adapter's window; not ``window``, the maps' smoothing), kept in ``result.sampler``.
@@ -728,6 +737,7 @@ def analyze(
     from cfmodules.modules.fits import check_jobs
 
     jobs = check_jobs(n_jobs)
+    parse_memory(max_memory)  # a bad size fails before any computation
     auto = isinstance(layers, str) and layers == AUTO
     created = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     steps = _Steps(progress, 5 + bool(s.stability_ks) + auto)
@@ -761,7 +771,8 @@ def analyze(
     units = steps.run("influence_maps", f"influence maps of {n_units} channels of "
                       f"{' + '.join(names)}, {s.n_pairs} pairs",
                       lambda: unit_influence_maps(adapter, names, s, checkpoint_dir=ckpt,
-                                                  progress=progress, assume_same=assume_same))
+                                                  progress=progress, assume_same=assume_same,
+                                                  max_memory=max_memory))
     if units is None:  # a rank other than 0 under torch.distributed
         return None
     clustering = steps.run("clustering", f"{s.method} clustering into K={s.n_modules} modules",
@@ -772,7 +783,8 @@ def analyze(
                                   list(zip(units.unit_layer, units.unit_channel)), s.n_modules)
     maps_of_modules = steps.run("module_influence", f"influence maps of the {s.n_modules} "
                                 "modules", lambda: module_maps(adapter, modules, s,
-                                                               progress=progress))
+                                                               progress=progress,
+                                                               max_memory=max_memory))
     stability = None
     if s.stability_ks:
         stability = steps.run(

@@ -160,7 +160,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
                          model_spec=_portable_spec(args.model),
                          model_options={"latent_shape": args.latent_shape}
                          if args.latent_shape else None, assume_same=args.assume_same,
-                         n_jobs=args.jobs,
+                         n_jobs=args.jobs, max_memory=args.max_memory,
                          **({"n_modules": args.k} if auto and args.k else {}))
     finally:
         # the ranks' collectives are over: leave the group now, so that a rank done with
@@ -241,7 +241,8 @@ def _analyze_windows(args: argparse.Namespace, adapter: Any, layers: Any, settin
 
     results = analyze_windows(adapter, layers, settings, windows=windows, checkpoint_dir=ckpt,
                               progress=not args.quiet, model_spec=_portable_spec(args.model),
-                              assume_same=args.assume_same, n_jobs=args.jobs)
+                              assume_same=args.assume_same, n_jobs=args.jobs,
+                              max_memory=args.max_memory)
     command = " ".join(shlex.quote(a) for a in [PROG, *args.argv])
     links = {}
     for name, result in results.items():
@@ -440,8 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="per-sample latent shape when the factory returns an nn.Module, "
                              "e.g. 100,1,1 (';' between inputs of a multi-input generator)")
         sp.add_argument("--threads", type=int, default=None, metavar="N",
-                        help="CPU threads for torch (default: torch's own choice); on a "
-                             "busy machine --threads 1 can be several times faster")
+                        help="CPU threads for torch (default: torch's own choice, or 1 "
+                             "when other work already fills every core: several times faster)")
         sp.add_argument("--device", default="auto", metavar="DEVICE",
                         help="cpu, cuda, cuda:1, mps, or auto (CUDA when available; default)")
 
@@ -498,6 +499,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--jobs", type=int, default=None, metavar="N",
                    help="processes for the clustering and the stability sweep (default: the "
                         "usable cores, at most --threads); the results do not depend on it")
+    a.add_argument("--max-memory", metavar="SIZE", help="bound on the memory the influence "
+                   "maps add, e.g. 2GB (default: half of the available memory)")
     a.add_argument("--samples", type=int, default=16, metavar="N", help="samples shown (default 16)")
     a.add_argument("--hybrids", type=int, default=8, metavar="N",
                    help="new pairs hybridized per module (default 8)")
@@ -648,10 +651,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.argv = argv
     try:
         _check_numbers(args)
-        if args.threads is not None:
-            import torch
-
-            torch.set_num_threads(args.threads)  # the user's explicit choice
+        models.set_threads(getattr(args, "threads", None),  # else: 1 thread if machine busy
+                           None if getattr(args, "quiet", False) else f"{PROG} {args.command}")
         return int(args.func(args))
     except CfModulesError as e:
         if args.debug:

@@ -26,6 +26,7 @@ __all__ = [
     "NotFittedError",
     "CheckpointError",
     "ResultFileError",
+    "MemoryBudgetError",
     "did_you_mean",
 ]
 
@@ -91,6 +92,11 @@ class CheckpointError(CfModulesError, ValueError):
 
 class ResultFileError(CfModulesError, ValueError):
     """A results file is missing, truncated, or not a cfmodules file."""
+
+
+class MemoryBudgetError(CfModulesError, MemoryError):
+    """Even the smallest batch of work does not fit the memory given (``max_memory`` or the
+    device's): the message says how much one row needs."""
 
 
 def did_you_mean(name: str, candidates: Iterable[str], n: int = 3) -> str:

@@ -18,7 +18,8 @@ from typing import Any
 from cfmodules import checks
 from cfmodules.errors import CfModulesError, ConfigError
 
-__all__ = ["load_model", "load_model_for", "parse_latent_shape", "resolve_device", "split_spec"]
+__all__ = ["load_model", "load_model_for", "parse_latent_shape", "resolve_device", "split_spec",
+           "machine_is_busy", "set_threads"]
 
 
 def parse_latent_shape(text: str) -> tuple[int, ...] | tuple[tuple[int, ...], ...]:
@@ -201,3 +202,37 @@ def first_line(e: BaseException) -> str:
     """The first line of an error's message (for one-line reports)."""
     text = str(e).strip().splitlines()
     return text[0] if text else ""
+
+
+# ---------------------------------------------------------------------- threads
+def machine_is_busy() -> bool:
+    """Whether other work already keeps every usable core busy (1-minute load average).
+
+    Then torch's default of one thread per core makes each operation wait for the slowest
+    thread: the influence maps of the default analysis took 12.7-29.8 s with 2 threads and
+    3.2-5.2 s with 1 at load 6 on 2 cores (docs/cost.md), with the same numbers.
+    """
+    try:
+        load = os.getloadavg()[0]
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return False
+    return cores > 1 and load >= cores
+
+
+def set_threads(threads: int | None, note: str | None = None) -> None:
+    """``torch.set_num_threads(threads)``; without ``threads``, one thread on a busy machine.
+
+    ``note``: a prefix (e.g. ``"cfmodules analyze"``) to say so on stderr when the busy
+    rule applies (:func:`machine_is_busy`); None: silently. Without ``threads`` on a
+    machine with free cores, torch's own default is left.
+    """
+    if threads is None and not machine_is_busy():
+        return
+    import torch
+
+    torch.set_num_threads(1 if threads is None else threads)
+    if threads is None and note:
+        print(f"{note}: the machine is busy (load average {os.getloadavg()[0]:.1f} on "
+              f"{len(os.sched_getaffinity(0))} cores): one torch thread, several times faster "
+              "than waiting for busy cores; --threads N overrides", file=sys.stderr)

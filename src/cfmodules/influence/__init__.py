@@ -8,12 +8,12 @@ of latents come from :func:`cfmodules.latents.pair_latents`.
 
 from cfmodules.influence.maps import (
     ALGORITHMS,
-    DEFAULT_MAX_BATCH_BYTES,
     InfluenceProgress,
     InfluenceSettings,
     influence_maps,
     module_influence_maps,
 )
+from cfmodules.influence.memory import MemoryPlan, parse_memory
 from cfmodules.influence.result import InfluenceResult
 
 __all__ = [
@@ -23,5 +23,6 @@ __all__ = [
     "InfluenceSettings",
     "InfluenceProgress",
     "ALGORITHMS",
-    "DEFAULT_MAX_BATCH_BYTES",
+    "MemoryPlan",
+    "parse_memory",
 ]

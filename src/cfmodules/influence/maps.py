@@ -12,8 +12,10 @@ how pairs are batched.
 The computation runs in blocks of pairs. For each block the generator's prefix runs once
 on Original 1 and Original 2; then units and pairs are put together on the batch axis
 (row ``u * P + p`` is unit ``u`` with pair ``p``) and only the suffix runs, in chunks that
-fit ``max_batch_bytes``. When the layer feeds only a linear module (Conv, ConvTranspose,
-Linear, maybe followed by an eval-mode BatchNorm), the hybrid is started after that
+fit ``max_memory`` (planned from the layers' shapes, :mod:`cfmodules.influence.memory`;
+after an out-of-memory error the batch is halved and the run goes on). When the layer
+feeds only a linear module (Conv, ConvTranspose, Linear, maybe followed by an eval-mode
+BatchNorm), the hybrid is started after that
 module from the original pre-activation plus the single channel's contribution (see
 :mod:`cfmodules.engine.linear`). Running means and variances are merged per block in
 float64, so only ``O(units x pixels)`` memory is kept, and a checkpoint after any block
@@ -51,6 +53,7 @@ from cfmodules.engine import (
 from cfmodules.errors import CheckpointError, ConfigError, GeneratorOutputError, did_you_mean
 from cfmodules.hooks import resolve_layer
 from cfmodules.hybrid import module_channels
+from cfmodules.influence import memory
 from cfmodules.influence.checkpoint import load_checkpoint, save_checkpoint
 from cfmodules.influence.identity import adapter_fingerprints, model_fingerprint
 from cfmodules.influence.interrupt import save_on_signals
@@ -60,15 +63,7 @@ from cfmodules.names import unit_name
 from cfmodules.samplers import is_diffusion, plan_window_swaps, windowed
 
 __all__ = ["InfluenceSettings", "InfluenceProgress", "influence_maps", "module_influence_maps",
-           "ALGORITHMS", "DEFAULT_MAX_BATCH_BYTES"]
-
-DEFAULT_MAX_BATCH_BYTES = {"cpu": 256 * 2**20, "cuda": 1024 * 2**20}
-"""Default memory budget of one batch of hybrids per device type (other devices: CPU's).
-
-Large batches mean few operations per hybrid (each operation on a shared, loaded machine
-may wait for a thread); the large intermediates of the linear shortcut live in reused
-buffers, and on CPU the hybrids at the cut are kept under 32 MiB and the generator's own
-layers after the cut under 16 MiB a batch."""
+           "ALGORITHMS"]
 
 _FRESH_TENSOR_BYTES = 16 * 2**20
 _HYBRID_BATCH_BYTES = 32 * 2**20
@@ -180,6 +175,9 @@ class _Runner:
         self.options: dict[str, Swaps] = {swaps.path: swaps}
         self.ys: dict[str, torch.Tensor] = {}
         self.choice: BatchChoice | None = None
+        self.rows_cap: int | None = None  # hybrids per call after an out-of-memory error
+        self.prefix_pairs = 1  # pairs whose prefix runs together (set by the memory plan)
+        self.warned_oom = False
 
     @property
     def key(self) -> str:
@@ -269,18 +267,17 @@ def _numel(shape: tuple[int, ...] | None) -> int:
     return n
 
 
-def _max_rows(adapter: GeneratorAdapter, runners: list[tuple[_Runner, list[int]]],
-              budget: int, itemsize: int) -> int:
-    """Hybrids per batch: the memory budget over four copies of the largest layer output.
+def _speed_rows(adapter: GeneratorAdapter, runners: list[tuple[_Runner, list[int]]],
+                itemsize: int, most: int) -> int:
+    """Hybrids per call wanted for speed (the memory plan may allow fewer); at most ``most``.
 
-    On CPU also at most :data:`_FRESH_TENSOR_BYTES` for any new tensor the suffix's
-    modules allocate (larger ones come fresh from the operating system each time, and
-    page faults then dominate), and at most :data:`_HYBRID_BATCH_BYTES` for the hybrid
-    activations at the cut.
+    On CPU at most :data:`_FRESH_TENSOR_BYTES` for any new tensor the suffix's modules
+    allocate (larger ones come fresh from the operating system each time, and page faults
+    then dominate), and at most :data:`_HYBRID_BATCH_BYTES` for the hybrid activations at
+    the cut. Elsewhere (CUDA) as many as memory allows.
     """
     shapes = {i.name: i.shape for i in adapter.layers_cached()}
-    largest = max([_numel(s) for s in shapes.values()] + [1])
-    rows = max(1, budget // (4 * largest * itemsize))
+    rows = max(1, most)
     if adapter.device.type == "cpu":
         for runner, _ in runners:
             layers = runner.swaps.suffix_layers
@@ -296,7 +293,7 @@ def _max_rows(adapter: GeneratorAdapter, runners: list[tuple[_Runner, list[int]]
 
 # ---------------------------------------------------------------------- main loop
 def _run(adapter: GeneratorAdapter, units: list[_Unit], layer: str | None, *,
-         settings: InfluenceSettings, max_batch_bytes: int | None, progress: bool,
+         settings: InfluenceSettings, max_memory: int | str | None, progress: bool,
          checkpoint: str | os.PathLike | None, checkpoint_every: float,
          callback: Callable[[InfluenceProgress], Any] | None,
          assume_same: bool, step_window: Any = None) -> InfluenceResult:
@@ -308,12 +305,19 @@ def _run(adapter: GeneratorAdapter, units: list[_Unit], layer: str | None, *,
             f"dtype={settings.dtype} is for CUDA devices (autocast); on "
             f"{adapter.device.type} use the default float32."
         )
-    budget = (DEFAULT_MAX_BATCH_BYTES.get(adapter.device.type, DEFAULT_MAX_BATCH_BYTES["cpu"])
-              if max_batch_bytes is None else max_batch_bytes)
-    budget = checks.positive_int(budget, "max_batch_bytes")
+    budget = memory.parse_memory(max_memory)
     checks.real(checkpoint_every, "checkpoint_every", low=0, meaning="seconds")
     runners = _runners(adapter, units, settings.algorithm)
-    max_rows = _max_rows(adapter, runners, budget, torch.finfo(dtype).bits // 8)
+    itemsize = torch.finfo(dtype).bits // 8
+    plan = memory.plan_memory(
+        adapter, [r.swaps for r, _ in runners], len(units),
+        adapter.image_shape(), settings.pairs_per_block, itemsize,
+        memory.default_memory(adapter.device) if budget is None else budget,
+        _speed_rows(adapter, runners, itemsize, len(units) * settings.pairs_per_block),
+        strict=budget is not None)
+    max_rows = plan.rows
+    for runner, _ in runners:
+        runner.prefix_pairs = plan.pairs
     autocast = (torch.autocast("cuda", dtype=dtype) if dtype != torch.float32
                 else nullcontext())
     n_units = len(units)
@@ -376,27 +380,15 @@ def _run(adapter: GeneratorAdapter, units: list[_Unit], layer: str | None, *,
                             and max_stderr(n_done, stats) <= settings.target_stderr):
                         break
                     n_p = min(settings.pairs_per_block, settings.n_pairs - n_done)
-                    z1, z2 = L.pair_latents(adapter, n_p, settings.seed, n_done)
                     block = BlockSums(n_units)
-                    for runner, rows in runners:
-                        def add(us: slice, d: torch.Tensor, rows: list[int] = rows,
-                                block: BlockSums = block) -> None:
-                            block.add(_index(rows, us), *_sums(d))
-                            if bar is not None:
-                                bar.update(d.shape[0] * d.shape[1])
-
-                        start = 0
-                        if runner.choice is None:  # the first block chooses the batch shape
-                            start = _choose_batch(adapter, runner, z1, z2, n_done, max_rows,
-                                                  settings.algorithm, add)
-                        else:
-                            runner.begin_block(z1, z2, n_done)
-                        shape = (runner.choice.shape if runner.choice.timed
-                                 else default_shape(n_p, max_rows, runner.swaps.path))
-                        for us, ps in _chunks(len(rows), n_p, shape, start):
-                            add(us, runner.diffs(us, ps))
-                        if not block.is_finite(_index(rows, slice(None))):
-                            _find_non_finite(runner, _chunks(len(rows), n_p, shape, 0), n_done)
+                    # the memory plan may run a block's prefix in parts of plan.pairs pairs
+                    for runner, rows in runners:  # the prefix in parts (memory plan, OOM)
+                        def part(first: int, n_s: int, runner: _Runner = runner,
+                                 rows: list[int] = rows, block: BlockSums = block) -> None:
+                            z1, z2 = L.pair_latents(adapter, n_s, settings.seed, first)
+                            _run_part(adapter, runner, rows, block, z1, z2, first, max_rows,
+                                      settings.algorithm, bar)
+                        memory.run_parts(runner, n_done, n_p, part, adapter.device)
                     if stats is None:
                         merged = RunningStats(n_units, block.shape, adapter.device)
                     elif tuple(stats.mean.shape[1:]) != block.shape:
@@ -440,8 +432,33 @@ def _run(adapter: GeneratorAdapter, units: list[_Unit], layer: str | None, *,
             r.swaps.layer: r.swaps.cut for r, _ in runners if r.swaps.path == "linear shortcut"},
             "paths": _paths(runners, units),
             **({"sampler": sampler} if sampler is not None else {}),
-            "batch": {r.key: r.choice.to_dict() for r, _ in runners if r.choice is not None}},
+            "batch": {r.key: r.choice.to_dict() for r, _ in runners if r.choice is not None},
+            "memory": {**plan.to_dict(), "rows_after_out_of_memory": {
+                r.key: r.rows_cap for r, _ in runners if r.rows_cap is not None}}},
     )
+
+
+def _run_part(adapter: GeneratorAdapter, runner: _Runner, rows: list[int], block: BlockSums,
+              z1: L.Latent, z2: L.Latent, first_pair: int, max_rows: int, algorithm: str,
+              bar: Any) -> None:
+    """Add the sums of ``runner``'s hybrids for pairs ``z1, z2`` (a block or part of one)."""
+    n_p = L.batch_size(z1)
+
+    def add(us: slice, d: torch.Tensor) -> None:
+        block.add(_index(rows, us), *_sums(d))
+        if bar is not None:
+            bar.update(d.shape[0] * d.shape[1])
+
+    start = 0
+    if runner.choice is None:  # the first block chooses the batch shape
+        start = _choose_batch(adapter, runner, z1, z2, first_pair, max_rows, algorithm, add)
+    else:
+        memory.begin_block(runner, z1, z2, first_pair)
+    shape = memory.capped(runner.choice.shape if runner.choice.timed
+                          else default_shape(n_p, max_rows, runner.swaps.path), runner.rows_cap)
+    memory.run_chunks(runner, _chunks(len(rows), n_p, shape, start), shape, add, adapter.device)
+    if not block.is_finite(_index(rows, slice(None))):
+        _find_non_finite(runner, _chunks(len(rows), n_p, shape, 0), first_pair)
 
 
 def _chunks(n_units: int, n_pairs: int, shape: BatchShape, start: int
@@ -467,7 +484,7 @@ def _choose_batch(adapter: GeneratorAdapter, runner: _Runner, z1: L.Latent, z2: 
     engine = engine_of(adapter)
     why = engine.batch_dependent_ops()
     if why is None:
-        runner.begin_block(z1, z2, first_pair)
+        memory.begin_block(runner, z1, z2, first_pair)
         runner.choice = BatchChoice(default_shape(n_p, max_rows, path),
                                     "set by the memory budget (no operation of the forward "
                                     "grows with the batch)")
@@ -477,7 +494,7 @@ def _choose_batch(adapter: GeneratorAdapter, runner: _Runner, z1: L.Latent, z2: 
     if algorithm == "auto" and path != "hook":
         runner.options["hook"] = HookSwaps(adapter, runner.swaps.groups)
         naive = "hook"
-    runner.begin_block(z1, z2, first_pair, paths=list(runner.options))
+    memory.begin_block(runner, z1, z2, first_pair, paths=list(runner.options))
 
     def run(shape: BatchShape, us: slice, ps: slice) -> None:
         add(us, runner.diffs(us, ps, shape.path))
@@ -551,7 +568,7 @@ def influence_maps(
     target_stderr: float | None = None,
     algorithm: str = "auto",
     dtype: torch.dtype | str | None = None,
-    max_batch_bytes: int | None = None,
+    max_memory: int | str | None = None,
     progress: bool = True,
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: float = 60.0,
@@ -587,12 +604,18 @@ def influence_maps(
     dtype : torch.dtype or str, optional
         float32 (default); bfloat16 / float16 run the generator under CUDA autocast
         (CUDA only, statistics stay float64).
-    max_batch_bytes : int, optional
-        Memory budget of one batch of hybrids (default 256 MiB on CPU, 1 GiB on CUDA),
-        estimated as four copies of the generator's largest layer output per hybrid. On
-        CPU a batch is also kept small enough that its hybrids at the cut fit in 32 MiB
-        (the passes over them then hit the cache) and that no layer after the cut
-        allocates more than 16 MiB at once (fresh large blocks cost page faults).
+    max_memory : int or str, optional
+        Bound on the peak memory the run adds beyond the generator's weights (CPU: the
+        process's resident memory; CUDA: ``max_memory_allocated``), in bytes or as
+        ``"2GB"``, ``"512MB"``, ``"1.5GiB"``. Default: half of the memory available on
+        the device when the run starts (a run that does not fit it is not refused). The
+        statistics, the pairs whose prefix runs together and the hybrids per call are
+        planned from the layers' shapes (:mod:`cfmodules.influence.memory`); too small a
+        budget raises MemoryBudgetError saying what one hybrid needs. On CPU a call is
+        also kept small enough for speed (its hybrids at the cut within 32 MiB, no layer
+        after the cut allocating more than 16 MiB at once). After an out-of-memory error
+        the batch is halved and the run goes on, warned once. Changes the maps only by
+        float rounding.
     progress : bool, default True
         Show a tqdm progress bar (counted in hybrids).
     checkpoint : path, optional
@@ -647,7 +670,7 @@ def module_influence_maps(
         for two successive layers, ``{"main.5": [3], "main.8": [0, 5]}``. All channels of
         a module are swapped together (each layer takes Original 2's unintervened values,
         as in :func:`cfmodules.hybridize`).
-    n_pairs, seed, pairs_per_block, target_stderr, algorithm, dtype, max_batch_bytes, progress, checkpoint, checkpoint_every, callback, assume_same, step_window
+    n_pairs, seed, pairs_per_block, target_stderr, algorithm, dtype, max_memory, progress, checkpoint, checkpoint_every, callback, assume_same, step_window
         The keyword-only arguments of :func:`influence_maps`, with the same defaults and
         checks (one list, shared). Single-layer modules use the prefix/suffix split (and
         the linear shortcut); multi-layer modules one full forward per module.
