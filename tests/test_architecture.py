@@ -25,10 +25,11 @@ LAYERS: list[tuple[str, set[str]]] = [
                     "display", "images"}),  # notebook display and image grids
     ("latents and hooks", {"latents", "hooks", "noise", "channels", "layers"}),
     ("adapter", {"adapter"}),
-    ("engine", {"engine"}),
+    ("engine", {"engine", "samplers"}),  # samplers: sampling chains, window swaps
     ("modules, hybrids, ground truth", {"modules", "hybrid", "synthetic", "module_file"}),
     ("influence", {"influence"}),
-    ("analysis, evaluation, zoo", {"analysis", "evaluation", "zoo", "scan", "monitor"}),
+    ("analysis, evaluation, zoo", {"analysis", "evaluation", "zoo", "scan", "monitor",
+                                   "window_analysis"}),
     ("faces", {"models", "plots", "report", "cli", "explorer", "__main__",
                "evaluation.plots"}),
 ]

@@ -39,6 +39,7 @@ from cfmodules.influence.memory import parse_memory
 from cfmodules.modules.settings import STABILITY_N_INIT, ClusteringSettings
 from cfmodules.names import module_name, unit_name
 from cfmodules.results import Result
+from cfmodules.samplers import is_diffusion, windowed
 
 __all__ = [
     "AnalysisSettings",
@@ -61,7 +62,8 @@ KIND = "analysis"
 AUTO = "auto"
 """``analyze(adapter, AUTO)``: let the scan choose the layer and K."""
 
-DEFAULT_LAYERS = {"dcgan-faces": "main.8", "unet": "up_blocks.1"}
+DEFAULT_LAYERS = {"dcgan-faces": "main.8", "unet": "up_blocks.1",
+                  "ddpm-faces": "up_blocks.2.resnets.0"}
 """Layer analysed by default, per zoo model (the paper intervenes on an intermediate layer)."""
 
 
@@ -196,6 +198,9 @@ class AnalysisResult(Result):
         ISO date and time of the run.
     scan : ScanResult or None
         The scan that chose the layer and K (``analyze(adapter, "auto")``), else None.
+    sampler : dict
+        A diffusion model's sampler settings (scheduler, steps, timesteps, eta) and
+        ``window``, the steps at which every swap happened; empty for other generators.
     """
 
     kind: ClassVar[str] = KIND
@@ -230,6 +235,8 @@ class AnalysisResult(Result):
     created: str = ""
     # how the layer was chosen (analyze(layers="auto"))
     scan: Any | None = field(default=None, metadata={"from_dict": _scan_from_dict})
+    # a diffusion model's sampler and window (empty for a one-forward generator)
+    sampler: dict[str, Any] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ derived
     @property
@@ -269,6 +276,15 @@ class AnalysisResult(Result):
     def locations(self) -> list[str]:
         """Where each module's template lies in the image (see :func:`template_location`)."""
         return [template_location(t) for t in self.templates]
+
+    @property
+    def window_name(self) -> str:
+        """The window of a diffusion analysis (``"late"``, ``"steps 3-5"``...), else ``""``."""
+        if not self.sampler:
+            return ""
+        from cfmodules.samplers import window_label
+
+        return window_label(self.sampler["window"], int(self.sampler["n_steps"]))
 
     @property
     def module_names(self) -> list[str]:
@@ -327,6 +343,9 @@ class AnalysisResult(Result):
         infl = self.module_influence
         for k, (name, size) in enumerate(zip(self.module_names, self.module_sizes)):
             lines.append(f"  {name:<28} {int(size):>4} channels  influence {infl[k]:.4f}")
+        if self.sampler:
+            lines.append(f"  sampler {self.sampler.get('scheduler', 'own step')}, "
+                         f"{self.sampler.get('n_steps')} steps; window: {self.window_name}")
         if self.stability is not None:
             lines.append(f"  stability sweep K={[int(k) for k in self.stability.ks]}: "
                          f"suggested K={self.suggested_k()}")
@@ -647,6 +666,7 @@ def analyze(
     assume_same: bool = False,
     n_jobs: int | None = None,
     max_memory: int | str | None = None,
+    step_window: Any = None,
     **overrides: Any,
 ) -> AnalysisResult | None:
     """Run the whole analysis of sec. 3-4 of Besserve et al. (2020) on one or two layers.
@@ -692,6 +712,9 @@ def analyze(
         Bound on the memory the influence computations add, in bytes or as ``"2GB"``
         (see :func:`cfmodules.influence.influence_maps`); default half of the available memory.
         The numbers depend on it only by float rounding.
+    step_window : "all", "early", "middle", "late" or list of int, optional
+        Diffusion models: the sampling steps at which every swap happens (default: the
+        adapter's window; not ``window``, the maps' smoothing), kept in ``result.sampler``.
 
     Returns
     -------
@@ -710,6 +733,7 @@ def analyze(
                           "wrap your generator with cfmodules.GeneratorAdapter(generator, "
                           "latent_shape).")
     s = _settings(settings, overrides)
+    adapter = windowed(adapter, step_window)
     from cfmodules.modules.fits import check_jobs
 
     jobs = check_jobs(n_jobs)
@@ -778,7 +802,8 @@ def analyze(
         module_maps=maps_of_modules, stability=stability, samples=samples,
         mean_image=mean_image, original1=original1, original2=original2, hybrids=hybrids,
         timings=steps.timings, model_options=dict(model_options or {}), version=_version(),
-        created=created, scan=scan)
+        created=created, scan=scan,
+        sampler=adapter.identity() if is_diffusion(adapter) else {})  # type: ignore[attr-defined]
 
 
 def _version() -> str:

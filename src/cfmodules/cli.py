@@ -111,7 +111,8 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         raise ConfigError(f"--stability-methods takes nmf, kmeans or nmf,kmeans; got "
                           f"{args.stability_methods!r}.")
     settings = AnalysisSettings(
-        n_pairs=args.pairs, n_modules=args.k or 3, stability_ks=ks, stability_methods=methods,
+        n_pairs=64 if args.pairs is None else args.pairs, n_modules=args.k or 3, stability_ks=ks,
+        stability_methods=methods,
         stability_repeats=args.stability_repeats, n_samples=args.samples,
         n_hybrids=args.hybrids, stability_pool=args.stability_pool, **_clustering(args))
     # --layer main.5,main.8 and --layer main.5 --layer main.8 are the same; auto: the scan
@@ -129,6 +130,14 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 
     if layers and not auto:  # a typo fails before the output folder is made
         resolve_layers(adapter.generator, layers)
+    windows = _windows(args.step_window, adapter)
+    if windows is not None and args.scorecard:
+        raise ConfigError("--scorecard does not handle diffusion models (window hybrids) yet; "
+                          "leave it out, or score a one-forward generator.")
+    if windows is not None and args.pairs is None:  # each hybrid is a chain of steps
+        import dataclasses
+
+        settings = dataclasses.replace(settings, n_pairs=DIFFUSION_PAIRS)
 
     if init_from_env(adapter.device):  # under torchrun: each rank takes a shard of channels
         local = os.environ.get("LOCAL_RANK")
@@ -141,8 +150,12 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         for f in ckpt.glob("eim_*.npz"):
             f.unlink(missing_ok=True)  # under torchrun every rank clears
     t0 = time.perf_counter()
+    if windows is not None and len(windows) > 1:
+        return _analyze_windows(args, adapter, "auto" if auto else (layers or None), settings,
+                                windows, out, ckpt, t0)
     try:
         result = analyze(adapter, "auto" if auto else (layers or None), settings,
+                         step_window=windows[0] if windows else None,
                          checkpoint_dir=ckpt, progress=not args.quiet,
                          model_spec=_portable_spec(args.model),
                          model_options={"latent_shape": args.latent_shape}
@@ -189,6 +202,66 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
               file=sys.stderr)
     print(f"Report:  {out / 'report.html'}")
     print(f"Results: {results_path}")
+    return 0
+
+
+DIFFUSION_PAIRS = 16
+"""``cfmodules analyze``'s default pairs for a diffusion model (64 for other generators)."""
+
+
+def _windows(text: str | None, adapter: Any) -> list[Any] | None:
+    """``--step-window``: None (one-forward model), or the windows of a diffusion model."""
+    from cfmodules.samplers import WINDOWS, is_diffusion, window_steps
+
+    if not is_diffusion(adapter):
+        if text is not None:
+            raise ConfigError(f"--step-window is for diffusion models; {adapter.name} runs in "
+                              "one forward. Leave --step-window out.")
+        return None
+    if text is None:
+        return list(WINDOWS[1:])
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if parts and all(p.isdigit() for p in parts):
+        steps = [int(p) for p in parts]
+        window_steps(steps, adapter.n_steps)  # a step outside the schedule fails now
+        return [steps]
+    bad = [p for p in parts if p not in WINDOWS]
+    if not parts or bad:
+        raise ConfigError(f"--step-window takes window names ({', '.join(WINDOWS)}), separated by "
+                          f"commas, or step indices such as 0,1,2; got {text!r}.")
+    return parts
+
+
+def _analyze_windows(args: argparse.Namespace, adapter: Any, layers: Any, settings: Any,
+                     windows: list[Any], out: Path, ckpt: Path, t0: float) -> int:
+    """``cfmodules analyze`` of a diffusion model: one analysis per window, side by side."""
+    from cfmodules.report import write_report, write_window_report
+    from cfmodules.results import folder_update
+    from cfmodules.window_analysis import analyze_windows
+
+    results = analyze_windows(adapter, layers, settings, windows=windows, checkpoint_dir=ckpt,
+                              progress=not args.quiet, model_spec=_portable_spec(args.model),
+                              assume_same=args.assume_same, n_jobs=args.jobs,
+                              max_memory=args.max_memory)
+    command = " ".join(shlex.quote(a) for a in [PROG, *args.argv])
+    links = {}
+    for name, result in results.items():
+        folder = f"window-{name.replace(' ', '_')}"
+        with folder_update(out / folder) as stage:
+            result.save(stage / "results.npz")
+            write_report(result, stage, command=command, files={
+                "results.npz": "this window's maps, labels, templates, hybrids "
+                               "(cfmodules.analysis.AnalysisResult.load)",
+                "manifest.json": "the files of this report and their SHA-256, written last"})
+        links[name] = f"{folder}/report.html"
+        if not args.quiet:
+            print(repr(result), file=sys.stderr)
+    path = write_window_report(results, out, links=links, command=command)
+    if not args.quiet:
+        print(f"total {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    print(f"Report:  {path}")
+    for name, link in links.items():
+        print(f"Results ({name}): {out / link.replace('report.html', 'results.npz')}")
     return 0
 
 
@@ -406,8 +479,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "main.8 for dcgan-faces); two layers (main.5,main.8 or --layer twice) "
                         "are clustered together; auto: `cfmodules scan` chooses the layer "
                         "and K")
-    a.add_argument("--pairs", type=int, default=64, metavar="N",
-                   help="latent pairs per influence map (default 64)")
+    a.add_argument("--pairs", type=int, default=None, metavar="N",
+                   help=f"latent pairs per influence map (default 64; {DIFFUSION_PAIRS} for a "
+                        "diffusion model, whose every hybrid is a chain of steps)")
     a.add_argument("--k", type=int, default=None, metavar="K",
                    help="number of modules K (default 3; with --layer auto, the scan's)")
     a.add_argument("--out", default="cfmodules-report", metavar="DIR",
@@ -435,6 +509,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--assume-same", action="store_true",
                    help="resume checkpoints in --out even where cfmodules cannot verify that "
                         "they were made by the same code (you state that they were)")
+    a.add_argument("--step-window", default=None, metavar="WINDOWS",
+                   help="diffusion models: the steps at which channels are swapped: windows "
+                        "early,middle,late (default: the three, side by side), all, one of "
+                        "them, or one window of step indices such as 0,1,2")
     a.add_argument("--scorecard", action="store_true",
                    help="also score each module against random channel groups (about 10-30 s "
                         "more on 2 cores; see cfmodules score) and add it to the report")

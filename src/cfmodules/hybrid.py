@@ -82,6 +82,9 @@ def hybridize(
     Tensor (N, C, H, W)
         The hybrids, on the adapter's device. With no channel in the module they equal
         Original 1; with every channel of a layer they equal Original 2 downstream of it.
+        For a :class:`~cfmodules.samplers.DiffusionAdapter` the module's channels take
+        Original 2's values at every step of the adapter's window
+        (:mod:`cfmodules.samplers.window`; ``adapter.with_window("late")``).
     """
     z1 = adapter.as_latent(z1, "latent z1")
     z2 = adapter.as_latent(z2, "latent z2")
@@ -102,6 +105,10 @@ def hybridize(
 def _hybrid_batch(
     adapter: GeneratorAdapter, z1: L.Latent, z2: L.Latent, channels: dict[str, torch.Tensor]
 ) -> torch.Tensor:
+    from cfmodules.samplers import is_diffusion, window_hybrids
+
+    if is_diffusion(adapter):  # a sampling chain: the swap at every step of its window
+        return window_hybrids(adapter, z1, z2, channels)  # type: ignore[arg-type]
     if len(channels) == 1:
         (layer, idx), = channels.items()
         cut = split(adapter, layer)

@@ -27,7 +27,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from cfmodules.analysis import AnalysisResult
 
-__all__ = ["make_figures", "figure_recipes", "render_html", "write_report", "FIGURES"]
+__all__ = ["make_figures", "figure_recipes", "render_html", "write_report", "FIGURES",
+           "render_window_html", "write_window_report"]
 
 FIGURES = {
     "templates": "Modules at a glance: the template of each module, alone and over the mean "
@@ -210,6 +211,8 @@ def render_html(result: AnalysisResult, pngs: Mapping[str, bytes], *,
         f", K={k}) groups the channels into <em>modules</em>; swapping a whole module gives "
         f"a <em>hybrid</em>. The name of each module says where its template lies in the "
         f"image.</p>")
+    if result.sampler:
+        out.append(f"<p class='lead'>{_sampler_sentence(result)}</p>")
     # module table
     infl = result.module_influence
     rows = []
@@ -294,6 +297,8 @@ def render_html(result: AnalysisResult, pngs: Mapping[str, bytes], *,
 
     out.append("<h2>Settings</h2>")
     settings = [(key, str(v)) for key, v in s.to_dict().items()]
+    settings += [(f"sampler {key}", str(v)) for key, v in result.sampler.items()
+                 if key != "config"]
     out.append("<table>" + _rows([("model", result.model), ("model spec", result.model_spec),
                                   ("layers", ", ".join(result.layers))] + settings) + "</table>")
     if command:
@@ -310,6 +315,103 @@ def render_html(result: AnalysisResult, pngs: Mapping[str, bytes], *,
                "<em>Counterfactuals uncover the modular structure of deep generative "
                "models</em>, ICLR 2020.</p></body></html>")
     return "\n".join(x for x in out if x)
+
+
+def _sampler_sentence(result: AnalysisResult) -> str:
+    """What a diffusion analysis swapped, in one sentence (HTML-escaped)."""
+    sp = result.sampler
+    steps, n = list(sp["window"]), int(sp["n_steps"])
+    ts = sp.get("timesteps")
+    when = (f" (timesteps {ts[steps[0]]} to {ts[steps[-1]]})" if ts else "")
+    return html.escape(
+        f"A diffusion model: each hybrid is Original 1's sampling chain ({sp.get('scheduler', 'own step')}, "
+        f"{n} steps) in which, at each of the steps {result.window_name} = {steps}{when}, the "
+        f"swapped channels take the values they have at that step of Original 2's own "
+        f"chain; the other steps run as usual. Step 0 is the first, noisiest step.")
+
+
+def render_window_html(results: Mapping[str, AnalysisResult], pngs: Mapping[str, bytes], *,
+                       links: Mapping[str, str] | None = None, command: str | None = None
+                       ) -> str:
+    """The side-by-side page of a diffusion model's analyses, one column per window.
+
+    Parameters
+    ----------
+    results : dict window name -> AnalysisResult
+        E.g. :func:`cfmodules.analysis.analyze_windows`.
+    pngs : dict ``"<window>/templates"`` and ``"<window>/hybrids"`` -> PNG bytes
+    links : dict window name -> relative path of that window's full report, optional
+    command : str, optional
+    """
+    e = html.escape
+    first = next(iter(results.values()))
+    title = (f"cfmodules report: {first.model}, layer {' + '.join(first.layers)}, modules per "
+             "window of sampling steps")
+    out = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{e(title)}"
+           f"</title><style>{_CSS}body{{max-width:1500px}}.cols{{display:grid;"
+           f"grid-template-columns:repeat({len(results)},1fr);gap:18px}}</style></head><body>",
+           f"<h1>{e(title)}</h1>",
+           "<p class='lead'>The same layer, the same pairs and settings; only the steps at "
+           "which the channels are swapped differ. At every step of a window, the hybrid's "
+           "channels take the values they have at that step of Original 2's own chain; "
+           "before the window the hybrid is Original 1, after it the chain runs on from "
+           "the hybrid's own state. Modules found early in the chain shape the layout; "
+           "late ones, detail. See docs/diffusion.md.</p>", "<div class='cols'>"]
+    for name, res in results.items():
+        sp = res.sampler
+        steps = list(sp.get("window", []))
+        ts = sp.get("timesteps")
+        col = [f"<div><h2>{e(name)}</h2><p class='note'>steps {e(str(steps))}"
+               + (f", timesteps {ts[steps[0]]}..{ts[steps[-1]]}" if ts and steps else "")
+               + "</p>"]
+        rows = "".join(
+            f"<tr><td><span class='sw' style='background:{plots.module_color(j)}'></span>"
+            f"{e(mname)}</td><td class='num'>{int(size)}</td><td class='num'>{infl:.4f}</td></tr>"
+            for j, (mname, size, infl) in enumerate(zip(res.module_names, res.module_sizes,
+                                                        res.module_influence)))
+        col.append("<table><tr><th>module</th><th>channels</th><th>influence</th></tr>"
+                   f"{rows}</table>")
+        col.append(_figure(pngs, f"{name}/templates", "Templates of the modules"))
+        col.append(_figure(pngs, f"{name}/hybrids", "Original 1, Original 2, and the "
+                           "hybrid of each module (new pairs)"))
+        if links and name in links:
+            col.append(f"<p><a href='{e(links[name])}'>Full report of this window</a></p>")
+        out.append("\n".join(col) + "</div>")
+    out.append("</div>")
+    out.append("<h2>Settings</h2><table>" + _rows(
+        [("model", first.model), ("layers", ", ".join(first.layers))]
+        + [(key, str(v)) for key, v in first.settings.to_dict().items()]
+        + [(f"sampler {key}", str(v)) for key, v in first.sampler.items()
+           if key not in ("config", "window")]) + "</table>")
+    if command:
+        out.append(f"<p>Command:</p><pre>{e(command)}</pre>")
+    out.append("</body></html>")
+    return "\n".join(x for x in out if x)
+
+
+def write_window_report(results: Mapping[str, AnalysisResult], out_dir: str | os.PathLike, *,
+                        links: Mapping[str, str] | None = None, command: str | None = None,
+                        dpi: int = 100) -> Path:
+    """Write ``report.html`` (windows side by side) and ``window_<name>_<figure>.png``.
+
+    Returns
+    -------
+    Path
+        The report's path.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pngs: dict[str, bytes] = {}
+    for name, res in results.items():
+        recipes = figure_recipes(res)
+        for fig in ("templates", "hybrids"):
+            fn, args, kwargs = recipes[fig]
+            png = plots.figure_to_png(fn(*args, **kwargs), dpi)
+            pngs[f"{name}/{fig}"] = png
+            atomic_write(out / f"window_{name.replace(' ', '_')}_{fig}.png", png)
+    path = out / "report.html"
+    atomic_write(path, render_window_html(results, pngs, links=links, command=command).encode())
+    return path
 
 
 def _versions(result: AnalysisResult) -> list[tuple[str, str]]:

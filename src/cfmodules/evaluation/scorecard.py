@@ -445,6 +445,11 @@ def scorecard(
         null_rows.append(np.arange(first_null[sig], first_null[sig] + n_null))
     n_groups = len(groups)
 
+    from cfmodules.samplers import is_diffusion
+
+    if is_diffusion(adapter):  # plan_swaps would hook a layer that runs at every step
+        raise ConfigError("The scorecard does not handle diffusion models (window hybrids, "
+                          "cfmodules.samplers) yet; score a one-forward generator.")
     planned = plan_swaps(adapter, groups, algorithm, what="scorecard")
     z1_all, z2_all = L.pair_latents(adapter, n_pairs, seed, start)
     if faces:  # the parts of the faces whose hybrids are measured

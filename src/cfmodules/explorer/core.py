@@ -31,6 +31,7 @@ import torch
 
 from cfmodules import checks
 from cfmodules.errors import ChannelError, ConfigError, LayerNotFoundError, ShapeError, did_you_mean
+from cfmodules.samplers import is_diffusion
 
 __all__ = ["Explorer", "MAX_REGION_FRACTION", "MAX_START"]
 
@@ -56,6 +57,30 @@ def _torch_threads(n: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(old)
+
+
+def _with_window(result: Any, adapter: Any) -> Any:
+    """A diffusion model set to the window of the result's analysis (else ``adapter``).
+
+    Raises ConfigError when the model's sampler is not the one the analysis ran with.
+    """
+    sampler = dict(getattr(result, "sampler", None) or {})
+    if not is_diffusion(adapter):
+        if sampler:
+            raise ConfigError("The result is an analysis of a diffusion model, but the model "
+                              f"given ({adapter.name}) is not one; load the model analysed.")
+        return adapter
+    if not sampler:
+        raise ConfigError(f"{adapter.name} is a diffusion model, but the result has no "
+                          "sampler settings (it was made with a one-forward generator).")
+    own = adapter.identity()
+    differs = [k for k in ("scheduler", "n_steps", "timesteps", "eta", "stochastic")
+               if k in sampler and sampler[k] != own.get(k)]
+    if differs:
+        raise ConfigError(f"The model's sampler differs from the analysis's in {differs}; "
+                          f"load it with the settings of the analysis ({sampler.get('scheduler')},"
+                          f" {sampler.get('n_steps')} steps, eta {sampler.get('eta')}).")
+    return adapter.with_window(sampler["window"])
 
 
 class Explorer:
@@ -86,6 +111,7 @@ class Explorer:
         from cfmodules.modules import preprocess
 
         n_pairs = checks.integer(n_pairs, "n_pairs", low=1, high=65)
+        adapter = _with_window(result, adapter)
         self.threads = None if threads is None else checks.positive_int(threads, "threads")
         self.result, self.adapter, self.n_pairs = result, adapter, n_pairs
         # default: the stream after the analysis's, so the pairs are new samples
@@ -268,7 +294,7 @@ class Explorer:
             e = self._pairs(start)
             if not sel:
                 return e["original1"]
-            if len(sel) > 1:
+            if len(sel) > 1 or is_diffusion(self.adapter):  # window hybrids: hybridize
                 from cfmodules.hybrid import hybridize
 
                 return self._display(hybridize(self.adapter, e["z1"], e["z2"], sel))
@@ -282,7 +308,7 @@ class Explorer:
             act[:, idx] = donor[:, idx]
             return self._display(split.suffix(state, act, owned=False))
 
-    def _split(self, layer: str) -> Any:
+    def _split(self, layer: str) -> Any:  # one-forward generators only
         from cfmodules.engine.fast import FastSplit
 
         if layer not in self._splits:

@@ -303,6 +303,9 @@ def adapter_fingerprints(adapter: Any) -> dict[str, Any]:
         "adapter_class": (_subclasses(type(adapter), GeneratorAdapter),
                           f"the methods of {type(adapter).__qualname__}"),
     }
+    step = getattr(adapter, "step", None)  # a DiffusionAdapter's own step function
+    if callable(step) and not hasattr(step, "settings"):  # diffusers' steps: by settings
+        parts["sampler_step"] = (step, "the diffusion sampler's step function")
     out: dict[str, Any] = {}
     for key, (value, what) in parts.items():
         try:

