@@ -172,6 +172,23 @@ def _scorecard_html(card: Any, pngs: Mapping[str, bytes]) -> list[str]:
     return out
 
 
+def _module_table(result: AnalysisResult, per_layer: bool = True) -> str:
+    """The table of modules: colour and name, channels, (channels per layer,) influence."""
+    e = html.escape
+    infl = result.module_influence
+    rows = []
+    for j, (name, size) in enumerate(zip(result.module_names, result.module_sizes)):
+        layers = ", ".join(f"{la}: {len(ch)}" for la, ch in result.modules[j].items())
+        rows.append(
+            f"<tr><td><span class='sw' style='background:{plots.module_color(j)}'></span>"
+            f"{e(name)}</td><td class='num'>{int(size)}</td>"
+            + (f"<td>{e(layers)}</td>" if per_layer else "")
+            + f"<td class='num'>{infl[j]:.4f}</td></tr>")
+    return ("<table><tr><th>module</th><th>channels</th>"
+            + ("<th>per layer</th>" if per_layer else "")
+            + "<th>influence</th></tr>" + "".join(rows) + "</table>")
+
+
 def render_html(result: AnalysisResult, pngs: Mapping[str, bytes], *,
                 command: str | None = None, files: Mapping[str, str] | None = None,
                 scorecard: Any = None) -> str:
@@ -213,17 +230,7 @@ def render_html(result: AnalysisResult, pngs: Mapping[str, bytes], *,
         f"image.</p>")
     if result.sampler:
         out.append(f"<p class='lead'>{_sampler_sentence(result)}</p>")
-    # module table
-    infl = result.module_influence
-    rows = []
-    for j, (name, size) in enumerate(zip(result.module_names, result.module_sizes)):
-        layers = ", ".join(f"{la}: {len(ch)}" for la, ch in result.modules[j].items())
-        rows.append(
-            f"<tr><td><span class='sw' style='background:{plots.module_color(j)}'></span>"
-            f"{e(name)}</td><td class='num'>{int(size)}</td><td>{e(layers)}</td>"
-            f"<td class='num'>{infl[j]:.4f}</td></tr>")
-    out.append("<table><tr><th>module</th><th>channels</th><th>per layer</th>"
-               "<th>influence</th></tr>" + "".join(rows) + "</table>")
+    out.append(_module_table(result))
     sk = result.suggested_k()
     if sk is not None:
         verdict = ("the K used here" if sk == k else
@@ -364,13 +371,7 @@ def render_window_html(results: Mapping[str, AnalysisResult], pngs: Mapping[str,
         col = [f"<div><h2>{e(name)}</h2><p class='note'>steps {e(str(steps))}"
                + (f", timesteps {ts[steps[0]]}..{ts[steps[-1]]}" if ts and steps else "")
                + "</p>"]
-        rows = "".join(
-            f"<tr><td><span class='sw' style='background:{plots.module_color(j)}'></span>"
-            f"{e(mname)}</td><td class='num'>{int(size)}</td><td class='num'>{infl:.4f}</td></tr>"
-            for j, (mname, size, infl) in enumerate(zip(res.module_names, res.module_sizes,
-                                                        res.module_influence)))
-        col.append("<table><tr><th>module</th><th>channels</th><th>influence</th></tr>"
-                   f"{rows}</table>")
+        col.append(_module_table(res, per_layer=False))
         col.append(_figure(pngs, f"{name}/templates", "Templates of the modules"))
         col.append(_figure(pngs, f"{name}/hybrids", "Original 1, Original 2, and the "
                            "hybrid of each module (new pairs)"))
