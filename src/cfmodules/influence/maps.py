@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -260,12 +261,6 @@ def _runners(adapter: GeneratorAdapter, units: list[_Unit], algorithm: str
     return [(_Runner(swaps, [units[i] for i in rows]), rows) for swaps, rows in planned]
 
 
-def _numel(shape: tuple[int, ...] | None) -> int:
-    n = 1
-    for d in shape or ():
-        n *= d
-    return n
-
 
 def _speed_rows(adapter: GeneratorAdapter, runners: list[tuple[_Runner, list[int]]],
                 itemsize: int, most: int) -> int:
@@ -282,11 +277,11 @@ def _speed_rows(adapter: GeneratorAdapter, runners: list[tuple[_Runner, list[int
         for runner, _ in runners:
             layers = runner.swaps.suffix_layers
             for layer in list(shapes) if layers is None else layers:
-                per_row = _numel(shapes.get(layer)) * itemsize
+                per_row = math.prod(shapes.get(layer) or ()) * itemsize
                 rows = min(rows, max(1, _FRESH_TENSOR_BYTES // max(per_row, 1)))
             cut = runner.swaps.cut
             if cut is not None:
-                per_row = _numel(shapes.get(cut.split(":")[0])) * itemsize
+                per_row = math.prod(shapes.get(cut.split(":")[0]) or ()) * itemsize
                 rows = min(rows, max(1, _HYBRID_BATCH_BYTES // max(per_row, 1)))
     return rows
 
@@ -381,8 +376,9 @@ def _run(adapter: GeneratorAdapter, units: list[_Unit], layer: str | None, *,
                         break
                     n_p = min(settings.pairs_per_block, settings.n_pairs - n_done)
                     block = BlockSums(n_units)
-                    # the memory plan may run a block's prefix in parts of plan.pairs pairs
-                    for runner, rows in runners:  # the prefix in parts (memory plan, OOM)
+                    # the memory plan (or an out-of-memory error) may run a block's
+                    # prefix in parts of fewer pairs
+                    for runner, rows in runners:
                         def part(first: int, n_s: int, runner: _Runner = runner,
                                  rows: list[int] = rows, block: BlockSums = block) -> None:
                             z1, z2 = L.pair_latents(adapter, n_s, settings.seed, first)

@@ -32,6 +32,7 @@ they need. The maps do not depend on the budget beyond float rounding.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import warnings
@@ -145,12 +146,6 @@ class MemoryPlan:
                 "rows_per_call": self.rows}
 
 
-def _numel(shape: tuple[int, ...] | None) -> int:
-    n = 1
-    for d in shape or ():
-        n *= int(d)
-    return n
-
 
 def _sizes(adapter) -> dict[str, int]:
     """Elements per sample of every layer's output (the largest of its calls)."""
@@ -158,7 +153,7 @@ def _sizes(adapter) -> dict[str, int]:
     for info in adapter.layers_cached():
         shapes = [s for s in (info.call_shapes or (info.shape,)) if s is not None]
         if shapes:
-            out[info.name] = max(_numel(s) for s in shapes)
+            out[info.name] = max(math.prod(s) for s in shapes)
     return out
 
 
@@ -190,8 +185,8 @@ def plan_memory(adapter, swaps: list, n_units: int, image_shape: tuple[int, ...]
     """
     sizes = _sizes(adapter)
     largest = max(sizes.values(), default=1)
-    image = _numel(image_shape)
-    pixels = _numel(image_shape[1:])
+    image = math.prod(image_shape)
+    pixels = math.prod(image_shape[1:])
     fixed = 8 * _STATS_ARRAYS * n_units * pixels
     per_pair = per_row = 0
     for s in swaps:
