@@ -28,8 +28,8 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("engine", {"engine", "samplers"}),  # samplers: sampling chains, window swaps
     ("modules, hybrids, ground truth", {"modules", "hybrid", "synthetic", "module_file"}),
     ("influence", {"influence"}),
-    ("analysis, evaluation, zoo", {"analysis", "evaluation", "zoo", "scan", "monitor",
-                                   "window_analysis"}),
+    ("analysis, evaluation, zoo", {"analysis", "analysis_result", "evaluation", "zoo", "scan",
+                                   "monitor", "window_analysis"}),
     ("faces", {"models", "plots", "report", "cli", "explorer", "__main__",
                "evaluation.plots"}),
 ]

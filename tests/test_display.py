@@ -34,7 +34,7 @@ def test_import_is_cheap_and_lazy():
     ("influence_maps", "cfmodules.influence.maps"), ("module_influence_maps", "cfmodules.influence.maps"),
     ("hybridize", "cfmodules.hybrid"), ("ModuleClustering", "cfmodules.modules.clustering"),
     ("cluster_stability", "cfmodules.modules.stability"), ("explore", "cfmodules.explorer"),
-    ("show", "cfmodules.display"), ("AnalysisResult", "cfmodules.analysis"),
+    ("show", "cfmodules.display"), ("AnalysisResult", "cfmodules.analysis_result"),
     ("scan_layers", "cfmodules.scan"), ("ModularityMonitor", "cfmodules.monitor"),
 ])
 def test_top_level_names(name, home):

@@ -245,3 +245,46 @@ def test_blas_is_limited_to_one_thread_once_per_sweep_not_once_per_fit(monkeypat
                       n_jobs=1)
     assert calls == [{"limits": 1, "user_api": "blas"}]
     assert len(inside) >= 16 and all(t <= {1} for t in inside)
+
+
+def test_a_started_sweep_runs_on_the_workers_while_the_caller_goes_on(monkeypatch):
+    import warnings
+
+    from cfmodules.modules.stability import start_stability
+
+    monkeypatch.setattr(fits, "MIN_PARALLEL_WORK", 0)
+    maps, _ = block_maps((6, 7, 8), shape=(8, 10), seed=1, noise=0.7)
+    kw = dict(ks=[2, 3], n_repeats=3, seed=5)
+    ref = cluster_stability(maps, n_jobs=1, **kw)
+    here = []
+    real = fits._run_batch
+    monkeypatch.setattr(fits, "_run_batch", lambda fn, tasks: here.append(len(tasks))
+                        or real(fn, tasks))
+    run = start_stability(maps, n_jobs=2, **kw)
+    assert run.in_background and here == []  # handed to the workers, nothing ran here
+    ModuleClustering(2, random_state=0, n_jobs=1).fit(maps)  # the caller's own work
+    got = run.result()
+    assert np.array_equal(ref.consistency, got.consistency)
+    assert np.array_equal(ref.cosine, got.cosine)
+    # one job: the clusterings run in result(), not when started
+    lazy = start_stability(maps, n_jobs=1, **kw)
+    n_here = len(here)
+    assert not lazy.in_background
+    assert np.array_equal(lazy.result().consistency, ref.consistency) and len(here) > n_here
+    # cancelled (after an error in the caller): quietly, twice, and the workers serve again
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        stopped = start_stability(maps, n_jobs=2, **kw)
+        stopped.cancel()
+        stopped.cancel()
+    again = cluster_stability(maps, n_jobs=2, **kw)
+    assert np.array_equal(again.cosine, ref.cosine)
+
+
+def test_started_workers_serve_the_clusterings():
+    from cfmodules.modules.fits import run_parallel, start_workers
+
+    start_workers(1)  # one job: no worker, nothing to start
+    start_workers(2)
+    pids = set(run_parallel(fits._ready, [()] * 8, 2))
+    assert os.getpid() not in pids and 1 <= len(pids) <= 2

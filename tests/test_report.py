@@ -44,7 +44,8 @@ def test_analyze_recovers_the_planted_modules(planted):
     assert r.module_sizes.tolist() == [8, 8, 8]
     assert r.suggested_k() == 3
     assert set(r.timings) == {"samples", "influence_maps", "clustering", "module_influence",
-                              "stability", "hybrids"}
+                              "stability", "hybrids", "total"}
+    assert 0 < r.total_seconds == r.timings["total"]
 
 
 def test_analyze_hybrids_are_real_hybrids_of_new_pairs(planted):
@@ -249,3 +250,63 @@ def test_render_html_skips_missing_figures_and_escapes():
     html = render_html(result, {})
     assert "<b>gan</b>" not in html and "&lt;b&gt;gan&lt;/b&gt;" in html
     assert "<img" not in html and "not run" in html
+
+
+# ---------------------------------------------------------------------- the sweep beside the rest
+def test_the_sweep_runs_beside_the_next_steps_and_changes_no_number(monkeypatch):
+    """With workers the stability sweep starts after the maps and `during_sweep` sees the
+    rest of the result while it runs; the numbers equal a run with everything in turn."""
+    from cfmodules.modules import fits
+
+    monkeypatch.setattr(fits, "MIN_PARALLEL_WORK", 0)  # a tiny sweep still goes to workers
+    adapter = zoo.load("planted-conv")
+    seen = []
+
+    def meanwhile(partial):
+        seen.append(partial)
+        # the sweep is still running on the workers: nothing of it in the partial result
+        assert partial.stability is None and "stability" not in partial.timings
+
+    threads = torch.get_num_threads()
+    par = analyze(adapter, progress=False, n_jobs=2, during_sweep=meanwhile, **SMALL)
+    assert torch.get_num_threads() == threads  # one thread only while the workers ran
+    seq = analyze(adapter, progress=False, n_jobs=1, **SMALL)
+    assert len(seen) == 1 and np.array_equal(seen[0].templates, par.templates)
+    assert np.array_equal(par.stability.consistency, seq.stability.consistency)
+    assert np.array_equal(par.stability.cosine, seq.stability.cosine)
+    for name in ("maps", "labels", "templates", "module_maps", "hybrids"):
+        np.testing.assert_array_equal(getattr(par, name), getattr(seq, name))
+    # no sweep: nothing to wait for, no call
+    analyze(adapter, progress=False, n_jobs=2, during_sweep=seen.append,
+            **{**SMALL, "stability_ks": ()})
+    assert len(seen) == 1
+
+
+def test_an_error_beside_the_sweep_stops_it_and_restores_the_threads(monkeypatch):
+    from cfmodules.modules import fits
+
+    monkeypatch.setattr(fits, "MIN_PARALLEL_WORK", 0)
+    threads = torch.get_num_threads()
+
+    def fail(partial):
+        assert torch.get_num_threads() == 1  # the workers hold the cores meanwhile
+        raise RuntimeError("drawing failed")
+
+    with pytest.raises(RuntimeError, match="drawing failed"):
+        analyze(zoo.load("planted-conv"), progress=False, n_jobs=2, during_sweep=fail, **SMALL)
+    assert torch.get_num_threads() == threads
+    # the workers are usable again at once
+    again = analyze(zoo.load("planted-conv"), progress=False, n_jobs=2, **SMALL)
+    assert again.stability is not None
+
+
+def test_figures_drawn_ahead_give_the_same_report(tmp_path):
+    from cfmodules.report import draw_figures
+
+    r = fake_result()
+    ahead = draw_figures(r, skip=("stability",))
+    assert "stability" not in ahead and "templates" in ahead
+    write_report(r, tmp_path / "a", drawn=ahead)
+    write_report(r, tmp_path / "b")
+    for name in ("report.html", "templates.png", "stability.png"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()

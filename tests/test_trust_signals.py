@@ -375,3 +375,63 @@ def test_cli_analyze_shorter_than_checkpoint_every_resumes_after_sigterm(tmp_pat
     a = read_npz(tmp_path / "o" / "results.npz")[0]["maps"]
     b = read_npz(tmp_path / "fresh" / "results.npz")[0]["maps"]
     np.testing.assert_array_equal(a, b)  # exact: the same blocks by the same code path
+
+
+@pytest.mark.slow  # the pretrained DCGAN's analysis, stopped in its stability sweep
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads child processes in /proc")
+def test_sigterm_during_the_sweep_stops_the_workers_and_exits_143(tmp_path):
+    """The sweep runs on worker processes beside the next steps: SIGTERM then ends the
+    command like Ctrl-C (exit 143, one line), and takes its workers along."""
+    import time
+
+    proc = subprocess.Popen(
+        _launcher([sys.executable, "-m", "cfmodules", "analyze", "--pairs", "4", "--jobs", "2",
+                   "--threads", "1", "--out", str(tmp_path / "o")]),
+        env=_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+    err = ""
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while "worker processes" not in err and time.monotonic() < deadline:
+            line = proc.stderr.readline()  # one line per step; the bars end with \r
+            if not line:
+                break
+            err += line
+        assert "worker processes" in err, err[-2000:]
+        kids = _children(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        out, rest = proc.communicate(timeout=TIMEOUT)
+        err += rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 143, err[-2000:]
+    assert "interrupted" in err and "Traceback" not in err and "Exception in thread" not in err
+    assert kids  # the workers (and loky's resource tracker) were its children
+    deadline = time.monotonic() + 30
+    alive = kids
+    while alive and time.monotonic() < deadline:
+        alive = [p for p in alive if _alive(p)]
+        time.sleep(0.1)
+    assert not alive, f"worker processes left behind: {alive}"
+    assert not list((tmp_path / "o").glob("report.html"))  # nothing half-written
+
+
+def _stat(pid: int) -> list[str] | None:
+    """Fields of /proc/PID/stat after the command name (state, ppid, ...), or None."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[-1].split()
+    except OSError:
+        return None
+
+
+def _children(pid: int) -> list[int]:
+    return [int(p) for p in os.listdir("/proc") if p.isdigit()
+            and (st := _stat(int(p))) is not None and st[1] == str(pid)]
+
+
+def _alive(pid: int) -> bool:
+    st = _stat(pid)
+    return st is not None and st[0] != "Z"  # a zombie is gone for this purpose

@@ -101,11 +101,15 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
+    ks = () if args.no_stability else _parse_ks(args.stability_ks)
+    if ks and "RANK" not in os.environ:  # under torchrun only rank 0 clusters, much later
+        from cfmodules.modules.fits import check_jobs, start_workers
+
+        start_workers(check_jobs(args.jobs))  # they start while torch loads and maps run
     from cfmodules.analysis import AnalysisSettings, analyze
     from cfmodules.report import write_report
     from cfmodules.results import folder_update
 
-    ks = () if args.no_stability else _parse_ks(args.stability_ks)
     methods = tuple(m.strip() for m in args.stability_methods.split(",") if m.strip())
     if not methods or any(m not in checks.CLUSTERING_METHODS for m in methods):
         raise ConfigError(f"--stability-methods takes nmf, kmeans or nmf,kmeans; got "
@@ -153,8 +157,16 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     if windows is not None and len(windows) > 1:
         return _analyze_windows(args, adapter, "auto" if auto else (layers or None), settings,
                                 windows, out, ckpt, t0)
+    drawn: dict[str, bytes] = {}
+
+    def draw_meanwhile(partial: Any) -> None:  # the report's figures, while the sweep runs
+        from cfmodules.report import draw_figures
+
+        drawn.update(draw_figures(partial, skip=("stability",)))
+
     try:
         result = analyze(adapter, "auto" if auto else (layers or None), settings,
+                         during_sweep=draw_meanwhile,
                          step_window=windows[0] if windows else None,
                          checkpoint_dir=ckpt, progress=not args.quiet,
                          model_spec=_portable_spec(args.model),
@@ -189,7 +201,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
             card.save(stage / "scorecard.npz")
             extra["scorecard.npz"] = ("the modules' scorecard (cfmodules.evaluation."
                                       "Scorecard.load)")
-        write_report(result, stage, command=command, scorecard=card, files={**extra,
+        write_report(result, stage, command=command, scorecard=card, drawn=drawn, files={**extra,
             "results.npz": "maps, labels, templates, stability table, hybrids (numpy.load or "
                            "cfmodules.analysis.AnalysisResult.load)",
             "manifest.json": "the files of this report and their SHA-256, written last",
@@ -653,7 +665,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         _check_numbers(args)
         models.set_threads(getattr(args, "threads", None),  # else: 1 thread if machine busy
                            None if getattr(args, "quiet", False) else f"{PROG} {args.command}")
-        return int(args.func(args))
+        # SIGTERM / SIGHUP end a command like Ctrl-C (its clean-up runs: the worker
+        # processes are stopped, a half-written folder is left as it was), not at once
+        from cfmodules.influence.interrupt import save_on_signals
+
+        with save_on_signals():
+            return int(args.func(args))
     except CfModulesError as e:
         if args.debug:
             raise

@@ -13,7 +13,7 @@ import base64
 import html
 import os
 import platform
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,8 +27,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from cfmodules.analysis import AnalysisResult
 
-__all__ = ["make_figures", "figure_recipes", "render_html", "write_report", "FIGURES",
-           "render_window_html", "write_window_report"]
+__all__ = ["make_figures", "figure_recipes", "draw_figures", "render_html", "write_report",
+           "FIGURES", "render_window_html", "write_window_report"]
 
 FIGURES = {
     "templates": "Modules at a glance: the template of each module, alone and over the mean "
@@ -311,9 +311,9 @@ def render_html(result: AnalysisResult, pngs: Mapping[str, bytes], *,
     if command:
         out.append(f"<p>Command:</p><pre>{e(command)}</pre>")
     out.append("<h3>Timings</h3>")
-    total = sum(result.timings.values())
-    out.append("<table>" + _rows([(key, f"{v:.1f} s") for key, v in result.timings.items()]
-                                 + [("total", f"{total:.1f} s")]) + "</table>")
+    steps = [(key, f"{v:.1f} s") for key, v in result.timings.items() if key != "total"]
+    out.append("<table>" + _rows(steps + [("total (wall)", f"{result.total_seconds:.1f} s")])
+               + "</table>")
     out.append("<h3>Versions</h3>")
     out.append("<table>" + _rows(_versions(result)) + "</table>")
     if files:
@@ -425,9 +425,22 @@ def _versions(result: AnalysisResult) -> list[tuple[str, str]]:
             ("platform", platform.platform(terse=True))]
 
 
+def draw_figures(result: AnalysisResult, dpi: int = 100, skip: Iterable[str] = ()
+                 ) -> dict[str, bytes]:
+    """The report's figures (:func:`figure_recipes`) as PNG bytes, by name, but ``skip``.
+
+    For drawing ahead: ``cfmodules analyze`` draws all but ``"stability"`` while the
+    stability sweep runs, and hands them to :func:`write_report` (``drawn=``).
+    """
+    skip = set(skip)
+    return {name: plots.figure_to_png(fn(*args, **kwargs), dpi)
+            for name, (fn, args, kwargs) in figure_recipes(result).items() if name not in skip}
+
+
 def write_report(result: AnalysisResult, out_dir: str | os.PathLike, *,
                  command: str | None = None, dpi: int = 100,
-                 files: Mapping[str, str] | None = None, scorecard: Any = None) -> Path:
+                 files: Mapping[str, str] | None = None, scorecard: Any = None,
+                 drawn: Mapping[str, bytes] | None = None) -> Path:
     """Write ``report.html`` and every figure as ``<name>.png`` into ``out_dir``.
 
     Parameters
@@ -442,6 +455,9 @@ def write_report(result: AnalysisResult, out_dir: str | os.PathLike, *,
         Other files of the folder, listed in the report.
     scorecard : Scorecard, optional
         Adds the scorecard section and its figure (``scorecard.png``).
+    drawn : dict name -> PNG bytes, optional
+        Figures already drawn from this result at this ``dpi`` (:func:`draw_figures`);
+        the others are drawn here.
 
     Returns
     -------
@@ -456,7 +472,8 @@ def write_report(result: AnalysisResult, out_dir: str | os.PathLike, *,
         from cfmodules.evaluation.plots import plot_scorecard
 
         recipes["scorecard"] = (plot_scorecard, (scorecard,), dict(background=result.mean_image))
-    pngs = {name: plots.figure_to_png(fn(*args, **kwargs), dpi)
+    drawn = dict(drawn or {})
+    pngs = {name: drawn[name] if name in drawn else plots.figure_to_png(fn(*args, **kwargs), dpi)
             for name, (fn, args, kwargs) in recipes.items()}
     for name, png in pngs.items():
         atomic_write(out / f"{name}.png", png)

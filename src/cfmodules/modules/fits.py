@@ -22,7 +22,9 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import tempfile
 import threading
+import uuid
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -34,7 +36,8 @@ from cfmodules.errors import ConfigError
 from cfmodules.modules.randomness import as_random_state, draw_seed
 
 __all__ = ["BACKENDS", "cluster_features", "cluster_many", "fit_rows", "default_jobs",
-           "check_jobs", "run_parallel", "engine_description", "RESTART_GROUP"]
+           "check_jobs", "run_parallel", "start_parallel", "ParallelRun", "start_workers",
+           "engine_description", "RESTART_GROUP"]
 
 BACKENDS = CLUSTERING_BACKENDS
 """Engines of the clustering: ``"fast"`` (default) and ``"sklearn"`` (the reference)."""
@@ -107,28 +110,129 @@ def run_parallel(fn: Callable[..., Any], tasks: Sequence[tuple], n_jobs: int, *,
     BLAS thread. ``fn`` must be a module-level function. ``progress``: a tqdm bar over
     the batches (over the tasks in this process).
     """
-    if n_jobs <= 1 or len(tasks) <= 1 or work < MIN_PARALLEL_WORK:
-        if not progress:
-            return _run_batch(fn, list(tasks))
-        from tqdm.auto import tqdm
+    return start_parallel(fn, tasks, n_jobs, work=work).result(progress=progress, desc=desc)
 
-        return [_run_batch(fn, [t])[0] for t in tqdm(tasks, desc=desc, unit="fit")]
-    from joblib import Parallel, delayed
 
-    n_batches = min(len(tasks), 4 * n_jobs)
-    batches = [list(range(i, len(tasks), n_batches)) for i in range(n_batches)]
-    done = Parallel(n_jobs=min(n_jobs, n_batches), backend="loky", max_nbytes=None,
-                    return_as="generator")(
-        delayed(_run_batch)(fn, [tasks[i] for i in b]) for b in batches)
-    if progress:
-        from tqdm.auto import tqdm
+def start_parallel(fn: Callable[..., Any], tasks: Sequence[tuple], n_jobs: int, *,
+                   work: float = np.inf) -> ParallelRun:
+    """:func:`run_parallel` started, not waited for: a :class:`ParallelRun`.
 
-        done = tqdm(done, total=n_batches, desc=f"{desc} ({n_jobs} processes)", unit="batch")
-    out: list[Any] = [None] * len(tasks)
-    for b, res in zip(batches, done):
-        for i, r in zip(b, res):
-            out[i] = r
-    return out
+    On worker processes the tasks run while the caller goes on (the batches are handed
+    out by joblib's result thread); :meth:`ParallelRun.result` collects them. When they
+    would run in this process (one job, or too little work), they run in ``result()``.
+    """
+    return ParallelRun(fn, list(tasks), n_jobs, work)
+
+
+class ParallelRun:
+    """Tasks of :func:`start_parallel`; ``result()`` returns their results in task order.
+
+    Attributes
+    ----------
+    in_background : bool
+        Whether the tasks run on worker processes while this process goes on.
+    """
+
+    def __init__(self, fn: Callable[..., Any], tasks: list[tuple], n_jobs: int, work: float):
+        self._fn, self._tasks = fn, tasks
+        self._done: Any = None
+        self.in_background = n_jobs > 1 and len(tasks) > 1 and work >= MIN_PARALLEL_WORK
+        if not self.in_background:
+            return
+        from joblib import Parallel, delayed
+
+        n_batches = min(len(tasks), 4 * n_jobs)
+        self._batches = [list(range(i, len(tasks), n_batches)) for i in range(n_batches)]
+        # cancel() creates this file; the workers skip their remaining tasks when it exists
+        self._stop = os.path.join(tempfile.gettempdir(),
+                                  f"cfmodules-stop-{os.getpid()}-{uuid.uuid4().hex}")
+        # the call hands out the first batches and returns; joblib's result thread hands
+        # out the others as batches finish, whether or not anybody iterates yet
+        self._done = Parallel(n_jobs=min(n_jobs, n_batches), backend="loky", max_nbytes=None,
+                              return_as="generator")(
+            delayed(_worker_batch)(fn, [tasks[i] for i in b], self._stop)
+            for b in self._batches)
+        self._n_jobs = n_jobs
+
+    def result(self, progress: bool = False, desc: str = "") -> list[Any]:
+        """The results, in the order of the tasks (waits for the workers)."""
+        tasks = self._tasks
+        if not self.in_background:
+            if not progress:
+                return _run_batch(self._fn, tasks)
+            from tqdm.auto import tqdm
+
+            return [_run_batch(self._fn, [t])[0] for t in tqdm(tasks, desc=desc, unit="fit")]
+        done = self._done
+        if progress:
+            from tqdm.auto import tqdm
+
+            done = tqdm(done, total=len(self._batches), desc=f"{desc} ({self._n_jobs} processes)",
+                        unit="batch")
+        out: list[Any] = [None] * len(tasks)
+        try:
+            for b, res in zip(self._batches, done):
+                for i, r in zip(b, res):
+                    out[i] = r
+        except BaseException:
+            self.cancel()
+            raise
+        return out
+
+    def cancel(self) -> None:
+        """Skip the tasks not started yet and wait for the running ones (one fit each,
+        a fraction of a second); idempotent. The workers stay up for the next run:
+        killing them mid-task (joblib's abort) races with loky's queue thread."""
+        done, self._done = self._done, None
+        if done is None:
+            return
+        try:
+            with open(self._stop, "x"):
+                pass
+            for _ in done:  # the remaining batches return at once
+                pass
+        except Exception:  # noqa: BLE001 - a failed task: nothing more to wait for
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                os.remove(self._stop)
+
+
+def start_workers(n_jobs: int) -> None:
+    """Start ``n_jobs`` worker processes now, from a background thread, and return.
+
+    For a caller with other work before its clusterings (the command line imports torch
+    and computes the influence maps first, mostly on one core): the workers start and
+    import what a fit needs meanwhile, and the clusterings find them ready. Nothing
+    happens for ``n_jobs`` <= 1; a failure here only means they start later.
+    """
+    if n_jobs <= 1:
+        return
+
+    def start() -> None:
+        try:
+            from joblib import Parallel, delayed
+
+            # the same pool as run_parallel's (joblib reuses it for the same settings)
+            Parallel(n_jobs=n_jobs, backend="loky", max_nbytes=None)(
+                delayed(_ready)() for _ in range(n_jobs))
+        except Exception:  # noqa: BLE001 - the clusterings start their workers themselves
+            pass
+
+    threading.Thread(target=start, name="cfmodules-start-workers", daemon=True).start()
+
+
+def _ready() -> int:
+    """A worker's first task: import the fits' modules (numpy, HALS, k-means)."""
+    from cfmodules.modules import batched, hals  # noqa: F401
+
+    return os.getpid()
+
+
+def _worker_batch(fn: Callable[..., Any], tasks: list[tuple], stop: str) -> list[Any]:
+    """:func:`_run_batch` on a worker: each task unless the file ``stop`` exists (then None)."""
+    with _one_blas_thread():
+        return [None if os.path.exists(stop) else fn(*t) for t in tasks]
 
 
 def _run_batch(fn: Callable[..., Any], tasks: list[tuple]) -> list[Any]:

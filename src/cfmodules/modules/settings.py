@@ -175,9 +175,19 @@ class ClusteringSettings:
         nmf_pool, progress, n_jobs
             As in :func:`~cfmodules.modules.cluster_stability`.
         """
-        from cfmodules.modules.stability import cluster_stability
+        return self.start_stability(maps, ks, methods=methods, n_repeats=n_repeats,
+                                    n_init=n_init, nmf_pool=nmf_pool, progress=progress,
+                                    n_jobs=n_jobs).result()
 
-        return cluster_stability(
+    def start_stability(self, maps: Any, ks: Iterable[int], *,
+                        methods: Sequence[str] | None = None, n_repeats: int,
+                        n_init: int | None = None, nmf_pool: int = 1, progress: bool = False,
+                        n_jobs: int | None = None) -> Any:
+        """:meth:`stability` started: a :class:`~cfmodules.modules.stability.StabilityRun`
+        (:func:`~cfmodules.modules.stability.start_stability`)."""
+        from cfmodules.modules.stability import start_stability
+
+        return start_stability(
             maps, ks=ks, methods=(self.method,) if methods is None else methods,
             n_repeats=n_repeats, window=self.window, percentile=self.percentile,
             n_init=self.n_init if n_init is None else n_init,

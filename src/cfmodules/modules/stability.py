@@ -24,7 +24,7 @@ from cfmodules.modules.fits import (
     check_jobs,
     engine_description,
     fit_rows,
-    run_parallel,
+    start_parallel,
 )
 from cfmodules.modules.preprocess import (
     DEFAULT_PERCENTILE,
@@ -41,6 +41,8 @@ from cfmodules.results import Result
 __all__ = [
     "StabilityResult",
     "cluster_stability",
+    "start_stability",
+    "StabilityRun",
     "suggest_k",
     "match_labels",
     "template_similarity",
@@ -359,6 +361,36 @@ def cluster_stability(
     -------
     StabilityResult
     """
+    return start_stability(
+        maps, ks, methods, n_repeats=n_repeats, window=window, percentile=percentile,
+        n_init=n_init, max_iter=max_iter, seed=seed, progress=progress, backend=backend,
+        nmf_pool=nmf_pool, n_jobs=n_jobs).result()
+
+
+def start_stability(
+    maps: Any,
+    ks: Iterable[int] = DEFAULT_KS,
+    methods: Sequence[str] = checks.CLUSTERING_METHODS,
+    *,
+    n_repeats: int = 20,
+    window: int | tuple[int, int] = DEFAULT_WINDOW,
+    percentile: float | None = DEFAULT_PERCENTILE,
+    n_init: int = 3,
+    max_iter: int = 300,
+    seed: Any = 0,
+    progress: bool = False,
+    backend: str = "fast",
+    nmf_pool: int = 1,
+    n_jobs: int | None = None,
+) -> StabilityRun:
+    """:func:`cluster_stability` started: a :class:`StabilityRun`, whose ``result()`` is
+    the :class:`StabilityResult`.
+
+    The inputs are checked and the clusterings handed to the worker processes here; with
+    ``n_jobs`` > 1 and enough work they run while the caller goes on (e.g. clusters the
+    maps at its own K), otherwise in ``result()``. The result is the same either way.
+    Parameters as in :func:`cluster_stability`.
+    """
     methods = tuple(methods) if not isinstance(methods, str) else (methods,)
     if not methods or len(set(methods)) != len(methods):
         raise ConfigError(f"methods must be distinct names among {checks.CLUSTERING_METHODS}, "
@@ -402,8 +434,6 @@ def cluster_stability(
         splits.append((np.concatenate([a, b]), np.concatenate([b, c]),
                        np.arange(len(a), len(a) + len(b)), np.arange(len(b))))
     shape = (len(methods), len(k_arr), n_repeats)
-    consistency = np.zeros(shape)
-    cosine = np.zeros(shape)
     gram = flat @ flat.T if backend == "fast" and "kmeans" in methods else None
     pooled = _pool(feats, nmf_pool).reshape(n, -1) if "nmf" in methods else None
     if pooled is not None and backend == "fast":
@@ -423,13 +453,6 @@ def cluster_stability(
                            backend) for t, rows in enumerate((first, second))]
                 where.append((i, j, r))
     work = sum(len(t[1]) * t[0].shape[1] for t in tasks) * n_init
-    fits = run_parallel(fit_rows, tasks, jobs, work=work, progress=progress, desc="stability")
-    for q, (i, j, r) in enumerate(where):
-        (lab1, _, tm1, _, _), (lab2, _, tm2, _, _) = fits[2 * q], fits[2 * q + 1]
-        _, _, in_first, in_second = splits[r]
-        cons, match = match_labels(lab1[in_first], lab2[in_second], int(k_arr[j]))
-        consistency[i, j, r] = cons
-        cosine[i, j, r] = template_similarity(tm1, tm2, match)
     h, w = check_window(window)
     settings = {
         "protocol": "sec. 4.1: 3 random subsets, two runs on two thirds overlapping on one",
@@ -439,4 +462,38 @@ def cluster_stability(
         "seed": int(seed) if isinstance(seed, (int, np.integer)) else None,
         "backend": backend, "engine": engine_description(backend),
     }
-    return StabilityResult(k_arr, methods, consistency, cosine, settings)
+    return StabilityRun(start_parallel(fit_rows, tasks, jobs, work=work), progress,
+                        (k_arr, methods, splits, where, shape, settings))
+
+
+class StabilityRun:
+    """A stability sweep started by :func:`start_stability`; :meth:`result` finishes it.
+
+    Attributes
+    ----------
+    in_background : bool
+        Whether its clusterings run on worker processes while this process goes on (else
+        they run in :meth:`result`).
+    """
+
+    def __init__(self, run: Any, progress: bool, plan: tuple):
+        self._run, self._progress, self._plan = run, progress, plan
+        self.in_background: bool = run.in_background
+
+    def result(self) -> StabilityResult:
+        """The :class:`StabilityResult` (waits for the clusterings)."""
+        k_arr, methods, splits, where, shape, settings = self._plan
+        fits = self._run.result(progress=self._progress, desc="stability")
+        consistency = np.zeros(shape)
+        cosine = np.zeros(shape)
+        for q, (i, j, r) in enumerate(where):
+            (lab1, _, tm1, _, _), (lab2, _, tm2, _, _) = fits[2 * q], fits[2 * q + 1]
+            _, _, in_first, in_second = splits[r]
+            cons, match = match_labels(lab1[in_first], lab2[in_second], int(k_arr[j]))
+            consistency[i, j, r] = cons
+            cosine[i, j, r] = template_similarity(tm1, tm2, match)
+        return StabilityResult(k_arr, methods, consistency, cosine, settings)
+
+    def cancel(self) -> None:
+        """Stop the clusterings not yet started (after an error or an interrupt)."""
+        self._run.cancel()
