@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -90,3 +92,43 @@ def test_timing_covers_each_unit_and_pair_once_and_picks_the_fastest(monkeypatch
     assert choice.shape == min(per_hybrid, key=per_hybrid.get)
     for s, t in choice.timed:
         assert t == pytest.approx(cost[s.path](s) / s.rows)
+
+
+def test_unit_candidates_halve_the_units_and_keep_the_pairs():
+    from cfmodules.engine.batching import unit_candidates
+
+    got = unit_candidates(BatchShape(12, 32, "linear shortcut"), n_units=128)
+    assert [s.units for s in got] == [12, 6, 3, 1]
+    assert {s.pairs for s in got} == {32} and {s.path for s in got} == {"linear shortcut"}
+    assert unit_candidates(BatchShape(12, 32, "split"), n_units=5)[0].units == 5
+    assert unit_candidates(BatchShape(1, 8, "split"), n_units=5) == [BatchShape(1, 8, "split")]
+
+
+def test_timing_runs_nothing_when_fewer_than_two_candidates_fit():
+    ran = []
+    shapes = [BatchShape(8, 4, "split"), BatchShape(4, 4, "split"), BatchShape(1, 4, "split")]
+    choice, done = time_shapes(shapes, 10, 4, lambda s, us, ps: ran.append(us),
+                               torch.device("cpu"))
+    assert (choice, done, ran) == (None, 0, [])  # only the 1-unit candidate fits 5 units
+
+
+@pytest.mark.numerics
+def test_units_per_call_are_timed_where_batching_cannot_hurt_and_change_no_number(monkeypatch):
+    """DCGAN: no operation grows with the batch, so only the units per call are timed
+    (whole pairs each call); the maps equal the memory budget's shape to float rounding."""
+    from cfmodules import zoo
+    from cfmodules.influence import batch
+
+    ad = zoo.load("dcgan-faces")
+    res = influence_maps(ad, "main.8", n_pairs=8, progress=False)
+    b = res.settings["batch"]["main.8"]
+    timed = [BatchShape(*map(int, re.search(r"(\d+) unit\(s\) x (\d+) pair", k).groups()),
+                        "linear shortcut") for k in b["timed_ms_per_hybrid"]]
+    assert b["chosen_by"] == "timing" and len(timed) >= 2
+    assert {s.pairs for s in timed} == {8} and b["pairs"] == 8  # units vary, pairs never
+    assert "no number depends on it" in b["reason"]
+    monkeypatch.setattr(batch, "unit_candidates", lambda shape, n: [shape])  # budget only
+    ref = influence_maps(ad, "main.8", n_pairs=8, progress=False)
+    assert ref.settings["batch"]["main.8"]["chosen_by"] == "memory budget"
+    np.testing.assert_allclose(res.maps, ref.maps, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(res.stderr, ref.stderr, rtol=1e-5, atol=1e-8)

@@ -185,3 +185,23 @@ def test_out_of_memory_in_the_prefix_of_one_pair_stops(monkeypatch):
     with pytest.raises(MemoryBudgetError, match="even one pair"), \
             pytest.warns(RuntimeWarning, match="pairs per call"):
         influence_maps(convt_adapter(), "5", n_pairs=4, pairs_per_block=4, **KW)
+
+
+@pytest.mark.numerics
+def test_out_of_memory_while_timing_the_units_per_call(monkeypatch):
+    """The first block times units per call; an allocation failure there halves the batch
+    like any other, warned once, and no hybrid is lost or counted twice."""
+    from cfmodules import zoo
+
+    ad = zoo.load("dcgan-faces")
+    want = influence_maps(ad, "main.8", n_pairs=8, **KW)
+    assert want.settings["batch"]["main.8"]["chosen_by"] == "timing"
+    calls = _fail_above(monkeypatch, 40)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        got = influence_maps(ad, "main.8", n_pairs=8, **KW)
+    assert len([w for w in seen if "Out of memory" in str(w.message)]) == 1
+    _halved_then_kept(calls, 40)
+    assert got.settings["memory"]["rows_after_out_of_memory"]["main.8"] <= 40
+    np.testing.assert_allclose(got.maps, want.maps, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(got.stderr, want.stderr, rtol=1e-5, atol=1e-7)

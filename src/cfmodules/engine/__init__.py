@@ -31,6 +31,7 @@ from cfmodules.engine.batching import (
     candidate_shapes,
     default_shape,
     time_shapes,
+    unit_candidates,
 )
 from cfmodules.engine.cut import (
     Cut,
@@ -48,4 +49,4 @@ from cfmodules.engine.swaps import HookSwaps, Swaps, plan_swaps
 __all__ = ["BatchChoice", "BatchShape", "Cut", "Engine", "Explanation", "HookSwaps",
            "SplitState", "Swaps", "batch_dependent_ops", "candidate_shapes", "default_shape",
            "engine_of", "explain", "plan_swaps", "refresh", "split", "time_shapes",
-           "whole_graph"]
+           "unit_candidates", "whole_graph"]

@@ -43,18 +43,15 @@ from cfmodules.channels import ChannelSpec, channel_index
 from cfmodules.engine import (
     BatchChoice,
     BatchShape,
-    HookSwaps,
     Swaps,
-    candidate_shapes,
     default_shape,
-    engine_of,
     plan_swaps,
-    time_shapes,
 )
 from cfmodules.errors import CheckpointError, ConfigError, GeneratorOutputError, did_you_mean
 from cfmodules.hooks import resolve_layer
 from cfmodules.hybrid import module_channels
 from cfmodules.influence import memory
+from cfmodules.influence.batch import choose_batch
 from cfmodules.influence.checkpoint import load_checkpoint, save_checkpoint
 from cfmodules.influence.identity import adapter_fingerprints, model_fingerprint
 from cfmodules.influence.interrupt import save_on_signals
@@ -447,7 +444,7 @@ def _run_part(adapter: GeneratorAdapter, runner: _Runner, rows: list[int], block
 
     start = 0
     if runner.choice is None:  # the first block chooses the batch shape
-        start = _choose_batch(adapter, runner, z1, z2, first_pair, max_rows, algorithm, add)
+        start = choose_batch(adapter, runner, z1, z2, first_pair, max_rows, algorithm, add)
     else:
         memory.begin_block(runner, z1, z2, first_pair)
     shape = memory.capped(runner.choice.shape if runner.choice.timed
@@ -463,51 +460,6 @@ def _chunks(n_units: int, n_pairs: int, shape: BatchShape, start: int
     return [(slice(u0, min(u0 + shape.units, n_units)), slice(p0, min(p0 + shape.pairs, n_pairs)))
             for u0 in range(start, n_units, shape.units)
             for p0 in range(0, n_pairs, shape.pairs)]
-
-
-def _choose_batch(adapter: GeneratorAdapter, runner: _Runner, z1: L.Latent, z2: L.Latent,
-                  first_pair: int, max_rows: int, algorithm: str,
-                  add: Callable[[slice, torch.Tensor], None]) -> int:
-    """Begin the first block and choose the runner's batch shape; returns the units done.
-
-    Where the generator has operations that batching can slow down
-    (:func:`~cfmodules.engine.batch_dependent_ops`), candidate shapes (and, with
-    ``algorithm="auto"``, the naive rerun) are timed on real hybrids of the first units,
-    whose sums go into the block through ``add``; else the memory budget sets the shape.
-    """
-    n_p, n_u = L.batch_size(z1), len(runner.units)
-    path = runner.swaps.path
-    engine = engine_of(adapter)
-    why = engine.batch_dependent_ops()
-    if why is None:
-        memory.begin_block(runner, z1, z2, first_pair)
-        runner.choice = BatchChoice(default_shape(n_p, max_rows, path),
-                                    "set by the memory budget (no operation of the forward "
-                                    "grows with the batch)")
-        engine.record_batch(runner.key, runner.choice)
-        return 0
-    naive = None
-    if algorithm == "auto" and path != "hook":
-        runner.options["hook"] = HookSwaps(adapter, runner.swaps.groups)
-        naive = "hook"
-    memory.begin_block(runner, z1, z2, first_pair, paths=list(runner.options))
-
-    def run(shape: BatchShape, us: slice, ps: slice) -> None:
-        add(us, runner.diffs(us, ps, shape.path))
-
-    choice, done = time_shapes(candidate_shapes(n_u, n_p, max_rows, path, naive), n_u, n_p,
-                               run, adapter.device)
-    if choice is None:
-        choice = BatchChoice(default_shape(n_p, max_rows, path),
-                             f"set by the memory budget: {why}, but {n_u} unit(s) x {n_p} "
-                             "pair(s) are too few to time shapes")
-    else:
-        choice = BatchChoice(choice.shape, f"{choice.reason}: {why}", choice.timed)
-    runner.choice = choice
-    runner.swaps = runner.options[choice.shape.path]
-    runner.y = runner.ys[runner.swaps.path]
-    engine.record_batch(runner.key, choice)
-    return done
 
 
 def _paths(runners: list[tuple[_Runner, list[int]]], units: list[_Unit]) -> dict[str, str]:

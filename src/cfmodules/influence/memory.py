@@ -47,7 +47,8 @@ from cfmodules.engine import BatchShape
 from cfmodules.errors import ConfigError, MemoryBudgetError
 
 __all__ = ["MemoryPlan", "parse_memory", "plan_memory", "default_memory", "format_bytes",
-           "run_chunks", "run_parts", "begin_block", "capped", "is_out_of_memory"]
+           "run_chunks", "run_parts", "begin_block", "capped", "is_out_of_memory",
+           "halve_rows"]
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -273,6 +274,14 @@ def run_chunks(runner: Any, chunks: list[tuple[slice, slice]], shape: BatchShape
             pending = deque(c for chunk in rest for c in _split(chunk, shape))
             continue
         add(us, d)
+
+
+def halve_rows(runner: Any, device: torch.device, error: BaseException, rows: int,
+               unit: str) -> None:
+    """After an out-of-memory error in a call of ``rows`` hybrids outside
+    :func:`run_chunks` (e.g. while timing shapes): ``runner.rows_cap`` = ``rows // 2``,
+    warned once per run; raises :class:`MemoryBudgetError` when ``rows`` is 1."""
+    runner.rows_cap = _halve(runner, device, error, rows, "hybrid", f"one hybrid of unit '{unit}'")
 
 
 def _halve(runner: Any, device: torch.device, error: BaseException, n: int, what: str,

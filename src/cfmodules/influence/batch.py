@@ -1,0 +1,108 @@
+"""How many hybrids one call computes: the memory budget's shape, timed where it matters.
+
+:func:`choose_batch` runs on an influence run's first block of pairs. Where batching can
+slow the generator down (:func:`~cfmodules.engine.batch_dependent_ops`), whole shapes and
+the naive rerun are timed; elsewhere only the units per call, which change no number,
+between the memory budget's and one unit (:func:`~cfmodules.engine.unit_candidates`).
+The timed calls compute real hybrids, whose sums are kept; an out-of-memory error while
+timing halves the batch as anywhere else (:mod:`cfmodules.influence.memory`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from cfmodules import latents as L
+from cfmodules.adapter import GeneratorAdapter
+from cfmodules.engine import (
+    BatchChoice,
+    BatchShape,
+    HookSwaps,
+    candidate_shapes,
+    default_shape,
+    engine_of,
+    time_shapes,
+    unit_candidates,
+)
+from cfmodules.influence import memory
+
+__all__ = ["choose_batch"]
+
+
+def choose_batch(adapter: GeneratorAdapter, runner: Any, z1: L.Latent, z2: L.Latent,
+                  first_pair: int, max_rows: int, algorithm: str,
+                  add: Callable[[slice, torch.Tensor], None]) -> int:
+    """Begin the first block and choose ``runner``'s batch shape; returns the units done.
+
+    Where the generator has operations that batching can slow down
+    (:func:`~cfmodules.engine.batch_dependent_ops`), candidate shapes (and, with
+    ``algorithm="auto"``, the naive rerun) are timed on real hybrids of the first units,
+    whose sums go into the block through ``add``; else the memory budget sets the shape.
+    """
+    n_p, n_u = L.batch_size(z1), len(runner.units)
+    path = runner.swaps.path
+    engine = engine_of(adapter)
+    why = engine.batch_dependent_ops()
+
+    def run(shape: BatchShape, us: slice, ps: slice) -> None:
+        add(us, runner.diffs(us, ps, shape.path))
+
+    if why is None:  # only the units per call are timed: they change no number
+        memory.begin_block(runner, z1, z2, first_pair)
+        budget = memory.capped(default_shape(n_p, max_rows, path), runner.rows_cap)
+        # timed calls take all the block's pairs, so the units before a failed one are done
+        shapes = unit_candidates(budget, n_u) if budget.pairs == n_p else []
+        finished = [0]
+
+        def timed(shape: BatchShape, us: slice, ps: slice) -> None:
+            try:
+                d = runner.diffs(us, ps, shape.path)
+            except Exception as e:  # noqa: BLE001 - only out-of-memory errors are handled
+                if not memory.is_out_of_memory(e):
+                    raise
+                memory.halve_rows(runner, adapter.device, e, shape.units * n_p,
+                                  runner.units[us][0].name)
+                raise _TimingOutOfMemory() from e
+            add(us, d)
+            finished[0] = us.stop
+
+        try:
+            choice, done = (time_shapes(shapes, n_u, n_p, timed, adapter.device)
+                            if len(shapes) > 1 else (None, 0))
+        except _TimingOutOfMemory:  # the rest runs halved, as after any out-of-memory error
+            choice, done = None, finished[0]
+        if choice is None:
+            choice = BatchChoice(budget, "set by the memory budget (no operation of the "
+                                 "forward grows with the batch)")
+        else:
+            choice = BatchChoice(choice.shape, "the fastest per hybrid of the units per call "
+                                 f"timed on the first block (the memory budget allows "
+                                 f"{budget.units}; no number depends on it)", choice.timed)
+        runner.choice = choice
+        engine.record_batch(runner.key, choice)
+        return done
+    naive = None
+    if algorithm == "auto" and path != "hook":
+        runner.options["hook"] = HookSwaps(adapter, runner.swaps.groups)
+        naive = "hook"
+    memory.begin_block(runner, z1, z2, first_pair, paths=list(runner.options))
+    choice, done = time_shapes(candidate_shapes(n_u, n_p, max_rows, path, naive), n_u, n_p,
+                               run, adapter.device)
+    if choice is None:
+        choice = BatchChoice(default_shape(n_p, max_rows, path),
+                             f"set by the memory budget: {why}, but {n_u} unit(s) x {n_p} "
+                             "pair(s) are too few to time shapes")
+    else:
+        choice = BatchChoice(choice.shape, f"{choice.reason}: {why}", choice.timed)
+    runner.choice = choice
+    runner.swaps = runner.options[choice.shape.path]
+    runner.y = runner.ys[runner.swaps.path]
+    engine.record_batch(runner.key, choice)
+    return done
+
+
+class _TimingOutOfMemory(Exception):
+    """An out-of-memory error while timing units per call (the timing stops there)."""
