@@ -36,6 +36,8 @@ _EXPORTS = {
     "locality": "measures",
     "module_locality": "measures",
     "cluster_stability": "stability",
+    "start_stability": "stability",
+    "StabilityRun": "stability",
     "StabilityResult": "stability",
     "suggest_k": "stability",
     "match_labels": "stability",
@@ -53,8 +55,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from cfmodules.modules.stability import (
         DEFAULT_KS,
         StabilityResult,
+        StabilityRun,
         cluster_stability,
         match_labels,
+        start_stability,
         suggest_k,
         template_similarity,
     )
