@@ -310,3 +310,13 @@ def test_figures_drawn_ahead_give_the_same_report(tmp_path):
     write_report(r, tmp_path / "b")
     for name in ("report.html", "templates.png", "stability.png"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def test_timings_say_when_the_sweep_ran_beside_the_other_steps():
+    r = fake_result()
+    r.timings.update({"stability": 5.0, "total": 6.0})  # 1.5 + 0.25 + 5 > 6: overlapped
+    assert "beside the clustering" in render_html(r, {})
+    r.timings.update({"stability": 1.0, "total": 6.0})
+    assert "beside the clustering" not in render_html(r, {})
+    del r.timings["total"]  # a file from before: the total is the sum of the steps
+    assert r.total_seconds == 1.5 + 0.25 + 1.0 and "beside the clustering" not in render_html(r, {})

@@ -314,6 +314,10 @@ def render_html(result: AnalysisResult, pngs: Mapping[str, bytes], *,
     steps = [(key, f"{v:.1f} s") for key, v in result.timings.items() if key != "total"]
     out.append("<table>" + _rows(steps + [("total (wall)", f"{result.total_seconds:.1f} s")])
                + "</table>")
+    if sum(v for k, v in result.timings.items() if k != "total") > result.total_seconds + 0.05:
+        out.append("<p>The stability sweep ran on worker processes beside the clustering, the "
+                   "modules' influence maps and the hybrids (its time runs from its start to "
+                   "its end), so the steps add up to more than the total.</p>")
     out.append("<h3>Versions</h3>")
     out.append("<table>" + _rows(_versions(result)) + "</table>")
     if files:

@@ -194,9 +194,9 @@ class Explanation:
     flops_hybrid : float
         FLOPs of one hybrid on this path (per channel swap and pair).
     batching : str
-        How influence maps choose the hybrids per call at this layer: by the memory budget,
-        or by timing on the first block (with the operations that make batching hurt),
-        and the shape the latest run chose.
+        How influence maps choose the hybrids per call at this layer: by the memory budget
+        (its units per call timed), or by timing whole shapes on the first block (with the
+        operations that make batching hurt), and the shape the latest run chose.
     """
 
     layer: str
@@ -495,7 +495,8 @@ class Engine:
     def _batching(self, layer: str) -> str:
         why = self.batch_dependent_ops()
         text = ("timed on the first block of each influence run (" + why + ")" if why
-                else "set by the memory budget (no operation grows with the batch)")
+                else "set by the memory budget (no operation grows with the batch), its "
+                "units per call timed on the first block when enough units allow it")
         last = self.batch_choices.get(layer)
         if last is not None:
             text += f"; the latest run used {last if last.timed else last.shape_text()}"
