@@ -40,7 +40,8 @@ def choose_batch(adapter: GeneratorAdapter, runner: Any, z1: L.Latent, z2: L.Lat
     Where the generator has operations that batching can slow down
     (:func:`~cfmodules.engine.batch_dependent_ops`), candidate shapes (and, with
     ``algorithm="auto"``, the naive rerun) are timed on real hybrids of the first units,
-    whose sums go into the block through ``add``; else the memory budget sets the shape.
+    whose sums go into the block through ``add``; else the memory budget sets the shape
+    and only its units per call are timed (when two candidates fit in half the units).
     """
     n_p, n_u = L.batch_size(z1), len(runner.units)
     path = runner.swaps.path

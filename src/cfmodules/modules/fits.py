@@ -177,6 +177,7 @@ class ParallelRun:
         except BaseException:
             self.cancel()
             raise
+        self._done = None  # finished: nothing left for cancel() to stop
         return out
 
     def cancel(self) -> None:
