@@ -144,10 +144,13 @@ class _Steps:
         self.timings: dict[str, float] = {}
         self._started: dict[str, float] = {}
 
-    def run(self, name: str, text: str, fn: Callable[[], Any]) -> Any:
+    def _announce(self, text: str) -> None:
         self.i += 1
         if self.verbose:
             print(f"[{self.i}/{self.total}] {text}", file=sys.stderr, flush=True)
+
+    def run(self, name: str, text: str, fn: Callable[[], Any]) -> Any:
+        self._announce(text)
         t = time.perf_counter()
         out = fn()
         self.timings[name] = time.perf_counter() - t
@@ -156,9 +159,9 @@ class _Steps:
     def start(self, name: str, text: str, fn: Callable[[], Any]) -> Any:
         """Like :meth:`run` for a step that goes on beside the next ones; its timing runs
         from here to :meth:`finish` (wall time, shared with the steps in between)."""
+        self._announce(text)
         self._started[name] = time.perf_counter()
-        out = self.run(name, text, fn)
-        del self.timings[name]  # set by finish()
+        out = fn()
         if getattr(out, "in_background", False) and self.verbose:
             print("      (on the worker processes, beside the next steps)", file=sys.stderr,
                   flush=True)

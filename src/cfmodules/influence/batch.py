@@ -47,10 +47,6 @@ def choose_batch(adapter: GeneratorAdapter, runner: Any, z1: L.Latent, z2: L.Lat
     path = runner.swaps.path
     engine = engine_of(adapter)
     why = engine.batch_dependent_ops()
-
-    def run(shape: BatchShape, us: slice, ps: slice) -> None:
-        add(us, runner.diffs(us, ps, shape.path))
-
     if why is None:  # only the units per call are timed: they change no number
         memory.begin_block(runner, z1, z2, first_pair)
         budget = memory.capped(default_shape(n_p, max_rows, path), runner.rows_cap)
@@ -90,6 +86,10 @@ def choose_batch(adapter: GeneratorAdapter, runner: Any, z1: L.Latent, z2: L.Lat
         runner.options["hook"] = HookSwaps(adapter, runner.swaps.groups)
         naive = "hook"
     memory.begin_block(runner, z1, z2, first_pair, paths=list(runner.options))
+
+    def run(shape: BatchShape, us: slice, ps: slice) -> None:
+        add(us, runner.diffs(us, ps, shape.path))
+
     choice, done = time_shapes(candidate_shapes(n_u, n_p, max_rows, path, naive), n_u, n_p,
                                run, adapter.device)
     if choice is None:
