@@ -300,6 +300,46 @@ def test_an_error_beside_the_sweep_stops_it_and_restores_the_threads(monkeypatch
     assert again.stability is not None
 
 
+@pytest.mark.parametrize("where", ["announcing it", "right after"])
+def test_an_interrupt_just_after_the_sweep_starts_stops_it(monkeypatch, capsys, where):
+    """SIGTERM arriving while the sweep's line is printed, or just after, must cancel the
+    running sweep (a sweep nobody holds is aborted by joblib mid-task, with a traceback)."""
+    import sys
+
+    import cfmodules.analysis as analysis_mod
+
+    class Sweep:
+        in_background, cancelled = True, 0
+
+        def cancel(self):
+            self.cancelled += 1
+
+        def result(self):
+            raise AssertionError("not reached")
+
+    sweep = Sweep()
+    monkeypatch.setattr(analysis_mod, "start_stability_sweep", lambda *a, **k: sweep)
+
+    class Interrupting:
+        def write(self, text):
+            if where == "announcing it" and "worker processes" in text:
+                raise KeyboardInterrupt
+            sys.__stderr__.write(text)
+
+        def flush(self):
+            pass
+
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sys, "stderr", Interrupting())
+    if where == "right after":
+        monkeypatch.setattr(analysis_mod, "cluster_maps", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        analyze(zoo.load("planted-conv"), progress=True, n_jobs=2, **SMALL)
+    assert sweep.cancelled == 1
+
+
 def test_figures_drawn_ahead_give_the_same_report(tmp_path):
     from cfmodules.report import draw_figures
 

@@ -162,9 +162,15 @@ class _Steps:
         self._announce(text)
         self._started[name] = time.perf_counter()
         out = fn()
-        if getattr(out, "in_background", False) and self.verbose:
-            print("      (on the worker processes, beside the next steps)", file=sys.stderr,
-                  flush=True)
+        try:
+            if getattr(out, "in_background", False) and self.verbose:
+                print("      (on the worker processes, beside the next steps)",
+                      file=sys.stderr, flush=True)
+        except BaseException:  # an interrupt before the caller holds ``out``: stop it here
+            cancel = getattr(out, "cancel", None)
+            if cancel is not None:
+                cancel()
+            raise
         return out
 
     def finish(self, name: str, fn: Callable[[], Any]) -> Any:
@@ -434,14 +440,14 @@ def analyze(
     if units is None:  # a rank other than 0 under torch.distributed
         return None
     sweep = None
-    if s.stability_ks:  # needs only the maps: on the workers while the next steps run here
-        sweep = steps.start(
-            "stability", f"stability sweep K={list(s.stability_ks)}, "
-            f"{'/'.join(s.stability_methods)}, {s.stability_repeats} repeats",
-            lambda: start_stability_sweep(units.maps, s, progress=progress, n_jobs=jobs))
-    busy = sweep is not None and sweep.in_background
     threads = torch.get_num_threads()
-    try:
+    try:  # from the sweep's start: an interrupt at any point after it must cancel it
+        if s.stability_ks:  # needs only the maps: on the workers while the next steps run here
+            sweep = steps.start(
+                "stability", f"stability sweep K={list(s.stability_ks)}, "
+                f"{'/'.join(s.stability_methods)}, {s.stability_repeats} repeats",
+                lambda: start_stability_sweep(units.maps, s, progress=progress, n_jobs=jobs))
+        busy = sweep is not None and sweep.in_background
         if busy:  # the workers hold the cores: torch's spinning threads would fight them
             torch.set_num_threads(1)  # (hybrids took 8x longer with 2 threads beside them)
         # beside a running sweep the clustering stays in this process: on the workers it
