@@ -116,6 +116,7 @@ def test_timing_runs_nothing_when_fewer_than_two_candidates_fit():
 def test_units_per_call_are_timed_where_batching_cannot_hurt_and_change_no_number(monkeypatch):
     """DCGAN: no operation grows with the batch, so only the units per call are timed
     (whole pairs each call); the maps equal the memory budget's shape to float rounding."""
+    monkeypatch.setenv("CFMODULES_NATIVE", "0")  # the PyTorch path: hybrids, timed
     from cfmodules import zoo
     from cfmodules.influence import batch
 

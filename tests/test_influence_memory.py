@@ -191,6 +191,7 @@ def test_out_of_memory_in_the_prefix_of_one_pair_stops(monkeypatch):
 def test_out_of_memory_while_timing_the_units_per_call(monkeypatch):
     """The first block times units per call; an allocation failure there halves the batch
     like any other, warned once, and no hybrid is lost or counted twice."""
+    monkeypatch.setenv("CFMODULES_NATIVE", "0")  # the PyTorch path: hybrids, timed
     from cfmodules import zoo
 
     ad = zoo.load("dcgan-faces")

@@ -65,16 +65,20 @@ class BatchChoice:
     timed : tuple of (BatchShape, float)
         Each candidate timed on the first block and its seconds per hybrid (empty when the
         memory budget alone chose).
+    chosen_by : str
+        What chose the shape when neither timing nor the memory budget did (``"fused
+        kernel"``: :mod:`cfmodules.engine.tail`); empty otherwise.
     """
 
     shape: BatchShape
     reason: str
     timed: tuple[tuple[BatchShape, float], ...] = ()
+    chosen_by: str = ""
 
     def to_dict(self) -> dict:
         """JSON-ready: ``{"units", "pairs", "path", "chosen_by", "timed_ms_per_hybrid"}``."""
         return {"units": self.shape.units, "pairs": self.shape.pairs, "path": self.shape.path,
-                "chosen_by": "timing" if self.timed else "memory budget",
+                "chosen_by": self.chosen_by or ("timing" if self.timed else "memory budget"),
                 "reason": self.reason,
                 "timed_ms_per_hybrid": {str(s): round(t * 1e3, 4) for s, t in self.timed}}
 

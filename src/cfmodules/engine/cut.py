@@ -64,6 +64,7 @@ from cfmodules.engine.capture import (
     trace_partial,
 )
 from cfmodules.engine.paths import FxSplit, HookSplit, Split, SplitState
+from cfmodules.engine.tail import kernel_note
 from cfmodules.errors import ConfigError, ShapeError
 from cfmodules.hooks import LayerRef, resolve_layer
 
@@ -197,6 +198,9 @@ class Explanation:
         How influence maps choose the hybrids per call at this layer: by the memory budget
         (its units per call timed), or by timing whole shapes on the first block (with the
         operations that make batching hurt), and the shape the latest run chose.
+    kernel : str
+        With the linear shortcut at a DCGAN tail: whether the fused C kernel
+        (:mod:`cfmodules.engine.tail`) computes the maps here, and why not; else "".
     """
 
     layer: str
@@ -208,6 +212,7 @@ class Explanation:
     flops_full: float
     flops_hybrid: float
     batching: str = ""
+    kernel: str = ""
 
     @property
     def limit(self) -> float:
@@ -221,6 +226,8 @@ class Explanation:
                  f"  why: {self.reason}",
                  f"  one hybrid {self.flops_hybrid / 1e6:.3g} MFLOP, one forward "
                  f"{self.flops_full / 1e6:.3g} MFLOP: at most {self.limit:.2f}x a naive rerun"]
+        if self.kernel:
+            lines.append(f"  kernel: {self.kernel}")
         if self.batching:
             lines.append(f"  batch shape: {self.batching}")
         lines += [f"  tried {a}" for a in self.attempts]
@@ -464,7 +471,7 @@ class Engine:
                        else "torch.export graph of the forward" if entry.capture.kind == "export"
                        else f"partial at '{entry.capture.where}'" if entry.capture.where
                        else "partial at the generator (called by forward=)")
-        linear_cut = None
+        linear_cut, kernel, fused = None, "", False
         if algorithm == "hook" or entry.path == "hook":
             hybrid = full
             if algorithm == "hook" and entry.path != "hook":
@@ -480,6 +487,9 @@ class Engine:
                     op = count_flops(lambda: plan.pre_activation(a))[0]
                 hybrid = (after + op / max(a.shape[1], 1)) / 2
                 path, linear_cut = "linear shortcut", plan.cut
+                plain = cut.graph_split(state)
+                kernel, fused = kernel_note(plan, None if plain is None else plain.suffix_module,
+                                            ad)
                 reason = (f"'{ref.name}' feeds only '{plan.op_name}' (a linear module"
                           f"{' + BatchNorm' if plan.bn is not None else ''}): a hybrid adds one "
                           f"channel's contribution and runs what follows '{plan.cut}'; "
@@ -490,11 +500,13 @@ class Engine:
                 with ad.eval_mode():
                     hybrid = count_flops(lambda: cut.suffix(state, state.activation))[0] / 2
         return Explanation(ref.name, path, capture, reason, entry.attempts, linear_cut,
-                           float(full), float(hybrid), self._batching(ref.name))
+                           float(full), float(hybrid), self._batching(ref.name, fused), kernel)
 
-    def _batching(self, layer: str) -> str:
+    def _batching(self, layer: str, fused: bool = False) -> str:
         why = self.batch_dependent_ops()
         text = ("timed on the first block of each influence run (" + why + ")" if why
+                else "all the block's pairs per call, a few units per thread: the fused kernel "
+                "makes one hybrid at a time, so no number depends on it" if fused
                 else "set by the memory budget (no operation grows with the batch), its "
                 "units per call timed on the first block when enough units allow it")
         last = self.batch_choices.get(layer)

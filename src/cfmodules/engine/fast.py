@@ -337,6 +337,11 @@ class FastSplit:
         self.suffix_after_relu = strip_leading_relu(self.suffix_module)
 
     @property
+    def plain_suffix(self) -> fx.GraphModule | None:
+        """The suffix graph before acceleration (None on the hook path)."""
+        return None if self._plain is None else self._plain.suffix_module
+
+    @property
     def needs_latent(self) -> bool:
         """Whether :meth:`suffix` re-runs from ``state.latent`` (the hook split)."""
         return self.suffix_module is None

@@ -31,6 +31,7 @@ from cfmodules.engine.linear import (
     single_channel_contributions,
 )
 from cfmodules.engine.paths import SplitState
+from cfmodules.engine.tail import FusedTail
 from cfmodules.engine.workspace import Workspace
 
 __all__ = ["Swaps", "SplitSwaps", "LinearSwaps", "HookSwaps", "plan_swaps"]
@@ -72,6 +73,16 @@ class Swaps:
     def hybrids(self, units: slice, pairs: slice) -> torch.Tensor:
         """Images ``(u * p, C, H, W)`` of groups ``units`` and pairs ``pairs`` (caller's own)."""
         raise NotImplementedError
+
+    @property
+    def fused(self) -> bool:
+        """Whether :meth:`sums` comes from a fused kernel for the current block."""
+        return False
+
+    def sums(self, units: slice, pairs: slice) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Sum and sum of squares over ``pairs`` of the maps of ``units`` (float64
+        ``(u, H, W)``) straight from a fused kernel, or None: use :meth:`hybrids`."""
+        return None
 
 
 def _state_rows(split: FastSplit, state: SplitState, n_units: int, pairs: slice,
@@ -151,6 +162,9 @@ class LinearSwaps(Swaps):
                               and self.cut_split.runs_native_conv2d)
         self._weights_at = -1
         self._follow()
+        self.tail: FusedTail | None = None  # the DCGAN tail kernel, when it applies
+        self._tail_for: object = False  # the suffix graph it was matched against
+        self.tail_active = False
 
     def _follow(self) -> None:
         """(Re)make the weight copies when the engine saw the weights change."""
@@ -185,7 +199,25 @@ class LinearSwaps(Swaps):
         self.fuse_relu = (self.cut_split.starts_with_relu and self.single
                           and fused_add_relu_is_exact(self.prepared, self.delta,
                                                       self.state.activation))
+        self.tail_active = False
+        if self.fuse_relu and self.delta.dtype == torch.float32:
+            plain = self.cut_split.plain_suffix
+            if plain is not self._tail_for:
+                self._tail_for = plain
+                self.tail = FusedTail.match(self.plan, plain, self.adapter)
+            if self.tail is not None:
+                self.tail.begin_block(self.weight, self.delta, self.state.activation)
+                self.tail_active = True
         return self.y
+
+    @property
+    def fused(self) -> bool:
+        return self.tail_active
+
+    def sums(self, units: slice, pairs: slice) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if not self.tail_active:
+            return None
+        return self.tail.sums(self.channels[units], pairs)  # type: ignore[union-attr]
 
     def hybrids(self, units: slice, pairs: slice) -> torch.Tensor:
         ids = range(len(self.groups))[units]

@@ -31,10 +31,13 @@ from cfmodules.influence import memory
 
 __all__ = ["choose_batch"]
 
+_FUSED_UNITS_PER_THREAD = 8
+"""Units per call and thread on the fused path: calls of ~20 ms at 32 pairs (DCGAN main.8)."""
+
 
 def choose_batch(adapter: GeneratorAdapter, runner: Any, z1: L.Latent, z2: L.Latent,
                   first_pair: int, max_rows: int, algorithm: str,
-                  add: Callable[[slice, torch.Tensor], None]) -> int:
+                  add: Callable[[slice, slice, tuple[torch.Tensor, torch.Tensor]], None]) -> int:
     """Begin the first block and choose ``runner``'s batch shape; returns the units done.
 
     Where the generator has operations that batching can slow down
@@ -49,6 +52,15 @@ def choose_batch(adapter: GeneratorAdapter, runner: Any, z1: L.Latent, z2: L.Lat
     why = engine.batch_dependent_ops()
     if why is None:  # only the units per call are timed: they change no number
         memory.begin_block(runner, z1, z2, first_pair)
+        if runner.swaps.fused:  # a fused kernel: no hybrid is materialised, nothing to time
+            units = min(n_u, _FUSED_UNITS_PER_THREAD * torch.get_num_threads())
+            runner.choice = BatchChoice(
+                BatchShape(units, n_p, path),
+                "the fused DCGAN-tail kernel (cfmodules.engine.tail): each hybrid is made "
+                "and summed in cache, one unit per thread at a time; no number depends on it",
+                chosen_by="fused kernel")
+            engine.record_batch(runner.key, runner.choice)
+            return 0
         budget = memory.capped(default_shape(n_p, max_rows, path), runner.rows_cap)
         # timed calls take all the block's pairs, so the units before a failed one are done
         shapes = unit_candidates(budget, n_u) if budget.pairs == n_p else []
@@ -56,14 +68,14 @@ def choose_batch(adapter: GeneratorAdapter, runner: Any, z1: L.Latent, z2: L.Lat
 
         def timed(shape: BatchShape, us: slice, ps: slice) -> None:
             try:
-                d = runner.diffs(us, ps, shape.path)
+                sums = runner.sums(us, ps, shape.path)
             except Exception as e:  # noqa: BLE001 - only out-of-memory errors are handled
                 if not memory.is_out_of_memory(e):
                     raise
                 memory.halve_rows(runner, adapter.device, e, shape.units * n_p,
                                   runner.units[us][0].name)
                 raise _TimingOutOfMemory() from e
-            add(us, d)
+            add(us, ps, sums)
             finished[0] = us.stop
 
         try:
@@ -88,7 +100,7 @@ def choose_batch(adapter: GeneratorAdapter, runner: Any, z1: L.Latent, z2: L.Lat
     memory.begin_block(runner, z1, z2, first_pair, paths=list(runner.options))
 
     def run(shape: BatchShape, us: slice, ps: slice) -> None:
-        add(us, runner.diffs(us, ps, shape.path))
+        add(us, ps, runner.sums(us, ps, shape.path))
 
     choice, done = time_shapes(candidate_shapes(n_u, n_p, max_rows, path, naive), n_u, n_p,
                                run, adapter.device)

@@ -197,6 +197,13 @@ class _Runner:
         out = swaps.hybrids(units, pairs)
         return _abs_diff(out, self.ys[swaps.path][pairs], len(range(len(self.units))[units]))
 
+    def sums(self, units: slice, pairs: slice, path: str | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sum and sum of squares over ``pairs`` of the maps of ``units``, float64 ``(u, H, W)``:
+        from the swaps' fused kernel when it has one for this block, else from :meth:`diffs`."""
+        fused = self.options[path or self.swaps.path].sums(units, pairs)
+        return fused if fused is not None else _sums(self.diffs(units, pairs, path))
+
     def _check_y(self, y: torch.Tensor, first_pair: int) -> None:
         if y.dim() != 4:
             raise GeneratorOutputError(
@@ -437,17 +444,17 @@ def _run_part(adapter: GeneratorAdapter, runner: _Runner, rows: list[int], block
     """Add the sums of ``runner``'s hybrids for pairs ``z1, z2`` (a block or part of one)."""
     n_p = L.batch_size(z1)
 
-    def add(us: slice, d: torch.Tensor) -> None:
-        block.add(_index(rows, us), *_sums(d))
+    def add(us: slice, ps: slice, sums: tuple[torch.Tensor, torch.Tensor]) -> None:
+        block.add(_index(rows, us), *sums)
         if bar is not None:
-            bar.update(d.shape[0] * d.shape[1])
+            bar.update(sums[0].shape[0] * (ps.stop - ps.start))
 
     start = 0
     if runner.choice is None:  # the first block chooses the batch shape
         start = choose_batch(adapter, runner, z1, z2, first_pair, max_rows, algorithm, add)
     else:
         memory.begin_block(runner, z1, z2, first_pair)
-    shape = memory.capped(runner.choice.shape if runner.choice.timed
+    shape = memory.capped(runner.choice.shape if runner.choice.timed or runner.swaps.fused
                           else default_shape(n_p, max_rows, runner.swaps.path), runner.rows_cap)
     memory.run_chunks(runner, _chunks(len(rows), n_p, shape, start), shape, add, adapter.device)
     if not block.is_finite(_index(rows, slice(None))):

@@ -245,8 +245,9 @@ def _split(chunk: tuple[slice, slice], shape: BatchShape) -> list[tuple[slice, s
 
 
 def run_chunks(runner: Any, chunks: list[tuple[slice, slice]], shape: BatchShape,
-               add: Callable[[slice, torch.Tensor], None], device: torch.device) -> None:
-    """``add(units, runner.diffs(units, pairs))`` for every chunk, halving after OOM.
+               add: Callable[[slice, slice, tuple[torch.Tensor, torch.Tensor]], None],
+               device: torch.device) -> None:
+    """``add(units, pairs, runner.sums(units, pairs))`` for every chunk, halving after OOM.
 
     On an out-of-memory error (CUDA, or a CPU allocation failure) the failed chunk and
     every later one are cut into calls of half as many hybrids, once warned per run
@@ -258,7 +259,7 @@ def run_chunks(runner: Any, chunks: list[tuple[slice, slice]], shape: BatchShape
     while pending:
         us, ps = pending.popleft()
         try:
-            d = runner.diffs(us, ps)
+            sums = runner.sums(us, ps)
         except Exception as e:  # noqa: BLE001 - only out-of-memory errors are handled
             if not is_out_of_memory(e):
                 raise
@@ -273,7 +274,7 @@ def run_chunks(runner: Any, chunks: list[tuple[slice, slice]], shape: BatchShape
             rest = [(us, ps), *pending]
             pending = deque(c for chunk in rest for c in _split(chunk, shape))
             continue
-        add(us, d)
+        add(us, ps, sums)
 
 
 def halve_rows(runner: Any, device: torch.device, error: BaseException, rows: int,
