@@ -27,6 +27,7 @@ import ctypes
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
@@ -177,11 +178,13 @@ class FusedTail:
     def sums(self, channels: torch.Tensor, pairs: slice) -> tuple[torch.Tensor, torch.Tensor]:
         """Sum and sum of squares over ``pairs`` of the maps of ``channels``, float64
         ``(U, 4H, 4W)`` each (as :func:`cfmodules.influence.maps._sums` of the hybrids)."""
-        units = channels.to(torch.int64).cpu().contiguous()
-        n_u = units.numel()
+        # the bookkeeping around the calls is numpy's: a PyTorch operation here would wake
+        # its OpenMP threads, which then spin on the cores the kernel's threads need
+        units = np.ascontiguousarray(channels.cpu().numpy(), dtype=np.int64)
+        n_u = units.size
         h, w = self.hw
-        s = torch.zeros(n_u, 4, 4, h, w, dtype=torch.float64)
-        q = torch.zeros_like(s)
+        s = np.zeros((n_u, 4, 4, h, w))
+        q = np.zeros_like(s)
         dpad, base, img = (t[pairs] for t in (self.dpad, self.base, self.img))
         n_p = dpad.shape[0]
         bias = _P(self.bias.data_ptr()) if self.bias is not None else None
@@ -193,10 +196,10 @@ class FusedTail:
             if hi == lo:
                 return 0
             return self.lib.cfm_tail_sums(
-                hi - lo, _P(units.data_ptr() + 8 * lo), n_p, self.c_in, self.c_mid,
+                hi - lo, _P(units.ctypes.data + 8 * lo), n_p, self.c_in, self.c_mid,
                 self.c_out, h, w, self.a.shape[1], _P(dpad.data_ptr()), _P(self.w1.data_ptr()),
                 _P(base.data_ptr()), _P(self.a.data_ptr()), bias, _P(img.data_ptr()),
-                _P(s[lo].data_ptr()), _P(q[lo].data_ptr()))
+                _P(s[lo].ctypes.data), _P(q[lo].ctypes.data))
 
         if n_threads == 1:
             codes = [run(0)]
@@ -224,9 +227,10 @@ def _executor(n: int) -> ThreadPoolExecutor:
         return _pool
 
 
-def _unpermute(t: torch.Tensor) -> torch.Tensor:
+def _unpermute(t: np.ndarray) -> torch.Tensor:
     n, _, _, h, w = t.shape
-    return t.permute(0, 3, 1, 4, 2).reshape(n, 4 * h, 4 * w)
+    return torch.from_numpy(np.ascontiguousarray(t.transpose(0, 3, 1, 4, 2)).reshape(n, 4 * h,
+                                                                                     4 * w))
 
 
 def _check(rc: int) -> None:

@@ -90,7 +90,13 @@ class BlockSums:
         if self.s is None or self.q is None:
             self.s = s.new_zeros(self.n_units, *s.shape[1:])
             self.q = s.new_zeros(self.n_units, *s.shape[1:])
-        if isinstance(index, slice):
+        if self.s.device.type == "cpu" and s.device.type == "cpu":
+            # numpy's add: one thread, so PyTorch's OpenMP threads are not woken between
+            # the calls of a fused kernel, where they would spin on the cores it uses
+            rows = index if isinstance(index, slice) else index.numpy()
+            self.s.numpy()[rows] += s.detach().numpy()
+            self.q.numpy()[rows] += q.detach().numpy()
+        elif isinstance(index, slice):
             self.s[index] += s
             self.q[index] += q
         else:
