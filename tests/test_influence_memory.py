@@ -206,3 +206,43 @@ def test_out_of_memory_while_timing_the_units_per_call(monkeypatch):
     assert got.settings["memory"]["rows_after_out_of_memory"]["main.8"] <= 40
     np.testing.assert_allclose(got.maps, want.maps, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(got.stderr, want.stderr, rtol=1e-5, atol=1e-7)
+
+
+def test_out_of_memory_while_timing_whole_shapes_loses_and_repeats_nothing(monkeypatch):
+    """A generator whose grouped convolutions grow with the batch has whole shapes timed,
+    some over several calls per group of units: an allocation failure in the middle of
+    a group halves the batch, warned once, and the maps are those of an undisturbed run."""
+    from cfmodules import GeneratorAdapter
+    from engine_helpers import StyleLike, init
+
+    ad = GeneratorAdapter(init(StyleLike(ch=16), 2), ((4,), (1, 4, 4), (1, 8, 8)))
+    want = influence_maps(ad, "conv0", n_pairs=6, **KW)
+    assert want.settings["batch"]["conv0"]["chosen_by"] == "timing"
+    calls: list[tuple[int, int, int]] = []  # (rows, first pair, pairs) of every call
+    fail_at = [None]
+    classes = (swaps_mod.SplitSwaps, swaps_mod.HookSwaps)
+    reals = {cls: cls.hybrids for cls in classes}
+
+    def patched(cls):
+        def hybrids(self, units, pairs):
+            n = pairs.stop - pairs.start
+            calls.append((len(range(len(self.groups))[units]) * n, pairs.start, n))
+            if fail_at[0] is not None and len(calls) > fail_at[0] and calls[-1][0] > 1:
+                raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to "
+                                   "allocate 123456789 bytes. Error code 12")
+            return reals[cls](self, units, pairs)
+        return hybrids
+
+    for cls in classes:
+        monkeypatch.setattr(cls, "hybrids", patched(cls))
+    influence_maps(ad, "conv0", n_pairs=6, **KW)  # a dry run: which call is mid-group?
+    fail_at[0] = next(i for i, (_, p0, n) in enumerate(calls) if p0 > 0 and n < 6)
+    calls.clear()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        got = influence_maps(ad, "conv0", n_pairs=6, **KW)
+    assert len([w for w in seen if "Out of memory" in str(w.message)]) == 1
+    assert "timing shapes ran out of memory" in got.settings["batch"]["conv0"]["reason"]
+    assert got.settings["batch"]["conv0"]["chosen_by"] == "memory budget"
+    np.testing.assert_allclose(got.maps, want.maps, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got.stderr, want.stderr, rtol=1e-4, atol=1e-6)

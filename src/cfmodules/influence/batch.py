@@ -5,7 +5,8 @@ slow the generator down (:func:`~cfmodules.engine.batch_dependent_ops`), whole s
 the naive rerun are timed; elsewhere only the units per call, which change no number,
 between the memory budget's and one unit (:func:`~cfmodules.engine.unit_candidates`).
 The timed calls compute real hybrids, whose sums are kept; an out-of-memory error while
-timing halves the batch as anywhere else (:mod:`cfmodules.influence.memory`).
+timing (either kind) halves the batch as anywhere else (:mod:`cfmodules.influence.memory`)
+and the rest of the run takes the memory budget's shape.
 """
 
 from __future__ import annotations
@@ -98,16 +99,38 @@ def choose_batch(adapter: GeneratorAdapter, runner: Any, z1: L.Latent, z2: L.Lat
         runner.options["hook"] = HookSwaps(adapter, runner.swaps.groups)
         naive = "hook"
     memory.begin_block(runner, z1, z2, first_pair, paths=list(runner.options))
+    # a group of units is timed over several calls when a shape takes fewer pairs: its
+    # sums are added once it has every pair, so an out-of-memory error in the middle of
+    # a group loses nothing finished and counts nothing twice
+    group: list[tuple[slice, slice, Any]] = []
+    finished = [0]
 
     def run(shape: BatchShape, us: slice, ps: slice) -> None:
-        add(us, ps, runner.sums(us, ps, shape.path))
+        try:
+            sums = runner.sums(us, ps, shape.path)
+        except Exception as e:  # noqa: BLE001 - only out-of-memory errors are handled
+            if not memory.is_out_of_memory(e):
+                raise
+            memory.halve_rows(runner, adapter.device, e,
+                              (us.stop - us.start) * (ps.stop - ps.start),
+                              runner.units[us][0].name)
+            raise _TimingOutOfMemory() from e
+        group.append((us, ps, sums))
+        if ps.stop == n_p:
+            for item in group:
+                add(*item)
+            group.clear()
+            finished[0] = us.stop
 
-    choice, done = time_shapes(candidate_shapes(n_u, n_p, max_rows, path, naive), n_u, n_p,
-                               run, adapter.device)
+    try:
+        choice, done = time_shapes(candidate_shapes(n_u, n_p, max_rows, path, naive), n_u,
+                                   n_p, run, adapter.device)
+        too_few = f"{n_u} unit(s) x {n_p} pair(s) are too few to time shapes"
+    except _TimingOutOfMemory:  # the rest runs halved, on this runner's own path
+        choice, done, too_few = None, finished[0], "timing shapes ran out of memory"
     if choice is None:
         choice = BatchChoice(default_shape(n_p, max_rows, path),
-                             f"set by the memory budget: {why}, but {n_u} unit(s) x {n_p} "
-                             "pair(s) are too few to time shapes")
+                             f"set by the memory budget: {why}, but {too_few}")
     else:
         choice = BatchChoice(choice.shape, f"{choice.reason}: {why}", choice.timed)
     runner.choice = choice
@@ -118,4 +141,4 @@ def choose_batch(adapter: GeneratorAdapter, runner: Any, z1: L.Latent, z2: L.Lat
 
 
 class _TimingOutOfMemory(Exception):
-    """An out-of-memory error while timing units per call (the timing stops there)."""
+    """An out-of-memory error while timing (the timing stops there)."""
