@@ -44,10 +44,12 @@ _KY = {(0, 0): 1, (0, 1): 3, (1, 0): 0, (1, 1): 2}
 
 
 def _is_dcgan_convt(m: nn.Module) -> bool:
-    """A plain ``ConvTranspose2d(kernel 4, stride 2, padding 1)``, groups 1, float32."""
+    """A plain ``ConvTranspose2d(kernel 4, stride 2, padding 1)``, groups 1, float32, with
+    no hook that could change its weight or output (old-style spectral norm, user hooks)."""
     return (type(m) is nn.ConvTranspose2d and m.kernel_size == (4, 4) and m.stride == (2, 2)
             and m.padding == (1, 1) and m.dilation == (1, 1) and m.output_padding == (0, 0)
-            and m.groups == 1 and m.padding_mode == "zeros" and m.weight.dtype == torch.float32)
+            and m.groups == 1 and m.padding_mode == "zeros" and m.weight.dtype == torch.float32
+            and not (m._forward_pre_hooks or m._forward_hooks))
 
 
 def _is(gm: fx.GraphModule, node: fx.Node, module: type, functions: tuple) -> bool:
@@ -70,7 +72,7 @@ def _suffix_tail(gm: fx.GraphModule) -> nn.ConvTranspose2d | None:
         return None
     if conv.args != (relu,) or conv.kwargs or not _is_dcgan_convt(gm.get_submodule(conv.target)):
         return None
-    if not (_is(gm, tanh, nn.Tanh, (torch.tanh,)) and tanh.args[0] is conv):
+    if not (_is(gm, tanh, nn.Tanh, (torch.tanh, F.tanh)) and tanh.args[0] is conv):
         return None
     if out.args != (tanh,) or len(x.users) != 1 or len(relu.users) != 1 or len(conv.users) != 1:
         return None
