@@ -21,7 +21,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 # low to high; a module imports only from its own layer or a lower one
 LAYERS: list[tuple[str, set[str]]] = [
     ("foundation", {"errors", "_lazy", "names", "checks", "files", "results",
-                    "__version__",
+                    "__version__", "native",  # native: builds the C kernels
                     "display", "images"}),  # notebook display and image grids
     ("latents and hooks", {"latents", "hooks", "noise", "channels", "layers"}),
     ("adapter", {"adapter"}),

@@ -17,8 +17,8 @@ import pytest
 import torch
 from torch import nn
 
-from cfmodules import GeneratorAdapter
-from cfmodules.engine import explain, native
+from cfmodules import GeneratorAdapter, native
+from cfmodules.engine import explain
 from cfmodules.engine import tail as tail_mod
 from cfmodules.influence import influence_maps
 from influence_helpers import _init, naive_maps
@@ -203,7 +203,7 @@ def test_the_build_is_cached_once_and_leaves_no_temporary_files(monkeypatch, tmp
     built = list(tmp_path.iterdir())
     assert len(built) == 1 and built[0].name.startswith("fused_tail-") and built[0].suffix == ".so"
     stamp = built[0].stat().st_mtime_ns
-    code = ("from cfmodules.engine import native; import sys; "
+    code = ("from cfmodules import native; import sys; "
             "sys.exit(native.load('fused_tail') is None or 'built now' in native._why['fused_tail'])")
     env = {**os.environ, "CFMODULES_CACHE_DIR": str(tmp_path)}
     assert subprocess.run([sys.executable, "-c", code], env=env).returncode == 0
@@ -260,3 +260,18 @@ def test_a_weight_change_between_runs_is_seen():
     want = naive_maps(ad, [{"2": [c]} for c in range(12)], 3)
     np.testing.assert_allclose(after.maps, want, rtol=1e-5, atol=1e-6)
     assert not np.allclose(after.maps, before.maps)
+
+
+def test_a_build_can_start_before_torch_loads(tmp_path):
+    """The command line starts the first build beside torch's import: cfmodules.native
+    must not import torch, and a load() after the thread finds the build made."""
+    code = ("import sys; from cfmodules import native; "
+            "t = native.build_in_background('fused_tail'); "
+            "assert 'torch' not in sys.modules, 'native imported torch'; t.join(); "
+            "assert 'built now' in native._why['fused_tail'], native._why['fused_tail']; "
+            "assert native.build_in_background('fused_tail') is None; "
+            "assert native.load('fused_tail') is not None")
+    env = {**os.environ, "CFMODULES_CACHE_DIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert [p.suffix for p in tmp_path.iterdir()] == [".so"]

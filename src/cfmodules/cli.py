@@ -106,6 +106,9 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         from cfmodules.modules.fits import check_jobs, start_workers
 
         start_workers(check_jobs(args.jobs))  # they start while torch loads and maps run
+    from cfmodules import native
+
+    native.build_in_background("fused_tail")  # a first run's compile, beside torch's import
     from cfmodules.analysis import AnalysisSettings, analyze
     from cfmodules.report import write_report
     from cfmodules.results import folder_update

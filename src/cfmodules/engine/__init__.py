@@ -14,9 +14,8 @@ Files, by concern:
   convolutions, in-place tail);
 - :mod:`~cfmodules.engine.linear`: the linear shortcut (hybrids start after a linear module);
 - :mod:`~cfmodules.engine.tail`: the DCGAN tail after the linear shortcut as one fused C
-  kernel (``fused_tail.c``) that returns the maps' sums without materialising hybrids;
-- :mod:`~cfmodules.engine.native`: builds such C kernels with the system's compiler on
-  first use (cached), or says why it cannot (the PyTorch path then runs);
+  kernel (``fused_tail.c``, built by :mod:`cfmodules.native`) that returns the maps' sums
+  without materialising hybrids;
 - :mod:`~cfmodules.engine.swaps`: batches of channel-swap hybrids for influence maps;
 - :mod:`~cfmodules.engine.batching`: how many hybrids per call, timed where batching can
   hurt (convolutions whose groups grow with the batch);

@@ -17,7 +17,7 @@ its pairs in order. A pixel that a swap does not reach is Original 1's bit for b
 map is exactly 0 there, as in the naive rerun.
 
 :meth:`FusedTail.match` says whether a :class:`~cfmodules.engine.swaps.LinearSwaps` has
-this tail; the kernel is built on first use by :mod:`cfmodules.engine.native`, and
+this tail; the kernel is built on first use by :mod:`cfmodules.native`, and
 without a C compiler (or with ``CFMODULES_NATIVE=0``) the PyTorch path runs instead.
 """
 
@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from cfmodules.engine import native
+from cfmodules import native
 
 __all__ = ["FusedTail", "kernel_note"]
 

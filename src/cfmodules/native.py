@@ -2,9 +2,11 @@
 
 Some of the engine's hot loops are faster as one fused C function than as a chain of
 PyTorch operations, because the chain moves every intermediate through memory
-(:mod:`cfmodules.engine.tail`). Such a kernel ships as C source beside this file and is
-built for this machine (``-O3 -march=native``) the first time it is needed, then loaded
-with :mod:`ctypes`; nothing is downloaded and nothing runs at import.
+(:mod:`cfmodules.engine.tail`). Such a kernel ships as C source in the package (listed in
+``KERNELS``) and is built for this machine (``-O3 -march=native``) the first time it is
+needed, then loaded with :mod:`ctypes`; nothing is downloaded and nothing runs at import.
+This file imports nothing of cfmodules and not torch, so the command line can start a
+build (:func:`build_in_background`) before torch has loaded.
 
 - The compiler is ``$CC`` if set, else the one Python was built with, else ``cc``.
 - On x86 the instruction set follows PyTorch's ``ATEN_CPU_CAPABILITY`` when it is set
@@ -32,9 +34,11 @@ import tempfile
 import threading
 from pathlib import Path
 
-__all__ = ["load", "status", "enabled"]
+__all__ = ["KERNELS", "load", "status", "enabled", "build_in_background"]
 
 _HERE = Path(__file__).parent
+KERNELS = {"fused_tail": "engine/fused_tail.c"}
+"""Each kernel's C source, relative to the package."""
 _FLAGS = ["-O3", "-std=gnu11", "-shared", "-fPIC"]
 _lock = threading.Lock()
 _loaded: dict[str, ctypes.CDLL | None] = {}
@@ -96,7 +100,7 @@ def _run(cmd: list[str]) -> subprocess.CompletedProcess:
 def _build(name: str, flags: list[str] | None = None) -> tuple[ctypes.CDLL | None, str]:
     """Build (or take from the cache) and load ``name``; ``flags`` replace the
     ``-march=native`` tries (tests build other instruction sets this way)."""
-    src = _HERE / f"{name}.c"
+    src = _HERE / KERNELS[name]
     cc = _compiler()
     if cc is None:
         return None, "no C compiler found (set CC)"
@@ -160,7 +164,7 @@ def _remove_at_exit(folder: Path) -> None:
 
 
 def load(name: str) -> ctypes.CDLL | None:
-    """The kernel library ``name`` (``<name>.c`` beside this file), built if needed.
+    """The kernel library ``name`` (a key of ``KERNELS``), built if needed.
 
     None when kernels are off (``CFMODULES_NATIVE=0``) or cannot be built here;
     :func:`status` says why. The result is cached for the process.
@@ -179,3 +183,15 @@ def status(name: str) -> str:
         return "off (CFMODULES_NATIVE=0)"
     lib = load(name)
     return ("in use: " if lib is not None else "not in use: ") + _why[name]
+
+
+def build_in_background(name: str) -> threading.Thread | None:
+    """Start building kernel ``name`` in a thread (the compiler runs as a subprocess, beside
+    this process's work), so that a later :func:`load` finds it ready; None when kernels
+    are off or it is loaded already. The thread is not a daemon: the interpreter waits for
+    it at exit, so an interrupted build still removes its temporary file."""
+    if not enabled() or name in _loaded:
+        return None
+    thread = threading.Thread(target=load, args=(name,), name=f"cfmodules-build-{name}")
+    thread.start()
+    return thread
