@@ -275,3 +275,22 @@ def test_a_build_can_start_before_torch_loads(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert [p.suffix for p in tmp_path.iterdir()] == [".so"]
+
+
+def test_cfmodules_analyze_builds_the_kernel_whatever_the_model(monkeypatch, tmp_path):
+    """The command line starts the build before it knows the model (it does not wait for
+    torch); on a model without a DCGAN tail the build is made, and the run is unchanged."""
+    from cfmodules.cli import main
+
+    monkeypatch.setattr(native, "_loaded", {})
+    monkeypatch.setattr(native, "_why", {})
+    monkeypatch.setenv("CFMODULES_CACHE_DIR", str(tmp_path / "cache"))
+    assert main(["analyze", "--model", "planted-conv", "--out", str(tmp_path / "o"),
+                 "--pairs", "2", "--no-stability"]) == 0
+    import threading
+
+    for t in threading.enumerate():  # the build may outlast this small run
+        if t.name == f"cfmodules-build-{tail_mod.KERNEL}":
+            t.join()
+    assert [p.suffix for p in (tmp_path / "cache").iterdir()] == [".so"]
+    assert "built now" in native._why[tail_mod.KERNEL]
