@@ -36,19 +36,26 @@ from explorer_helpers import planted_analysis  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def page():
+def browser():
     adapter, result = planted_analysis()
     server = ExplorerServer(Explorer(result, adapter), port=0).start()
     drv = start_chromium(*found)
     try:
-        drv.get(server.url)
-        wait_for(lambda: drv.execute_script("return document.body.dataset.ready === '1'"),
-                 what="page ready")
-        wait_for(lambda: hybrids_version(drv) >= 1, what="first hybrids")
-        yield drv, adapter, result
+        yield drv, server.url, adapter, result
     finally:
         drv.quit()
         server.stop()
+
+
+@pytest.fixture
+def page(browser):
+    """The explorer freshly opened (the browser is shared; what a test clicked is not)."""
+    drv, url, adapter, result = browser
+    drv.get(url)
+    wait_for(lambda: drv.execute_script("return document.body.dataset.ready === '1'"),
+             what="page ready")
+    wait_for(lambda: hybrids_version(drv) >= 1, what="first hybrids")
+    return drv, adapter, result
 
 
 def test_painting_a_region_selects_its_channels_and_changes_the_hybrids(page, tmp_path):
