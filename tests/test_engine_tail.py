@@ -35,17 +35,20 @@ def _compiler():
 
 
 def dcgan(c_in: int = 12, c_mid: int = 10, c_out: int = 3, size: int = 4, bias: bool = False,
-          bn: bool = True, relu: type = nn.ReLU, out: nn.Module | None = None, k_last: int = 4,
-          seed: int = 0) -> GeneratorAdapter:
-    """A DCGAN whose layer "2" (c_in x size x size) has the tail the kernel fuses."""
+          bn: bool = True, relu: type = nn.ReLU, out: nn.Module | str | None = None,
+          k_last: int = 4, seed: int = 0, **adapter_kw) -> GeneratorAdapter:
+    """A DCGAN whose layer "2" (c_in x size x size) has the tail the kernel fuses; ``out``
+    the output module (default Tanh; ``"none"``: the last convolution's output)."""
     layers = [nn.ConvTranspose2d(5, c_in, size, 1, 0, bias=False), nn.BatchNorm2d(c_in),
               nn.ReLU(True),  # "2"
               nn.ConvTranspose2d(c_in, c_mid, 4, 2, 1, bias=False)]
     if bn:
         layers.append(nn.BatchNorm2d(c_mid))
-    layers += [relu(), nn.ConvTranspose2d(c_mid, c_out, k_last, 2, (k_last - 2) // 2, bias=bias),
-               out if out is not None else nn.Tanh()]
-    return GeneratorAdapter(_init(nn.Sequential(*layers), seed), (5, 1, 1), name="tail")
+    layers += [relu(), nn.ConvTranspose2d(c_mid, c_out, k_last, 2, (k_last - 2) // 2, bias=bias)]
+    if out != "none":
+        layers.append(out if out is not None else nn.Tanh())
+    return GeneratorAdapter(_init(nn.Sequential(*layers), seed), (5, 1, 1), name="tail",
+                            **adapter_kw)
 
 
 def chosen(res) -> str:
@@ -77,6 +80,35 @@ def test_fused_maps_equal_the_naive_rerun_and_the_pytorch_path(monkeypatch, size
     ref = torch_path(monkeypatch, ad, "2", n_pairs=5, **KW)
     np.testing.assert_allclose(got.maps, ref.maps, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(got.stderr, ref.stderr, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("out,transform", [
+    (nn.Sigmoid(), None), ("none", None), ("none", torch.sigmoid), ("none", torch.tanh),
+], ids=["sigmoid", "no activation", "output_transform=sigmoid", "output_transform=tanh"])
+def test_other_output_activations_are_fused(monkeypatch, out, transform):
+    ad = dcgan(size=8, bias=True, out=out, output_transform=transform)
+    got = influence_maps(ad, "2", n_pairs=4, **KW)
+    assert chosen(got) == "fused kernel"
+    want = naive_maps(ad, [{"2": [c]} for c in range(12)], 4)
+    np.testing.assert_allclose(got.maps, want, rtol=1e-5, atol=1e-6)
+    ref = torch_path(monkeypatch, ad, "2", n_pairs=4, **KW)
+    np.testing.assert_allclose(got.maps, ref.maps, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.numerics
+def test_the_pretrained_face_vae(monkeypatch):
+    """The face VAE's decoder ends in a transposed convolution, its adapter applies
+    torch.sigmoid: the same kernel, grey images."""
+    from cfmodules import zoo
+
+    ad = zoo.load("vae-faces")
+    got = influence_maps(ad, "decoder.6", n_pairs=3, **KW)
+    assert got.settings["batch"]["decoder.6"]["chosen_by"] == "fused kernel"
+    with monkeypatch.context() as m:
+        m.setenv("CFMODULES_NATIVE", "0")
+        ref = influence_maps(ad, "decoder.6", n_pairs=3, **KW)
+    np.testing.assert_allclose(got.maps, ref.maps, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.numerics
@@ -210,11 +242,12 @@ def test_the_build_is_cached_once_and_leaves_no_temporary_files(monkeypatch, tmp
     assert list(tmp_path.iterdir()) == built and built[0].stat().st_mtime_ns == stamp
 
 
-@pytest.mark.parametrize("kind", ["leaky relu", "sigmoid out", "kernel 6", "output transform",
-                                  "hooked last conv"])
+@pytest.mark.parametrize("kind", ["leaky relu", "softplus out", "kernel 6", "output transform",
+                                  "hooked last conv", "tanh twice"])
 def test_other_tails_use_the_pytorch_path(kind):
-    kw = {"leaky relu": {"relu": nn.LeakyReLU}, "sigmoid out": {"out": nn.Sigmoid()},
-          "kernel 6": {"k_last": 6}}.get(kind, {})
+    kw = {"leaky relu": {"relu": nn.LeakyReLU}, "softplus out": {"out": nn.Softplus()},
+          "kernel 6": {"k_last": 6},
+          "tanh twice": {"output_transform": torch.tanh}}.get(kind, {})
     ad = dcgan(size=8, **kw)
     if kind == "output transform":
         ad = GeneratorAdapter(ad.generator, (5, 1, 1), output_transform=lambda y: y * 0.5,

@@ -2,11 +2,12 @@
 
    The tail after a swapped layer L (C_in channels, H x W):
        ConvTranspose2d(C_in -> C_mid, 4, stride 2, padding 1) [+ BatchNorm]  -> ReLU
-       -> ConvTranspose2d(C_mid -> C_out, 4, stride 2, padding 1) -> Tanh
+       -> ConvTranspose2d(C_mid -> C_out, 4, stride 2, padding 1) -> Tanh, Sigmoid or nothing
    For the hybrid of channel c and pair p, the pre-activation after the first convolution
    is base[p] (Original 1's) plus channel c's contribution (the linear shortcut,
    cfmodules/engine/linear.py); this file does the rest for one hybrid while its data stay
-   in cache: contribution + base + ReLU, the last convolution as a GEMM plus col2im, Tanh,
+   in cache: contribution + base + ReLU, the last convolution as a GEMM plus col2im, the
+   output activation (act: 0 none, 1 Tanh, 2 Sigmoid),
    |hybrid - Original 1| averaged over colour, and the sum and sum of squares over pairs.
 
    Layouts (float32, C order). The 2H x 2W map after the first convolution is kept in
@@ -87,7 +88,7 @@ INLINE void gemm(int M_pad, int N_pad, int K, const float *A, const float *B, fl
             gemm_tile(K, A + i, M_pad, B + j, N_pad, Y + (size_t)i * N_pad + j, N_pad);
 }
 
-/* exp on [-18, 18] (Cephes expf: Cody-Waite reduction, degree-6 polynomial) */
+/* exp on [-80, 80] (Cephes expf: Cody-Waite reduction, degree-6 polynomial) */
 static inline vf v_exp(vf x) {
     vf n = (x * vset(1.44269504088896341f) + vset(12582912.f)) - vset(12582912.f);
     vf r = x - n * vset(0.693359375f);
@@ -111,14 +112,23 @@ static inline vf v_tanh(vf x) {
     return vset(1.f) - vset(2.f) / (v_exp(x + x) + vset(1.f));
 }
 
+/* sigmoid(x) = 1 / (1 + exp(-x)); |x| clamped to 80, where float sigmoid is 1 or below
+   1e-34 (NaN stays) */
+static inline vf v_sigmoid(vf x) {
+    x = vselect(x < vset(-80.f), vset(-80.f), x);
+    x = vselect(x > vset(80.f), vset(80.f), x);
+    return vset(1.f) / (vset(1.f) + v_exp(-x));
+}
+
 typedef struct {
     int C_in, C_mid, C_out, H, W, M_pad, N_pad;
 } shape_t;
 
-/* col2im of the last ConvT(k4, s2, p1) in output superphase layout, plus bias, then tanh.
+/* col2im of the last ConvT(k4, s2, p1) in output superphase layout, plus bias, then the
+   output activation act (0 none, 1 tanh, 2 sigmoid).
    Y is (M_pad, N_pad): row (co, ky, kx), column (a, b, m, n) = position (2m+a, 2n+b).
    O is (C_out, 4, 4, H, W): O[co, qy, qx, i, j] is output pixel (4i+qy, 4j+qx). */
-INLINE void col2im_tanh(const shape_t *s, const float *Y, const float *bias, float *O) {
+INLINE void col2im_act(const shape_t *s, const float *Y, const float *bias, float *O, int act) {
     const int H = s->H, W = s->W, HW = H * W;
     vi lane0, lanelast;  /* the first and the last lane */
     for (int l = 0; l < VW; l++) { lane0[l] = l == 0 ? -1 : 0; lanelast[l] = l == VW - 1 ? -1 : 0; }
@@ -156,7 +166,10 @@ INLINE void col2im_tanh(const shape_t *s, const float *Y, const float *bias, flo
                 }
             }
     size_t L = (size_t)s->C_out * 16 * HW;  /* a multiple of 16, so of VW */
-    for (size_t i = 0; i < L; i += VW) vstore(O + i, v_tanh(vload(O + i)));
+    if (act == 1)
+        for (size_t i = 0; i < L; i += VW) vstore(O + i, v_tanh(vload(O + i)));
+    else if (act == 2)
+        for (size_t i = 0; i < L; i += VW) vstore(O + i, v_sigmoid(vload(O + i)));
 }
 
 /* B = relu(base + the contribution of one channel's delta) in phase layout (C_mid, 4, H, W),
@@ -220,8 +233,8 @@ static void free_y(float *p) { if (p) free(p - MARGIN); }
 
 /* The originals' images, (P, C_out, 4, 4, H, W), from their pre-activations
    base (P, C_mid, 4, H, W) in phase layout. */
-int cfm_tail_images(int P, int C_mid, int C_out, int H, int W, int M_pad,
-                          const float *base, const float *A, const float *bias, float *img) {
+int cfm_tail_images(int P, int C_mid, int C_out, int H, int W, int M_pad, int act,
+                    const float *base, const float *A, const float *bias, float *img) {
     shape_t s = {0, C_mid, C_out, H, W, M_pad, 0};
     s.N_pad = (4 * H * W + NR - 1) / NR * NR;
     float *B = alloc_zero((size_t)C_mid * s.N_pad), *Y = alloc_y((size_t)M_pad * s.N_pad);
@@ -230,15 +243,15 @@ int cfm_tail_images(int P, int C_mid, int C_out, int H, int W, int M_pad,
     for (int p = 0; p < P; p++) {
         fill_original(&s, base + (size_t)p * C_mid * 4 * H * W, B);
         gemm(M_pad, s.N_pad, C_mid, A, B, Y);
-        col2im_tanh(&s, Y, bias, img + (size_t)p * per);
+        col2im_act(&s, Y, bias, img + (size_t)p * per, act);
     }
     free(B); free_y(Y);
     return 0;
 }
 
-INLINE int tail_sums(const shape_t s, int U, const int64_t *units, int P, const float *dpad,
-                     const float *w1, const float *base, const float *A, const float *bias,
-                     const float *img, double *sums, double *sumsq) {
+INLINE int tail_sums(const shape_t s, int act, int U, const int64_t *units, int P,
+                     const float *dpad, const float *w1, const float *base, const float *A,
+                     const float *bias, const float *img, double *sums, double *sumsq) {
     const int C_in = s.C_in, C_mid = s.C_mid, C_out = s.C_out, H = s.H, W = s.W;
     const int M_pad = s.M_pad;
     const int HW = H * W, HW16 = 16 * HW;
@@ -256,7 +269,7 @@ INLINE int tail_sums(const shape_t s, int U, const int64_t *units, int P, const 
             fill_hybrid(&s, dpad + ((size_t)p * C_in + c) * (H + 2) * (W + 2),
                         w1 + (size_t)c * C_mid * 16, bp, B);
             gemm(M_pad, s.N_pad, C_mid, A, B, Y);
-            col2im_tanh(&s, Y, bias, O);
+            col2im_act(&s, Y, bias, O, act);
             for (int i = 0; i < HW16; i += VW) {
                 vf acc = vset(0.f);
                 for (int co = 0; co < C_out; co++) {
@@ -282,17 +295,17 @@ INLINE int tail_sums(const shape_t s, int U, const int64_t *units, int P, const 
    A (C_mid, M_pad); img (P, C_out, 4, 4, H, W). Returns 0, or -1 if out of memory.
    Common sizes run a copy compiled for them (constant loop bounds: about 1.3x faster). */
 int cfm_tail_sums(int U, const int64_t *units, int P, int C_in, int C_mid, int C_out,
-                  int H, int W, int M_pad, const float *dpad, const float *w1,
+                  int H, int W, int M_pad, int act, const float *dpad, const float *w1,
                   const float *base, const float *A, const float *bias, const float *img,
                   double *sums, double *sumsq) {
     const int N_pad = (4 * H * W + NR - 1) / NR * NR;
 #define CFM_SIZE(h, w, co) \
     if (H == h && W == w && C_out == co) \
-        return tail_sums((shape_t){C_in, C_mid, co, h, w, M_pad, N_pad}, U, units, P, dpad, \
-                         w1, base, A, bias, img, sums, sumsq);
+        return tail_sums((shape_t){C_in, C_mid, co, h, w, M_pad, N_pad}, act, U, units, P, \
+                         dpad, w1, base, A, bias, img, sums, sumsq);
     CFM_SIZE(8, 8, 3) CFM_SIZE(16, 16, 3) CFM_SIZE(32, 32, 3)
     CFM_SIZE(8, 8, 1) CFM_SIZE(16, 16, 1) CFM_SIZE(32, 32, 1)
 #undef CFM_SIZE
-    return tail_sums((shape_t){C_in, C_mid, C_out, H, W, M_pad, N_pad}, U, units, P, dpad, w1,
-                     base, A, bias, img, sums, sumsq);
+    return tail_sums((shape_t){C_in, C_mid, C_out, H, W, M_pad, N_pad}, act, U, units, P,
+                     dpad, w1, base, A, bias, img, sums, sumsq);
 }

@@ -2,12 +2,13 @@
 
 At the penultimate block of a DCGAN (``main.8`` of the faces model), what follows the
 swapped layer is ``ConvTranspose2d(4, 2, 1)`` [+ BatchNorm] -> ReLU ->
-``ConvTranspose2d(4, 2, 1)`` -> Tanh. With the linear shortcut
+``ConvTranspose2d(4, 2, 1)`` -> Tanh (a VAE decoder's: Sigmoid or nothing, or the
+adapter's ``output_transform=torch.sigmoid``). With the linear shortcut
 (:mod:`cfmodules.engine.linear`) each hybrid costs only the last convolution, about 7
 MFLOP, and as a chain of PyTorch operations most of its time goes to moving its 64x32x32
 intermediates through memory (``docs/cost.md``). ``fused_tail.c`` does the whole chain
 per hybrid while its data stay in cache -- contribution + base + ReLU, the last
-convolution as a GEMM plus col2im, Tanh, ``|hybrid - Original 1|`` averaged over colour,
+convolution as a GEMM plus col2im, the activation, ``|hybrid - Original 1|`` averaged over colour,
 and the sums over pairs -- on as many threads as PyTorch uses
 (:func:`torch.get_num_threads`), split by unit.
 
@@ -62,30 +63,60 @@ def _is(gm: fx.GraphModule, node: fx.Node, module: type, functions: tuple) -> bo
     return False
 
 
-def _suffix_tail(gm: fx.GraphModule) -> nn.ConvTranspose2d | None:
-    """The last convolution when ``gm`` is exactly ``x -> relu -> ConvT(4, 2, 1) -> tanh``."""
-    nodes = list(gm.graph.nodes)
-    if len(nodes) != 5 or nodes[0].op != "placeholder" or nodes[2].op != "call_module":
+_ACT = {nn.Tanh: 1, nn.Sigmoid: 2, torch.tanh: 1, F.tanh: 1, torch.sigmoid: 2, F.sigmoid: 2}
+"""The kernel's output activations: 0 none, 1 Tanh, 2 Sigmoid (modules and functions)."""
+
+
+def _activation(gm: fx.GraphModule, node: fx.Node, x: fx.Node) -> int | None:
+    """The code of ``node`` if it is a Tanh or Sigmoid of ``x`` alone, else None."""
+    if len(node.args) != 1 or node.kwargs or node.args[0] is not x or len(x.users) != 1:
         return None
-    x, relu, conv, tanh, out = nodes
+    if node.op == "call_module":
+        return _ACT.get(type(gm.get_submodule(node.target)))
+    return _ACT.get(node.target) if node.op == "call_function" else None
+
+
+def _suffix_tail(gm: fx.GraphModule) -> tuple[nn.ConvTranspose2d, int] | None:
+    """(the last convolution, the activation code) when ``gm`` is exactly
+    ``x -> relu -> ConvT(4, 2, 1) [-> tanh | sigmoid]``."""
+    nodes = list(gm.graph.nodes)
+    if len(nodes) not in (4, 5) or nodes[0].op != "placeholder" or nodes[2].op != "call_module":
+        return None
+    x, relu, conv, out = nodes[0], nodes[1], nodes[2], nodes[-1]
     if not (_is(gm, relu, nn.ReLU, (torch.relu, F.relu)) and relu.args[0] is x):
         return None
     if conv.args != (relu,) or conv.kwargs or not _is_dcgan_convt(gm.get_submodule(conv.target)):
         return None
-    if not (_is(gm, tanh, nn.Tanh, (torch.tanh, F.tanh)) and tanh.args[0] is conv):
+    if len(x.users) != 1 or len(relu.users) != 1 or len(conv.users) != 1:
         return None
-    if out.args != (tanh,) or len(x.users) != 1 or len(relu.users) != 1 or len(conv.users) != 1:
+    act = 0
+    if len(nodes) == 5:
+        act = _activation(gm, nodes[3], conv)
+        if act is None:
+            return None
+    if out.op != "output" or out.args != (nodes[-2],):
         return None
-    return gm.get_submodule(conv.target)
+    return gm.get_submodule(conv.target), act
 
 
-def _pattern(plan, plain_suffix: fx.GraphModule | None, adapter) -> nn.ConvTranspose2d | None:
-    """The last convolution when the layer of ``plan`` has a DCGAN tail on CPU, else None."""
-    if (adapter.device.type != "cpu" or adapter.output_transform is not None
-            or plain_suffix is None or not _is_dcgan_convt(plan.op)):
+def _pattern(plan, plain_suffix: fx.GraphModule | None, adapter
+             ) -> tuple[nn.ConvTranspose2d, int] | None:
+    """(the last convolution, the output activation) when the layer of ``plan`` has a
+    DCGAN tail on CPU, else None. The adapter's ``output_transform`` may be the activation
+    (``torch.sigmoid`` or ``torch.tanh`` itself, after a tail without one): the face VAE's."""
+    if (adapter.device.type != "cpu" or plain_suffix is None
+            or not _is_dcgan_convt(plan.op)):
         return None
-    last = _suffix_tail(plain_suffix)
-    return last if last is not None and last.in_channels == plan.op.out_channels else None
+    found = _suffix_tail(plain_suffix)
+    if found is None or found[0].in_channels != plan.op.out_channels:
+        return None
+    last, act = found
+    transform = adapter.output_transform
+    if transform is not None:
+        if act != 0 or transform not in (torch.sigmoid, torch.tanh):
+            return None
+        act = _ACT[transform]
+    return last, act
 
 
 def kernel_note(plan, plain_suffix: fx.GraphModule | None, adapter) -> tuple[str, bool]:
@@ -105,8 +136,8 @@ class FusedTail:
     pre-activations, :meth:`sums` returns the sums over pairs of the influence maps.
     """
 
-    def __init__(self, lib: ctypes.CDLL, last: nn.ConvTranspose2d):
-        self.lib, self.last = lib, last
+    def __init__(self, lib: ctypes.CDLL, last: nn.ConvTranspose2d, act: int):
+        self.lib, self.last, self.act = lib, last, act
         self._weights_key: tuple = ()
 
     @classmethod
@@ -116,14 +147,14 @@ class FusedTail:
 
         ``plain_suffix`` is the graph after the cut (ReLU, the last convolution, Tanh).
         """
-        last = _pattern(plan, plain_suffix, adapter)
-        if last is None:
+        found = _pattern(plan, plain_suffix, adapter)
+        if found is None:
             return None
         lib = native.load(KERNEL)
         if lib is None:
             return None
         _declare(lib)
-        return cls(lib, last)
+        return cls(lib, *found)
 
     # ------------------------------------------------------------------ weights
     def _weights(self, first: torch.Tensor) -> None:
@@ -172,7 +203,7 @@ class FusedTail:
                      .permute(0, 1, 3, 5, 2, 4).contiguous())  # (P, C_mid, a, b, m, n)
         self.img = torch.empty(p, self.c_out, 4, 4, h, w)
         bias = _P(self.bias.data_ptr()) if self.bias is not None else None
-        rc = self.lib.cfm_tail_images(p, c_mid, self.c_out, h, w, self.a.shape[1],
+        rc = self.lib.cfm_tail_images(p, c_mid, self.c_out, h, w, self.a.shape[1], self.act,
                                       _P(self.base.data_ptr()), _P(self.a.data_ptr()), bias,
                                       _P(self.img.data_ptr()))
         _check(rc)
@@ -199,7 +230,8 @@ class FusedTail:
                 return 0
             return self.lib.cfm_tail_sums(
                 hi - lo, _P(units.ctypes.data + 8 * lo), n_p, self.c_in, self.c_mid,
-                self.c_out, h, w, self.a.shape[1], _P(dpad.data_ptr()), _P(self.w1.data_ptr()),
+                self.c_out, h, w, self.a.shape[1], self.act, _P(dpad.data_ptr()),
+                _P(self.w1.data_ptr()),
                 _P(base.data_ptr()), _P(self.a.data_ptr()), bias, _P(img.data_ptr()),
                 _P(s[lo].ctypes.data), _P(q[lo].ctypes.data))
 
@@ -245,7 +277,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.cfm_tile_rows.restype = _I
     lib.cfm_tile_rows.argtypes = []
     lib.cfm_tail_images.restype = _I
-    lib.cfm_tail_images.argtypes = [_I, _I, _I, _I, _I, _I, _P, _P, _P, _P]
+    lib.cfm_tail_images.argtypes = [_I, _I, _I, _I, _I, _I, _I, _P, _P, _P, _P]
     lib.cfm_tail_sums.restype = _I
-    lib.cfm_tail_sums.argtypes = [_I, _P, _I, _I, _I, _I, _I, _I, _I, _P, _P, _P, _P, _P, _P,
-                                  _P, _P]
+    lib.cfm_tail_sums.argtypes = [_I, _P, _I, _I, _I, _I, _I, _I, _I, _I, _P, _P, _P, _P, _P,
+                                  _P, _P, _P]
