@@ -63,6 +63,17 @@ def torch_path(monkeypatch, *args, **kw):
     return res
 
 
+def fused_equals_naive_and_pytorch(monkeypatch, ad: GeneratorAdapter, n_pairs: int) -> None:
+    """Layer "2"'s maps on the fused kernel equal the naive rerun's and the PyTorch path's."""
+    got = influence_maps(ad, "2", n_pairs=n_pairs, **KW)
+    assert chosen(got) == "fused kernel"
+    want = naive_maps(ad, [{"2": [c]} for c in range(12)], n_pairs)
+    np.testing.assert_allclose(got.maps, want, rtol=1e-5, atol=1e-6)
+    ref = torch_path(monkeypatch, ad, "2", n_pairs=n_pairs, **KW)
+    np.testing.assert_allclose(got.maps, ref.maps, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got.stderr, ref.stderr, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.numerics
 @pytest.mark.parametrize("size,c_out,bias,bn", [
     (4, 3, False, True),    # the general code (4x4 is not a size compiled apart)
@@ -72,14 +83,8 @@ def torch_path(monkeypatch, *args, **kw):
 ])
 def test_fused_maps_equal_the_naive_rerun_and_the_pytorch_path(monkeypatch, size, c_out, bias,
                                                                bn):
-    ad = dcgan(size=size, c_out=c_out, bias=bias, bn=bn)
-    got = influence_maps(ad, "2", n_pairs=5, **KW)
-    assert chosen(got) == "fused kernel"
-    want = naive_maps(ad, [{"2": [c]} for c in range(12)], 5)
-    np.testing.assert_allclose(got.maps, want, rtol=1e-5, atol=1e-6)
-    ref = torch_path(monkeypatch, ad, "2", n_pairs=5, **KW)
-    np.testing.assert_allclose(got.maps, ref.maps, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(got.stderr, ref.stderr, rtol=1e-4, atol=1e-6)
+    fused_equals_naive_and_pytorch(monkeypatch, dcgan(size=size, c_out=c_out, bias=bias,
+                                                      bn=bn), n_pairs=5)
 
 
 @pytest.mark.numerics
@@ -87,13 +92,8 @@ def test_fused_maps_equal_the_naive_rerun_and_the_pytorch_path(monkeypatch, size
     (nn.Sigmoid(), None), ("none", None), ("none", torch.sigmoid), ("none", torch.tanh),
 ], ids=["sigmoid", "no activation", "output_transform=sigmoid", "output_transform=tanh"])
 def test_other_output_activations_are_fused(monkeypatch, out, transform):
-    ad = dcgan(size=8, bias=True, out=out, output_transform=transform)
-    got = influence_maps(ad, "2", n_pairs=4, **KW)
-    assert chosen(got) == "fused kernel"
-    want = naive_maps(ad, [{"2": [c]} for c in range(12)], 4)
-    np.testing.assert_allclose(got.maps, want, rtol=1e-5, atol=1e-6)
-    ref = torch_path(monkeypatch, ad, "2", n_pairs=4, **KW)
-    np.testing.assert_allclose(got.maps, ref.maps, rtol=1e-5, atol=1e-6)
+    fused_equals_naive_and_pytorch(
+        monkeypatch, dcgan(size=8, bias=True, out=out, output_transform=transform), n_pairs=4)
 
 
 @pytest.mark.numerics
