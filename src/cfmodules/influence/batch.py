@@ -68,15 +68,7 @@ def choose_batch(adapter: GeneratorAdapter, runner: Any, z1: L.Latent, z2: L.Lat
         finished = [0]
 
         def timed(shape: BatchShape, us: slice, ps: slice) -> None:
-            try:
-                sums = runner.sums(us, ps, shape.path)
-            except Exception as e:  # noqa: BLE001 - only out-of-memory errors are handled
-                if not memory.is_out_of_memory(e):
-                    raise
-                memory.halve_rows(runner, adapter.device, e, shape.units * n_p,
-                                  runner.units[us][0].name)
-                raise _TimingOutOfMemory() from e
-            add(us, ps, sums)
+            add(us, ps, _timed_sums(adapter, runner, shape, us, ps))
             finished[0] = us.stop
 
         try:
@@ -106,16 +98,7 @@ def choose_batch(adapter: GeneratorAdapter, runner: Any, z1: L.Latent, z2: L.Lat
     finished = [0]
 
     def run(shape: BatchShape, us: slice, ps: slice) -> None:
-        try:
-            sums = runner.sums(us, ps, shape.path)
-        except Exception as e:  # noqa: BLE001 - only out-of-memory errors are handled
-            if not memory.is_out_of_memory(e):
-                raise
-            memory.halve_rows(runner, adapter.device, e,
-                              (us.stop - us.start) * (ps.stop - ps.start),
-                              runner.units[us][0].name)
-            raise _TimingOutOfMemory() from e
-        group.append((us, ps, sums))
+        group.append((us, ps, _timed_sums(adapter, runner, shape, us, ps)))
         if ps.stop == n_p:
             for item in group:
                 add(*item)
@@ -138,6 +121,20 @@ def choose_batch(adapter: GeneratorAdapter, runner: Any, z1: L.Latent, z2: L.Lat
     runner.y = runner.ys[runner.swaps.path]
     engine.record_batch(runner.key, choice)
     return done
+
+
+def _timed_sums(adapter: GeneratorAdapter, runner: Any, shape: BatchShape, us: slice,
+                ps: slice) -> tuple[torch.Tensor, torch.Tensor]:
+    """``runner.sums`` of one timed call; after an out-of-memory error the batch is halved
+    (as anywhere else) and :class:`_TimingOutOfMemory` stops the timing."""
+    try:
+        return runner.sums(us, ps, shape.path)
+    except Exception as e:  # noqa: BLE001 - only out-of-memory errors are handled
+        if not memory.is_out_of_memory(e):
+            raise
+        memory.halve_rows(runner, adapter.device, e,
+                          (us.stop - us.start) * (ps.stop - ps.start), runner.units[us][0].name)
+        raise _TimingOutOfMemory() from e
 
 
 class _TimingOutOfMemory(Exception):
